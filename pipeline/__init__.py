@@ -1,0 +1,16 @@
+"""featurefleet: distributed transfer learning on Celery + Redis.
+
+Public API::
+
+    from pipeline import JobSpec, submit
+    job = submit(JobSpec.from_file("job.yaml"))
+    job.wait(timeout=600)
+    print(job.result()["metrics"]["top1"])
+"""
+
+from pipeline.api import Job, get_job, submit
+from pipeline.errors import FeaturefleetError
+from pipeline.spec import BackboneSpec, DataSpec, JobSpec, ProbeSpec
+
+__all__ = ["BackboneSpec", "DataSpec", "FeaturefleetError", "Job", "JobSpec", "ProbeSpec",
+           "get_job", "submit"]

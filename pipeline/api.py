@@ -1,0 +1,143 @@
+"""The Python API: submit a job, look it up later, wait for it, read its result."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import BrokerError, JobError
+from pipeline.spec import JobSpec
+from pipeline.state import FINAL, JobStore, broker_url, connect, redact
+
+
+class Job:
+    """A handle on a submitted job (cheap; can be made from an id at any time).
+
+    Example:
+        >>> job = submit(JobSpec())            # doctest: +SKIP
+        >>> job.wait(timeout=600)["status"]    # doctest: +SKIP
+        'SUCCESS'
+    """
+
+    def __init__(self, job_id: str, broker: str | None = None) -> None:
+        self.id = job_id
+        self.broker = broker_url(broker)
+        self._jobs: JobStore | None = None
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r})"
+
+    @property
+    def jobs(self) -> JobStore:
+        if self._jobs is None:
+            self._jobs = JobStore(connect(self.broker))
+        return self._jobs
+
+    def status(self) -> dict[str, Any]:
+        """The job record: status, stage, progress counters, timings, error, report path.
+
+        Raises:
+            JobError: no such job.  BrokerError: Redis unreachable.
+        """
+        return {"id": self.id, **self.jobs.get(self.id)}
+
+    def wait(self, timeout: float | None = None, poll: float = 0.5,
+             on_progress: Any = None) -> dict[str, Any]:
+        """Block until the job is final; return its status record.
+
+        Raises:
+            JobError: the timeout passed first.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            st = self.status()
+            if on_progress is not None:
+                on_progress(st)
+            if st["status"] in FINAL:
+                return st
+            if deadline is not None and time.monotonic() > deadline:
+                raise JobError(f"job {self.id} still {st['status']} after {timeout:g} s; fix: "
+                               "wait longer, or check workers are running (featurefleet status)")
+            time.sleep(poll)
+
+    def result(self) -> dict[str, Any]:
+        """The report of a finished job (``report.json`` as a dict).
+
+        Raises:
+            JobError: the job failed, was cancelled, or is not finished.
+        """
+        st = self.status()
+        if st["status"] != "SUCCESS":
+            detail = f": {st.get('error')}" if st.get("error") else ""
+            raise JobError(f"job {self.id} is {st['status']}{detail}; fix: "
+                           + ("wait for it (job.wait())" if st["status"] not in FINAL
+                              else "read the error, fix the cause and submit again"))
+        return json.loads(Path(st["report"]).read_text())
+
+
+def submit(spec: JobSpec, broker: str | None = None) -> Job:
+    """Validate, plan and enqueue a job; return its handle at once.
+
+    Everything that can be checked is checked before anything is enqueued: the spec, the data,
+    the backbone and weights names, the output folder and the broker.
+
+    Raises:
+        SpecError, DataError, BackboneError, StoreError, BrokerError.
+    """
+    from pipeline.plan import make_plan
+    from workers.app import make_app
+    from workers.canvas import job_canvas
+
+    spec.validate()
+    jobs = JobStore(connect(broker))  # fail fast before doing any work
+    job_id = uuid.uuid4().hex[:12]
+    plan = make_plan(spec, job_id)
+    _writable(plan.job_dir)
+    _writable(Path(plan.shard_dir))
+    (plan.job_dir / "spec.json").write_text(json.dumps(plan.spec, indent=2))
+    (plan.job_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
+    todo = [s for s in plan.shards if not s.cached]
+    jobs.create(job_id, {
+        "name": spec.name, "job_dir": str(plan.job_dir), "stage": "queued",
+        "shards_total": len(plan.shards), "shards_cached": len(plan.shards) - len(todo),
+        "shards_done": 0, "images_total": sum(s.rows for s in plan.shards), "images_done": 0,
+        "images_skipped": 0, "backbone": spec.backbone.name,
+    })
+    app = make_app(broker)
+    try:
+        job_canvas(app, plan).apply_async()
+        # The client never waits on Celery results (job state lives in Redis): drop the result
+        # subscriptions, or collecting them later talks to a broker that may be gone.
+        consumer = app.backend.result_consumer
+        consumer.subscribed_to.clear()
+        consumer.stop()
+    except Exception as exc:  # noqa: BLE001 - the job must not stay PENDING forever
+        jobs.finish(job_id, "FAILED", error=f"could not enqueue: {exc!r}")
+        raise BrokerError(f"could not enqueue job {job_id} on {redact(broker_url(broker))!r} "
+                          f"({exc.__class__.__name__}); fix: check the broker is up") from None
+    finally:
+        app.close()
+    return Job(job_id, broker)
+
+
+def get_job(job_id: str, broker: str | None = None) -> Job:
+    """The handle of an existing job (checks it exists)."""
+    job = Job(job_id, broker)
+    job.status()
+    return job
+
+
+def _writable(folder: Path) -> None:
+    from pipeline.errors import StoreError
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{uuid.uuid4().hex[:6]}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise StoreError(f"folder {str(folder)!r} is not writable ({exc.strerror}); fix: choose "
+                         "another output/store folder or fix its permissions") from None

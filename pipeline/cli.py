@@ -1,0 +1,275 @@
+"""The ``featurefleet`` command line: demo, worker, submit, status, watch, report, jobs.
+
+Every verb maps onto the Python API; a :class:`FeaturefleetError` ends the command with one
+line (``featurefleet: error: ...``) and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import FeaturefleetError
+from pipeline.state import BROKER_ENV, FINAL
+
+
+def _add_broker(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", default=None,
+                   help=f"Redis URL (default ${BROKER_ENV} or redis://127.0.0.1:6379/0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="featurefleet",
+        description="Distributed transfer learning: pretrained features, probes, evaluation.")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = sub.add_parser("demo", help="run a whole job on this machine (private Redis + workers)")
+    p.add_argument("--output", default="featurefleet-demo", help="folder for outputs and store")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="input size (default: the weights' own, 224 for efficientnet_lite0)")
+    p.add_argument("--shard-size", type=int, default=300, help="images per extraction task")
+    p.add_argument("--limit", type=int, default=None, help="use only N digits (smoke test)")
+    p.add_argument("--extract-workers", type=int, default=1, help="extraction worker processes")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the job")
+
+    p = sub.add_parser("worker", help="start a Celery worker process against a broker")
+    _add_broker(p)
+    p.add_argument("--queues", default="ff.extract,ff.train",
+                   help="comma-separated queues (ff.extract: backbone, ff.train: training)")
+    p.add_argument("--concurrency", type=int, default=1, help="pool processes (prefork)")
+    p.add_argument("--name", default=None, help="node name (default worker-<pid>@<host>)")
+    p.add_argument("--loglevel", default="INFO")
+
+    p = sub.add_parser("submit", help="enqueue a job from a YAML/JSON spec; print its id")
+    _add_broker(p)
+    p.add_argument("spec", help="job spec file (.yaml/.yml/.json)")
+    p.add_argument("--wait", action="store_true", help="wait for the job and print its metrics")
+    p.add_argument("--timeout", type=float, default=None, help="seconds to wait with --wait")
+
+    for verb, text in (("status", "show a job's state and progress"),
+                       ("watch", "follow a job's progress until it ends"),
+                       ("report", "show a finished job's metrics and report path")):
+        p = sub.add_parser(verb, help=text)
+        _add_broker(p)
+        p.add_argument("job_id")
+        if verb != "watch":
+            p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("jobs", help="list recent jobs")
+    _add_broker(p)
+    p.add_argument("-n", type=int, default=20, help="how many")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(_VERBS[args.verb](args) or 0)
+    except FeaturefleetError as exc:
+        print(f"featurefleet: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nfeaturefleet: interrupted", file=sys.stderr)
+        return 130
+
+
+# --- progress -----------------------------------------------------------------------------
+
+
+class ProgressLine:
+    """A one-line progress bar from the job record (rewritten in place on a terminal)."""
+
+    def __init__(self, stream: Any = sys.stderr) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.last = ""
+        self.last_time = 0.0
+
+    def __call__(self, st: dict[str, Any]) -> None:
+        line = format_progress(st)
+        now = time.monotonic()
+        if self.tty:
+            self.stream.write("\r" + line.ljust(len(self.last)))
+            self.stream.flush()
+        elif line != self.last and (now - self.last_time > 2 or st["status"] in FINAL):
+            self.stream.write(line + "\n")
+            self.stream.flush()
+            self.last_time = now
+        self.last = line
+        if st["status"] in FINAL and self.tty:
+            self.stream.write("\n")
+
+
+def format_progress(st: dict[str, Any]) -> str:
+    total = int(st.get("images_total") or 0)
+    done = min(int(st.get("images_done") or 0), total)
+    width = 24
+    fill = int(width * done / total) if total else 0
+    started = st.get("started")
+    rate = eta = ""
+    if started and done:
+        elapsed = (st.get("extract_finished") or time.time()) - float(started)
+        if elapsed > 0:
+            ips = done / elapsed
+            rate = f"  {ips:6.1f} img/s"
+            if done < total and ips > 0:
+                eta = f"  ETA {int((total - done) / ips)}s"
+    skipped = int(st.get("images_skipped") or 0)
+    fails = f"  skipped {skipped}" if skipped else ""
+    return (f"[{'#' * fill}{'-' * (width - fill)}] {st.get('status', '?'):8} "
+            f"{st.get('stage', ''):8} shards {st.get('shards_done', 0)}/"
+            f"{int(st.get('shards_total', 0)) - int(st.get('shards_cached', 0))} "
+            f"(+{st.get('shards_cached', 0)} cached)  images {done}/{total}{rate}{eta}{fails}")
+
+
+def summary(rep: dict[str, Any]) -> str:
+    m = rep["metrics"]
+    t = rep["timings"]
+    rows = [
+        ("job", f"{rep['job_id']} ({rep['name']})"),
+        ("backbone", f"{rep['backbone']['name']} [{rep['backbone']['weights_id']}] "
+                     f"@{rep['backbone']['preprocessing']['crop']}px"),
+        ("data", f"{rep['data']['source']}: " + ", ".join(
+            f"{k} {v}" for k, v in rep["data"]["split_sizes"].items())),
+        ("test top-1", f"{m['top1']:.4f}"),
+        ("test top-5", f"{m['top5']:.4f}"),
+        ("balanced accuracy", f"{m['balanced_accuracy']:.4f}"),
+        ("macro F1", f"{m['macro_f1']:.4f}"),
+        ("log loss / ECE", f"{m['log_loss']:.4f} / {m['ece']:.4f}"),
+        ("shards", f"{len(rep['shards'])} "
+                   f"({sum(1 for s in rep['shards'] if s['cached'])} from cache)"),
+        ("extraction", f"{t['extract_s']:.1f} s"
+                       + (f", {t['extract_images_per_s']} img/s per task"
+                          if t["extract_images_per_s"] else "")),
+        ("train / evaluate", f"{t['train_s']} s / {t['evaluate_s']} s"),
+        ("total", f"{t['total_s']:.1f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+# --- verbs --------------------------------------------------------------------------------
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pipeline.api import submit
+    from pipeline.spec import BackboneSpec, DataSpec, JobSpec
+    from workers.runtime import local_cluster
+
+    out = Path(args.output).resolve()
+    spec = JobSpec(
+        name="demo-digits-efficientnet_lite0",
+        data=DataSpec(source="digits", shard_size=args.shard_size, limit=args.limit),
+        backbone=BackboneSpec(name="efficientnet_lite0", image_size=args.image_size),
+        output=str(out), store=str(out / "store")).validate()
+    # SIGTERM (e.g. from a supervisor) cleans up exactly like Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    print(f"featurefleet demo: starting a private Redis and {args.extract_workers} extraction + "
+          f"1 training worker process (logs in {out / 'cluster' / 'logs'})", flush=True)
+    with local_cluster(out / "cluster", extract_workers=args.extract_workers) as cluster:
+        job = submit(spec, broker=cluster.broker)
+        print(f"submitted job {job.id}: sklearn digits, efficientnet_lite0 (ImageNet), linear "
+              "probe", flush=True)
+        st = job.wait(timeout=args.timeout, on_progress=ProgressLine())
+        if st["status"] != "SUCCESS":
+            print(f"featurefleet: error: job {job.id} {st['status']}: {st.get('error')}",
+                  file=sys.stderr)
+            return 1
+        rep = job.result()
+    print(summary(rep))
+    print(f"report: {st['report']}")
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import socket
+
+    from pipeline.state import broker_url, connect
+    from workers.runtime import ROOT, worker_argv
+
+    url = broker_url(args.broker)
+    connect(url).close()  # a clear error now instead of a retry loop in the worker
+    name = args.name or f"worker-{os.getpid()}@{socket.gethostname()}"
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    os.environ[BROKER_ENV] = url
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    argv = worker_argv(queues, args.concurrency, name, loglevel=args.loglevel)
+    os.execv(argv[0], argv)  # become the Celery worker process itself
+    return 0  # pragma: no cover
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from pipeline.api import submit
+    from pipeline.spec import JobSpec
+
+    job = submit(JobSpec.from_file(args.spec), broker=args.broker)
+    print(job.id, flush=True)
+    if not args.wait:
+        return 0
+    st = job.wait(timeout=args.timeout, on_progress=ProgressLine())
+    if st["status"] != "SUCCESS":
+        print(f"featurefleet: error: job {job.id} {st['status']}: {st.get('error')}",
+              file=sys.stderr)
+        return 1
+    print(summary(job.result()))
+    print(f"report: {st['report']}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from pipeline.api import Job
+
+    st = Job(args.job_id, args.broker).status()
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    print(format_progress(st))
+    for key in ("name", "backbone", "job_dir", "report", "error"):
+        if st.get(key):
+            print(f"  {key}: {st[key]}")
+    return 0
+
+
+def _watch(args: argparse.Namespace) -> int:
+    from pipeline.api import Job
+
+    st = Job(args.job_id, args.broker).wait(on_progress=ProgressLine(sys.stdout))
+    return 0 if st["status"] == "SUCCESS" else 1
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pipeline.api import Job
+
+    job = Job(args.job_id, args.broker)
+    rep = job.result()
+    if args.json:
+        print(json.dumps(rep, indent=2))
+        return 0
+    print(summary(rep))
+    print(f"report: {job.status()['report']}")
+    return 0
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    from pipeline.state import JobStore, connect
+
+    for st in JobStore(connect(args.broker)).recent(args.n):
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(st.get("created", 0))))
+        top1 = f"top1 {st['top1']:.4f}" if st.get("top1") is not None else ""
+        print(f"{st['id']}  {when}  {st['status']:9} {st.get('name', '')[:30]:30} "
+              f"{st.get('images_done', 0)}/{st.get('images_total', 0)} images  {top1}")
+    return 0
+
+
+_VERBS = {"demo": _demo, "worker": _worker, "submit": _submit, "status": _status,
+          "watch": _watch, "report": _report, "jobs": _jobs}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,324 @@
+"""Data sources: a registry of readers that give labels, splits and decoded RGB images.
+
+Every source answers the same small interface (:class:`Source`): how many samples, their labels,
+the class names, a fingerprint of the data (for the cache key), optional predefined splits, and
+``load(indices)`` which decodes those samples to RGB ``uint8`` arrays (H, W, 3). A sample that
+cannot be decoded is returned as a failure (index + reason), never raised: the shard records it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import DataError
+from pipeline.spec import DataSpec
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                    ".pgm")
+SPLIT_DIRS = ("train", "val", "test")
+
+
+@dataclass
+class Loaded:
+    """Decoded images for some indices, plus the ones that failed (index, reason)."""
+
+    indices: list[int]
+    images: list[np.ndarray]
+    failures: list[tuple[int, str]]
+
+
+class Source:
+    """The interface every data source implements."""
+
+    labels: np.ndarray  # int64, one per sample
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def fingerprint(self) -> str:
+        raise NotImplementedError
+
+    def predefined_splits(self) -> dict[str, np.ndarray] | None:
+        """Index arrays per split when the data comes split (e.g. train/ test/ folders)."""
+        return None
+
+    def sample_id(self, index: int) -> str:
+        return str(index)
+
+    def load(self, indices: Sequence[int]) -> Loaded:
+        raise NotImplementedError
+
+
+_SOURCES: dict[str, Callable[[DataSpec], Source]] = {}
+
+
+def register(name: str) -> Callable[[Callable[[DataSpec], Source]], Callable[[DataSpec], Source]]:
+    def wrap(fn: Callable[[DataSpec], Source]) -> Callable[[DataSpec], Source]:
+        _SOURCES[name] = fn
+        return fn
+
+    return wrap
+
+
+def open_source(spec: DataSpec) -> Source:
+    """Open the data source a spec names.
+
+    Raises:
+        DataError: the path is missing, empty, or holds unusable data.
+    """
+    try:
+        factory = _SOURCES[spec.source]
+    except KeyError:
+        raise DataError(f"unknown data source {spec.source!r}; fix: use one of "
+                        f"{', '.join(sorted(_SOURCES))}") from None
+    return factory(spec)
+
+
+def split_indices(source: Source, spec: DataSpec) -> dict[str, np.ndarray]:
+    """Train/test index arrays: the source's own splits, else a seeded stratified split.
+
+    Raises:
+        DataError: too few samples or classes to split.
+    """
+    labels = source.labels
+    rng = np.random.default_rng(spec.seed)
+    splits = source.predefined_splits()
+    if splits is None:
+        pool = np.arange(len(labels))
+        if spec.limit is not None and spec.limit < len(pool):
+            pool = np.sort(_stratified_pick(labels, pool, spec.limit, rng))
+        test = _stratified_pick(labels, pool, round(len(pool) * spec.test_fraction), rng)
+        train = np.setdiff1d(pool, test)
+        splits = {"train": train, "test": np.sort(test)}
+    elif spec.limit is not None:
+        splits = {k: np.sort(_stratified_pick(labels, v, min(len(v), spec.limit), rng))
+                  for k, v in splits.items()}
+    if "test" not in splits:
+        train = splits["train"]
+        test = _stratified_pick(labels, train, round(len(train) * spec.test_fraction), rng)
+        splits = {**splits, "train": np.setdiff1d(train, test), "test": np.sort(test)}
+    classes = np.unique(labels[splits["train"]])
+    if len(classes) < 2:
+        raise DataError(f"the training split has {len(classes)} class(es) "
+                        f"({len(splits['train'])} samples); fix: a classifier needs at least two "
+                        "classes with samples each")
+    if len(splits["test"]) == 0:
+        raise DataError(f"the test split is empty ({len(labels)} samples in all); fix: add "
+                        "samples or raise data.test_fraction")
+    return {k: np.asarray(v, dtype=np.int64) for k, v in splits.items()}
+
+
+def _stratified_pick(labels: np.ndarray, pool: np.ndarray, n: int,
+                     rng: np.random.Generator) -> np.ndarray:
+    """``n`` indices from ``pool`` with class proportions kept (largest remainders)."""
+    if n <= 0:
+        return np.zeros(0, dtype=np.int64)
+    classes, counts = np.unique(labels[pool], return_counts=True)
+    exact = counts * n / len(pool)
+    take = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - take), kind="stable")[: n - take.sum()]:
+        take[i] += 1
+    picked = [rng.permutation(pool[labels[pool] == c])[:k] for c, k in zip(classes, take)]
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
+
+
+def to_rgb_uint8(array: np.ndarray) -> np.ndarray:
+    """One image array (HW, HWC or CHW; uint8, uint16 or float) as RGB uint8 (H, W, 3)."""
+    a = np.asarray(array)
+    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[2] not in (1, 3, 4):
+        a = np.transpose(a, (1, 2, 0))  # CHW -> HWC
+    if a.dtype == np.uint16:
+        a = (a.astype(np.float32) / 257.0).round()
+    elif a.dtype.kind == "f":
+        if not np.isfinite(a).all():
+            raise ValueError("image holds NaN or infinite values")
+        hi = float(a.max()) if a.size else 1.0
+        a = a * 255.0 if hi <= 1.0 else a
+    a = np.clip(a, 0, 255).astype(np.uint8)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
+        raise ValueError(f"image array has shape {array.shape}, expected HW, HWC or CHW")
+    if a.shape[2] == 1:
+        a = np.repeat(a, 3, axis=2)
+    elif a.shape[2] == 4:  # composite over white: transparent pixels must not turn black
+        alpha = a[:, :, 3:4].astype(np.float32) / 255.0
+        a = (a[:, :, :3] * alpha + 255.0 * (1 - alpha)).round().astype(np.uint8)
+    return np.ascontiguousarray(a)
+
+
+def decode_image(path: str | Path) -> np.ndarray:
+    """Decode an image file of any common mode to RGB uint8 (EXIF rotation applied)."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(im, dtype=np.float64)
+            scale = 65535.0 if arr.max() > 255 or im.mode.startswith("I;16") else 255.0
+            return to_rgb_uint8((arr / scale * 255.0).round().astype(np.uint8))
+        if im.mode == "P":
+            im = im.convert("RGBA")
+        if im.mode in ("RGBA", "LA", "PA"):
+            return to_rgb_uint8(np.asarray(im.convert("RGBA")))
+        return np.asarray(im.convert("RGB"))
+
+
+# --- sources ------------------------------------------------------------------------------
+
+
+class ArraySource(Source):
+    """In-memory image arrays with integer labels."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, class_names: list[str],
+                 fingerprint: str) -> None:
+        self.images = images
+        self.labels = labels
+        self.class_names = class_names
+        self._fingerprint = fingerprint
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def load(self, indices: Sequence[int]) -> Loaded:
+        out = Loaded([], [], [])
+        for i in indices:
+            try:
+                out.images.append(to_rgb_uint8(self.images[i]))
+                out.indices.append(int(i))
+            except ValueError as exc:
+                out.failures.append((int(i), str(exc)))
+        return out
+
+
+@register("digits")
+def _digits(spec: DataSpec) -> Source:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    # 8x8 grey values 0..16 -> uint8 0..255; upsampled later like any small image.
+    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)
+    labels = d.target.astype(np.int64)
+    fp = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
+    return ArraySource(images, labels, [str(c) for c in d.target_names], "digits:" + fp)
+
+
+@register("npz")
+def _npz(spec: DataSpec) -> Source:
+    path = Path(str(spec.path))
+    if not path.is_file():
+        raise DataError(f"NPZ file {str(path)!r} does not exist; fix: set data.path to an .npz "
+                        "file holding 'images' and 'labels' arrays")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as exc:  # noqa: BLE001 - zip/format errors
+        raise DataError(f"{str(path)!r} is not a readable .npz file ({exc}); fix: save it with "
+                        "numpy.savez(path, images=..., labels=...)") from None
+    missing = [k for k in ("images", "labels") if k not in arrays]
+    if missing:
+        raise DataError(f"{str(path)!r} lacks array(s) {missing} (has {sorted(arrays)}); fix: "
+                        "save it with numpy.savez(path, images=..., labels=...)")
+    images, labels = arrays["images"], arrays["labels"]
+    if len(images) != len(labels):
+        raise DataError(f"{str(path)!r} has {len(images)} images but {len(labels)} labels; "
+                        "fix: give exactly one label per image")
+    if labels.dtype.kind not in "iu":
+        raise DataError(f"{str(path)!r} labels have dtype {labels.dtype}, not integers; fix: "
+                        "store class indices 0..K-1 (and class names in 'class_names')")
+    if images.dtype.kind == "f" and not np.isfinite(images).all():
+        bad = int(np.flatnonzero(~np.isfinite(images.reshape(len(images), -1)).all(1))[0])
+        raise DataError(f"{str(path)!r} images hold NaN/inf (first at sample {bad}); fix: "
+                        "clean or drop those samples")
+    n_classes = int(labels.max()) + 1 if len(labels) else 0
+    names = [str(c) for c in arrays["class_names"]] if "class_names" in arrays else \
+        [str(i) for i in range(n_classes)]
+    digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
+    return ArraySource(images, labels.astype(np.int64), names, "npz:" + digest)
+
+
+class FolderSource(Source):
+    """ImageFolder: ``root/<class>/<image>``, or ``root/{train,val,test}/<class>/<image>``."""
+
+    def __init__(self, root: Path) -> None:
+        if not root.is_dir():
+            raise DataError(f"image folder {str(root)!r} does not exist; fix: set data.path to a "
+                            "folder with one subfolder per class")
+        split_dirs = [d for d in SPLIT_DIRS if (root / d).is_dir()]
+        self.root = root
+        groups = split_dirs or [""]
+        classes = sorted({c.name for g in groups for c in (root / g).iterdir() if c.is_dir()
+                          and not c.name.startswith(".")})
+        if not classes:
+            raise DataError(f"image folder {str(root)!r} has no class subfolders; fix: put the "
+                            "images in one subfolder per class (root/cat/1.jpg, root/dog/2.jpg)")
+        self.class_names = classes
+        files: list[str] = []
+        labels: list[int] = []
+        split_of: list[str] = []
+        for g in groups:
+            for ci, cname in enumerate(classes):
+                cdir = root / g / cname
+                if not cdir.is_dir():
+                    continue
+                for dirpath, _dirs, names in sorted(os.walk(cdir)):
+                    for fname in sorted(names):
+                        if fname.lower().endswith(IMAGE_EXTENSIONS):
+                            files.append(os.path.relpath(os.path.join(dirpath, fname), root))
+                            labels.append(ci)
+                            split_of.append(g)
+        if not files:
+            raise DataError(f"image folder {str(root)!r} holds no images ({', '.join(classes)}"
+                            f" are empty); fix: add {'/'.join(IMAGE_EXTENSIONS[:4])} files")
+        self.files = files
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self._split_of = np.asarray(split_of)
+        self._split_dirs = split_dirs
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for rel in self.files:
+            st = os.stat(self.root / rel)
+            digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return "folder:" + digest.hexdigest()
+
+    def predefined_splits(self) -> dict[str, np.ndarray] | None:
+        if not self._split_dirs:
+            return None
+        splits = {d: np.flatnonzero(self._split_of == d) for d in self._split_dirs}
+        if "train" not in splits:
+            raise DataError(f"image folder {str(self.root)!r} has {'/'.join(self._split_dirs)} "
+                            "but no train/ folder; fix: add root/train/<class>/...")
+        return splits
+
+    def sample_id(self, index: int) -> str:
+        return self.files[index]
+
+    def load(self, indices: Sequence[int]) -> Loaded:
+        out = Loaded([], [], [])
+        for i in indices:
+            try:
+                out.images.append(decode_image(self.root / self.files[i]))
+                out.indices.append(int(i))
+            except Exception as exc:  # noqa: BLE001 - a bad file is data, not a crash
+                out.failures.append((int(i), f"{exc.__class__.__name__}: {exc}"[:300]))
+        return out
+
+
+@register("imagefolder")
+def _imagefolder(spec: DataSpec) -> Source:
+    return FolderSource(Path(str(spec.path)))
+
+
+def describe(source: Source) -> dict[str, Any]:
+    """A small summary for reports."""
+    return {"samples": len(source), "classes": len(source.class_names),
+            "class_names": source.class_names}

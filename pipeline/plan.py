@@ -1,0 +1,119 @@
+"""Spec -> plan: which shards a job needs, where they live, and which are already cached.
+
+A plan is small JSON (no indices, no pixels): the worker recomputes a shard's indices from the
+data source and the split seed, and checks the data fingerprint matches the one planned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline import backbones, data, store
+from pipeline.spec import JobSpec
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One extraction task's worth of one split."""
+
+    split: str
+    start: int
+    end: int
+    path: str
+    cached: bool = False
+
+    @property
+    def id(self) -> str:
+        return f"{self.split}-{self.start}-{self.end}"
+
+    @property
+    def rows(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the tasks of one job need to know, as plain data."""
+
+    job_id: str
+    spec: dict[str, Any]
+    key: str
+    shard_dir: str
+    fingerprint: str
+    weights_id: str
+    weights_sha256: str
+    preprocessing: dict[str, Any]
+    class_names: list[str]
+    split_sizes: dict[str, int]
+    shards: list[Shard] = field(default_factory=list)
+
+    @property
+    def job_spec(self) -> JobSpec:
+        return JobSpec.from_dict(self.spec)
+
+    @property
+    def job_dir(self) -> Path:
+        return Path(self.spec["output"]) / "jobs" / self.job_id
+
+    def shards_of(self, split: str) -> list[Shard]:
+        return [s for s in self.shards if s.split == split]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Plan:
+        shards = [Shard(**s) for s in raw["shards"]]
+        return cls(**{**raw, "shards": shards})
+
+
+def content_key(spec: JobSpec, fingerprint: str, weights: backbones.WeightsInfo) -> str:
+    """Hash of everything that determines the stored features."""
+    pre = weights.preprocessing.scaled_to(spec.backbone.image_size)
+    parts = {
+        "schema": store.SCHEMA_VERSION,
+        "data": fingerprint,
+        "split": {"seed": spec.data.seed, "test_fraction": spec.data.test_fraction,
+                  "limit": spec.data.limit},
+        "shard_size": spec.data.shard_size,
+        "backbone": spec.backbone.name,
+        "weights_sha256": weights.sha256,
+        "preprocessing": pre.to_dict(),
+        "layer": "penultimate-pooled",
+        "dtype": spec.backbone.feature_dtype,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def make_plan(spec: JobSpec, job_id: str) -> Plan:
+    """Resolve a validated spec into a plan (opens the data source and the weights metadata).
+
+    Raises:
+        DataError, BackboneError: the data or backbone cannot be used.
+    """
+    spec = spec.resolved()
+    source = data.open_source(spec.data)
+    splits = data.split_indices(source, spec.data)
+    weights = backbones.resolve_weights(spec.backbone.name, spec.backbone.weights)
+    fingerprint = source.fingerprint()
+    key = content_key(spec, fingerprint, weights)
+    shard_dir = spec.store_dir / spec.backbone.name / key[:20]
+    size = spec.data.shard_size
+    shards = []
+    for split in sorted(splits):
+        n = len(splits[split])
+        for start in range(0, n, size):
+            end = min(n, start + size)
+            path = shard_dir / store.shard_name(split, start, end)
+            cached = store.valid_shard(path, key, end - start)
+            shards.append(Shard(split, start, end, str(path), cached))
+    return Plan(
+        job_id=job_id, spec=spec.to_dict(), key=key, shard_dir=str(shard_dir),
+        fingerprint=fingerprint, weights_id=weights.id, weights_sha256=weights.sha256,
+        preprocessing=weights.preprocessing.scaled_to(spec.backbone.image_size).to_dict(),
+        class_names=source.class_names, split_sizes={k: len(v) for k, v in splits.items()},
+        shards=shards)

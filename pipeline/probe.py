@@ -1,0 +1,84 @@
+"""The linear probe: L2-regularised multinomial logistic regression on standardized features.
+
+Fitted full-batch with torch's L-BFGS (strong Wolfe line search). The loss is the mean
+cross-entropy plus ``l2 / 2 * ||W||^2`` (bias not penalised), i.e. scikit-learn's
+``LogisticRegression(C=1 / (l2 * n_samples))``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class LinearHead:
+    """A fitted probe: feature standardization + linear layer, plus what it was trained on."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    weight: np.ndarray  # (classes, features)
+    bias: np.ndarray  # (classes,)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        z = (np.asarray(features, dtype=np.float32) - self.mean) / self.scale
+        return z @ self.weight.T + self.bias
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        z = self.logits(features)
+        z = z - z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
+
+    def save(self, path: str | Path) -> None:
+        """Tensors in a torch state dict (loadable with ``weights_only=True``) + JSON metadata."""
+        import torch
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(getattr(self, k)))
+                   for k in ("mean", "scale", "weight", "bias")}
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({**tensors, "meta": json.dumps(self.meta)}, tmp)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> LinearHead:
+        import torch
+
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+        return cls(**{k: raw[k].numpy() for k in ("mean", "scale", "weight", "bias")},
+                   meta=json.loads(raw["meta"]))
+
+
+def fit_probe(features: np.ndarray, labels: np.ndarray, n_classes: int, l2: float = 1e-3,
+              max_iter: int = 500) -> LinearHead:
+    """Fit the probe. ``labels`` are class indices in ``[0, n_classes)``."""
+    import torch
+
+    x = np.asarray(features, dtype=np.float32)
+    mean = x.mean(axis=0)
+    scale = x.std(axis=0)
+    scale[scale < 1e-6] = 1.0  # constant features carry nothing; avoid dividing by zero
+    xt = torch.from_numpy((x - mean) / scale)
+    yt = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    w = torch.zeros(n_classes, x.shape[1], requires_grad=True)
+    b = torch.zeros(n_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20,
+                            tolerance_grad=1e-6, tolerance_change=1e-9,
+                            line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(xt @ w.T + b, yt) + 0.5 * l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return LinearHead(mean=mean, scale=scale, weight=w.detach().numpy().copy(),
+                      bias=b.detach().numpy().copy())

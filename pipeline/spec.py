@@ -1,0 +1,254 @@
+"""The job spec: one typed, frozen description of a job, validated once at the boundary.
+
+The Python API, the CLI and YAML/JSON files all map onto :class:`JobSpec`. A spec that
+validates here is never rejected later for a field's shape; a spec that does not validate
+raises :class:`~pipeline.errors.SpecError` naming the field and the fix, before anything is
+enqueued.
+
+Example YAML::
+
+    name: digits-lite0
+    data: {source: digits, test_fraction: 0.3, seed: 0, shard_size: 512}
+    backbone: {name: efficientnet_lite0, batch_size: 32}
+    probe: {l2: 0.001}
+    output: ./featurefleet-out
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import SpecError
+
+DATA_SOURCES = ("digits", "imagefolder", "npz")
+STRATEGIES = ("probe",)
+FEATURE_DTYPES = ("float16", "float32")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where the images come from and how they are split and sharded."""
+
+    source: str = "digits"  # a registered data source: digits | imagefolder | npz
+    path: str | None = None  # folder or file for imagefolder / npz; unused for digits
+    test_fraction: float = 0.3  # carved stratified from all data when the source has no test split
+    seed: int = 0  # seeds the stratified split, so reruns hit the same cached shards
+    shard_size: int = 512  # images per extraction task / HDF5 shard
+    limit: int | None = None  # use only the first N samples (stratified); for smoke tests
+
+    def validate(self) -> None:
+        if self.source not in DATA_SOURCES:
+            raise SpecError("data.source", f"unknown source {self.source!r}",
+                            f"use one of {', '.join(DATA_SOURCES)}")
+        if self.source != "digits" and not self.path:
+            raise SpecError("data.path", f"source {self.source!r} needs a path",
+                            "set data.path to the folder or file holding the images")
+        if not (isinstance(self.test_fraction, (int, float)) and 0 < self.test_fraction < 1):
+            raise SpecError("data.test_fraction", f"{self.test_fraction!r} is not in (0, 1)",
+                            "use a fraction such as 0.3")
+        _positive_int("data.shard_size", self.shard_size, "use e.g. 512 images per shard")
+        _int("data.seed", self.seed)
+        if self.limit is not None:
+            _positive_int("data.limit", self.limit, "omit it to use all samples")
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """The frozen pretrained network that turns images into features."""
+
+    name: str = "efficientnet_lite0"  # registry name: efficientnet_lite0 or any torchvision model
+    weights: str | None = "DEFAULT"  # weights enum name (IMAGENET1K_V2), a local file, or "random"
+    image_size: int | None = None  # override the weights' crop size (resize scales with it)
+    batch_size: int = 32  # images per forward pass
+    feature_dtype: str = "float16"  # dtype of the stored features
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def validate(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise SpecError("backbone.name", f"{self.name!r} is not a model name",
+                            "use e.g. efficientnet_lite0 or resnet50")
+        if self.image_size is not None:
+            _positive_int("backbone.image_size", self.image_size, "use e.g. 224, or omit it")
+            if self.image_size < 16:
+                raise SpecError("backbone.image_size", f"{self.image_size} is too small",
+                                "use at least 16 pixels (small images are upsampled)")
+        _positive_int("backbone.batch_size", self.batch_size, "use e.g. 32")
+        if self.feature_dtype not in FEATURE_DTYPES:
+            raise SpecError("backbone.feature_dtype", f"unknown dtype {self.feature_dtype!r}",
+                            f"use one of {', '.join(FEATURE_DTYPES)}")
+        if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
+            raise SpecError("backbone.device", f"unknown device {self.device!r}",
+                            "use auto, cpu, cuda or cuda:N")
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """The linear probe: L2-regularised multinomial logistic regression (L-BFGS)."""
+
+    l2: float = 1e-3  # L2 penalty on the weights (per sample, on standardized features)
+    max_iter: int = 500  # L-BFGS iterations
+
+    def validate(self) -> None:
+        if not (isinstance(self.l2, (int, float)) and math.isfinite(self.l2) and self.l2 >= 0):
+            raise SpecError("probe.l2", f"{self.l2!r} is not a finite number >= 0",
+                            "use e.g. 0.001")
+        _positive_int("probe.max_iter", self.max_iter, "use e.g. 500")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A whole job: data, backbone, strategy and where the outputs go.
+
+    Args:
+        name: a label for humans; shows in reports and listings.
+        data: the data source, split and shard size.
+        backbone: the pretrained network and its preprocessing.
+        strategy: ``probe`` (features + linear classifier).
+        probe: linear-probe settings.
+        output: root folder for job outputs (``<output>/jobs/<job id>/``).
+        store: root folder of the HDF5 feature store (default ``<output>/store``).
+
+    Raises:
+        SpecError: from :meth:`validate` / :meth:`from_dict` for any invalid field.
+
+    Example:
+        >>> spec = JobSpec(data=DataSpec(source="digits"), output="/tmp/ff")
+        >>> spec.validate()
+    """
+
+    name: str = "job"
+    data: DataSpec = field(default_factory=DataSpec)
+    backbone: BackboneSpec = field(default_factory=BackboneSpec)
+    strategy: str = "probe"
+    probe: ProbeSpec = field(default_factory=ProbeSpec)
+    output: str = "featurefleet-out"
+    store: str | None = None
+
+    def validate(self) -> JobSpec:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise SpecError("name", f"{self.name!r} is empty", "give the job a short name")
+        if self.strategy not in STRATEGIES:
+            raise SpecError("strategy", f"unknown strategy {self.strategy!r}",
+                            f"use one of {', '.join(STRATEGIES)}")
+        self.data.validate()
+        self.backbone.validate()
+        self.probe.validate()
+        if not isinstance(self.output, str) or not self.output:
+            raise SpecError("output", f"{self.output!r} is not a folder path",
+                            "set output to a folder, e.g. ./featurefleet-out")
+        return self
+
+    @property
+    def store_dir(self) -> Path:
+        return Path(self.store) if self.store else Path(self.output) / "store"
+
+    def resolved(self) -> JobSpec:
+        """The same spec with every path made absolute (workers may run elsewhere)."""
+        data = self.data
+        if data.path:
+            data = dataclasses.replace(data, path=str(Path(data.path).expanduser().resolve()))
+        backbone = self.backbone
+        if backbone.weights and _looks_like_path(backbone.weights):
+            weights = str(Path(backbone.weights).expanduser().resolve())
+            backbone = dataclasses.replace(backbone, weights=weights)
+        return dataclasses.replace(
+            self, data=data, backbone=backbone,
+            output=str(Path(self.output).expanduser().resolve()),
+            store=str(self.store_dir.expanduser().resolve()),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> JobSpec:
+        """Build and validate a spec from plain data (parsed YAML/JSON)."""
+        return _build(cls, raw, "").validate()
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> JobSpec:
+        """Load a spec from a ``.yaml``/``.yml``/``.json`` file."""
+        path = Path(path)
+        if not path.is_file():
+            raise SpecError("<file>", f"spec file {str(path)!r} does not exist",
+                            "pass the path of a job YAML/JSON file")
+        text = path.read_text()
+        try:
+            if path.suffix == ".json":
+                raw = json.loads(text)
+            else:
+                import yaml
+
+                raw = yaml.safe_load(text)
+        except Exception as exc:  # noqa: BLE001 - any parse error is the user's file
+            detail = " ".join(str(exc).split())
+            raise SpecError("<file>", f"{str(path)!r} is not valid YAML/JSON ({detail})",
+                            "fix the syntax at the position shown") from None
+        return cls.from_dict(raw)
+
+
+_NESTED = {"data": DataSpec, "backbone": BackboneSpec, "probe": ProbeSpec}
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "<spec>"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError(where, f"expected a mapping, got {type(raw).__name__} {raw!r}",
+                        "write it as key: value pairs")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise SpecError(prefix + str(unknown[0]), "unknown field",
+                        f"use one of {', '.join(known)}")
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        nested = _NESTED.get(key) if cls is JobSpec else None
+        if nested is not None:
+            kwargs[key] = _build(nested, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(prefix + key, known[key], value)
+    return cls(**kwargs)
+
+
+def _coerce(name: str, f: dataclasses.Field[Any], value: Any) -> Any:
+    kind = str(f.type)
+    if value is None:
+        if "None" in kind:
+            return None
+        raise SpecError(name, "must not be empty", "give it a value or remove the line")
+    if kind.startswith("int") and not isinstance(value, bool) and isinstance(value, int):
+        return value
+    if kind.startswith("float") and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind.startswith("float") and isinstance(value, str):
+        try:  # YAML reads 1e-3 as a string
+            return float(value)
+        except ValueError:
+            pass
+    if kind.startswith("str") and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    expected = kind.split(" |")[0]
+    raise SpecError(name, f"{value!r} is not {'an' if expected == 'int' else 'a'} {expected}",
+                    f"write a {expected} value")
+
+
+def _int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(name, f"{value!r} is not an integer", "write a whole number")
+
+
+def _positive_int(name: str, value: Any, fix: str) -> None:
+    _int(name, value)
+    if value <= 0:
+        raise SpecError(name, f"{value!r} must be > 0", fix)
+
+
+def _looks_like_path(weights: str) -> bool:
+    return "/" in weights or weights.endswith((".pth", ".pt", ".bin", ".safetensors"))

@@ -1,0 +1,171 @@
+"""The HDF5 shard store: one file per shard, written atomically, verified before reuse.
+
+Layout: ``<store>/<content key>/<split>-<start>-<end>.h5``. The content key hashes everything
+that determines the features (data fingerprint, split, shard size, backbone, weights sha256,
+preprocessing, dtype, schema version), so a finished shard *is* the cache entry: a rerun with
+the same key skips it.
+
+Each file holds ``features`` (N x D), ``labels`` (N), ``indices`` (N, positions in the data
+source), ``sample_ids`` (N) and ``skipped`` (sample id + reason for undecodable samples), with
+attributes naming how it was made. A file is written under a temporary name and renamed into
+place only when complete, so a reader never sees half a shard and two writers of the same shard
+(a redelivered task) never corrupt it: the last rename wins with identical content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import StoreError
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class ShardData:
+    """What one shard holds, in memory."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    indices: np.ndarray
+    sample_ids: list[str]
+    skipped: list[tuple[str, str]]
+    attrs: dict[str, Any]
+
+
+def shard_name(split: str, start: int, end: int) -> str:
+    return f"{split}-{start:08d}-{end:08d}.h5"
+
+
+def write_shard(path: str | Path, data: ShardData) -> str:
+    """Write a shard atomically; return its sha256.
+
+    Raises:
+        StoreError: the folder cannot be created or written.
+    """
+    import h5py
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"cannot create store folder {str(path.parent)!r} ({exc.strerror}); "
+                         "fix: set store to a writable folder") from None
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            n, d = data.features.shape if data.features.ndim == 2 else (0, 0)
+            # One chunk per shard-sized block of rows: written whole, read whole.
+            f.create_dataset("features", data=data.features,
+                             chunks=(max(1, min(n, 1024)), max(1, d)) if n else None)
+            f.create_dataset("labels", data=data.labels.astype(np.int64))
+            f.create_dataset("indices", data=data.indices.astype(np.int64))
+            f.create_dataset("sample_ids", data=np.asarray(data.sample_ids, dtype=object),
+                             dtype=h5py.string_dtype())
+            skipped = np.asarray([f"{sid}\t{why}" for sid, why in data.skipped], dtype=object)
+            f.create_dataset("skipped", data=skipped, dtype=h5py.string_dtype(),
+                             shape=(len(skipped),))
+            for key, value in data.attrs.items():
+                f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+            f.attrs["schema_version"] = SCHEMA_VERSION
+            f.attrs["rows"] = n
+            f.attrs["created"] = time.time()
+            f.attrs["complete"] = True
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(f"cannot write shard {str(path)!r} ({exc.strerror or exc}); fix: "
+                         "check the store folder is writable and has free space") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return file_sha256(path)
+
+
+def read_shard(path: str | Path) -> ShardData:
+    """Read a whole shard.
+
+    Raises:
+        StoreError: the file is missing, truncated or not a complete featurefleet shard.
+    """
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            if not f.attrs.get("complete", False):
+                raise StoreError(f"shard {str(path)!r} is incomplete; fix: rerun the job to "
+                                 "extract it again")
+            attrs = {k: _attr(v) for k, v in f.attrs.items()}
+            skipped = [tuple(s.split("\t", 1)) for s in f["skipped"].asstr()[:]]
+            return ShardData(
+                features=f["features"][:], labels=f["labels"][:], indices=f["indices"][:],
+                sample_ids=list(f["sample_ids"].asstr()[:]),
+                skipped=[(a, b) for a, b in skipped], attrs=attrs)
+    except (OSError, KeyError) as exc:
+        raise StoreError(f"shard {str(path)!r} is unreadable ({exc}); fix: delete it and rerun "
+                         "the job, or run featurefleet cache verify") from None
+
+
+def valid_shard(path: str | Path, key: str, rows_expected: int | None = None) -> bool:
+    """True when ``path`` is a complete shard of content key ``key`` (cheap: attributes only)."""
+    import h5py
+
+    p = Path(path)
+    if not p.is_file():
+        return False
+    try:
+        with h5py.File(p, "r") as f:
+            ok = bool(f.attrs.get("complete", False)) and f.attrs.get("key") == key \
+                and int(f.attrs.get("schema_version", -1)) == SCHEMA_VERSION
+            rows = int(f.attrs.get("rows", -1))
+            skipped = len(f["skipped"]) if "skipped" in f else 0
+            if rows_expected is not None and rows + skipped != rows_expected:
+                return False
+            return ok and f["features"].shape[0] == rows
+    except (OSError, KeyError, ValueError):
+        return False
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_split(paths: list[str]) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+    """Concatenate features (float32), labels and skips of several shards, in the given order."""
+    feats, labels, skipped = [], [], []
+    for p in paths:
+        s = read_shard(p)
+        feats.append(s.features.astype(np.float32))
+        labels.append(s.labels)
+        skipped.extend(s.skipped)
+    if not feats:
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), skipped
+    return np.concatenate(feats), np.concatenate(labels), skipped
+
+
+def _attr(value: Any) -> Any:
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, str) and value[:1] in "[{":
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

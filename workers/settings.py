@@ -1,0 +1,78 @@
+"""Celery settings for featurefleet, each with the reason it is set.
+
+``celery_config(url)`` gives the settings for a broker URL; the worker app loads this module
+lazily (``config_from_object``), reading the URL from $FEATUREFLEET_BROKER_URL then.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pipeline import state
+
+EXTRACT_QUEUE = "ff.extract"  # GPU (or CPU) workers that run the frozen backbone
+TRAIN_QUEUE = "ff.train"  # CPU workers for classifier training and evaluation
+
+# The longest a single task may run. Shards are sized to take minutes, not hours.
+TASK_TIME_LIMIT_S = int(os.environ.get("FEATUREFLEET_TASK_TIME_LIMIT", 3600))
+
+
+def celery_config(url: str | None = None) -> dict[str, Any]:
+    """Celery settings for the broker at ``url`` (also used as the result backend)."""
+    url = state.broker_url(url)
+    # A task still running when the visibility timeout expires is delivered again while it
+    # runs (celery#5935): keep the timeout at twice the hard time limit, equal everywhere.
+    visibility = 2 * TASK_TIME_LIMIT_S
+    transport = {"visibility_timeout": visibility}
+    return {
+        "broker_url": url,
+        "result_backend": url,
+        # JSON only: pickle in a message is remote code execution.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "broker_transport_options": transport,
+        "result_backend_transport_options": transport,
+        "visibility_timeout": visibility,
+        # Ack after the task finished, and requeue when the worker process dies under it
+        # (OOM, preemption): a shard is never lost because a worker was.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        # One message at a time per process: a long GPU shard must not hold others hostage.
+        "worker_prefetch_multiplier": 1,
+        "task_time_limit": TASK_TIME_LIMIT_S,
+        "task_soft_time_limit": TASK_TIME_LIMIT_S - 60,
+        # Chord counters and results must outlive the longest job (default is one day).
+        "result_expires": 7 * 24 * 3600,
+        "result_extended": True,
+        # A redelivered task whose result is already SUCCESS is skipped.
+        "worker_deduplicate_successful_tasks": True,
+        # Keep reconnecting to a restarting Redis instead of exiting after 100 tries.
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        # Flower sees tasks only through events; STARTED state lets status show running shards.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": True,
+        "task_default_queue": TRAIN_QUEUE,
+        "task_routes": {"featurefleet.extract_shard": {"queue": EXTRACT_QUEUE}},
+        # Loading a backbone in the child may take longer than the default 4 s budget.
+        "worker_proc_alive_timeout": 60,
+        "worker_hijack_root_logger": False,
+        "broker_connection_timeout": 5,
+        "redis_socket_connect_timeout": 5,
+    }
+
+
+def __getattr__(name: str) -> Any:
+    """Module attributes for ``config_from_object``: evaluated when Celery reads them."""
+    config = celery_config()
+    if name in config:
+        return config[name]
+    raise AttributeError(name)
+
+
+def __dir__() -> list[str]:
+    return sorted(celery_config())

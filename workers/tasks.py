@@ -1,0 +1,57 @@
+"""Celery tasks: decorator policy plus one call into :mod:`pipeline.steps` each.
+
+Arguments and results are small JSON (plan without pixels, shard ids, paths, checksums).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Task
+from celery.utils.log import get_task_logger
+
+from pipeline import steps
+from pipeline.plan import Plan, Shard
+from pipeline.state import JobStore, connect
+from workers.app import app
+
+log = get_task_logger(__name__)
+_jobs: JobStore | None = None
+
+
+def job_store() -> JobStore:
+    """One Redis client per worker process, made on first use (never at import)."""
+    global _jobs
+    if _jobs is None:
+        _jobs = JobStore(connect(app.conf.broker_url, check=False))
+    return _jobs
+
+
+@app.task(name="featurefleet.extract_shard", bind=True, acks_late=True)
+def extract_shard(self: Task, plan: dict[str, Any], shard: dict[str, Any]) -> dict[str, Any]:
+    """Run the frozen backbone over one shard and write its HDF5 file."""
+
+    def progress(done: int, total: int) -> None:
+        self.update_state(state="PROGRESS", meta={"job": plan["job_id"], "shard": shard,
+                                                  "done": done, "total": total,
+                                                  "percent": round(100 * done / max(total, 1))})
+
+    return steps.run_extract(job_store(), Plan.from_dict(plan), Shard(**shard), progress)
+
+
+@app.task(name="featurefleet.train_probe", bind=True, acks_late=True)
+def train_probe(self: Task, results: Any, plan: dict[str, Any]) -> dict[str, Any]:
+    """Fit the linear probe on the job's training shards (chord body)."""
+    return steps.run_train(job_store(), Plan.from_dict(plan), steps.as_list(results))
+
+
+@app.task(name="featurefleet.evaluate", bind=True, acks_late=True)
+def evaluate(self: Task, trained: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate on the test shards and write report.json."""
+    return steps.run_evaluate(job_store(), Plan.from_dict(plan), trained)
+
+
+@app.task(name="featurefleet.fail_job", acks_late=True)
+def fail_job(request: Any, exc: Any, traceback: Any, job_id: str) -> None:
+    """Error callback of the job canvas: mark the job FAILED with the failing task's error."""
+    steps.run_fail(job_store(), job_id, getattr(request, "id", "?"), f"{exc!r}")
