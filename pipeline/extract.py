@@ -118,7 +118,7 @@ def extract_shard(plan: Plan, shard: Shard, progress: Progress | None = None) ->
     result = {"shard": shard.id, "split": shard.split, "path": shard.path,
               "worker": f"{socket.gethostname()}:{os.getpid()}"}
     if store.valid_shard(shard.path, plan.key, shard.rows):
-        return {**result, **_summary(shard.path), "cached": True, "seconds": 0.0}
+        return {**result, **store.shard_summary(shard.path), "cached": True, "seconds": 0.0}
 
     source = cached_source(spec.data)
     if source.fingerprint() != plan.fingerprint:
@@ -170,8 +170,3 @@ def extract_shard(plan: Plan, shard: Shard, progress: Progress | None = None) ->
             "images_per_s": round(len(kept_arr) / seconds, 2) if seconds else None,
             "device": device}
 
-
-def _summary(path: str) -> dict[str, Any]:
-    s = store.read_shard(path)
-    return {"rows": int(len(s.labels)), "sha256": store.file_sha256(path),
-            "skipped": [{"id": a, "reason": b} for a, b in s.skipped]}

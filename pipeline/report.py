@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline import store
 from pipeline.plan import Plan
 
 REPORT_SCHEMA = 1
@@ -28,7 +29,7 @@ def write_report(plan: Plan, record: dict[str, Any], shard_results: dict[str, di
     extract_done = float(record.get("extract_finished", now))
     shards = []
     for s in plan.shards:
-        r = shard_results.get(s.id, {})
+        r = shard_results.get(s.id) or {**store.shard_summary(s.path), "cached": True}
         shards.append({"id": s.id, "split": s.split, "path": s.path, "rows": r.get("rows"),
                        "sha256": r.get("sha256"), "worker": r.get("worker"),
                        "cached": bool(s.cached or r.get("cached")),

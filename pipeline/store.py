@@ -145,6 +145,13 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def shard_summary(path: str | Path) -> dict[str, Any]:
+    """Rows, sha256 and skipped samples of a finished shard (for results and reports)."""
+    s = read_shard(path)
+    return {"rows": int(len(s.labels)), "sha256": file_sha256(path),
+            "skipped": [{"id": a, "reason": b} for a, b in s.skipped]}
+
+
 def load_split(paths: list[str]) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
     """Concatenate features (float32), labels and skips of several shards, in the given order."""
     feats, labels, skipped = [], [], []

@@ -27,6 +27,7 @@ from pipeline.state import BROKER_ENV
 from workers.settings import EXTRACT_QUEUE, TRAIN_QUEUE
 
 ROOT = Path(__file__).resolve().parent.parent
+CLUSTER_ENV = "FEATUREFLEET_CLUSTER"  # marks the processes of one local cluster (for cleanup checks)
 
 
 def _die_with_parent() -> None:
@@ -162,7 +163,7 @@ def worker_argv(queues: list[str], concurrency: int, name: str,
 def start_worker(broker: str, queues: list[str], name: str, logdir: Path,
                  concurrency: int = 1, env: dict[str, str] | None = None) -> Proc:
     """Start one real Celery worker process (prefork pool) consuming ``queues``."""
-    full_env = {**os.environ, **(env or {}), BROKER_ENV: broker,
+    full_env = {**os.environ, **(env or {}), BROKER_ENV: broker, CLUSTER_ENV: str(logdir),
                 "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     return spawn(name, worker_argv(queues, concurrency, name), logdir / f"{name}.log", full_env)
 

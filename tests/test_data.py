@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import data
+from pipeline.errors import DataError
+from pipeline.spec import DataSpec
+
+
+def test_digits_split_is_stratified_and_seeded() -> None:
+    spec = DataSpec(source="digits", test_fraction=0.3, seed=0)
+    src = data.open_source(spec)
+    s1, s2 = data.split_indices(src, spec), data.split_indices(src, spec)
+    np.testing.assert_array_equal(s1["test"], s2["test"])
+    assert len(s1["train"]) + len(s1["test"]) == len(src) == 1797
+    assert not set(s1["train"]) & set(s1["test"])
+    frac = np.bincount(src.labels[s1["test"]]) / np.bincount(src.labels)
+    assert np.all(np.abs(frac - 0.3) < 0.02)
+    other = data.split_indices(src, DataSpec(source="digits", seed=1))
+    assert not np.array_equal(other["test"], s1["test"])
+
+
+def test_digits_decode_to_rgb_uint8() -> None:
+    src = data.open_source(DataSpec(source="digits"))
+    loaded = src.load([0, 5])
+    assert [im.shape for im in loaded.images] == [(8, 8, 3), (8, 8, 3)]
+    assert loaded.images[0].dtype == np.uint8 and loaded.images[0].max() > 200
+
+
+def test_limit_takes_a_stratified_subset() -> None:
+    spec = DataSpec(source="digits", limit=200)
+    splits = data.split_indices(data.open_source(spec), spec)
+    assert len(splits["train"]) + len(splits["test"]) == 200
+    assert len(np.unique(data.open_source(spec).labels[splits["test"]])) == 10
+
+
+def _folder(root: Path, split: str = "") -> None:
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        d = root / split / cls
+        d.mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(d / f"{i}.png")
+
+
+def test_imagefolder_and_bad_files_are_recorded(tmp_path: Path) -> None:
+    _folder(tmp_path)
+    (tmp_path / "cat" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    (tmp_path / "cat" / "notes.txt").write_text("ignored: not an image extension")
+    src = data.open_source(DataSpec(source="imagefolder", path=str(tmp_path)))
+    assert src.class_names == ["cat", "dog"] and len(src) == 13
+    bad = src.files.index("cat/broken.jpg")
+    loaded = src.load([0, bad, 12])
+    assert len(loaded.images) == 2 and loaded.images[0].shape == (12, 10, 3)
+    assert loaded.failures[0][0] == bad and "UnidentifiedImageError" in loaded.failures[0][1]
+    fp = src.fingerprint()
+    Image.new("RGB", (30, 30)).save(tmp_path / "dog" / "0.png")
+    assert data.open_source(DataSpec(source="imagefolder", path=str(tmp_path))).fingerprint() != fp
+
+
+def test_imagefolder_predefined_splits(tmp_path: Path) -> None:
+    _folder(tmp_path, "train")
+    _folder(tmp_path, "test")
+    spec = DataSpec(source="imagefolder", path=str(tmp_path))
+    src = data.open_source(spec)
+    splits = data.split_indices(src, spec)
+    assert len(splits["train"]) == 12 and len(splits["test"]) == 12
+    assert all(src.files[i].startswith("test/") for i in splits["test"])
+
+
+def test_image_modes_decode_correctly(tmp_path: Path) -> None:
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red -> white
+    rgba.save(tmp_path / "a.png")
+    assert data.decode_image(tmp_path / "a.png")[0, 0].tolist() == [255, 255, 255]
+    g16 = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
+    g16.save(tmp_path / "g16.png")
+    assert data.decode_image(tmp_path / "g16.png")[0, 0].tolist() == [255, 255, 255]
+    half = Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16))
+    half.save(tmp_path / "half.png")
+    assert data.decode_image(tmp_path / "half.png")[0, 0].tolist() == [128, 128, 128]
+    Image.new("L", (5, 3), 7).save(tmp_path / "l.png")
+    assert data.decode_image(tmp_path / "l.png").shape == (3, 5, 3)
+    Image.new("P", (5, 3)).save(tmp_path / "p.png")
+    assert data.decode_image(tmp_path / "p.png").shape == (3, 5, 3)
+    Image.new("CMYK", (5, 3), (0, 0, 0, 0)).save(tmp_path / "c.jpg")
+    assert data.decode_image(tmp_path / "c.jpg").min() > 240  # CMYK zero ink is white
+
+
+def test_npz_source_and_errors(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    good = tmp_path / "good.npz"
+    np.savez(good, images=rng.random((20, 3, 8, 8), dtype=np.float32),
+             labels=np.arange(20) % 2, class_names=np.array(["a", "b"]))
+    src = data.open_source(DataSpec(source="npz", path=str(good)))
+    assert src.class_names == ["a", "b"] and src.load([0]).images[0].shape == (8, 8, 3)
+    cases = {
+        "missing.npz": None,
+        "nolabels.npz": {"images": np.zeros((3, 4, 4), np.uint8)},
+        "mismatch.npz": {"images": np.zeros((3, 4, 4), np.uint8), "labels": np.zeros(2, int)},
+        "strlabels.npz": {"images": np.zeros((2, 4, 4), np.uint8), "labels": np.array(["x", "y"])},
+        "nan.npz": {"images": np.full((2, 4, 4), np.nan), "labels": np.zeros(2, int)},
+    }
+    for name, arrays in cases.items():
+        if arrays is not None:
+            np.savez(tmp_path / name, **arrays)
+        with pytest.raises(DataError, match="fix:"):
+            data.open_source(DataSpec(source="npz", path=str(tmp_path / name)))
+
+
+@pytest.mark.parametrize("setup", ["missing", "empty", "no_images", "one_class"])
+def test_bad_folders_are_clear_errors(tmp_path: Path, setup: str) -> None:
+    root = tmp_path / "data"
+    if setup != "missing":
+        root.mkdir()
+    if setup == "no_images":
+        (root / "cat").mkdir()
+        (root / "cat" / "readme.txt").write_text("x")
+    if setup == "one_class":
+        (root / "cat").mkdir()
+        Image.new("RGB", (4, 4)).save(root / "cat" / "a.png")
+        Image.new("RGB", (4, 4)).save(root / "cat" / "b.png")
+    spec = DataSpec(source="imagefolder", path=str(root))
+    with pytest.raises(DataError, match="fix:") as info:
+        data.split_indices(data.open_source(spec), spec)
+    assert "\n" not in str(info.value)
+    if setup != "one_class":
+        assert str(root) in str(info.value)

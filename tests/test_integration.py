@@ -1,0 +1,129 @@
+"""End to end on real parts: a redis-server process, Celery worker processes, real Lite0 weights,
+real HDF5 files. The cluster fixture starts them once for this module."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline import get_job, submit
+from pipeline.errors import BrokerError, JobError
+from pipeline.store import file_sha256, read_shard
+from tests.conftest import small_spec
+from workers.runtime import LocalCluster
+
+pytestmark = pytest.mark.integration
+
+
+def test_job_runs_through_the_whole_chord(cluster: LocalCluster, tmp_path: Path) -> None:
+    spec = small_spec(tmp_path)
+    job = submit(spec, broker=cluster.broker)
+    st = job.wait(timeout=240)
+    assert st["status"] == "SUCCESS", st
+    rep = job.result()
+    assert rep["status"] == "SUCCESS" and rep["job_id"] == job.id
+    m = rep["metrics"]
+    # 210 training digits at 32 px: real ImageNet features separate them far above chance.
+    assert m["top1"] > 0.6 and m["top5"] > m["top1"] - 1e-9
+    assert 0 < m["balanced_accuracy"] <= 1
+    assert len(m["confusion_matrix"]) == 10 and sum(map(sum, m["confusion_matrix"])) == 90
+    assert set(m["per_class"]) == {str(i) for i in range(10)}
+    # Every shard exists once, with the checksum the report says, and the rows add up.
+    assert len(rep["shards"]) == 6  # train 210 -> 4 shards of <=64, test 90 -> 2
+    rows = {"train": 0, "test": 0}
+    for s in rep["shards"]:
+        assert Path(s["path"]).is_file() and file_sha256(s["path"]) == s["sha256"]
+        shard = read_shard(s["path"])
+        assert shard.features.shape == (s["rows"], 1280)
+        assert shard.attrs["backbone"] == "efficientnet_lite0"
+        assert shard.attrs["weights_sha256"] == rep["backbone"]["weights_sha256"]
+        rows[s["split"]] += s["rows"]
+        assert s["worker"] and not s["cached"]
+    assert rows == rep["data"]["split_sizes"] == {"train": 210, "test": 90}
+    assert rep["spec"]["data"]["limit"] == 300
+    assert {"extract_s", "train_s", "evaluate_s", "total_s"} <= set(rep["timings"])
+    job_dir = Path(st["job_dir"])
+    assert json.loads((job_dir / "spec.json").read_text())["name"] == "test-digits"
+    assert (job_dir / "head.pt").is_file()
+    # A job can be looked up again by id.
+    again = get_job(job.id, broker=cluster.broker)
+    assert again.status()["status"] == "SUCCESS" and again.result()["metrics"] == m
+
+
+def test_second_run_reuses_the_cached_shards(cluster: LocalCluster, tmp_path: Path) -> None:
+    spec = small_spec(tmp_path, limit=200)
+    first = submit(spec, broker=cluster.broker)
+    assert first.wait(timeout=240)["status"] == "SUCCESS"
+    r1 = first.result()
+    second = submit(spec, broker=cluster.broker)
+    st = second.wait(timeout=240)
+    assert st["status"] == "SUCCESS"
+    assert st["shards_cached"] == st["shards_total"] == len(r1["shards"])
+    r2 = second.result()
+    assert all(s["cached"] for s in r2["shards"])
+    assert [s["sha256"] for s in r2["shards"]] == [s["sha256"] for s in r1["shards"]]
+    assert r2["metrics"]["top1"] == r1["metrics"]["top1"]
+    # A different input size is a different cache key: extracted anew.
+    third = submit(small_spec(tmp_path, limit=200).__class__(
+        **{**spec.__dict__, "backbone": spec.backbone.__class__(
+            name="efficientnet_lite0", image_size=48)}), broker=cluster.broker)
+    assert third.wait(timeout=240)["shards_cached"] == 0
+
+
+def test_failing_shard_fails_the_job_with_its_error(cluster: LocalCluster, tmp_path: Path) -> None:
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(root / cls / f"{i}.png")
+    spec = small_spec(tmp_path).__class__.from_dict({
+        "data": {"source": "imagefolder", "path": str(root), "shard_size": 4},
+        "backbone": {"image_size": 32}, "output": str(tmp_path / "out")})
+    job = submit(spec, broker=cluster.broker)
+    # Change the data under the job: the extraction task refuses to mix old and new data.
+    Image.new("RGB", (20, 20)).save(root / "a" / "0.png")
+    st = job.wait(timeout=240)
+    assert st["status"] == "FAILED"
+    assert "changed since the job was planned" in st["error"]
+    with pytest.raises(JobError, match="FAILED"):
+        job.result()
+
+
+def test_unknown_job_and_unreachable_broker(cluster: LocalCluster, tmp_path: Path) -> None:
+    with pytest.raises(JobError, match="no job 'nope'"):
+        get_job("nope", broker=cluster.broker)
+    with pytest.raises(BrokerError, match="cannot reach Redis.*fix:"):
+        submit(small_spec(tmp_path), broker="redis://127.0.0.1:1/0")
+    assert not (tmp_path / "jobs").exists()  # nothing written before the broker check
+
+
+def test_cli_submit_status_report(cluster: LocalCluster, tmp_path: Path) -> None:
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(
+        "name: cli-job\n"
+        "data: {source: digits, limit: 150, shard_size: 100}\n"
+        "backbone: {name: efficientnet_lite0, image_size: 32}\n"
+        f"output: {tmp_path / 'out'}\n")
+    env_cli = [sys.executable, "-m", "pipeline.cli"]
+    out = subprocess.run([*env_cli, "submit", str(spec_file), "--broker", cluster.broker,
+                          "--wait", "--timeout", "240"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.splitlines()[0].strip()
+    assert "test top-1" in out.stdout and "report:" in out.stdout
+    st = subprocess.run([*env_cli, "status", job_id, "--broker", cluster.broker, "--json"],
+                        capture_output=True, text=True, timeout=60)
+    assert json.loads(st.stdout)["status"] == "SUCCESS"
+    rep = subprocess.run([*env_cli, "report", job_id, "--broker", cluster.broker],
+                         capture_output=True, text=True, timeout=60)
+    assert rep.returncode == 0 and job_id in rep.stdout and "balanced accuracy" in rep.stdout
+    jobs = subprocess.run([*env_cli, "jobs", "--broker", cluster.broker],
+                          capture_output=True, text=True, timeout=60)
+    assert job_id in jobs.stdout and cluster.redis is not None
+    assert cluster.redis.password not in out.stdout + out.stderr + jobs.stdout

@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+import pipeline
+from pipeline.errors import SpecError
+from pipeline.spec import JobSpec
+
+GOOD = """
+name: digits-lite0
+data: {source: digits, test_fraction: 0.25, seed: 3, shard_size: 128}
+backbone: {name: efficientnet_lite0, image_size: 64, batch_size: 16}
+probe: {l2: 1e-3}
+output: /tmp/ff-out
+"""
+
+
+def test_yaml_round_trip(tmp_path: Path) -> None:
+    f = tmp_path / "job.yaml"
+    f.write_text(GOOD)
+    spec = JobSpec.from_file(f)
+    assert spec.data.seed == 3 and spec.data.shard_size == 128
+    assert spec.backbone.image_size == 64 and spec.probe.l2 == pytest.approx(1e-3)
+    assert spec.store_dir == Path("/tmp/ff-out/store")
+    again = JobSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
+    assert again == spec
+
+
+def test_spec_is_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        JobSpec().name = "x"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("raw", "field", "words"), [
+    ({"data": {"shard_size": 0}}, "data.shard_size", "must be > 0"),
+    ({"data": {"shard_size": "ten"}}, "data.shard_size", "is not an int"),
+    ({"data": {"source": "tarballs"}}, "data.source", "unknown source"),
+    ({"data": {"source": "imagefolder"}}, "data.path", "needs a path"),
+    ({"data": {"test_fraction": 1.5}}, "data.test_fraction", "not in (0, 1)"),
+    ({"data": {"sorce": "digits"}}, "data.sorce", "unknown field"),
+    ({"backbone": {"batch_size": -1}}, "backbone.batch_size", "must be > 0"),
+    ({"backbone": {"image_size": 4}}, "backbone.image_size", "too small"),
+    ({"backbone": {"feature_dtype": "int8"}}, "backbone.feature_dtype", "unknown dtype"),
+    ({"backbone": {"device": "tpu"}}, "backbone.device", "unknown device"),
+    ({"probe": {"l2": -1}}, "probe.l2", ">= 0"),
+    ({"strategy": "magic"}, "strategy", "unknown strategy"),
+    ({"backbone": "resnet50"}, "backbone", "expected a mapping"),
+    ([1, 2], "<spec>", "expected a mapping"),
+])
+def test_invalid_fields_name_field_and_fix(raw: object, field: str, words: str) -> None:
+    with pytest.raises(SpecError) as info:
+        JobSpec.from_dict(raw)
+    msg = str(info.value)
+    assert info.value.field == field
+    assert words in msg and "fix:" in msg and "\n" not in msg
+
+
+def test_invalid_yaml_is_one_line(tmp_path: Path) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text("data: {source: digits\nbackbone: [")
+    with pytest.raises(SpecError, match="not valid YAML/JSON.*fix:") as info:
+        JobSpec.from_file(f)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_spec_file(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="does not exist"):
+        JobSpec.from_file(tmp_path / "nope.yaml")
+
+
+def test_resolved_makes_paths_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    spec = JobSpec.from_dict({"data": {"source": "npz", "path": "x.npz"}, "output": "out"})
+    r = spec.resolved()
+    assert r.data.path == str(tmp_path / "x.npz")
+    assert r.output == str(tmp_path / "out") and r.store == str(tmp_path / "out" / "store")
+
+
+def test_public_api_is_small_and_honest() -> None:
+    assert sorted(pipeline.__all__) == ["BackboneSpec", "DataSpec", "FeaturefleetError", "Job",
+                                        "JobSpec", "ProbeSpec", "get_job", "submit"]
+    for name in pipeline.__all__:
+        assert getattr(pipeline, name) is not None
