@@ -92,9 +92,9 @@ def submit(spec: JobSpec, broker: str | None = None) -> Job:
     from workers.canvas import job_canvas
 
     spec.validate()
-    jobs = JobStore(connect(broker))  # fail fast before doing any work
     job_id = uuid.uuid4().hex[:12]
-    plan = make_plan(spec, job_id)
+    plan = make_plan(spec, job_id)  # data, backbone and weights checked; nothing written yet
+    jobs = JobStore(connect(broker))
     _writable(plan.job_dir)
     _writable(Path(plan.shard_dir))
     (plan.job_dir / "spec.json").write_text(json.dumps(plan.spec, indent=2))
@@ -114,7 +114,7 @@ def submit(spec: JobSpec, broker: str | None = None) -> Job:
         consumer = app.backend.result_consumer
         consumer.subscribed_to.clear()
         consumer.stop()
-    except Exception as exc:  # noqa: BLE001 - the job must not stay PENDING forever
+    except Exception as exc:
         jobs.finish(job_id, "FAILED", error=f"could not enqueue: {exc!r}")
         raise BrokerError(f"could not enqueue job {job_id} on {redact(broker_url(broker))!r} "
                           f"({exc.__class__.__name__}); fix: check the broker is up") from None

@@ -143,7 +143,7 @@ def _load_state_dict(path: str, name: str) -> dict[str, Any]:
                             f"saved state dict for {name}, or a weights name such as DEFAULT")
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling problem means a bad file
+    except Exception as exc:
         kind = exc.__class__.__name__
         raise BackboneError(f"weights file {path!r} is not a torch state dict ({kind}); fix: "
                             "save it with torch.save(model.state_dict(), path)") from None
@@ -258,7 +258,6 @@ def _torchvision(name: str, weights: str | None) -> tuple[WeightsInfo, Callable[
                            pre)
 
     def build() -> Any:
-        import torch
 
         if local is not None:
             model = models.get_model(name, weights=None)
@@ -266,7 +265,7 @@ def _torchvision(name: str, weights: str | None) -> tuple[WeightsInfo, Callable[
         else:
             try:
                 model = models.get_model(name, weights=wenum)
-            except Exception as exc:  # noqa: BLE001 - download/hash failures
+            except Exception as exc:
                 raise BackboneError(
                     f"could not load {name} weights {wenum.name if wenum else RANDOM!r} "
                     f"({exc.__class__.__name__}: {str(exc)[:120]}); fix: on a machine without "
@@ -275,7 +274,7 @@ def _torchvision(name: str, weights: str | None) -> tuple[WeightsInfo, Callable[
         _drop_classifier(model, name)
         if hasattr(model, "aux_logits"):
             model.aux_logits = False
-        return model if isinstance(model, torch.nn.Module) else model
+        return model
 
     return info, build
 

@@ -126,7 +126,8 @@ def _stratified_pick(labels: np.ndarray, pool: np.ndarray, n: int,
     take = np.floor(exact).astype(int)
     for i in np.argsort(-(exact - take), kind="stable")[: n - take.sum()]:
         take[i] += 1
-    picked = [rng.permutation(pool[labels[pool] == c])[:k] for c, k in zip(classes, take)]
+    picked = [rng.permutation(pool[labels[pool] == c])[:k]
+              for c, k in zip(classes, take, strict=True)]
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
 
 
@@ -220,7 +221,7 @@ def _npz(spec: DataSpec) -> Source:
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except Exception as exc:  # noqa: BLE001 - zip/format errors
+    except Exception as exc:
         raise DataError(f"{str(path)!r} is not a readable .npz file ({exc}); fix: save it with "
                         "numpy.savez(path, images=..., labels=...)") from None
     missing = [k for k in ("images", "labels") if k not in arrays]
@@ -308,7 +309,7 @@ class FolderSource(Source):
             try:
                 out.images.append(decode_image(self.root / self.files[i]))
                 out.indices.append(int(i))
-            except Exception as exc:  # noqa: BLE001 - a bad file is data, not a crash
+            except Exception as exc:
                 out.failures.append((int(i), f"{exc.__class__.__name__}: {exc}"[:300]))
         return out
 

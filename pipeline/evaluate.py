@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,7 @@ def classification_metrics(labels: np.ndarray, proba: np.ndarray,
     correct = pred == y
     edges = np.linspace(0, 1, 16)
     ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in itertools.pairwise(edges):
         m = (conf_pred > lo) & (conf_pred <= hi)
         if m.any():
             ece += m.mean() * abs(correct[m].mean() - conf_pred[m].mean())

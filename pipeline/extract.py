@@ -164,7 +164,7 @@ def extract_shard(plan: Plan, shard: Shard, progress: Progress | None = None) ->
         indices=kept_arr, sample_ids=[source.sample_id(int(i)) for i in kept_arr],
         skipped=skipped, attrs=attrs))
     seconds = time.perf_counter() - t0
-    return {**result, "rows": int(len(kept_arr)), "sha256": sha, "cached": False,
+    return {**result, "rows": len(kept_arr), "sha256": sha, "cached": False,
             "skipped": [{"id": sid, "reason": why} for sid, why in skipped],
             "seconds": round(seconds, 3), "model_seconds": round(t_model, 3),
             "images_per_s": round(len(kept_arr) / seconds, 2) if seconds else None,

@@ -185,7 +185,7 @@ class JobSpec:
                 import yaml
 
                 raw = yaml.safe_load(text)
-        except Exception as exc:  # noqa: BLE001 - any parse error is the user's file
+        except Exception as exc:
             detail = " ".join(str(exc).split())
             raise SpecError("<file>", f"{str(path)!r} is not valid YAML/JSON ({detail})",
                             "fix the syntax at the position shown") from None
@@ -232,7 +232,8 @@ def _coerce(name: str, f: dataclasses.Field[Any], value: Any) -> Any:
             return float(value)
         except ValueError:
             pass
-    if kind.startswith("str") and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+    if kind.startswith("str") and isinstance(value, (str, int, float)) \
+            and not isinstance(value, bool):
         return str(value)
     expected = kind.split(" |")[0]
     raise SpecError(name, f"{value!r} is not {'an' if expected == 'int' else 'a'} {expected}",

@@ -74,7 +74,7 @@ def run_train(jobs: JobStore, plan: Plan, results: list[dict[str, Any]]) -> dict
     train_acc = float((head.predict_proba(x).argmax(1) == y).mean())
     seconds = time.time() - t0
     jobs.update(plan.job_id, train_seconds=seconds)
-    return {"model": str(model_path), "train_samples": int(len(y)),
+    return {"model": str(model_path), "train_samples": len(y),
             "train_top1": train_acc, "seconds": round(seconds, 3), "shards": results}
 
 

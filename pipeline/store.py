@@ -148,7 +148,7 @@ def file_sha256(path: str | Path) -> str:
 def shard_summary(path: str | Path) -> dict[str, Any]:
     """Rows, sha256 and skipped samples of a finished shard (for results and reports)."""
     s = read_shard(path)
-    return {"rows": int(len(s.labels)), "sha256": file_sha256(path),
+    return {"rows": len(s.labels), "sha256": file_sha256(path),
             "skipped": [{"id": a, "reason": b} for a, b in s.skipped]}
 
 

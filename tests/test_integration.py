@@ -98,7 +98,7 @@ def test_failing_shard_fails_the_job_with_its_error(cluster: LocalCluster, tmp_p
 def test_unknown_job_and_unreachable_broker(cluster: LocalCluster, tmp_path: Path) -> None:
     with pytest.raises(JobError, match="no job 'nope'"):
         get_job("nope", broker=cluster.broker)
-    with pytest.raises(BrokerError, match="cannot reach Redis.*fix:"):
+    with pytest.raises(BrokerError, match=r"cannot reach Redis.*fix:"):
         submit(small_spec(tmp_path), broker="redis://127.0.0.1:1/0")
     assert not (tmp_path / "jobs").exists()  # nothing written before the broker check
 

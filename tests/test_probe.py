@@ -22,7 +22,7 @@ def _blobs(n: int = 600, d: int = 20, k: int = 4, seed: int = 0) -> tuple[np.nda
 
 def test_probe_matches_sklearn_logistic_regression() -> None:
     x, y = _blobs()
-    xt, yt = _blobs(seed=1)
+    xt, _yt = _blobs(seed=1)
     l2 = 1e-2
     head = fit_probe(x[:400], y[:400], 4, l2=l2)
     scaler = StandardScaler().fit(x[:400])

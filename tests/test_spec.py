@@ -62,7 +62,7 @@ def test_invalid_fields_name_field_and_fix(raw: object, field: str, words: str) 
 def test_invalid_yaml_is_one_line(tmp_path: Path) -> None:
     f = tmp_path / "bad.yaml"
     f.write_text("data: {source: digits\nbackbone: [")
-    with pytest.raises(SpecError, match="not valid YAML/JSON.*fix:") as info:
+    with pytest.raises(SpecError, match=r"not valid YAML/JSON.*fix:") as info:
         JobSpec.from_file(f)
     assert "\n" not in str(info.value)
 

@@ -57,7 +57,7 @@ def test_rewrite_is_atomic_and_identical(tmp_path: Path) -> None:
 def test_store_path_under_a_file_is_a_clear_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(StoreError, match="cannot create store folder.*fix:"):
+    with pytest.raises(StoreError, match=r"cannot create store folder.*fix:"):
         store.write_shard(blocker / "s.h5", _data())
 
 

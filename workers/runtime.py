@@ -27,7 +27,8 @@ from pipeline.state import BROKER_ENV
 from workers.settings import EXTRACT_QUEUE, TRAIN_QUEUE
 
 ROOT = Path(__file__).resolve().parent.parent
-CLUSTER_ENV = "FEATUREFLEET_CLUSTER"  # marks the processes of one local cluster (for cleanup checks)
+# Marks the processes of one local cluster (tests check none is left behind).
+CLUSTER_ENV = "FEATUREFLEET_CLUSTER"
 
 
 def _die_with_parent() -> None:
@@ -83,10 +84,8 @@ class Proc:
         if self.popen.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.popen.pid, sig)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
         with contextlib.suppress(ProcessLookupError):  # stragglers in the group (pool children)
             os.killpg(self.popen.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
