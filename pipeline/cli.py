@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
         if verb != "watch":
             p.add_argument("--json", action="store_true", help="print JSON")
 
+    sub.add_parser("bench", help="benchmark: pipeline vs bare forward vs a plain loop "
+                                 "(featurefleet bench --help)")
+
     p = sub.add_parser("jobs", help="list recent jobs")
     _add_broker(p)
     p.add_argument("-n", type=int, default=20, help="how many")
@@ -69,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own flags; see pipeline/bench.py
+        from pipeline import bench
+
+        return bench.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(_VERBS[args.verb](args) or 0)
@@ -192,13 +200,14 @@ def _worker(args: argparse.Namespace) -> int:
     import socket
 
     from pipeline.state import broker_url, connect
-    from workers.runtime import ROOT, worker_argv
+    from workers.runtime import ALLOCATOR_ENV, ROOT, worker_argv
 
     url = broker_url(args.broker)
     connect(url).close()  # a clear error now instead of a retry loop in the worker
     name = args.name or f"worker-{os.getpid()}@{socket.gethostname()}"
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
     os.environ[BROKER_ENV] = url
+    os.environ.update({k: v for k, v in ALLOCATOR_ENV.items() if k not in os.environ})
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     argv = worker_argv(queues, args.concurrency, name, loglevel=args.loglevel)
     os.execv(argv[0], argv)  # become the Celery worker process itself

@@ -53,47 +53,56 @@ def cached_source(spec: DataSpec) -> data.Source:
 
 
 def preprocess(images: list[np.ndarray], pre: Preprocessing, device: str) -> Any:
-    """RGB uint8 images -> normalized float NCHW batch: resize shorter side, center crop.
+    """RGB uint8 images -> normalized float NCHW (channels_last) batch.
 
-    Small images are upsampled (bilinear), never zero-padded; downsampling uses antialiasing.
-    Same-sized images are resized as one batch tensor.
+    Resize the shorter side to ``pre.resize`` and center-crop ``pre.crop``. Small images are
+    upsampled, never zero-padded; downsampling is antialiased. Resizing runs on uint8 in
+    channels_last layout (torch's vectorised path, ~2x cheaper than on float), one call per
+    batch when the images share a size; normalization is one in-place pass.
     """
     import torch
     import torch.nn.functional as F
 
-    def resize_crop(batch: torch.Tensor) -> torch.Tensor:
-        h, w = batch.shape[-2:]
+    mode = pre.interpolation if pre.interpolation in ("bilinear", "bicubic") else "bilinear"
+    n, crop = len(images), pre.crop
+    out = torch.empty((n, 3, crop, crop), dtype=torch.float32, device=device)
+    out = out.contiguous(memory_format=torch.channels_last)
+
+    def resize_crop(nhwc: torch.Tensor, into: torch.Tensor) -> None:
+        h, w = nhwc.shape[1:3]
         scale = pre.resize / min(h, w)
-        nh, nw = max(pre.crop, round(h * scale)), max(pre.crop, round(w * scale))
-        out = F.interpolate(batch, size=(nh, nw), mode=pre.interpolation
-                            if pre.interpolation in ("bilinear", "bicubic") else "bilinear",
-                            align_corners=False, antialias=scale < 1)
-        top, left = (nh - pre.crop) // 2, (nw - pre.crop) // 2
-        return out[..., top: top + pre.crop, left: left + pre.crop]
+        nh, nw = max(crop, round(h * scale)), max(crop, round(w * scale))
+        x = nhwc.permute(0, 3, 1, 2)  # a channels_last view, no copy
+        y = F.interpolate(x, size=(nh, nw), mode=mode, align_corners=False,
+                          antialias=scale < 1)
+        top, left = (nh - crop) // 2, (nw - crop) // 2
+        into.copy_(y[..., top: top + crop, left: left + crop])
 
     if len({im.shape for im in images}) == 1:
-        arr = torch.from_numpy(np.stack(images)).to(device)
-        batch = resize_crop(arr.permute(0, 3, 1, 2).float())
+        resize_crop(torch.from_numpy(np.stack(images)).to(device), out)
     else:
-        batch = torch.cat([resize_crop(torch.from_numpy(im).to(device).permute(2, 0, 1)
-                                       .float()[None]) for im in images])
+        for i, im in enumerate(images):
+            resize_crop(torch.from_numpy(im)[None].to(device), out[i: i + 1])
     mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1) * 255.0
-    batch = ((batch - mean) / std).clamp_(-1e4, 1e4)
-    return batch.contiguous(memory_format=torch.channels_last)
+    return out.sub_(mean).div_(std)
 
 
-def _batches(source: data.Source, indices: np.ndarray, batch_size: int, pre: Preprocessing,
-             threads: int) -> Iterator[tuple[data.Loaded, Any]]:
-    """Yield (decoded, preprocessed batch) with up to ``threads`` batches decoded ahead."""
+def _decoded(source: data.Source, indices: np.ndarray, batch_size: int,
+             threads: int) -> Iterator[data.Loaded]:
+    """Yield decoded batches, with up to ``threads`` batches decoded ahead in threads.
+
+    Only decoding runs in the threads: torch ops called from a helper thread start their own
+    OpenMP team, which fights the forward pass's team for the cores. Resizing runs in the
+    caller's thread (on the device when it is a GPU).
+    """
     chunks = [indices[i: i + batch_size] for i in range(0, len(indices), batch_size)]
 
-    def work(chunk: np.ndarray) -> tuple[data.Loaded, Any]:
-        loaded = source.load([int(i) for i in chunk])
-        return loaded, (preprocess(loaded.images, pre, "cpu") if loaded.images else None)
+    def work(chunk: np.ndarray) -> data.Loaded:
+        return source.load([int(i) for i in chunk])
 
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ff-decode") as pool:
-        pending: list[Future[tuple[data.Loaded, Any]]] = []
+        pending: list[Future[data.Loaded]] = []
         for chunk in chunks:
             pending.append(pool.submit(work, chunk))
             if len(pending) > threads:
@@ -117,8 +126,9 @@ def extract_shard(plan: Plan, shard: Shard, progress: Progress | None = None) ->
     spec = plan.job_spec
     result = {"shard": shard.id, "split": shard.split, "path": shard.path,
               "worker": f"{socket.gethostname()}:{os.getpid()}"}
-    if store.valid_shard(shard.path, plan.key, shard.rows):
-        return {**result, **store.shard_summary(shard.path), "cached": True, "seconds": 0.0}
+    done = store.cached_summary(shard.path, plan.key, shard.rows)
+    if done is not None:
+        return {**result, **done, "cached": True, "seconds": 0.0}
 
     source = cached_source(spec.data)
     if source.fingerprint() != plan.fingerprint:
@@ -137,13 +147,15 @@ def extract_shard(plan: Plan, shard: Shard, progress: Progress | None = None) ->
     done = 0
     t_model = 0.0
     use_amp = device.startswith("cuda")
-    threads = max(2, min(8, (os.cpu_count() or 2)))
+    # CPU: one decode thread keeps up with the forward pass and leaves the cores to it; a GPU
+    # worker needs several to keep the device fed.
+    threads = 1 if device == "cpu" else max(2, min(8, (os.cpu_count() or 2)))
     with torch.inference_mode():
-        for loaded, batch in _batches(source, indices, spec.backbone.batch_size, pre, threads):
+        for loaded in _decoded(source, indices, spec.backbone.batch_size, threads):
             skipped.extend((source.sample_id(i), why) for i, why in loaded.failures)
-            if batch is not None:
+            if loaded.images:
                 tm = time.perf_counter()
-                batch = batch.to(device, non_blocking=True)
+                batch = preprocess(loaded.images, pre, device)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                     out = bb.model(batch)
                 feats.append(out.float().cpu().numpy().astype(out_dtype))

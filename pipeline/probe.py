@@ -69,6 +69,59 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, n_classes: int, l2: floa
     yt = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     w = torch.zeros(n_classes, x.shape[1], requires_grad=True)
     b = torch.zeros(n_classes, requires_grad=True)
+    _lbfgs(xt, yt, w, b, l2, max_iter)
+    return LinearHead(mean=mean, scale=scale, weight=w.detach().numpy().copy(),
+                      bias=b.detach().numpy().copy())
+
+
+def l2_grid(points: int = 45, low: float = 1e-6, high: float = 1e5) -> list[float]:
+    """The regularization grid of Kornblith et al. 2019: log-spaced, strongest first."""
+    return [float(v) for v in np.logspace(np.log10(high), np.log10(low), points)]
+
+
+def sweep(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+          n_classes: int, grid: list[float], max_iter: int = 200) -> list[dict[str, float]]:
+    """Fit the probe for each L2 value (in the given order, each warm-started from the last)
+    and score it on the validation split. Returns one point per value:
+    ``{"l2", "val_top1", "val_loss", "seconds"}``."""
+    import time
+
+    import torch
+
+    x = np.asarray(x_train, dtype=np.float32)
+    mean = x.mean(axis=0)
+    scale = x.std(axis=0)
+    scale[scale < 1e-6] = 1.0
+    xt = torch.from_numpy((x - mean) / scale)
+    yt = torch.from_numpy(np.asarray(y_train, dtype=np.int64))
+    xv = torch.from_numpy((np.asarray(x_val, dtype=np.float32) - mean) / scale)
+    yv = torch.from_numpy(np.asarray(y_val, dtype=np.int64))
+    w = torch.zeros(n_classes, x.shape[1], requires_grad=True)
+    b = torch.zeros(n_classes, requires_grad=True)
+    curve = []
+    for l2 in grid:
+        t0 = time.perf_counter()
+        _lbfgs(xt, yt, w, b, l2, max_iter)
+        with torch.no_grad():
+            logits = xv @ w.T + b
+            curve.append({
+                "l2": float(l2),
+                "val_top1": float((logits.argmax(1) == yv).float().mean()),
+                "val_loss": float(torch.nn.functional.cross_entropy(logits, yv)),
+                "seconds": time.perf_counter() - t0,
+            })
+    return curve
+
+
+def select(curve: list[dict[str, float]]) -> dict[str, float]:
+    """The best point: highest validation accuracy, then lowest validation loss, then the
+    strongest regularization (the simplest model)."""
+    return max(curve, key=lambda p: (p["val_top1"], -p["val_loss"], p["l2"]))
+
+
+def _lbfgs(xt: Any, yt: Any, w: Any, b: Any, l2: float, max_iter: int) -> None:
+    import torch
+
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20,
                             tolerance_grad=1e-6, tolerance_change=1e-9,
                             line_search_fn="strong_wolfe")
@@ -80,5 +133,3 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, n_classes: int, l2: floa
         return loss
 
     opt.step(closure)
-    return LinearHead(mean=mean, scale=scale, weight=w.detach().numpy().copy(),
-                      bias=b.detach().numpy().copy())

@@ -89,22 +89,31 @@ class JobStore:
     def update(self, job_id: str, **fields: Any) -> None:
         self.r.hset(self._key(job_id), mapping={k: _enc(v) for k, v in fields.items()})
 
-    def set_once(self, job_id: str, field: str, value: Any) -> None:
-        """Set a field only if it is not set yet (e.g. the first shard's start time)."""
-        self.r.hsetnx(self._key(job_id), field, _enc(value))
-
     def field(self, job_id: str, name: str) -> Any:
         return _dec(self.r.hget(self._key(job_id), name))
 
     def incr(self, job_id: str, field: str, amount: int = 1) -> int:
         return int(self.r.hincrby(self._key(job_id), field, amount))
 
-    def record_shard(self, job_id: str, result: dict[str, Any]) -> bool:
-        """Store a finished shard's result; False when it was recorded before (a redelivery)."""
-        key = self._key(job_id) + ":shards"
-        new = bool(self.r.hsetnx(key, result["shard"], json.dumps(result)))
-        self.r.expire(key, JOB_TTL_S)
-        return new
+    def mark_running(self, job_id: str, stage: str) -> None:
+        """First task of a job sets ``started``; every task sets status and stage (1 trip)."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hsetnx(self._key(job_id), "started", _enc(time.time()))
+        pipe.hset(self._key(job_id), mapping={"status": _enc("RUNNING"), "stage": _enc(stage)})
+        pipe.execute()
+
+    def record_shard(self, job_id: str, result: dict[str, Any], rows: int,
+                     reported: int) -> bool:
+        """Store a finished shard's result and settle its counters, atomically, once.
+
+        ``reported`` images were already counted by this attempt's progress updates. A shard
+        recorded before (a redelivered task) undoes them, so ``images_done`` stays exact.
+        Returns False for such a duplicate.
+        """
+        new = self.r.eval(_RECORD_SHARD, 2, self._key(job_id), self._key(job_id) + ":shards",
+                          result["shard"], json.dumps(result), len(result.get("skipped", [])),
+                          rows - reported, -reported, JOB_TTL_S)
+        return bool(new)
 
     def shard_results(self, job_id: str) -> dict[str, dict[str, Any]]:
         raw = self.r.hgetall(self._key(job_id) + ":shards")
@@ -140,6 +149,20 @@ class JobStore:
             except JobError:
                 self.r.zrem("ff:jobs", job_id)
         return out
+
+
+_RECORD_SHARD = """
+local new = redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[6])
+if new == 1 then
+  redis.call('HINCRBY', KEYS[1], 'shards_done', 1)
+  redis.call('HINCRBY', KEYS[1], 'images_skipped', ARGV[3])
+  redis.call('HINCRBY', KEYS[1], 'images_done', ARGV[4])
+else
+  redis.call('HINCRBY', KEYS[1], 'images_done', ARGV[5])
+end
+return new
+"""
 
 
 def _enc(value: Any) -> str:

@@ -23,8 +23,7 @@ log = logging.getLogger(__name__)
 def run_extract(jobs: JobStore, plan: Plan, shard: Shard,
                 on_progress: Any = None) -> dict[str, Any]:
     """Extract one shard, counting progress in the job record."""
-    jobs.set_once(plan.job_id, "started", time.time())
-    jobs.update(plan.job_id, status="RUNNING", stage="extract")
+    jobs.mark_running(plan.job_id, "extract")
     reported = 0
 
     def progress(done: int, total: int) -> None:
@@ -35,11 +34,7 @@ def run_extract(jobs: JobStore, plan: Plan, shard: Shard,
             on_progress(done, total)
 
     result = extract.extract_shard(plan, shard, progress)
-    if jobs.record_shard(plan.job_id, result):  # count once, even if the task ran twice
-        jobs.incr(plan.job_id, "shards_done")
-        jobs.incr(plan.job_id, "images_skipped", len(result.get("skipped", [])))
-    if reported < shard.rows:  # a cached shard reports no batches
-        jobs.incr(plan.job_id, "images_done", shard.rows - reported)
+    jobs.record_shard(plan.job_id, result, shard.rows, reported)
     return result
 
 

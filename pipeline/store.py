@@ -119,22 +119,36 @@ def read_shard(path: str | Path) -> ShardData:
 
 def valid_shard(path: str | Path, key: str, rows_expected: int | None = None) -> bool:
     """True when ``path`` is a complete shard of content key ``key`` (cheap: attributes only)."""
+    return _inspect(path, key, rows_expected) is not None
+
+
+def cached_summary(path: str | Path, key: str, rows_expected: int) -> dict[str, Any] | None:
+    """:func:`shard_summary` of a valid shard of ``key`` (one open), else None."""
+    info = _inspect(path, key, rows_expected)
+    if info is None:
+        return None
+    return {**info, "sha256": file_sha256(path)}
+
+
+def _inspect(path: str | Path, key: str, rows_expected: int | None) -> dict[str, Any] | None:
     import h5py
 
     p = Path(path)
     if not p.is_file():
-        return False
+        return None
     try:
         with h5py.File(p, "r") as f:
             ok = bool(f.attrs.get("complete", False)) and f.attrs.get("key") == key \
                 and int(f.attrs.get("schema_version", -1)) == SCHEMA_VERSION
             rows = int(f.attrs.get("rows", -1))
-            skipped = len(f["skipped"]) if "skipped" in f else 0
-            if rows_expected is not None and rows + skipped != rows_expected:
-                return False
-            return ok and f["features"].shape[0] == rows
+            skipped = [s.split("\t", 1) for s in f["skipped"].asstr()[:]]
+            if not ok or f["features"].shape[0] != rows:
+                return None
+            if rows_expected is not None and rows + len(skipped) != rows_expected:
+                return None
+            return {"rows": rows, "skipped": [{"id": a, "reason": b} for a, b in skipped]}
     except (OSError, KeyError, ValueError):
-        return False
+        return None
 
 
 def file_sha256(path: str | Path) -> str:
@@ -147,9 +161,17 @@ def file_sha256(path: str | Path) -> str:
 
 def shard_summary(path: str | Path) -> dict[str, Any]:
     """Rows, sha256 and skipped samples of a finished shard (for results and reports)."""
-    s = read_shard(path)
-    return {"rows": len(s.labels), "sha256": file_sha256(path),
-            "skipped": [{"id": a, "reason": b} for a, b in s.skipped]}
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:  # attributes and the skip list only, not the features
+            rows = int(f.attrs["rows"])
+            skipped = [s.split("\t", 1) for s in f["skipped"].asstr()[:]]
+    except (OSError, KeyError) as exc:
+        raise StoreError(f"shard {str(path)!r} is unreadable ({exc}); fix: delete it and rerun "
+                         "the job") from None
+    return {"rows": rows, "sha256": file_sha256(path),
+            "skipped": [{"id": a, "reason": b} for a, b in skipped]}
 
 
 def load_split(paths: list[str]) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:

@@ -1,0 +1,14 @@
+"""Run the featurefleet benchmark: ``python benchmarks/bench.py [--model ...]``.
+
+Same as ``featurefleet bench``; see ``pipeline/bench.py`` for what each row measures.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.bench import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""Benchmarks: the pipeline against the bare model and a tutorial-style PyTorch loop.
+
+Same model, batch size, threads and device for every row:
+
+1. bare forward: random tensors already in memory (channels_last, inference mode);
+2. pipeline: an image folder through Celery + Redis + HDF5 with one extraction worker;
+3. plain loop: torchvision Resize/ToTensor/Normalize in a DataLoader, NCHW fp32, ``no_grad``;
+4. dispatch overhead: enqueue -> start -> result stored, for an extraction task with no work;
+5. HDF5 write MB/s for the feature shape of the model.
+
+Run ``featurefleet bench`` (or ``python benchmarks/bench.py``); it prints a table and JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from workers.runtime import ALLOCATOR_ENV
+
+
+def _ensure_allocator_env(argv: list[str]) -> None:
+    """Re-exec with the workers' allocator settings, so every row runs under the same ones."""
+    if any(os.environ.get(k) != v for k, v in ALLOCATOR_ENV.items()):
+        os.environ.update(ALLOCATOR_ENV)
+        os.execv(sys.executable, [sys.executable, "-m", "pipeline.bench", *argv])
+
+
+def make_image_folder(root: Path, n: int, size: int = 32) -> Path:
+    """sklearn digits upsampled to ``size`` px and saved as JPEG files, class per folder."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    for i in range(n):
+        img = np.round(d.images[i % len(d.images)] * 255 / 16).astype(np.uint8)
+        folder = root / str(d.target[i % len(d.target)])
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).convert("RGB").resize((size, size), Image.BILINEAR).save(
+            folder / f"{i:05d}.jpg", quality=95)
+    return root
+
+
+def bench_bare(model_name: str, batch: int, crop: int, seconds: float) -> float:
+    import torch
+
+    from pipeline.extract import cached_backbone
+
+    bb = cached_backbone(model_name, "DEFAULT", "cpu")
+    x = torch.randn(batch, 3, crop, crop).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        bb.model(x)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            bb.model(x)
+            n += batch
+    return n / (time.perf_counter() - t0)
+
+
+def plain_loop_subprocess(model_name: str, folder: Path, batch: int, crop: int,
+                          workers: int) -> float:
+    """The tutorial loop as its user runs it: a fresh process with the default environment
+    (none of the workers' allocator settings)."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV}
+    code = ("import sys; from pipeline.bench import bench_plain_loop as f; from pathlib import "
+            f"Path; print(f({model_name!r}, Path({str(folder)!r}), {batch}, {crop}, {workers}))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, cwd=str(Path(__file__).resolve().parent.parent))
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def bench_plain_loop(model_name: str, folder: Path, batch: int, crop: int,
+                     workers: int) -> float:
+    """What a tutorial does: ImageFolder + Resize/ToTensor/Normalize + DataLoader, NCHW fp32."""
+    import torch
+    from torchvision import datasets, transforms
+
+    from pipeline.backbones import IMAGENET_MEAN, IMAGENET_STD, load_backbone
+
+    model = load_backbone(model_name, "DEFAULT", "cpu").model
+    tf = transforms.Compose([transforms.Resize((crop, crop)), transforms.ToTensor(),
+                             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    loader = torch.utils.data.DataLoader(datasets.ImageFolder(str(folder), tf),
+                                         batch_size=batch, num_workers=workers)
+    feats = []
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for x, _y in loader:
+            feats.append(model(x))
+    n = sum(len(f) for f in feats)
+    return n / (time.perf_counter() - t0)
+
+
+def bench_pipeline(folder: Path, workdir: Path, model_name: str, batch: int, crop: int,
+                   shard_size: int) -> dict[str, Any]:
+    """One extraction worker; throughput from submit until every shard is stored."""
+    from pipeline.api import submit
+    from pipeline.spec import BackboneSpec, DataSpec, JobSpec
+    from workers.runtime import local_cluster
+
+    with local_cluster(workdir / "cluster", extract_workers=1) as cluster:
+        spec = JobSpec(name="bench", data=DataSpec(source="imagefolder", path=str(folder),
+                                                   test_fraction=0.5, shard_size=shard_size),
+                       backbone=BackboneSpec(name=model_name, batch_size=batch,
+                                             image_size=crop),
+                       output=str(workdir / "out"))
+        # Warm-up job (model load, first-call costs), then the measured job on a fresh store.
+        warm = submit(replace(spec, data=replace(spec.data, limit=batch * 2)),
+                      broker=cluster.broker)
+        warm.wait(timeout=600)
+        spec = replace(spec, store=str(workdir / "store-measured"))
+        t0 = time.perf_counter()
+        job = submit(spec, broker=cluster.broker)
+        st = job.status()
+        while int(st.get("shards_done", 0)) < int(st["shards_total"]):
+            if st["status"] == "FAILED":
+                raise RuntimeError(st.get("error"))
+            time.sleep(0.02)
+            st = job.status()
+        wall = time.perf_counter() - t0
+        final = job.wait(timeout=600)
+        rep = job.result()
+        dispatch = bench_dispatch(cluster.broker, rep)
+    images = sum(s["rows"] for s in rep["shards"])
+    return {"images": images, "wall_s": wall, "images_per_s": images / wall,
+            "top1": rep["metrics"]["top1"], "status": final["status"],
+            "workers": sorted({s["worker"] for s in rep["shards"]}), "dispatch": dispatch}
+
+
+def bench_dispatch(broker: str, rep: dict[str, Any], n: int = 100) -> dict[str, float]:
+    """Extraction tasks whose shard is already stored (no model work): one at a time
+    (enqueue -> start -> result stored, the latency a single shard pays) and as a burst of
+    ``n`` (wall / n: the overhead per shard when a job's shards queue up, as they do)."""
+    from pipeline.plan import Plan
+    from workers.app import make_app
+    from workers.settings import EXTRACT_QUEUE
+
+    plan = json.loads((Path(rep["spec"]["output"]) / "jobs" / rep["job_id"]
+                       / "plan.json").read_text())
+    light = {**Plan.from_dict(plan).to_dict(), "shards": []}
+    shard = plan["shards"][0]
+    app = make_app(broker)
+    times = []
+    try:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            res = app.send_task("featurefleet.extract_shard", args=(light, shard),
+                                queue=EXTRACT_QUEUE)
+            res.get(timeout=30)
+            times.append((time.perf_counter() - t0) * 1000)
+            res.forget()
+        t0 = time.perf_counter()
+        results = [app.send_task("featurefleet.extract_shard", args=(light, shard),
+                                 queue=EXTRACT_QUEUE) for _ in range(n)]
+        for res in results:
+            res.get(timeout=60)
+        burst = (time.perf_counter() - t0) * 1000 / n
+    finally:
+        app.close()
+    return {"median_ms": statistics.median(times), "mean_ms": statistics.fmean(times),
+            "p90_ms": float(np.percentile(times, 90)), "burst_per_task_ms": burst}
+
+
+def bench_hdf5(workdir: Path, dim: int, rows: int = 512, shards: int = 40) -> float:
+    from pipeline import store
+
+    feats = np.random.default_rng(0).normal(size=(rows, dim)).astype(np.float16)
+    data = store.ShardData(feats, np.zeros(rows, np.int64), np.arange(rows),
+                           [str(i) for i in range(rows)], [], {"key": "bench"})
+    t0 = time.perf_counter()
+    for i in range(shards):
+        store.write_shard(workdir / "h5" / f"{i}.h5", data)
+    return feats.nbytes * shards / (time.perf_counter() - t0) / 1e6
+
+
+def run(model_name: str = "efficientnet_lite0", batch: int = 32, crop: int = 224,
+        images: int = 512, shard_size: int = 128, seconds: float = 20.0,
+        loader_workers: int = 2) -> dict[str, Any]:
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="ff-bench-") as tmp:
+        work = Path(tmp)
+        folder = make_image_folder(work / "images", images)
+        # The CPU's speed drifts by ~10% over a minute here: measure the bare forward before
+        # and after the pipeline and use the mean.
+        bare_before = bench_bare(model_name, batch, crop, seconds / 2)
+        pipe = bench_pipeline(folder, work, model_name, batch, crop, shard_size)
+        bare_after = bench_bare(model_name, batch, crop, seconds / 2)
+        bare = (bare_before + bare_after) / 2
+        plain = plain_loop_subprocess(model_name, folder, batch, crop, loader_workers)
+        plain_tuned = bench_plain_loop(model_name, folder, batch, crop, loader_workers)
+        from pipeline.extract import cached_backbone
+
+        h5 = bench_hdf5(work, cached_backbone(model_name, "DEFAULT", "cpu").feature_dim)
+    return {
+        "model": model_name, "batch": batch, "crop": crop, "images": images,
+        "threads": torch.get_num_threads(), "device": "cpu",
+        "bare_forward_img_s": round(bare, 2),
+        "bare_forward_before_after": [round(bare_before, 2), round(bare_after, 2)],
+        "pipeline_img_s": round(pipe["images_per_s"], 2),
+        "plain_loop_img_s": round(plain, 2),
+        "plain_loop_with_worker_allocator_img_s": round(plain_tuned, 2),
+        "pipeline_over_bare": round(pipe["images_per_s"] / bare, 3),
+        "pipeline_over_plain": round(pipe["images_per_s"] / plain, 3),
+        "dispatch_ms": {k: round(v, 2) for k, v in pipe["dispatch"].items()},
+        "hdf5_write_mb_s": round(h5, 1),
+        "pipeline_job": {k: v for k, v in pipe.items() if k != "dispatch"},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="featurefleet bench", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="efficientnet_lite0")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--crop", type=int, default=224)
+    p.add_argument("--images", type=int, default=1024)
+    p.add_argument("--shard-size", type=int, default=256)
+    p.add_argument("--seconds", type=float, default=20.0, help="bare-forward duration")
+    p.add_argument("--json", default=None, help="also write the JSON here")
+    argv = sys.argv[1:] if argv is None else argv
+    args = p.parse_args(argv)
+    _ensure_allocator_env(argv)
+    r = run(args.model, args.batch, args.crop, args.images, args.shard_size, args.seconds)
+    rows = [
+        ("bare forward", f"{r['bare_forward_img_s']:.1f} img/s"),
+        ("pipeline (Celery+Redis+HDF5, 1 worker)", f"{r['pipeline_img_s']:.1f} img/s"),
+        ("plain PyTorch loop (tutorial)", f"{r['plain_loop_img_s']:.1f} img/s"),
+        ("  same loop with the workers' malloc env", f"{r['plain_loop_with_worker_allocator_img_s']:.1f} img/s"),
+        ("pipeline / bare forward", f"{r['pipeline_over_bare']:.3f}  (target >= 0.95)"),
+        ("pipeline / plain loop", f"{r['pipeline_over_plain']:.3f}  (target >= 1.5)"),
+        ("dispatch, one task at a time (median)", f"{r['dispatch_ms']['median_ms']:.2f} ms"),
+        ("dispatch per task in a burst of 100", f"{r['dispatch_ms']['burst_per_task_ms']:.2f} ms"
+                                                "  (target <= 5)"),
+        ("HDF5 write", f"{r['hdf5_write_mb_s']:.1f} MB/s"),
+    ]
+    print(f"{r['model']} @{r['crop']}px, batch {r['batch']}, {r['threads']} threads, "
+          f"{r['device']}, {r['images']} images")
+    for k, v in rows:
+        print(f"  {k:<40} {v}")
+    print(json.dumps(r))
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
