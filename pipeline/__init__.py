@@ -10,7 +10,8 @@ Public API::
 
 from pipeline.api import Job, get_job, submit
 from pipeline.errors import FeaturefleetError
+from pipeline.predict import load_classifier
 from pipeline.spec import BackboneSpec, DataSpec, JobSpec, ProbeSpec
 
 __all__ = ["BackboneSpec", "DataSpec", "FeaturefleetError", "Job", "JobSpec", "ProbeSpec",
-           "get_job", "submit"]
+           "get_job", "load_classifier", "submit"]

@@ -61,9 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("job_id")
         if verb != "watch":
             p.add_argument("--json", action="store_true", help="print JSON")
+        if verb == "report":
+            p.add_argument("--open", action="store_true", help="open report.html in a browser")
 
     sub.add_parser("bench", help="benchmark: pipeline vs bare forward vs a plain loop "
                                  "(featurefleet bench --help)")
+
+    p = sub.add_parser("predict", help="classify images with a trained head")
+    p.add_argument("model", help="a job folder (<output>/jobs/<id>) or a head .pt file")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--top", type=int, default=3, help="show the top k classes")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("jobs", help="list recent jobs")
     _add_broker(p)
@@ -151,6 +159,13 @@ def summary(rep: dict[str, Any]) -> str:
         ("balanced accuracy", f"{m['balanced_accuracy']:.4f}"),
         ("macro F1", f"{m['macro_f1']:.4f}"),
         ("log loss / ECE", f"{m['log_loss']:.4f} / {m['ece']:.4f}"),
+        *[(f"  head {name}", f"top-1 {h['metrics']['top1']:.4f}  balanced "
+                             f"{h['metrics']['balanced_accuracy']:.4f}")
+          for name, h in rep.get("heads", {}).items()],
+        *([("L2 penalty (swept)", f"{rep['sweep']['chosen_l2']:.3g} of "
+                                  f"{len(rep['sweep']['grid'])} values, val top-1 "
+                                  f"{rep['sweep']['chosen_val_top1']:.4f}")]
+          if rep.get("sweep") else []),
         ("shards", f"{len(rep['shards'])} "
                    f"({sum(1 for s in rep['shards'] if s['cached'])} from cache)"),
         ("extraction", f"{t['extract_s']:.1f} s"
@@ -262,7 +277,12 @@ def _report(args: argparse.Namespace) -> int:
         print(json.dumps(rep, indent=2))
         return 0
     print(summary(rep))
-    print(f"report: {job.status()['report']}")
+    path = Path(job.status()["report"])
+    print(f"report: {path}\nhtml:   {path.with_suffix('.html')}")
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(path.with_suffix(".html").resolve().as_uri())
     return 0
 
 
@@ -277,8 +297,23 @@ def _jobs(args: argparse.Namespace) -> int:
     return 0
 
 
-_VERBS = {"demo": _demo, "worker": _worker, "submit": _submit, "status": _status,
-          "watch": _watch, "report": _report, "jobs": _jobs}
+def _predict(args: argparse.Namespace) -> int:
+    from pipeline.predict import load_classifier
+
+    clf = load_classifier(args.model)
+    results = clf.predict(args.images, top=args.top)
+    if args.json:
+        print(json.dumps([{"image": i, **r} for i, r in zip(args.images, results, strict=True)],
+                         indent=2))
+        return 0
+    for image, r in zip(args.images, results, strict=True):
+        top = "  ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"])
+        print(f"{image}: {r['label']} ({r['probability']:.3f})   top: {top}")
+    return 0
+
+
+_VERBS = {"demo": _demo, "predict": _predict, "worker": _worker, "submit": _submit,
+          "status": _status, "watch": _watch, "report": _report, "jobs": _jobs}
 
 if __name__ == "__main__":
     sys.exit(main())

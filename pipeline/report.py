@@ -16,12 +16,10 @@ REPORT_SCHEMA = 1
 
 def write_report(plan: Plan, record: dict[str, Any], shard_results: dict[str, dict[str, Any]],
                  trained: dict[str, Any], metrics: dict[str, Any],
-                 eval_seconds: float) -> Path:
+                 by_head: dict[str, dict[str, Any]], eval_seconds: float) -> Path:
     """Assemble and atomically write ``report.json``; return its path.
 
-    Top-level keys: ``status``, ``job_id``, ``metrics`` (top1, top5, balanced_accuracy,
-    per_class, confusion_matrix, ...), ``shards`` (path, rows, sha256, worker, cached each),
-    ``timings`` (seconds), ``data``, ``backbone``, ``model``, ``spec``.
+    The schema is documented in ``docs/report.md``. Also writes ``report.html`` beside it.
     """
     now = time.time()
     created = float(record.get("created", now))
@@ -45,7 +43,10 @@ def write_report(plan: Plan, record: dict[str, Any], shard_results: dict[str, di
         "name": plan.spec["name"],
         "strategy": plan.spec["strategy"],
         "metrics": metrics,
-        "train": {k: v for k, v in trained.items() if k != "shards"},
+        "primary_head": trained["primary"],
+        "heads": {name: {**trained["heads"][name], "metrics": m} for name, m in by_head.items()},
+        "sweep": trained.get("sweep"),
+        "train": {k: v for k, v in trained.items() if k not in ("heads", "sweep")},
         "data": {"source": plan.spec["data"]["source"], "class_names": plan.class_names,
                  "split_sizes": plan.split_sizes, "fingerprint": plan.fingerprint,
                  "skipped": [sk for s in shards for sk in s["skipped"]]},
@@ -73,4 +74,7 @@ def write_report(plan: Plan, record: dict[str, Any], shard_results: dict[str, di
     tmp = path.with_name(f".report.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(report, indent=2))
     tmp.replace(path)
+    from pipeline.html import write_html
+
+    write_html(report, path.with_suffix(".html"))
     return path

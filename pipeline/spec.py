@@ -28,6 +28,7 @@ from pipeline.errors import SpecError
 DATA_SOURCES = ("digits", "imagefolder", "npz")
 STRATEGIES = ("probe",)
 FEATURE_DTYPES = ("float16", "float32")
+HEADS = ("linear", "mlp", "knn")
 
 
 @dataclass(frozen=True)
@@ -88,16 +89,54 @@ class BackboneSpec:
 
 @dataclass(frozen=True)
 class ProbeSpec:
-    """The linear probe: L2-regularised multinomial logistic regression (L-BFGS)."""
+    """Classifiers on the cached features.
 
-    l2: float = 1e-3  # L2 penalty on the weights (per sample, on standardized features)
-    max_iter: int = 500  # L-BFGS iterations
+    The linear probe follows Kornblith et al. 2019: L2-regularised multinomial logistic
+    regression (L-BFGS) on standardized features, the penalty chosen on a validation split over
+    a log grid, then refitted on train+val and evaluated once on test.
+    """
+
+    l2: float | None = None  # a fixed L2 penalty; None sweeps the grid below (the protocol)
+    grid_points: int = 45  # log-spaced L2 values ...
+    grid_low: float = 1e-6  # ... from this ...
+    grid_high: float = 1e5  # ... to this
+    val_fraction: float = 0.2  # carved stratified (seeded) from train when there is no val split
+    sweep_tasks: int = 3  # Celery tasks the grid is split across (warm starts within each)
+    max_iter: int = 200  # L-BFGS iterations per fit
+    heads: tuple[str, ...] = ("linear",)  # any of linear, mlp, knn; the first is the primary
+    mlp_hidden: int = 512  # MLP head: hidden units (one hidden layer, ReLU, dropout)
+    mlp_dropout: float = 0.5
+    mlp_epochs: int = 100  # at most; early stopping on validation accuracy
+    mlp_patience: int = 10
+    mlp_lr: float = 1e-3  # AdamW
+    mlp_weight_decay: float = 1e-4
 
     def validate(self) -> None:
-        if not (isinstance(self.l2, (int, float)) and math.isfinite(self.l2) and self.l2 >= 0):
+        if self.l2 is not None and not (isinstance(self.l2, (int, float))
+                                        and math.isfinite(self.l2) and self.l2 >= 0):
             raise SpecError("probe.l2", f"{self.l2!r} is not a finite number >= 0",
-                            "use e.g. 0.001")
-        _positive_int("probe.max_iter", self.max_iter, "use e.g. 500")
+                            "use e.g. 0.001, or leave it out to sweep the grid")
+        _positive_int("probe.grid_points", self.grid_points, "use e.g. 45")
+        if not (0 < self.grid_low < self.grid_high):
+            raise SpecError("probe.grid_low", f"grid {self.grid_low!r}..{self.grid_high!r} is "
+                            "not increasing and positive", "use e.g. 1e-6 .. 1e5")
+        if not (isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1):
+            raise SpecError("probe.val_fraction", f"{self.val_fraction!r} is not in (0, 1)",
+                            "use e.g. 0.2")
+        _positive_int("probe.sweep_tasks", self.sweep_tasks, "use e.g. 3")
+        _positive_int("probe.max_iter", self.max_iter, "use e.g. 200")
+        if not self.heads:
+            raise SpecError("probe.heads", "is empty", f"use some of {', '.join(HEADS)}")
+        for head in self.heads:
+            if head not in HEADS:
+                raise SpecError("probe.heads", f"unknown head {head!r}",
+                                f"use some of {', '.join(HEADS)}")
+        _positive_int("probe.mlp_hidden", self.mlp_hidden, "use e.g. 512")
+        _positive_int("probe.mlp_epochs", self.mlp_epochs, "use e.g. 100")
+        _positive_int("probe.mlp_patience", self.mlp_patience, "use e.g. 10")
+        if not 0 <= self.mlp_dropout < 1:
+            raise SpecError("probe.mlp_dropout", f"{self.mlp_dropout!r} is not in [0, 1)",
+                            "use e.g. 0.5")
 
 
 @dataclass(frozen=True)
@@ -219,6 +258,11 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 def _coerce(name: str, f: dataclasses.Field[Any], value: Any) -> Any:
     kind = str(f.type)
+    if kind.startswith("tuple"):
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+            raise SpecError(name, f"{value!r} is not a list of names", "write e.g. [linear, mlp]")
+        return tuple(items)
     if value is None:
         if "None" in kind:
             return None

@@ -12,8 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline import evaluate, extract, probe, report, store
-from pipeline.errors import JobError
+from pipeline import evaluate, extract, heads, report, train
 from pipeline.plan import Plan, Shard
 from pipeline.state import JobStore
 
@@ -38,51 +37,48 @@ def run_extract(jobs: JobStore, plan: Plan, shard: Shard,
     return result
 
 
-def _checked_paths(plan: Plan, split: str, results: list[dict[str, Any]]) -> list[str]:
-    """The split's shard paths, after checking each is a complete shard of this job's key."""
-    done = {r["shard"] for r in results if isinstance(r, dict)}
-    paths = []
-    for s in plan.shards_of(split):
-        if not (s.cached or s.id in done) or not store.valid_shard(s.path, plan.key, s.rows):
-            raise JobError(f"shard {s.id} of job {plan.job_id} is missing or invalid at "
-                           f"{s.path!r}; fix: rerun the job (valid shards are reused)")
-        paths.append(s.path)
-    return paths
+def _recorded(jobs: JobStore, plan: Plan) -> set[str]:
+    """Shard ids this job's extraction tasks recorded (each checked on disk before use)."""
+    return set(jobs.shard_results(plan.job_id))
 
 
-def run_train(jobs: JobStore, plan: Plan, results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Fit the linear probe on the training shards; save the head in the job folder."""
-    t0 = time.time()
-    jobs.update(plan.job_id, stage="train", extract_finished=t0)
-    spec = plan.job_spec
-    x, y, _skipped = store.load_split(_checked_paths(plan, "train", results))
-    if len(y) == 0:
-        raise JobError(f"job {plan.job_id}: no training features (every sample was skipped); "
-                       "fix: check the data source")
-    head = probe.fit_probe(x, y, len(plan.class_names), spec.probe.l2, spec.probe.max_iter)
-    head.meta = {"backbone": spec.backbone.name, "weights": spec.backbone.weights,
-                 "weights_id": plan.weights_id, "weights_sha256": plan.weights_sha256,
-                 "preprocessing": plan.preprocessing, "class_names": plan.class_names,
-                 "l2": spec.probe.l2, "feature_dim": int(x.shape[1]), "job_id": plan.job_id}
-    model_path = plan.job_dir / "head.pt"
-    head.save(model_path)
-    train_acc = float((head.predict_proba(x).argmax(1) == y).mean())
-    seconds = time.time() - t0
-    jobs.update(plan.job_id, train_seconds=seconds)
-    return {"model": str(model_path), "train_samples": len(y),
-            "train_top1": train_acc, "seconds": round(seconds, 3), "shards": results}
+def run_collect(jobs: JobStore, plan: Plan, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """After extraction: every shard of the plan must be recorded or cached, and valid."""
+    jobs.update(plan.job_id, stage="train", extract_finished=time.time())
+    recorded = _recorded(jobs, plan)
+    for split in plan.split_sizes:
+        train.checked_paths(plan, split, recorded)
+    return {"shards": len(plan.shards), "extracted": len(results)}
+
+
+def run_sweep(jobs: JobStore, plan: Plan, index: int) -> dict[str, Any]:
+    """One slice of the regularization sweep."""
+    jobs.update(plan.job_id, stage="sweep")
+    return train.sweep_slice(plan, _recorded(jobs, plan), index)
+
+
+def run_train(jobs: JobStore, plan: Plan, slices: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """Select the penalty from the sweep, fit every head on the shared splits, save them."""
+    jobs.update(plan.job_id, stage="train")
+    trained = train.fit_heads(plan, _recorded(jobs, plan), slices)
+    jobs.update(plan.job_id, train_seconds=trained["seconds"])
+    return trained
 
 
 def run_evaluate(jobs: JobStore, plan: Plan, trained: dict[str, Any]) -> dict[str, Any]:
-    """Evaluate the head once on the test shards; write report.json; mark the job SUCCESS."""
+    """Evaluate every head once on the test split; write the report; mark the job SUCCESS."""
     t0 = time.time()
     jobs.update(plan.job_id, stage="evaluate")
-    x, y, _skipped = store.load_split(_checked_paths(plan, "test", trained["shards"]))
-    head = probe.LinearHead.load(trained["model"])
-    metrics = evaluate.classification_metrics(y, head.predict_proba(x), plan.class_names)
+    test = train.load_test(plan, _recorded(jobs, plan))
+    by_head = {}
+    for name, info in trained["heads"].items():
+        head = heads.load_head(info["path"])
+        by_head[name] = evaluate.classification_metrics(test.y, head.predict_proba(test.x),
+                                                        plan.class_names)
+    metrics = by_head[trained["primary"]]
     record = jobs.get(plan.job_id)
     path = report.write_report(plan, record, jobs.shard_results(plan.job_id), trained, metrics,
-                               eval_seconds=time.time() - t0)
+                               by_head, eval_seconds=time.time() - t0)
     jobs.finish(plan.job_id, "SUCCESS", report=str(path), top1=metrics["top1"], stage="done")
     return {"report": str(path), "top1": metrics["top1"]}
 

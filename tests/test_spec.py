@@ -82,6 +82,7 @@ def test_resolved_makes_paths_absolute(tmp_path: Path, monkeypatch: pytest.Monke
 
 def test_public_api_is_small_and_honest() -> None:
     assert sorted(pipeline.__all__) == ["BackboneSpec", "DataSpec", "FeaturefleetError", "Job",
-                                        "JobSpec", "ProbeSpec", "get_job", "submit"]
+                                        "JobSpec", "ProbeSpec", "get_job", "load_classifier",
+                                        "submit"]
     for name in pipeline.__all__:
         assert getattr(pipeline, name) is not None

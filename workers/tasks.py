@@ -39,10 +39,23 @@ def extract_shard(self: Task, plan: dict[str, Any], shard: dict[str, Any]) -> di
     return steps.run_extract(job_store(), Plan.from_dict(plan), Shard(**shard), progress)
 
 
+@app.task(name="featurefleet.collect", bind=True, acks_late=True)
+def collect(self: Task, results: Any, plan: dict[str, Any]) -> dict[str, Any]:
+    """Chord body after extraction: check every shard of the plan is stored and valid."""
+    return steps.run_collect(job_store(), Plan.from_dict(plan), steps.as_list(results))
+
+
+@app.task(name="featurefleet.sweep_probe", bind=True, acks_late=True)
+def sweep_probe(self: Task, collected: Any, plan: dict[str, Any], index: int) -> dict[str, Any]:
+    """One slice of the probe's regularization grid, scored on the validation split."""
+    return steps.run_sweep(job_store(), Plan.from_dict(plan), index)
+
+
 @app.task(name="featurefleet.train_probe", bind=True, acks_late=True)
-def train_probe(self: Task, results: Any, plan: dict[str, Any]) -> dict[str, Any]:
-    """Fit the linear probe on the job's training shards (chord body)."""
-    return steps.run_train(job_store(), Plan.from_dict(plan), steps.as_list(results))
+def train_probe(self: Task, slices: Any, plan: dict[str, Any]) -> dict[str, Any]:
+    """Select the penalty from the sweep slices (chord body) and fit every head."""
+    sweep = steps.as_list(slices) if plan["spec"]["probe"]["l2"] is None else None
+    return steps.run_train(job_store(), Plan.from_dict(plan), sweep)
 
 
 @app.task(name="featurefleet.evaluate", bind=True, acks_late=True)

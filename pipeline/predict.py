@@ -1,0 +1,99 @@
+"""Using a trained head: backbone + head on new images.
+
+``load_classifier(path).predict(images)`` in Python, ``featurefleet predict MODEL IMAGES...`` on
+the command line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import data, extract, heads
+from pipeline.backbones import Preprocessing
+from pipeline.errors import FeaturefleetError
+
+
+@dataclass
+class Classifier:
+    """A frozen backbone plus a trained head, with the preprocessing they were trained with."""
+
+    head: Any
+    backbone: str
+    weights: str | None
+    preprocessing: Preprocessing
+    class_names: list[str]
+    device: str = "cpu"
+    batch_size: int = 32
+
+    def features(self, images: Sequence[Any]) -> np.ndarray:
+        import torch
+
+        bb = extract.cached_backbone(self.backbone, self.weights, self.device)
+        arrays = [_as_rgb(im) for im in images]
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(arrays), self.batch_size):
+                batch = extract.preprocess(arrays[i: i + self.batch_size], self.preprocessing,
+                                           self.device)
+                out.append(bb.model(batch).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+    def predict_proba(self, images: Sequence[Any]) -> np.ndarray:
+        """Class probabilities, one row per image (columns follow ``class_names``)."""
+        return self.head.predict_proba(self.features(images))
+
+    def predict(self, images: Sequence[Any], top: int = 3) -> list[dict[str, Any]]:
+        """For each image: the predicted ``label``, its ``probability`` and the ``top`` k."""
+        proba = self.predict_proba(images)
+        results = []
+        for row in proba:
+            order = np.argsort(-row)[:top]
+            results.append({"label": self.class_names[order[0]],
+                            "probability": float(row[order[0]]),
+                            "top": [{"label": self.class_names[j], "probability": float(row[j])}
+                                    for j in order]})
+        return results
+
+
+def load_classifier(path: str | Path, device: str = "auto") -> Classifier:
+    """Load a trained head (a ``head*.pt`` file or a job folder) with its backbone.
+
+    Example:
+        >>> clf = load_classifier("runs/jobs/3f2a9c1b7d4e")       # doctest: +SKIP
+        >>> clf.predict(["cat.jpg"])[0]["label"]                  # doctest: +SKIP
+
+    Raises:
+        FeaturefleetError: the path holds no head.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / "head.pt"
+    if not p.is_file():
+        raise FeaturefleetError(f"no trained head at {str(path)!r}; fix: pass a job folder "
+                                "(<output>/jobs/<id>) or its head.pt file")
+    head = heads.load_head(p)
+    meta = head.meta
+    pre = meta["preprocessing"]
+    return Classifier(
+        head=head, backbone=meta["backbone"], weights=meta.get("weights"),
+        preprocessing=Preprocessing(resize=pre["resize"], crop=pre["crop"],
+                                    mean=tuple(pre["mean"]), std=tuple(pre["std"]),
+                                    interpolation=pre.get("interpolation", "bilinear")),
+        class_names=list(meta["class_names"]), device=extract.pick_device(device))
+
+
+def _as_rgb(image: Any) -> np.ndarray:
+    if isinstance(image, (str, Path)):
+        try:
+            return data.decode_image(image)
+        except Exception as exc:
+            raise FeaturefleetError(f"cannot read image {str(image)!r} ({exc.__class__.__name__})"
+                                    "; fix: pass a readable image file") from None
+    if hasattr(image, "convert"):  # a PIL image
+        return np.asarray(image.convert("RGB"))
+    return data.to_rgb_uint8(np.asarray(image))

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+from pipeline import heads, probe
+
+
+def _blobs(n: int, d: int = 16, k: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centers = np.random.default_rng(42).normal(scale=1.2, size=(k, d))
+    y = rng.integers(0, k, size=n)
+    return (centers[y] + rng.normal(size=(n, d))).astype(np.float32), y
+
+
+def test_grid_is_the_protocol_grid() -> None:
+    g = probe.l2_grid()
+    assert len(g) == 45 and g[0] == 1e5 and abs(g[-1] - 1e-6) < 1e-18
+    assert all(a > b for a, b in itertools.pairwise(g))
+
+
+def test_sweep_selection_matches_sklearn_on_the_same_split() -> None:
+    x, y = _blobs(300)
+    xv, yv = _blobs(150, seed=1)
+    grid = probe.l2_grid(12, 1e-4, 1e2)
+    curve = probe.sweep(x, y, xv, yv, 3, grid, max_iter=300)
+    assert [p["l2"] for p in curve] == grid
+    scaler = StandardScaler().fit(x)
+    for point in curve[::3]:
+        ref = LogisticRegression(C=1 / (point["l2"] * len(y)), max_iter=5000, tol=1e-10)
+        ref.fit(scaler.transform(x), y)
+        ref_acc = (ref.predict(scaler.transform(xv)) == yv).mean()
+        assert abs(point["val_top1"] - ref_acc) <= 1 / len(yv) + 1e-9, point
+    best = probe.select(curve)
+    assert best["val_top1"] == max(p["val_top1"] for p in curve)
+
+
+def test_mlp_and_knn_learn_and_round_trip(tmp_path: Path) -> None:
+    x, y = _blobs(400)
+    xv, yv = _blobs(100, seed=1)
+    xt, yt = _blobs(200, seed=2)
+    mlp = heads.fit_mlp(x, y, xv, yv, 3, hidden=32, epochs=30, patience=5, seed=0)
+    knn = heads.fit_knn(x, y, xv, yv, 3)
+    for head, name in ((mlp, "mlp"), (knn, "knn")):
+        acc = (head.predict_proba(xt).argmax(1) == yt).mean()
+        assert acc > 0.8, (name, acc)
+        head.meta = {**head.meta, "class_names": ["a", "b", "c"]}
+        head.save(tmp_path / f"{name}.pt")
+        back = heads.load_head(tmp_path / f"{name}.pt")
+        np.testing.assert_allclose(back.predict_proba(xt), head.predict_proba(xt), atol=1e-3)
+        assert back.meta["class_names"] == ["a", "b", "c"]
+    assert knn.k in heads.KNN_KS and 0.8 < knn.meta["val_top1"] <= 1.0
+    # Same seed, same MLP.
+    again = heads.fit_mlp(x, y, xv, yv, 3, hidden=32, epochs=30, patience=5, seed=0)
+    np.testing.assert_allclose(again.predict_proba(xt), mlp.predict_proba(xt), atol=1e-6)
