@@ -151,7 +151,7 @@ def fit_heads(plan: Plan, recorded: set[str],
             head.meta = {**meta, **head.meta, "head": "mlp"}
         else:
             head = heads.fit_knn(tr.x, tr.y, va.x, va.y, k)
-            head.meta = {**meta, **head.meta, "head": "knn"}
+            head.meta = {**meta, **head.meta, "head": "knn", "k": head.k}
         path = job_dir / ("head.pt" if name == p.heads[0] else f"head-{name}.pt")
         head.save(path)
         out["heads"][name] = {"path": str(path), "seconds": round(time.perf_counter() - th, 3),
