@@ -39,12 +39,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extract-workers", type=int, default=1, help="extraction worker processes")
     p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the job")
 
-    p = sub.add_parser("worker", help="start a Celery worker process against a broker")
+    p = sub.add_parser("worker", help="start Celery worker processes against a broker")
     _add_broker(p)
     p.add_argument("--queues", default="ff.extract,ff.train",
                    help="comma-separated queues (ff.extract: backbone, ff.train: training)")
     p.add_argument("--concurrency", type=int, default=1, help="pool processes (prefork)")
     p.add_argument("--name", default=None, help="node name (default worker-<pid>@<host>)")
+    p.add_argument("--gpus", default=None,
+                   help="'all' or '0,1,...': one extraction worker process per GPU (pinned with "
+                        "CUDA_VISIBLE_DEVICES) plus --cpu-workers training workers; on a machine "
+                        "without GPUs, --extract-workers CPU extraction workers instead")
+    p.add_argument("--cpu-workers", type=int, default=1,
+                   help="with --gpus: training/evaluation worker processes")
+    p.add_argument("--extract-workers", type=int, default=1,
+                   help="with --gpus on a machine without GPUs: CPU extraction workers")
     p.add_argument("--loglevel", default="INFO")
 
     p = sub.add_parser("submit", help="enqueue a job from a YAML/JSON spec; print its id")
@@ -219,6 +227,11 @@ def _worker(args: argparse.Namespace) -> int:
 
     url = broker_url(args.broker)
     connect(url).close()  # a clear error now instead of a retry loop in the worker
+    if args.gpus is not None:
+        from workers.runtime import run_fleet
+
+        return run_fleet(url, args.gpus, args.cpu_workers, args.extract_workers,
+                         loglevel=args.loglevel)
     name = args.name or f"worker-{os.getpid()}@{socket.gethostname()}"
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
     os.environ[BROKER_ENV] = url
