@@ -81,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=3, help="show the top k classes")
     p.add_argument("--json", action="store_true", help="print JSON")
 
+    p = sub.add_parser("cache", help="inspect, verify and clean the feature store")
+    p.add_argument("action", choices=["ls", "verify", "rm"])
+    p.add_argument("selector", nargs="?", default=None,
+                   help="with rm: a shard set (backbone/key) or a prefix of one")
+    p.add_argument("--store", default="featurefleet-out/store", help="feature store folder")
+    p.add_argument("--fix", action="store_true", help="with verify: delete bad files")
+    p.add_argument("--all", action="store_true", help="with rm: remove every shard set")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
     p = sub.add_parser("jobs", help="list recent jobs")
     _add_broker(p)
     p.add_argument("-n", type=int, default=20, help="how many")
@@ -325,7 +334,32 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
-_VERBS = {"demo": _demo, "predict": _predict, "worker": _worker, "submit": _submit,
+def _cache(args: argparse.Namespace) -> int:
+    from pipeline import cache
+
+    if args.action == "ls":
+        sets = cache.ls(args.store)
+        if args.json:
+            print(json.dumps(sets, indent=2))
+        for s in [] if args.json else sets:
+            print(f"{s['set']:<45} {s['shards']:4d} shards {s['rows']:8d} rows "
+                  f"{s['bytes'] / 1e6:8.1f} MB  {s['source'] or '?'} @{s['crop']}px")
+        return 0
+    if args.action == "verify":
+        problems = cache.verify(args.store, fix=args.fix)
+        if args.json:
+            print(json.dumps(problems, indent=2))
+        for p in [] if args.json else problems:
+            print(f"{'removed' if p['removed'] else 'BAD'}  {p['path']}: {p['problem']}")
+        if not args.json:
+            print(f"{len(problems)} problem(s)" if problems else "all shards verified")
+        return 1 if problems and not args.fix else 0
+    for name in cache.rm(args.store, args.selector, args.all):
+        print(f"removed {name}")
+    return 0
+
+
+_VERBS = {"cache": _cache, "demo": _demo, "predict": _predict, "worker": _worker, "submit": _submit,
           "status": _status, "watch": _watch, "report": _report, "jobs": _jobs}
 
 if __name__ == "__main__":

@@ -224,10 +224,35 @@ def _npz(spec: DataSpec) -> Source:
     except Exception as exc:
         raise DataError(f"{str(path)!r} is not a readable .npz file ({exc}); fix: save it with "
                         "numpy.savez(path, images=..., labels=...)") from None
+    return _array_source(path, arrays, "npz", "numpy.savez(path, images=..., labels=...)")
+
+
+@register("hdf5")
+def _hdf5(spec: DataSpec) -> Source:
+    import h5py
+
+    path = Path(str(spec.path))
+    if not path.is_file():
+        raise DataError(f"HDF5 file {str(path)!r} does not exist; fix: set data.path to an .h5 "
+                        "file with 'images' and 'labels' datasets")
+    try:
+        with h5py.File(path, "r") as f:
+            arrays = {k: f[k][()] for k in ("images", "labels", "class_names") if k in f}
+    except OSError as exc:
+        raise DataError(f"{str(path)!r} is not a readable HDF5 file ({exc}); fix: write it with "
+                        "h5py (datasets 'images' and 'labels')") from None
+    if "class_names" in arrays:
+        arrays["class_names"] = np.asarray([c.decode() if isinstance(c, bytes) else str(c)
+                                            for c in arrays["class_names"]])
+    return _array_source(path, arrays, "hdf5", "h5py datasets 'images' and 'labels'")
+
+
+def _array_source(path: Path, arrays: dict[str, np.ndarray], kind: str, how: str) -> Source:
+    how = f"store {how}"
     missing = [k for k in ("images", "labels") if k not in arrays]
     if missing:
         raise DataError(f"{str(path)!r} lacks array(s) {missing} (has {sorted(arrays)}); fix: "
-                        "save it with numpy.savez(path, images=..., labels=...)")
+                        f"{how}")
     images, labels = arrays["images"], arrays["labels"]
     if len(images) != len(labels):
         raise DataError(f"{str(path)!r} has {len(images)} images but {len(labels)} labels; "
@@ -243,7 +268,13 @@ def _npz(spec: DataSpec) -> Source:
     names = [str(c) for c in arrays["class_names"]] if "class_names" in arrays else \
         [str(i) for i in range(n_classes)]
     digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
-    return ArraySource(images, labels.astype(np.int64), names, "npz:" + digest)
+    if images.ndim not in (3, 4):
+        raise DataError(f"{str(path)!r} images have shape {images.shape}; fix: use N x H x W "
+                        "(grey), N x H x W x C (uint8 HWC) or N x C x H x W (float CHW)")
+    if len(labels) and labels.min() < 0:
+        raise DataError(f"{str(path)!r} has negative label {int(labels.min())}; fix: use class "
+                        "indices 0..K-1")
+    return ArraySource(images, labels.astype(np.int64), names, f"{kind}:" + digest)
 
 
 class FolderSource(Source):
@@ -323,3 +354,202 @@ def describe(source: Source) -> dict[str, Any]:
     """A small summary for reports."""
     return {"samples": len(source), "classes": len(source.class_names),
             "class_names": source.class_names}
+
+
+class ManifestSource(Source):
+    """A CSV or JSONL list of ``path,label[,split]``; relative paths resolve against the file."""
+
+    def __init__(self, manifest: Path) -> None:
+        if not manifest.is_file():
+            raise DataError(f"manifest {str(manifest)!r} does not exist; fix: set data.path to a "
+                            ".csv or .jsonl file with path,label[,split] columns")
+        rows = _read_manifest(manifest)
+        if not rows:
+            raise DataError(f"manifest {str(manifest)!r} has no rows; fix: add one line per "
+                            "image: path,label[,split]")
+        root = manifest.parent.resolve()
+        self.root = root
+        self.files: list[Path] = []
+        labels: list[str] = []
+        splits: list[str] = []
+        for n, row in enumerate(rows, start=2 if manifest.suffix == ".csv" else 1):
+            missing = [c for c in ("path", "label") if not str(row.get(c, "") or "").strip()]
+            if missing:
+                raise DataError(f"manifest {str(manifest)!r} line {n} lacks {missing} ({row}); "
+                                "fix: give every line a path and a label")
+            p = (root / str(row["path"])).resolve()
+            if not p.is_relative_to(root):
+                raise DataError(f"manifest {str(manifest)!r} line {n}: path {row['path']!r} "
+                                f"points outside {str(root)!r}; fix: keep images under the "
+                                "manifest's folder")
+            split = str(row.get("split") or "train").strip()
+            if split not in SPLIT_DIRS:
+                raise DataError(f"manifest {str(manifest)!r} line {n}: unknown split {split!r};"
+                                f" fix: use one of {', '.join(SPLIT_DIRS)}")
+            self.files.append(p)
+            labels.append(str(row["label"]).strip())
+            splits.append(split)
+        names = set(labels)
+        numeric = all(c.isdigit() for c in names)  # 0..K-1 keep their numeric order
+        self.class_names = sorted(names, key=int) if numeric else sorted(names)
+        index = {c: i for i, c in enumerate(self.class_names)}
+        self.labels = np.asarray([index[c] for c in labels], dtype=np.int64)
+        self._splits = np.asarray(splits)
+        self._has_splits = any("split" in r and r["split"] for r in rows)
+        self.manifest = manifest
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(self.manifest.read_bytes())
+        for p in self.files:
+            try:
+                st = p.stat()
+                digest.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            except OSError:
+                digest.update(f"{p}\0missing\n".encode())
+        return "manifest:" + digest.hexdigest()
+
+    def predefined_splits(self) -> dict[str, np.ndarray] | None:
+        if not self._has_splits:
+            return None
+        found = {s: np.flatnonzero(self._splits == s) for s in SPLIT_DIRS}
+        found = {s: v for s, v in found.items() if len(v)}
+        if "train" not in found:
+            raise DataError(f"manifest {str(self.manifest)!r} has no 'train' rows; fix: mark "
+                            "training images with split=train")
+        return found
+
+    def sample_id(self, index: int) -> str:
+        return os.path.relpath(self.files[index], self.root)
+
+    def load(self, indices: Sequence[int]) -> Loaded:
+        out = Loaded([], [], [])
+        for i in indices:
+            try:
+                out.images.append(decode_image(self.files[i]))
+                out.indices.append(int(i))
+            except Exception as exc:
+                out.failures.append((int(i), f"{exc.__class__.__name__}: {exc}"[:300]))
+        return out
+
+
+def _read_manifest(path: Path) -> list[dict[str, Any]]:
+    import csv
+    import json
+
+    text = path.read_text()
+    if path.suffix in (".jsonl", ".ndjson"):
+        rows = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise DataError(f"manifest {str(path)!r} line {n} is not JSON ({exc}); fix: one "
+                                'object per line: {"path": ..., "label": ...}') from None
+            if not isinstance(row, dict):
+                raise DataError(f"manifest {str(path)!r} line {n} is not an object; fix: one "
+                                'object per line: {"path": ..., "label": ...}')
+            rows.append(row)
+        return rows
+    reader = csv.DictReader(text.splitlines())
+    if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
+        raise DataError(f"manifest {str(path)!r} has columns {reader.fieldnames}; fix: start it "
+                        "with a header line path,label[,split]")
+    return list(reader)
+
+
+@register("manifest")
+def _manifest(spec: DataSpec) -> Source:
+    return ManifestSource(Path(str(spec.path)))
+
+
+class TorchvisionSource(Source):
+    """A torchvision dataset by class name, all of its splits; ``download`` where there is
+    internet, else a root folder already in the dataset's own layout."""
+
+    def __init__(self, name: str, root: Path, download: bool) -> None:
+        import inspect
+
+        from torchvision import datasets
+
+        cls = getattr(datasets, name, None)
+        if not (inspect.isclass(cls)):
+            raise DataError(f"unknown torchvision dataset {name!r}; fix: use a class name from "
+                            "torchvision.datasets, e.g. CIFAR10, CIFAR100, STL10, Flowers102")
+        params = inspect.signature(cls.__init__).parameters
+        parts: dict[str, Any] = {}
+        errors = []
+        if "train" in params:
+            options = {"train": {"train": True}, "test": {"train": False}}
+        else:
+            options = {"train": {"split": "train"}, "trainval": {"split": "trainval"},
+                       "val": {"split": "val"}, "test": {"split": "test"}}
+        for split, kw in options.items():
+            try:
+                parts["train" if split == "trainval" else split] = cls(
+                    root=str(root), download=download, **kw)
+            except (RuntimeError, ValueError, OSError, FileNotFoundError) as exc:
+                errors.append(f"{split}: {str(exc).splitlines()[0][:120]}")
+        if "train" not in parts:
+            raise DataError(f"torchvision {name} not found under {str(root)!r} ({'; '.join(errors)}"
+                            "); fix: set data.download: true where there is internet, or put the "
+                            "dataset files in that folder in torchvision's layout")
+        self.name, self.root = name, root
+        self.parts = list(parts.items())
+        labels, splits = [], []
+        for split, ds in self.parts:
+            lab = _dataset_labels(ds)
+            labels.append(lab)
+            splits.extend([split] * len(lab))
+        self.labels = np.concatenate(labels).astype(np.int64)
+        self._splits = np.asarray(splits)
+        first = self.parts[0][1]
+        classes = getattr(first, "classes", None)
+        k = int(self.labels.max()) + 1
+        self.class_names = [str(c) for c in classes] if classes and len(classes) >= k else \
+            [str(i) for i in range(k)]
+        self._offsets = np.cumsum([0] + [len(ds) for _, ds in self.parts])
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(self.name.encode())
+        for dirpath, _dirs, names in sorted(os.walk(self.root)):
+            for fname in sorted(names):
+                st = os.stat(os.path.join(dirpath, fname))
+                digest.update(f"{dirpath}/{fname}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return "torchvision:" + digest.hexdigest()
+
+    def predefined_splits(self) -> dict[str, np.ndarray] | None:
+        return {s: np.flatnonzero(self._splits == s) for s, _ in self.parts}
+
+    def load(self, indices: Sequence[int]) -> Loaded:
+        out = Loaded([], [], [])
+        for i in indices:
+            part = int(np.searchsorted(self._offsets, i, side="right")) - 1
+            ds = self.parts[part][1]
+            j = int(i - self._offsets[part])
+            try:
+                data = getattr(ds, "data", None)
+                if isinstance(data, np.ndarray) or hasattr(data, "numpy"):
+                    arr = np.asarray(data[j])  # MNIST/CIFAR keep decoded arrays: no PIL round trip
+                    arr = arr.transpose(1, 2, 0) if arr.ndim == 3 and arr.shape[0] == 3 else arr
+                    out.images.append(to_rgb_uint8(arr))
+                else:
+                    out.images.append(np.asarray(ds[j][0].convert("RGB")))
+                out.indices.append(int(i))
+            except Exception as exc:
+                out.failures.append((int(i), f"{exc.__class__.__name__}: {exc}"[:300]))
+        return out
+
+
+def _dataset_labels(ds: Any) -> np.ndarray:
+    for attr in ("targets", "labels", "_labels"):
+        lab = getattr(ds, attr, None)
+        if lab is not None:
+            return np.asarray(lab)
+    return np.asarray([ds[i][1] for i in range(len(ds))])
+
+
+@register("torchvision")
+def _torchvision(spec: DataSpec) -> Source:
+    return TorchvisionSource(str(spec.name), Path(str(spec.path)), spec.download)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ class Plan:
     class_names: list[str]
     split_sizes: dict[str, int]
     shards: list[Shard] = field(default_factory=list)
+    created: float = 0.0  # when planned: a shard file older than this was not trusted then
 
     @property
     def job_spec(self) -> JobSpec:
@@ -104,16 +106,17 @@ def make_plan(spec: JobSpec, job_id: str) -> Plan:
     shard_dir = spec.store_dir / spec.backbone.name / key[:20]
     size = spec.data.shard_size
     shards = []
+    manifest = store.read_manifest(shard_dir)
     for split in sorted(splits):
         n = len(splits[split])
         for start in range(0, n, size):
             end = min(n, start + size)
             path = shard_dir / store.shard_name(split, start, end)
-            cached = store.valid_shard(path, key, end - start)
+            cached = store.trusted_shard(path, key, end - start, manifest)
             shards.append(Shard(split, start, end, str(path), cached))
     return Plan(
         job_id=job_id, spec=spec.to_dict(), key=key, shard_dir=str(shard_dir),
         fingerprint=fingerprint, weights_id=weights.id, weights_sha256=weights.sha256,
         preprocessing=weights.preprocessing.scaled_to(spec.backbone.image_size).to_dict(),
         class_names=source.class_names, split_sizes={k: len(v) for k, v in splits.items()},
-        shards=shards)
+        shards=shards, created=time.time())

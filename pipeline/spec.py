@@ -25,7 +25,7 @@ from typing import Any
 
 from pipeline.errors import SpecError
 
-DATA_SOURCES = ("digits", "imagefolder", "npz")
+DATA_SOURCES = ("digits", "imagefolder", "manifest", "npz", "hdf5", "torchvision")
 STRATEGIES = ("probe",)
 FEATURE_DTYPES = ("float16", "float32")
 HEADS = ("linear", "mlp", "knn")
@@ -35,12 +35,15 @@ HEADS = ("linear", "mlp", "knn")
 class DataSpec:
     """Where the images come from and how they are split and sharded."""
 
-    source: str = "digits"  # a registered data source: digits | imagefolder | npz
-    path: str | None = None  # folder or file for imagefolder / npz; unused for digits
+    source: str = "digits"  # digits | imagefolder | manifest | npz | hdf5 | torchvision
+    path: str | None = None  # folder, manifest (.csv/.jsonl), array file, or torchvision root
+    name: str | None = None  # torchvision dataset class, e.g. CIFAR10 (source: torchvision)
+    download: bool = False  # let torchvision download the dataset into path (needs internet)
     test_fraction: float = 0.3  # carved stratified from all data when the source has no test split
     seed: int = 0  # seeds the stratified split, so reruns hit the same cached shards
     shard_size: int = 512  # images per extraction task / HDF5 shard
     limit: int | None = None  # use only the first N samples (stratified); for smoke tests
+    max_skipped_fraction: float = 0.05  # fail the job when more samples than this can't be read
 
     def validate(self) -> None:
         if self.source not in DATA_SOURCES:
@@ -49,6 +52,13 @@ class DataSpec:
         if self.source != "digits" and not self.path:
             raise SpecError("data.path", f"source {self.source!r} needs a path",
                             "set data.path to the folder or file holding the images")
+        if self.source == "torchvision" and not self.name:
+            raise SpecError("data.name", "source 'torchvision' needs a dataset name",
+                            "set data.name, e.g. CIFAR10, STL10, Flowers102")
+        if not (isinstance(self.max_skipped_fraction, (int, float))
+                and 0 <= self.max_skipped_fraction <= 1):
+            raise SpecError("data.max_skipped_fraction", f"{self.max_skipped_fraction!r} is "
+                            "not in [0, 1]", "use e.g. 0.05")
         if not (isinstance(self.test_fraction, (int, float)) and 0 < self.test_fraction < 1):
             raise SpecError("data.test_fraction", f"{self.test_fraction!r} is not in (0, 1)",
                             "use a fraction such as 0.3")
@@ -263,6 +273,10 @@ def _coerce(name: str, f: dataclasses.Field[Any], value: Any) -> Any:
         if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
             raise SpecError(name, f"{value!r} is not a list of names", "write e.g. [linear, mlp]")
         return tuple(items)
+    if kind.startswith("bool"):
+        if isinstance(value, bool):
+            return value
+        raise SpecError(name, f"{value!r} is not true/false", "write true or false")
     if value is None:
         if "None" in kind:
             return None

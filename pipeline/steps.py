@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline import evaluate, extract, heads, report, train
+from pipeline import evaluate, extract, heads, report, store, train
+from pipeline.errors import JobError
 from pipeline.plan import Plan, Shard
 from pipeline.state import JobStore
 
@@ -45,10 +46,31 @@ def _recorded(jobs: JobStore, plan: Plan) -> set[str]:
 def run_collect(jobs: JobStore, plan: Plan, results: list[dict[str, Any]]) -> dict[str, Any]:
     """After extraction: every shard of the plan must be recorded or cached, and valid."""
     jobs.update(plan.job_id, stage="train", extract_finished=time.time())
-    recorded = _recorded(jobs, plan)
+    recorded = jobs.shard_results(plan.job_id)
     for split in plan.split_sizes:
-        train.checked_paths(plan, split, recorded)
-    return {"shards": len(plan.shards), "extracted": len(results)}
+        train.checked_paths(plan, split, set(recorded))
+    entries = {}
+    for s in plan.shards:
+        r = recorded.get(s.id) or {**store.shard_summary(s.path), "cached": True}
+        entries[Path(s.path).name] = {"sha256": r["sha256"], "rows": r["rows"],
+                                      "skipped": len(r.get("skipped", []))}
+    store.update_manifest(plan.shard_dir, entries, {
+        "key": plan.key, "backbone": plan.spec["backbone"]["name"],
+        "weights_id": plan.weights_id, "dataset_fingerprint": plan.fingerprint,
+        "preprocessing": plan.preprocessing, "feature_dtype": plan.spec["backbone"][
+            "feature_dtype"], "data": plan.spec["data"]})
+    skipped = [sk for s in plan.shards for sk in (recorded.get(s.id) or {}).get("skipped", [])]
+    skipped += [sk for s in plan.shards if s.id not in recorded
+                for sk in store.shard_summary(s.path)["skipped"]]
+    total = sum(s.rows for s in plan.shards)
+    bound = plan.job_spec.data.max_skipped_fraction
+    if total and len(skipped) / total > bound:
+        examples = "; ".join(f"{sk['id']}: {sk['reason']}" for sk in skipped[:5])
+        raise JobError(f"{len(skipped)} of {total} samples could not be read "
+                       f"({len(skipped) / total:.1%} > data.max_skipped_fraction {bound:g}), "
+                       f"e.g. {examples}; fix: repair or remove those files, or raise "
+                       "data.max_skipped_fraction")
+    return {"shards": len(plan.shards), "extracted": len(results), "skipped": len(skipped)}
 
 
 def run_sweep(jobs: JobStore, plan: Plan, index: int) -> dict[str, Any]:

@@ -151,6 +151,39 @@ def _inspect(path: str | Path, key: str, rows_expected: int | None) -> dict[str,
         return None
 
 
+MANIFEST = "manifest.json"
+
+
+def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
+    """``{"shards": {file name: {"sha256", "rows", "skipped"}}, ...}`` of a shard set."""
+    path = Path(shard_dir) / MANIFEST
+    try:
+        raw = json.loads(path.read_text())
+        return raw if isinstance(raw, dict) and isinstance(raw.get("shards"), dict) else \
+            {"shards": {}}
+    except (OSError, ValueError):
+        return {"shards": {}}
+
+
+def update_manifest(shard_dir: str | Path, entries: dict[str, dict[str, Any]],
+                    info: dict[str, Any]) -> None:
+    """Merge shard checksums into the set's manifest (atomic replace)."""
+    path = Path(shard_dir) / MANIFEST
+    current = read_manifest(shard_dir)
+    current["shards"].update(entries)
+    current.update(info, updated=time.time())
+    tmp = path.with_name(f".{MANIFEST}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps(current, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def trusted_shard(path: str | Path, key: str, rows: int, manifest: dict[str, Any]) -> bool:
+    """A shard the cache may reuse: complete, of this key, and matching the checksum the
+    manifest recorded when its job checked it (a truncated, foreign or edited file fails)."""
+    entry = manifest["shards"].get(Path(path).name)
+    return bool(entry) and valid_shard(path, key, rows) and file_sha256(path) == entry["sha256"]
+
+
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

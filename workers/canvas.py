@@ -34,9 +34,9 @@ def job_canvas(app: Celery, plan: Plan) -> Any:
                       shadow=f"extract_shard[{plan.job_id}:{s.id}]")
         for s in plan.shards if not s.cached
     ]
-    collect = sig("collect", plan=light)
+    collect = sig("collect", plan=full)
     steps: list[Any] = [chord(group(header), collect) if header else
-                        app.signature("featurefleet.collect", args=([],), kwargs={"plan": light},
+                        app.signature("featurefleet.collect", args=([],), kwargs={"plan": full},
                                       queue=TRAIN_QUEUE)]
     train = sig("train_probe", plan=full)
     if plan.spec["probe"]["l2"] is None:
