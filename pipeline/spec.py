@@ -25,7 +25,7 @@ from typing import Any
 
 from pipeline.errors import SpecError
 
-DATA_SOURCES = ("digits", "imagefolder", "manifest", "npz", "hdf5", "torchvision")
+DATA_SOURCES = ("digits", "imagefolder", "manifest", "npz", "hdf5", "torchvision", "webdataset")
 STRATEGIES = ("probe",)
 FEATURE_DTYPES = ("float16", "float32")
 HEADS = ("linear", "mlp", "knn")
@@ -35,7 +35,7 @@ HEADS = ("linear", "mlp", "knn")
 class DataSpec:
     """Where the images come from and how they are split and sharded."""
 
-    source: str = "digits"  # digits | imagefolder | manifest | npz | hdf5 | torchvision
+    source: str = "digits"  # digits|imagefolder|manifest|npz|hdf5|torchvision|webdataset
     path: str | None = None  # folder, manifest (.csv/.jsonl), array file, or torchvision root
     name: str | None = None  # torchvision dataset class, e.g. CIFAR10 (source: torchvision)
     download: bool = False  # let torchvision download the dataset into path (needs internet)

@@ -32,7 +32,7 @@ def test_fleet_plan_pins_one_process_per_gpu() -> None:
 def test_fleet_plan_without_gpus_runs_cpu_extraction() -> None:
     plan = fleet_plan("all", cpu_workers=1, extract_workers=2, available=[])
     assert [n for n, _, _ in plan] == ["extract1", "extract2", "cpu1"]
-    with pytest.raises(FeaturefleetError, match="GPU.*3.*not found"):
+    with pytest.raises(FeaturefleetError, match=r"GPU.*3.*not found"):
         fleet_plan("3", 1, 1, ["0"])
 
 

@@ -132,3 +132,41 @@ def test_too_many_unreadable_samples_fail_the_job(cluster: LocalCluster, tmp_pat
     assert ok.wait(timeout=300)["status"] == "SUCCESS"
     assert len(ok.result()["data"]["skipped"]) == 6
     assert os.path.isfile(ok.status()["report"])
+
+
+def _tar(path: Path, start: int, n: int) -> None:
+    import io
+    import tarfile
+
+    images, labels = _digits(start + n)
+    with tarfile.open(path, "w") as tf:
+        for i in range(start, start + n):
+            buf = io.BytesIO()
+            Image.fromarray(images[i]).save(buf, format="PNG")
+            for name, payload in ((f"s{i:05d}.png", buf.getvalue()),
+                                  (f"s{i:05d}.cls", str(labels[i]).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tf.addfile(info, io.BytesIO(payload))
+
+
+def test_webdataset_tar_shards(tmp_path: Path) -> None:
+    for k in range(3):
+        _tar(tmp_path / f"train-{k:03d}.tar", 20 * k, 20)
+    _tar(tmp_path / "test-000.tar", 60, 20)
+    images, labels = _digits(80)
+    spec = DataSpec(source="webdataset", path=str(tmp_path / "train-{000..002}.tar"))
+    src = data.open_source(spec)
+    assert len(src) == 60 and src.class_names == [str(i) for i in range(10)]
+    got = src.load([45, 3, 21])
+    assert got.indices == [45, 3, 21]
+    np.testing.assert_array_equal(got.images[0][..., 0], images[45])
+    assert [src.class_names[src.labels[i]] for i in (45, 3)] == [str(labels[45]), str(labels[3])]
+    both = data.open_source(DataSpec(source="webdataset", path=str(tmp_path)))
+    splits = data.split_indices(both, DataSpec(source="webdataset", path=str(tmp_path)))
+    assert len(splits["train"]) == 60 and len(splits["test"]) == 20
+    with pytest.raises(data.DataError, match="does not exist"):
+        data.open_source(DataSpec(source="webdataset", path=str(tmp_path / "train-{000..009}.tar")))
+    url = data.open_source(DataSpec(source="webdataset",
+                                    path=f"file://{tmp_path}/train-{{000..002}}.tar"))
+    assert url.fingerprint() != src.fingerprint() and len(url) == 60  # through fsspec
