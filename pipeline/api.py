@@ -63,6 +63,33 @@ class Job:
                                "wait longer, or check workers are running (featurefleet status)")
             time.sleep(poll)
 
+    def cancel(self) -> bool:
+        """Cancel the job: it becomes CANCELLED, queued tasks are revoked, a running shard stops
+        at its next batch without writing. Finished shards stay in the cache.
+
+        Returns False when the job had already ended.
+        """
+        from workers.app import make_app
+
+        if not self.jobs.finish(self.id, "CANCELLED", error="cancelled by the user",
+                                stage="cancelled"):
+            return False
+        ids = self.jobs.field(self.id, "task_ids") or []
+        app = make_app(self.broker)
+        try:
+            app.control.revoke(ids)
+        finally:
+            app.close()
+        return True
+
+    def retry(self) -> Job:
+        """Submit the job's spec again: valid shards are reused, so only what failed runs."""
+        st = self.status()
+        spec = JobSpec.from_dict(json.loads((Path(st["job_dir"]) / "spec.json").read_text()))
+        job = submit(spec, broker=self.broker)
+        job.jobs.update(job.id, retry_of=self.id)
+        return job
+
     def result(self) -> dict[str, Any]:
         """The report of a finished job (``report.json`` as a dict).
 
@@ -87,13 +114,14 @@ def submit(spec: JobSpec, broker: str | None = None) -> Job:
     Raises:
         SpecError, DataError, BackboneError, StoreError, BrokerError.
     """
-    from pipeline.plan import make_plan
+    from pipeline.plan import check_plan, make_plan
     from workers.app import make_app
-    from workers.canvas import job_canvas
+    from workers.canvas import job_canvas, task_ids
 
     spec.validate()
     job_id = uuid.uuid4().hex[:12]
     plan = make_plan(spec, job_id)  # data, backbone and weights checked; nothing written yet
+    check_plan(plan)
     jobs = JobStore(connect(broker))
     _writable(plan.job_dir)
     _writable(Path(plan.shard_dir))
@@ -103,8 +131,9 @@ def submit(spec: JobSpec, broker: str | None = None) -> Job:
     jobs.create(job_id, {
         "name": spec.name, "job_dir": str(plan.job_dir), "stage": "queued",
         "shards_total": len(plan.shards), "shards_cached": len(plan.shards) - len(todo),
-        "shards_done": 0, "images_total": sum(s.rows for s in plan.shards), "images_done": 0,
-        "images_skipped": 0, "backbone": spec.backbone.name,
+        "shards_done": 0, "images_total": sum(s.rows for s in plan.shards),
+        "images_cached": sum(s.rows for s in plan.shards if s.cached),
+        "images_skipped": 0, "backbone": spec.backbone.name, "task_ids": task_ids(plan),
     })
     app = make_app(broker)
     try:

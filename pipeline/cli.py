@@ -61,13 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="wait for the job and print its metrics")
     p.add_argument("--timeout", type=float, default=None, help="seconds to wait with --wait")
 
-    for verb, text in (("status", "show a job's state and progress"),
+    for verb, text in (("cancel", "cancel a job (queued shards revoked, running ones stopped)"),
+                       ("retry", "run a failed job again (cached shards are reused)"),
+                       ("status", "show a job's state and progress"),
                        ("watch", "follow a job's progress until it ends"),
                        ("report", "show a finished job's metrics and report path")):
         p = sub.add_parser(verb, help=text)
         _add_broker(p)
         p.add_argument("job_id")
-        if verb != "watch":
+        if verb in ("status", "report"):
             p.add_argument("--json", action="store_true", help="print JSON")
         if verb == "report":
             p.add_argument("--open", action="store_true", help="open report.html in a browser")
@@ -89,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fix", action="store_true", help="with verify: delete bad files")
     p.add_argument("--all", action="store_true", help="with rm: remove every shard set")
     p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("watchdog", help="fail jobs past their deadline, re-dispatch stalled ones")
+    _add_broker(p)
+    p.add_argument("--every", type=float, default=30.0, help="seconds between checks")
+    p.add_argument("--stall", type=float, default=120.0,
+                   help="seconds without progress (and no task queued) before re-dispatching")
+    p.add_argument("--once", action="store_true", help="check once and exit")
 
     p = sub.add_parser("jobs", help="list recent jobs")
     _add_broker(p)
@@ -359,8 +368,34 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
-_VERBS = {"cache": _cache, "demo": _demo, "predict": _predict, "worker": _worker, "submit": _submit,
-          "status": _status, "watch": _watch, "report": _report, "jobs": _jobs}
+def _watchdog(args: argparse.Namespace) -> int:
+    from pipeline import watchdog
+
+    watchdog.run(args.broker, every=args.every, stall_s=args.stall, once=args.once)
+    return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    from pipeline.api import Job
+
+    job = Job(args.job_id, args.broker)
+    if job.cancel():
+        print(f"cancelled {job.id}")
+        return 0
+    print(f"job {job.id} had already ended: {job.status()['status']}")
+    return 1
+
+
+def _retry(args: argparse.Namespace) -> int:
+    from pipeline.api import Job
+
+    print(Job(args.job_id, args.broker).retry().id)
+    return 0
+
+
+_VERBS = {"cache": _cache, "cancel": _cancel, "demo": _demo, "jobs": _jobs,
+          "predict": _predict, "report": _report, "retry": _retry, "status": _status,
+          "submit": _submit, "watch": _watch, "watchdog": _watchdog, "worker": _worker}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -120,3 +120,40 @@ def make_plan(spec: JobSpec, job_id: str) -> Plan:
         preprocessing=weights.preprocessing.scaled_to(spec.backbone.image_size).to_dict(),
         class_names=source.class_names, split_sizes={k: len(v) for k, v in splits.items()},
         shards=shards, created=time.time())
+
+
+ALLOWED_ROOTS_ENV = "FEATUREFLEET_ALLOWED_ROOTS"
+# Every task carries the plan: keep messages small enough for the broker. Bulk data goes
+# through the store, never through Redis.
+MAX_PLAN_BYTES = 1 << 20
+
+
+def check_plan(plan: Plan) -> None:
+    """Refuse plans that write outside $FEATUREFLEET_ALLOWED_ROOTS (when set) or that would put
+    bulk data on the broker. Called by the client before enqueueing and by workers before
+    writing.
+
+    Raises:
+        SpecError: a path outside the allowed roots, or a plan too large for a message.
+    """
+    import os
+
+    from pipeline.errors import SpecError
+
+    roots = [Path(r).resolve() for r in os.environ.get(ALLOWED_ROOTS_ENV, "").split(os.pathsep)
+             if r.strip()]
+    if roots:
+        spec = plan.spec
+        targets = [("output", spec["output"]), ("store", spec["store"])]
+        targets += [("store", s.path) for s in plan.shards]
+        for name, path in targets:
+            p = Path(path).resolve()
+            if not any(p == r or p.is_relative_to(r) for r in roots):
+                raise SpecError(name, f"{str(path)!r} is outside the allowed roots "
+                                f"{[str(r) for r in roots]}", f"write under one of them (set by "
+                                f"{ALLOWED_ROOTS_ENV})")
+    size = len(json.dumps(plan.to_dict()))
+    if size > MAX_PLAN_BYTES:
+        raise SpecError("data.shard_size", f"the job's plan is {size} bytes for "
+                        f"{len(plan.shards)} shards, over the {MAX_PLAN_BYTES}-byte message "
+                        "limit", "raise data.shard_size so fewer shards are needed")

@@ -39,21 +39,29 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def connect(url: str | None = None, check: bool = True) -> Any:
+def connect(url: str | None = None, check: bool = True, patient: bool = False) -> Any:
     """A Redis client for ``url``; with ``check``, fail fast when it cannot be reached.
+
+    ``patient`` clients (workers) retry each command through a Redis restart (about a minute
+    of exponential backoff) instead of failing the task that is running.
 
     Raises:
         BrokerError: the URL is not a Redis URL, or Redis does not answer.
     """
     import redis
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
 
     url = broker_url(url)
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise BrokerError(f"broker URL {redact(url)!r} is not a Redis URL; fix: use "
                           "redis://[:password@]host:port/db (or rediss:// for TLS)")
     try:
+        retry = Retry(ExponentialBackoff(cap=4.0, base=0.2), 20 if patient else 1)
         client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10,
-                                      health_check_interval=30, decode_responses=True)
+                                      health_check_interval=30, decode_responses=True,
+                                      retry=retry, retry_on_error=[redis.ConnectionError,
+                                                                   redis.TimeoutError])
         if check:
             client.ping()
     except redis.AuthenticationError:
@@ -87,6 +95,7 @@ class JobStore:
         pipe.execute()
 
     def update(self, job_id: str, **fields: Any) -> None:
+        fields.setdefault("activity", time.time())  # the watchdog's sign of life
         self.r.hset(self._key(job_id), mapping={k: _enc(v) for k, v in fields.items()})
 
     def field(self, job_id: str, name: str) -> Any:
@@ -95,24 +104,37 @@ class JobStore:
     def incr(self, job_id: str, field: str, amount: int = 1) -> int:
         return int(self.r.hincrby(self._key(job_id), field, amount))
 
-    def mark_running(self, job_id: str, stage: str) -> None:
-        """First task of a job sets ``started``; every task sets status and stage (1 trip)."""
+    def mark_running(self, job_id: str, stage: str) -> str:
+        """First task of a job sets ``started``; a task of a job that is not final sets status
+        RUNNING and the stage. Returns the status before (a final one is left alone)."""
+        before = self.r.eval(_MARK_RUNNING, 1, self._key(job_id), _enc(time.time()),
+                             _enc(stage))
+        return str(_dec(before)) if before else "PENDING"
+
+    def attempt(self, job_id: str, shard_id: str) -> int:
+        """Count one more start of a shard's task; returns the count (1 on the first)."""
+        key = self._key(job_id) + ":attempts"
         pipe = self.r.pipeline(transaction=False)
-        pipe.hsetnx(self._key(job_id), "started", _enc(time.time()))
-        pipe.hset(self._key(job_id), mapping={"status": _enc("RUNNING"), "stage": _enc(stage)})
-        pipe.execute()
+        pipe.hincrby(key, shard_id, 1)
+        pipe.expire(key, JOB_TTL_S)
+        return int(pipe.execute()[0])
 
-    def record_shard(self, job_id: str, result: dict[str, Any], rows: int,
-                     reported: int) -> bool:
+    def shard_progress(self, job_id: str, shard_id: str, done: int) -> None:
+        """Images done in a running shard. Set, not added: a killed attempt's count is
+        replaced by the next attempt's, so ``images_done`` never counts an image twice."""
+        key = self._key(job_id) + ":progress"
+        if self.r.hget(self._key(job_id) + ":shards", shard_id) is None:  # not finished yet
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hset(key, shard_id, done)
+            pipe.hset(self._key(job_id), "activity", _enc(time.time()))
+            pipe.execute()
+
+    def record_shard(self, job_id: str, result: dict[str, Any], rows: int) -> bool:
         """Store a finished shard's result and settle its counters, atomically, once.
-
-        ``reported`` images were already counted by this attempt's progress updates. A shard
-        recorded before (a redelivered task) undoes them, so ``images_done`` stays exact.
-        Returns False for such a duplicate.
-        """
-        new = self.r.eval(_RECORD_SHARD, 2, self._key(job_id), self._key(job_id) + ":shards",
-                          result["shard"], json.dumps(result), len(result.get("skipped", [])),
-                          rows - reported, -reported, JOB_TTL_S)
+        Returns False for a shard recorded before (a redelivered task)."""
+        new = self.r.eval(_RECORD_SHARD, 3, self._key(job_id), self._key(job_id) + ":shards",
+                          self._key(job_id) + ":progress", result["shard"], json.dumps(result),
+                          len(result.get("skipped", [])), rows, JOB_TTL_S)
         return bool(new)
 
     def shard_results(self, job_id: str) -> dict[str, dict[str, Any]]:
@@ -120,13 +142,10 @@ class JobStore:
         return {k: json.loads(v) for k, v in raw.items()}
 
     def finish(self, job_id: str, status: str, **fields: Any) -> bool:
-        """Move a job to a final status once; False when it was already final."""
-        key = self._key(job_id)
-        current = _dec(self.r.hget(key, "status"))
-        if current in FINAL:
-            return False
-        self.update(job_id, status=status, finished=time.time(), **fields)
-        return True
+        """Move a job to a final status once (atomically); False when it already was final."""
+        values = {k: _enc(v) for k, v in {**fields, "finished": time.time()}.items()}
+        flat = [x for kv in values.items() for x in kv]
+        return bool(self.r.eval(_FINISH, 1, self._key(job_id), _enc(status), *flat))
 
     def get(self, job_id: str) -> dict[str, Any]:
         """The job's fields, decoded.
@@ -134,11 +153,17 @@ class JobStore:
         Raises:
             JobError: no job with that id.
         """
-        raw = self.r.hgetall(self._key(job_id))
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hgetall(self._key(job_id))
+        pipe.hvals(self._key(job_id) + ":progress")
+        raw, progress = pipe.execute()
         if not raw:
             raise JobError(f"no job {job_id!r} on this broker; fix: check the id (featurefleet "
                            "jobs lists recent ones) and the --broker URL")
-        return {k: _dec(v) for k, v in raw.items()}
+        record = {k: _dec(v) for k, v in raw.items()}
+        # Cached shards count as done from the start; the rest as their tasks report.
+        record["images_done"] = int(record.get("images_cached", 0)) + sum(map(int, progress))
+        return record
 
     def recent(self, limit: int = 20) -> list[dict[str, Any]]:
         ids = self.r.zrevrange("ff:jobs", 0, limit - 1)
@@ -151,15 +176,32 @@ class JobStore:
         return out
 
 
+_FINAL_LUA = "({" + ", ".join(f"['{json.dumps(s)}']=true" for s in FINAL) + "})"
+
+_MARK_RUNNING = f"""
+local before = redis.call('HGET', KEYS[1], 'status')
+redis.call('HSETNX', KEYS[1], 'started', ARGV[1])
+if before and {_FINAL_LUA}[before] then return before end
+redis.call('HSET', KEYS[1], 'status', '"RUNNING"', 'stage', ARGV[2])
+return before
+"""
+
+_FINISH = f"""
+local before = redis.call('HGET', KEYS[1], 'status')
+if before and {_FINAL_LUA}[before] then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[1])
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
 _RECORD_SHARD = """
 local new = redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2])
-redis.call('EXPIRE', KEYS[2], ARGV[6])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
 if new == 1 then
   redis.call('HINCRBY', KEYS[1], 'shards_done', 1)
   redis.call('HINCRBY', KEYS[1], 'images_skipped', ARGV[3])
-  redis.call('HINCRBY', KEYS[1], 'images_done', ARGV[4])
-else
-  redis.call('HINCRBY', KEYS[1], 'images_done', ARGV[5])
+  redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
+  redis.call('EXPIRE', KEYS[3], ARGV[5])
 end
 return new
 """

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -15,27 +16,60 @@ from typing import Any
 from pipeline import evaluate, extract, heads, report, store, train
 from pipeline.errors import JobError
 from pipeline.plan import Plan, Shard
-from pipeline.state import JobStore
+from pipeline.state import FINAL, JobStore
 
 log = logging.getLogger(__name__)
+
+# A shard whose task was started this many times and never finished is a poison shard: with
+# reject-on-worker-lost it would otherwise be redelivered forever.
+MAX_ATTEMPTS = int(os.environ.get("FEATUREFLEET_MAX_ATTEMPTS", 3))
 
 
 def run_extract(jobs: JobStore, plan: Plan, shard: Shard,
                 on_progress: Any = None) -> dict[str, Any]:
-    """Extract one shard, counting progress in the job record."""
-    jobs.mark_running(plan.job_id, "extract")
-    reported = 0
+    """Extract one shard, counting progress in the job record.
 
+    Raises:
+        JobCancelled: the job was cancelled (checked before and between batches).
+        JobError: the shard's task started more than ``MAX_ATTEMPTS`` times: it keeps killing
+            its worker (out of memory, a crashing decoder), so it fails instead of looping.
+    """
+    before = jobs.mark_running(plan.job_id, "extract")
+    if before in FINAL:
+        done = jobs.shard_results(plan.job_id).get(shard.id)
+        if done is not None:  # delivered again after the job ended: nothing to change
+            return {**done, "cached": True}
+        raise JobCancelled(f"job {plan.job_id} is {before}; shard {shard.id} not extracted")
+    attempts = jobs.attempt(plan.job_id, shard.id)
+    if attempts > MAX_ATTEMPTS:
+        raise JobError(f"shard {shard.id} of job {plan.job_id} was started {attempts - 1} "
+                       f"times and its worker died each time (poison shard); fix: check the "
+                       f"worker logs for that shard (memory, data), or lower backbone.batch_size")
     def progress(done: int, total: int) -> None:
-        nonlocal reported
-        jobs.incr(plan.job_id, "images_done", done - reported)
-        reported = done
+        jobs.shard_progress(plan.job_id, shard.id, done)
+        if jobs.field(plan.job_id, "status") == "CANCELLED":
+            raise JobCancelled(f"job {plan.job_id} was cancelled during shard {shard.id}")
         if on_progress is not None:
             on_progress(done, total)
 
-    result = extract.extract_shard(plan, shard, progress)
-    jobs.record_shard(plan.job_id, result, shard.rows, reported)
+    try:
+        result = extract.extract_shard(plan, shard, progress)
+    except JobCancelled:
+        raise
+    except Exception as exc:  # the job's error must name the shard
+        raise JobError(f"shard {shard.id}: {exc}") from exc
+    jobs.record_shard(plan.job_id, result, shard.rows)
     return result
+
+
+class JobCancelled(JobError):
+    """The job was cancelled: stop without writing anything."""
+
+
+def _live(jobs: JobStore, plan: Plan) -> None:
+    status = jobs.field(plan.job_id, "status")
+    if status in FINAL:
+        raise JobCancelled(f"job {plan.job_id} is {status}: nothing more to do")
 
 
 def _recorded(jobs: JobStore, plan: Plan) -> set[str]:
@@ -45,6 +79,8 @@ def _recorded(jobs: JobStore, plan: Plan) -> set[str]:
 
 def run_collect(jobs: JobStore, plan: Plan, results: list[dict[str, Any]]) -> dict[str, Any]:
     """After extraction: every shard of the plan must be recorded or cached, and valid."""
+    _live(jobs, plan)
+    jobs.incr(plan.job_id, "collect_runs")  # the chord callback must run once per job
     jobs.update(plan.job_id, stage="train", extract_finished=time.time())
     recorded = jobs.shard_results(plan.job_id)
     for split in plan.split_sizes:
@@ -75,12 +111,14 @@ def run_collect(jobs: JobStore, plan: Plan, results: list[dict[str, Any]]) -> di
 
 def run_sweep(jobs: JobStore, plan: Plan, index: int) -> dict[str, Any]:
     """One slice of the regularization sweep."""
+    _live(jobs, plan)
     jobs.update(plan.job_id, stage="sweep")
     return train.sweep_slice(plan, _recorded(jobs, plan), index)
 
 
 def run_train(jobs: JobStore, plan: Plan, slices: list[dict[str, Any]] | None) -> dict[str, Any]:
     """Select the penalty from the sweep, fit every head on the shared splits, save them."""
+    _live(jobs, plan)
     jobs.update(plan.job_id, stage="train")
     trained = train.fit_heads(plan, _recorded(jobs, plan), slices)
     jobs.update(plan.job_id, train_seconds=trained["seconds"])
@@ -89,6 +127,7 @@ def run_train(jobs: JobStore, plan: Plan, slices: list[dict[str, Any]] | None) -
 
 def run_evaluate(jobs: JobStore, plan: Plan, trained: dict[str, Any]) -> dict[str, Any]:
     """Evaluate every head once on the test split; write the report; mark the job SUCCESS."""
+    _live(jobs, plan)
     t0 = time.time()
     jobs.update(plan.job_id, stage="evaluate")
     test = train.load_test(plan, _recorded(jobs, plan))
@@ -108,6 +147,7 @@ def run_evaluate(jobs: JobStore, plan: Plan, trained: dict[str, Any]) -> dict[st
 def run_fail(jobs: JobStore, job_id: str, task_id: str, error: str) -> None:
     """Record a failed job (called once from the chord's error callback)."""
     log.error("job %s failed in task %s: %s", job_id, task_id, error)
+    jobs.incr(job_id, "errback_runs")
     if jobs.finish(job_id, "FAILED", error=error, failed_task=task_id):
         record = jobs.get(job_id)
         out = Path(record.get("job_dir", ""))

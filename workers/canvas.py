@@ -20,32 +20,41 @@ from pipeline.train import grid_slices
 from workers.settings import EXTRACT_QUEUE, TRAIN_QUEUE
 
 
-def job_canvas(app: Celery, plan: Plan) -> Any:
-    """The signature that runs a whole job."""
+def job_canvas(app: Celery, plan: Plan, round_: int = 0) -> Any:
+    """The signature that runs a whole job (``round_`` > 0: re-dispatched by the watchdog;
+    shards finished in an earlier round are reused by their tasks, not extracted again)."""
     full = plan.to_dict()
     light = {**full, "shards": []}  # tasks that need the recipe, not the shard list
 
-    def sig(name: str, *args: Any, queue: str = TRAIN_QUEUE, **kw: Any) -> Any:
-        return app.signature(f"featurefleet.{name}", args=args, kwargs=kw, queue=queue)
+    def sig(name: str, *args: Any, tid: str, queue: str = TRAIN_QUEUE, **kw: Any) -> Any:
+        # Task ids name the job and the step: cancel can revoke them, Flower shows them.
+        return app.signature(f"featurefleet.{name}", args=args, kwargs=kw, queue=queue,
+                             task_id=f"{plan.job_id}.{tid}" + (f".r{round_}" if round_ else ""))
 
-    on_error = sig("fail_job", plan.job_id)
-    header = [
-        app.signature("featurefleet.extract_shard", args=(light, _shard(s)), queue=EXTRACT_QUEUE,
-                      shadow=f"extract_shard[{plan.job_id}:{s.id}]")
-        for s in plan.shards if not s.cached
-    ]
-    collect = sig("collect", plan=full)
+    on_error = sig("fail_job", plan.job_id, tid="on-error")
+    header = [sig("extract_shard", light, _shard(s), tid=f"extract.{s.id}", queue=EXTRACT_QUEUE)
+              for s in plan.shards if not s.cached]
+    collect = sig("collect", plan=full, tid="collect")
     steps: list[Any] = [chord(group(header), collect) if header else
-                        app.signature("featurefleet.collect", args=([],), kwargs={"plan": full},
-                                      queue=TRAIN_QUEUE)]
-    train = sig("train_probe", plan=full)
+                        sig("collect", [], plan=full, tid="collect")]
+    train = sig("train_probe", plan=full, tid="train")
     if plan.spec["probe"]["l2"] is None:
-        sweeps = [sig("sweep_probe", plan=full, index=i) for i in range(len(grid_slices(plan)))]
+        sweeps = [sig("sweep_probe", plan=full, index=i, tid=f"sweep.{i}")
+                  for i in range(len(grid_slices(plan)))]
         steps.append(chord(group(sweeps), train))
     else:
         steps.append(train)
-    steps.append(sig("evaluate", plan=full))
+    steps.append(sig("evaluate", plan=full, tid="evaluate"))
     return chain(*steps).on_error(on_error)
+
+
+def task_ids(plan: Plan) -> list[str]:
+    """Every task id of a job's canvas (for revoking)."""
+    ids = [f"{plan.job_id}.extract.{s.id}" for s in plan.shards if not s.cached]
+    ids += [f"{plan.job_id}.{t}" for t in ("collect", "train", "evaluate")]
+    if plan.spec["probe"]["l2"] is None:
+        ids += [f"{plan.job_id}.sweep.{i}" for i in range(len(grid_slices(plan)))]
+    return ids
 
 
 def _shard(s: Any) -> dict[str, Any]:

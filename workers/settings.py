@@ -25,7 +25,11 @@ def celery_config(url: str | None = None) -> dict[str, Any]:
     # runs (celery#5935): keep the timeout at twice the hard time limit, equal everywhere.
     visibility = 2 * TASK_TIME_LIMIT_S
     transport = {"visibility_timeout": visibility}
+    tls = _tls_options(url)
     return {
+        # rediss:// URLs: TLS with certificate checking (ssl_cert_reqs, ssl_ca_certs,
+        # ssl_certfile, ssl_keyfile from the URL's query), for the broker and the backend alike.
+        **({"broker_use_ssl": tls, "redis_backend_use_ssl": tls} if tls else {}),
         "broker_url": url,
         "result_backend": url,
         # JSON only: pickle in a message is remote code execution.
@@ -43,12 +47,15 @@ def celery_config(url: str | None = None) -> dict[str, Any]:
         # One message at a time per process: a long GPU shard must not hold others hostage.
         "worker_prefetch_multiplier": 1,
         "task_time_limit": TASK_TIME_LIMIT_S,
-        "task_soft_time_limit": TASK_TIME_LIMIT_S - 60,
+        "task_soft_time_limit": max(TASK_TIME_LIMIT_S - 60, int(TASK_TIME_LIMIT_S * 0.9)),
         # Chord counters and results must outlive the longest job (default is one day).
         "result_expires": 7 * 24 * 3600,
         "result_extended": True,
         # A redelivered task whose result is already SUCCESS is skipped.
         "worker_deduplicate_successful_tasks": True,
+        # A Redis restart must not fail the running task when it stores progress or a result.
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 30,
         # Keep reconnecting to a restarting Redis instead of exiting after 100 tries.
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
@@ -64,6 +71,23 @@ def celery_config(url: str | None = None) -> dict[str, Any]:
         "broker_connection_timeout": 5,
         "redis_socket_connect_timeout": 5,
     }
+
+
+def _tls_options(url: str) -> dict[str, Any] | None:
+    import ssl
+    from urllib.parse import parse_qs, urlsplit
+
+    if not url.startswith("rediss://"):
+        return None
+    query = {k: v[-1] for k, v in parse_qs(urlsplit(url).query).items()}
+    reqs = query.get("ssl_cert_reqs", "required").lower().removeprefix("cert_")
+    levels = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL,
+              "none": ssl.CERT_NONE}
+    opts: dict[str, Any] = {"ssl_cert_reqs": levels.get(reqs, ssl.CERT_REQUIRED)}
+    for key in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        if key in query:
+            opts[key] = query[key]
+    return opts
 
 
 def __getattr__(name: str) -> Any:

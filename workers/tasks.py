@@ -5,13 +5,14 @@ Arguments and results are small JSON (plan without pixels, shard ids, paths, che
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from celery import Task
 from celery.utils.log import get_task_logger
 
 from pipeline import steps
-from pipeline.plan import Plan, Shard
+from pipeline.plan import Plan, Shard, check_plan
 from pipeline.state import JobStore, connect
 from workers.app import app
 
@@ -23,7 +24,7 @@ def job_store() -> JobStore:
     """One Redis client per worker process, made on first use (never at import)."""
     global _jobs
     if _jobs is None:
-        _jobs = JobStore(connect(app.conf.broker_url, check=False))
+        _jobs = JobStore(connect(app.conf.broker_url, check=False, patient=True))
     return _jobs
 
 
@@ -32,11 +33,26 @@ def extract_shard(self: Task, plan: dict[str, Any], shard: dict[str, Any]) -> di
     """Run the frozen backbone over one shard and write its HDF5 file."""
 
     def progress(done: int, total: int) -> None:
+        _inject_fault(shard)
         self.update_state(state="PROGRESS", meta={"job": plan["job_id"], "shard": shard,
                                                   "done": done, "total": total,
                                                   "percent": round(100 * done / max(total, 1))})
 
-    return steps.run_extract(job_store(), Plan.from_dict(plan), Shard(**shard), progress)
+    p = Plan.from_dict(plan)
+    check_plan(replace(p, shards=[Shard(**shard)]))  # never trust a message's paths
+    return steps.run_extract(job_store(), p, Shard(**shard), progress)
+
+
+def _inject_fault(shard: dict[str, Any]) -> None:
+    """Chaos testing: $FEATUREFLEET_FAULT_CRASH_SHARD names a shard (split-start-end) whose
+    task kills its own worker process after its first batch, as an out-of-memory kill would.
+    Unset in production."""
+    import os
+    import signal
+
+    target = os.environ.get("FEATUREFLEET_FAULT_CRASH_SHARD")
+    if target and target == f"{shard['split']}-{shard['start']}-{shard['end']}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @app.task(name="featurefleet.collect", bind=True, acks_late=True)
@@ -55,7 +71,9 @@ def sweep_probe(self: Task, collected: Any, plan: dict[str, Any], index: int) ->
 def train_probe(self: Task, slices: Any, plan: dict[str, Any]) -> dict[str, Any]:
     """Select the penalty from the sweep slices (chord body) and fit every head."""
     sweep = steps.as_list(slices) if plan["spec"]["probe"]["l2"] is None else None
-    return steps.run_train(job_store(), Plan.from_dict(plan), sweep)
+    p = Plan.from_dict(plan)
+    check_plan(p)
+    return steps.run_train(job_store(), p, sweep)
 
 
 @app.task(name="featurefleet.evaluate", bind=True, acks_late=True)
@@ -67,4 +85,5 @@ def evaluate(self: Task, trained: dict[str, Any], plan: dict[str, Any]) -> dict[
 @app.task(name="featurefleet.fail_job", acks_late=True)
 def fail_job(request: Any, exc: Any, traceback: Any, job_id: str) -> None:
     """Error callback of the job canvas: mark the job FAILED with the failing task's error."""
-    steps.run_fail(job_store(), job_id, getattr(request, "id", "?"), f"{exc!r}")
+    steps.run_fail(job_store(), job_id, getattr(request, "id", "?"),
+                   f"{type(exc).__name__}: {exc}")

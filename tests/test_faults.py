@@ -1,0 +1,216 @@
+"""Fault tests: real worker processes are killed, Redis restarts, tasks fail, jobs are cancelled.
+Each test runs its own private Redis and workers and is bounded in time."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pipeline import submit
+from pipeline.api import Job
+from pipeline.errors import BrokerError
+from pipeline.store import file_sha256, read_shard
+from tests.conftest import small_spec
+from workers.runtime import LocalCluster, start_redis, start_worker, wait_for_workers
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{p}/stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(p))
+    return out
+
+
+@contextlib.contextmanager
+def cluster_env(tmp: Path, extract_workers: int = 1,
+                env: dict[str, str] | None = None) -> Iterator[LocalCluster]:
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    c = LocalCluster(tmp / "cluster", extract_workers=extract_workers)
+    try:
+        yield c.start()
+    finally:
+        c.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def wait_for(cond, timeout: float = 120, every: float = 0.05) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(every)
+
+
+def assert_exactly_once(job: Job) -> dict:
+    st = job.status()
+    rep = job.result()
+    ids = [s["id"] for s in rep["shards"]]
+    assert len(ids) == len(set(ids)) == st["shards_total"]
+    for s in rep["shards"]:
+        assert file_sha256(s["path"]) == s["sha256"]
+        assert read_shard(s["path"]).features.shape[0] == s["rows"]
+    assert st["shards_done"] == st["shards_total"]
+    assert st["images_done"] == st["images_total"]
+    assert st["collect_runs"] == 1  # the chord callback ran once
+    assert not list(Path(rep["feature_store"]["dir"]).glob("*.tmp"))
+    return rep
+
+
+def test_1_sigkill_of_the_pool_child_mid_shard(tmp_path: Path) -> None:
+    with cluster_env(tmp_path) as c:
+        spec = small_spec(tmp_path, limit=300, shard_size=100)
+        spec = spec.__class__.from_dict({**spec.to_dict(), "backbone": {"image_size": 96}})
+        job = submit(spec, broker=c.broker)
+        wait_for(lambda: job.status().get("images_done", 0) > 0)
+        kids = children(c.procs[0].popen.pid)  # the extraction worker's pool child
+        assert len(kids) == 1
+        os.kill(kids[0], signal.SIGKILL)
+        st = job.wait(timeout=300)
+        assert st["status"] == "SUCCESS", st
+        assert_exactly_once(job)
+
+
+def test_2_whole_worker_lost_while_another_lives(tmp_path: Path) -> None:
+    # Short time limit -> visibility timeout 2 x 10 s: the lost shard comes back within ~30 s.
+    with cluster_env(tmp_path, extract_workers=2,
+                     env={"FEATUREFLEET_TASK_TIME_LIMIT": "10"}) as c:
+        spec = small_spec(tmp_path, limit=400, shard_size=50)
+        spec = spec.__class__.from_dict({**spec.to_dict(), "backbone": {"image_size": 64}})
+        job = submit(spec, broker=c.broker)
+        wait_for(lambda: job.status().get("images_done", 0) > 0)
+        victim = c.procs[0]
+        os.killpg(victim.popen.pid, signal.SIGKILL)  # host lost: parent and child at once
+        victim.popen.wait(10)
+        st = job.wait(timeout=240)
+        assert st["status"] == "SUCCESS", st
+        rep = assert_exactly_once(job)
+    survivors = {s["worker"] for s in rep["shards"]}
+    assert len(survivors) >= 1
+
+
+def test_4_poison_shard_fails_after_k_attempts(tmp_path: Path) -> None:
+    with cluster_env(tmp_path, env={"FEATUREFLEET_FAULT_CRASH_SHARD": "train-64-128",
+                                    "FEATUREFLEET_MAX_ATTEMPTS": "2"}) as c:
+        job = submit(small_spec(tmp_path), broker=c.broker)
+        st = job.wait(timeout=300)
+    assert st["status"] == "FAILED"
+    assert "train-64-128" in st["error"] and "poison shard" in st["error"]
+    # Other shards' results are kept in the store (a rerun would reuse them).
+    kept = list((Path(st["job_dir"]).parent.parent / "store").rglob("*.h5"))
+    assert len(kept) >= 3
+
+
+def test_5_error_in_the_chord_header_names_the_shard(tmp_path: Path) -> None:
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    for cls in ("a", "b"):
+        for i in range(8):
+            p = root / cls / f"{i}.png"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (16, 16), (30 * i, 0, 0)).save(p)
+    with cluster_env(tmp_path) as c:
+        spec = small_spec(tmp_path).__class__.from_dict({
+            "data": {"source": "imagefolder", "path": str(root), "shard_size": 4},
+            "backbone": {"image_size": 32}, "output": str(tmp_path / "out")})
+        job = submit(spec, broker=c.broker)
+        Image.new("RGB", (20, 20)).save(root / "a" / "0.png")  # data changes under the job
+        st = job.wait(timeout=300)
+        time.sleep(2)  # a second errback call would land now
+        st = job.status()
+    assert st["status"] == "FAILED"
+    assert "shard train-" in st["error"] or "shard test-" in st["error"]
+    assert "changed since the job was planned" in st["error"]
+    assert st["errback_runs"] == 1
+
+
+def test_6_finished_shard_delivered_again_changes_nothing(tmp_path: Path) -> None:
+    from workers.app import make_app
+
+    with cluster_env(tmp_path) as c:
+        job = submit(small_spec(tmp_path, limit=150), broker=c.broker)
+        assert job.wait(timeout=300)["status"] == "SUCCESS"
+        before = job.status()
+        rep = job.result()
+        plan = json.loads((Path(before["job_dir"]) / "plan.json").read_text())
+        shard = plan["shards"][0]
+        sha = file_sha256(shard["path"])
+        app = make_app(c.broker)
+        try:  # the same message again, as a redelivery would bring it
+            res = app.send_task("featurefleet.extract_shard", args=({**plan, "shards": []},
+                                                                    shard), queue="ff.extract")
+            again = res.get(timeout=60)
+        finally:
+            app.close()
+        after = job.status()
+        rep2 = job.result()
+    assert again["cached"] and again["sha256"] == sha == file_sha256(shard["path"])
+    for k in ("shards_done", "images_done", "images_skipped", "collect_runs"):
+        assert after[k] == before[k], k
+    assert [s["sha256"] for s in rep["shards"]] == [s["sha256"] for s in rep2["shards"]]
+
+
+def test_7_cancel_during_extraction(tmp_path: Path) -> None:
+    with cluster_env(tmp_path) as c:
+        spec = small_spec(tmp_path, limit=400, shard_size=100)
+        spec = spec.__class__.from_dict({**spec.to_dict(), "backbone": {"image_size": 96}})
+        job = submit(spec, broker=c.broker)
+        wait_for(lambda: job.status().get("shards_done", 0) >= 1, timeout=180)
+        assert job.cancel()
+        assert not job.cancel()  # once
+        time.sleep(6)  # the running shard notices at its next batch; queued ones are revoked
+        st = job.status()
+        store = Path(st["job_dir"]).parent.parent / "store"
+        files = list(store.rglob("*.h5"))
+    assert st["status"] == "CANCELLED"
+    assert not list(store.rglob("*.tmp"))
+    assert 1 <= len(files) < st["shards_total"]
+    for f in files:  # what was finished stays valid
+        read_shard(f)
+
+
+def test_3_redis_restart_with_aof(tmp_path: Path) -> None:
+    redis = start_redis(tmp_path / "redis", appendonly=True)
+    port, password = redis.port, redis.password
+    logs = tmp_path / "logs"
+    procs = [start_worker(redis.url, ["ff.extract"], "x1@test", logs),
+             start_worker(redis.url, ["ff.train"], "t1@test", logs)]
+    try:
+        wait_for_workers(redis.url, ["x1@test", "t1@test"], procs)
+        spec = small_spec(tmp_path, limit=300, shard_size=50)
+        spec = spec.__class__.from_dict({**spec.to_dict(), "backbone": {"image_size": 64}})
+        job = submit(spec, broker=redis.url)
+        wait_for(lambda: job.status().get("shards_done", 0) >= 1, timeout=180)
+        redis.stop()
+        time.sleep(1)
+        redis = start_redis(tmp_path / "redis", port=port, password=password, appendonly=True)
+
+        def done() -> bool:
+            with contextlib.suppress(BrokerError):
+                return job.status()["status"] in ("SUCCESS", "FAILED")
+            return False
+
+        wait_for(done, timeout=300, every=0.5)
+        assert job.status()["status"] == "SUCCESS", job.status()
+        assert_exactly_once(job)
+    finally:
+        for p in procs:
+            p.stop(timeout=10)
+        redis.stop()

@@ -1,0 +1,154 @@
+"""Security: JSON-only messages, TLS with certificate checking, no secrets in logs or records,
+path validation, message size limit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import submit
+from pipeline.errors import SpecError
+from pipeline.plan import ALLOWED_ROOTS_ENV, check_plan, make_plan
+from tests.conftest import small_spec
+from workers.runtime import (
+    LocalCluster,
+    find_redis_server,
+    free_port,
+    spawn,
+    start_worker,
+    wait_for_workers,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.security]
+
+
+class Exploit:
+    """Unpickling this creates a marker file: proof that pickle was executed."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (Path(self.marker).write_text, ("pwned",))
+
+
+def test_pickle_message_is_refused_and_never_executed(cluster: LocalCluster,
+                                                      tmp_path: Path) -> None:
+    from celery import Celery
+
+    marker = tmp_path / "pwned"
+    evil = Celery("evil", broker=cluster.broker, set_as_current=False)
+    evil.conf.update(task_serializer="pickle", accept_content=["pickle", "json"])
+    try:
+        evil.send_task("featurefleet.fail_job", args=(Exploit(str(marker)),),
+                       queue="ff.extract", serializer="pickle")
+        evil.send_task("featurefleet.fail_job", args=(Exploit(str(marker)),),
+                       queue="ff.train", serializer="pickle")
+    finally:
+        evil.close()
+    time.sleep(3)
+    assert not marker.exists()
+    logs = "".join(p.log.read_text(errors="replace") for p in cluster.procs)
+    assert "Refusing to deserialize untrusted content of type pickle" in logs
+
+
+def test_no_secret_in_logs_records_or_reports(cluster: LocalCluster, tmp_path: Path) -> None:
+    job = submit(small_spec(tmp_path, limit=100), broker=cluster.broker)
+    assert job.wait(timeout=240)["status"] == "SUCCESS"
+    assert cluster.redis is not None
+    secret = cluster.redis.password
+    logs = "".join(p.log.read_text(errors="replace") for p in cluster.procs)
+    assert "redis://:**@" in logs and secret not in logs
+    assert secret not in str(job.status())
+    for f in Path(job.status()["job_dir"]).iterdir():
+        if f.suffix in (".json", ".html"):
+            assert secret not in f.read_text(), f
+
+
+def test_paths_outside_the_allowed_roots_are_refused(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ALLOWED_ROOTS_ENV, str(tmp_path / "allowed"))
+    ok = make_plan(small_spec(tmp_path / "allowed" / "x"), "ok")
+    check_plan(ok)
+    bad = make_plan(small_spec(tmp_path / "elsewhere"), "bad")
+    with pytest.raises(SpecError, match=r"outside the allowed roots.*fix:"):
+        check_plan(bad)
+
+
+def test_a_plan_too_big_for_a_message_is_refused(tmp_path: Path) -> None:
+    spec = small_spec(tmp_path, limit=None, shard_size=1)  # 1797 one-image shards
+    plan = make_plan(spec, "big")
+    import pipeline.plan as plan_mod
+
+    old = plan_mod.MAX_PLAN_BYTES
+    plan_mod.MAX_PLAN_BYTES = 100_000
+    try:
+        with pytest.raises(SpecError, match=r"message limit.*fix: raise data.shard_size"):
+            check_plan(plan)
+    finally:
+        plan_mod.MAX_PLAN_BYTES = old
+
+
+def _certs(d: Path) -> dict[str, Path]:
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=ff-test-ca",
+        "-keyout", "ca.key", "-out", "ca.crt")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout",
+        "server.key", "-out", "server.csr")
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+        "-CAcreateserial", "-days", "2", "-extfile", "san.ext", "-out", "server.crt")
+    return {k: d / f"{k}" for k in ("ca.crt", "server.crt", "server.key")}
+
+
+@pytest.mark.skipif(not Path("/usr/bin/openssl").exists(), reason="needs the openssl command")
+def test_job_over_tls_with_certificate_checking(tmp_path: Path) -> None:
+    import redis as redis_py
+
+    certs = _certs(tmp_path)
+    port, password = free_port(), "tls-secret"
+    conf = tmp_path / "redis.conf"
+    conf.write_text(f"requirepass {password}\n")
+    server = spawn("redis-tls", [find_redis_server(), str(conf), "--port", "0",
+                                 "--tls-port", str(port), "--bind", "127.0.0.1",
+                                 "--tls-cert-file", str(certs["server.crt"]),
+                                 "--tls-key-file", str(certs["server.key"]),
+                                 "--tls-ca-cert-file", str(certs["ca.crt"]),
+                                 "--tls-auth-clients", "no", "--save", "",
+                                 "--dir", str(tmp_path)], tmp_path / "redis.log")
+    url = (f"rediss://:{password}@127.0.0.1:{port}/0?ssl_cert_reqs=required"
+           f"&ssl_ca_certs={certs['ca.crt']}")
+    procs = []
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis_py.Redis.from_url(url).ping()
+                break
+            except redis_py.ConnectionError:
+                if time.monotonic() > deadline or not server.alive():
+                    if "TLS" in server.log_tail() or not server.alive():
+                        pytest.skip(f"redis-server without TLS: {server.log_tail(3)}")
+                    raise
+                time.sleep(0.1)
+        # A client that does not trust the CA is refused.
+        untrusted = url.replace(f"&ssl_ca_certs={certs['ca.crt']}", "")
+        with pytest.raises(redis_py.ConnectionError):
+            redis_py.Redis.from_url(untrusted).ping()
+        logs = tmp_path / "logs"
+        procs = [start_worker(url, ["ff.extract"], "tx@tls", logs),
+                 start_worker(url, ["ff.train"], "tt@tls", logs)]
+        wait_for_workers(url, ["tx@tls", "tt@tls"], procs)
+        job = submit(small_spec(tmp_path, limit=100), broker=url)
+        assert job.wait(timeout=240)["status"] == "SUCCESS"
+    finally:
+        for p in procs:
+            p.stop(timeout=10)
+        server.stop()
+    assert os.path.getsize(tmp_path / "redis.log") > 0
