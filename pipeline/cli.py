@@ -92,6 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="with rm: remove every shard set")
     p.add_argument("--json", action="store_true", help="print JSON")
 
+    p = sub.add_parser("dashboard", help="start Flower (authentication required)")
+    _add_broker(p)
+    p.add_argument("--address", default="127.0.0.1", help="bind address (default loopback)")
+    p.add_argument("--port", type=int, default=5555)
+    p.add_argument("--auth", default=None,
+                   help="user:password for basic auth (default $FEATUREFLEET_FLOWER_AUTH)")
+    p.add_argument("--no-auth-on-loopback", action="store_true",
+                   help="allow no authentication, only on a loopback address")
+    p.add_argument("--read-only", action="store_true", help="disable Flower's control actions")
+
     p = sub.add_parser("watchdog", help="fail jobs past their deadline, re-dispatch stalled ones")
     _add_broker(p)
     p.add_argument("--every", type=float, default=30.0, help="seconds between checks")
@@ -368,6 +378,21 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dashboard(args: argparse.Namespace) -> int:
+    from pipeline.state import broker_url, connect
+    from workers.runtime import FLOWER_AUTH_ENV, dashboard
+
+    url = broker_url(args.broker)
+    argv, env = dashboard(url, args.address, args.port,
+                          args.auth or os.environ.get(FLOWER_AUTH_ENV),
+                          args.no_auth_on_loopback, args.read_only)
+    connect(url).close()
+    print(f"featurefleet: Flower on http://{args.address}:{args.port}/ (tasks: /tasks, "
+          "metrics: /metrics)", flush=True)
+    os.execve(argv[0], argv, env)
+    return 0  # pragma: no cover
+
+
 def _watchdog(args: argparse.Namespace) -> int:
     from pipeline import watchdog
 
@@ -393,7 +418,7 @@ def _retry(args: argparse.Namespace) -> int:
     return 0
 
 
-_VERBS = {"cache": _cache, "cancel": _cancel, "demo": _demo, "jobs": _jobs,
+_VERBS = {"cache": _cache, "cancel": _cancel, "dashboard": _dashboard, "demo": _demo, "jobs": _jobs,
           "predict": _predict, "report": _report, "retry": _retry, "status": _status,
           "submit": _submit, "watch": _watch, "watchdog": _watchdog, "worker": _worker}
 

@@ -179,6 +179,42 @@ def start_worker(broker: str, queues: list[str], name: str, logdir: Path,
                  logdir / f"{name}.log", full_env)
 
 
+FLOWER_AUTH_ENV = "FEATUREFLEET_FLOWER_AUTH"  # user:password for Flower's basic auth
+
+
+def dashboard(broker: str, address: str = "127.0.0.1", port: int = 5555,
+              auth: str | None = None, allow_no_auth_on_loopback: bool = False,
+              read_only: bool = False) -> tuple[list[str], dict[str, str]]:
+    """Flower's command line and environment for this broker.
+
+    Authentication is required: basic auth (``user:password``; passed in the environment, not
+    on the command line, so ``ps`` does not show it). Without it Flower starts only on a
+    loopback address and only when the caller says so explicitly.
+
+    Raises:
+        FeaturefleetError: no auth where auth is required, or a malformed ``auth``.
+    """
+    loopback = address in ("127.0.0.1", "localhost", "::1")
+    env = {**os.environ, BROKER_ENV: broker,
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("FLOWER_UNAUTHENTICATED_API", None)  # the HTTP API can send tasks: never open it
+    if auth:
+        if ":" not in auth or auth.startswith(":") or auth.endswith(":"):
+            raise FeaturefleetError("dashboard auth must be user:password; fix: set "
+                                    f"{FLOWER_AUTH_ENV}=user:password or pass --auth")
+        env["FLOWER_BASIC_AUTH"] = auth
+    elif not (loopback and allow_no_auth_on_loopback):
+        raise FeaturefleetError(
+            f"the dashboard needs authentication (address {address}); fix: set "
+            f"{FLOWER_AUTH_ENV}=user:password (or --auth), or on a loopback address pass "
+            "--no-auth-on-loopback")
+    argv = [sys.executable, "-m", "celery", "-A", "workers.app", "flower",
+            f"--address={address}", f"--port={port}"]
+    if read_only:
+        argv.append("--read_only")
+    return argv, env
+
+
 def list_gpus() -> list[str]:
     """GPU indices on this machine, found without initialising CUDA in this process
     (a forked pool child could not use CUDA afterwards)."""
