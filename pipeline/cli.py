@@ -251,7 +251,7 @@ def _worker(args: argparse.Namespace) -> int:
     import socket
 
     from pipeline.state import broker_url, connect
-    from workers.runtime import ALLOCATOR_ENV, ROOT, worker_argv
+    from workers.runtime import ROOT, WORKER_ENV, worker_argv
 
     url = broker_url(args.broker)
     connect(url).close()  # a clear error now instead of a retry loop in the worker
@@ -263,7 +263,7 @@ def _worker(args: argparse.Namespace) -> int:
     name = args.name or f"worker-{os.getpid()}@{socket.gethostname()}"
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
     os.environ[BROKER_ENV] = url
-    os.environ.update({k: v for k, v in ALLOCATOR_ENV.items() if k not in os.environ})
+    os.environ.update({k: v for k, v in WORKER_ENV.items() if k not in os.environ})
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     argv = worker_argv(queues, args.concurrency, name, loglevel=args.loglevel)
     os.execv(argv[0], argv)  # become the Celery worker process itself

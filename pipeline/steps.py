@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline import evaluate, extract, heads, report, store, train
 from pipeline.errors import JobError
 from pipeline.plan import Plan, Shard
@@ -130,12 +132,18 @@ def run_evaluate(jobs: JobStore, plan: Plan, trained: dict[str, Any]) -> dict[st
     _live(jobs, plan)
     t0 = time.time()
     jobs.update(plan.job_id, stage="evaluate")
-    test = train.load_test(plan, _recorded(jobs, plan))
-    by_head = {}
-    for name, info in trained["heads"].items():
-        head = heads.load_head(info["path"])
-        by_head[name] = evaluate.classification_metrics(test.y, head.predict_proba(test.x),
-                                                        plan.class_names)
+    reader = train.test_reader(plan, _recorded(jobs, plan))
+    loaded = {name: heads.load_head(info["path"]) for name, info in trained["heads"].items()}
+    proba: dict[str, list[np.ndarray]] = {name: [] for name in loaded}
+    labels = []
+    for x, y, _idx in reader.chunks():  # one pass over the test shards for every head
+        labels.append(y)
+        for name, head in loaded.items():
+            proba[name].append(head.predict_proba(x))
+    y_all = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+    by_head = {name: evaluate.classification_metrics(
+        y_all, np.concatenate(p) if p else np.zeros((0, len(plan.class_names))),
+        plan.class_names) for name, p in proba.items()}
     metrics = by_head[trained["primary"]]
     record = jobs.get(plan.job_id)
     path = report.write_report(plan, record, jobs.shard_results(plan.job_id), trained, metrics,

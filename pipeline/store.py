@@ -207,17 +207,59 @@ def shard_summary(path: str | Path) -> dict[str, Any]:
             "skipped": [{"id": a, "reason": b} for a, b in skipped]}
 
 
+class ShardReader:
+    """All shards of a split read as one, in order, with bounded memory.
+
+    ``chunks`` streams (features as float32, labels, indices) at most ``max_rows`` rows at a
+    time; ``read_all`` fills one preallocated array, so loading a split costs its final size
+    plus one chunk, not a copy per shard plus a concatenation.
+    """
+
+    def __init__(self, paths: list[str]) -> None:
+        import h5py
+
+        self.paths = list(paths)
+        self.sizes: list[int] = []
+        self.dim = 0
+        for p in self.paths:
+            try:
+                with h5py.File(p, "r") as f:
+                    self.sizes.append(int(f["features"].shape[0]))
+                    self.dim = int(f["features"].shape[1]) if f["features"].ndim == 2 else 0
+            except (OSError, KeyError) as exc:
+                raise StoreError(f"shard {p!r} is unreadable ({exc}); fix: delete it and rerun "
+                                 "the job, or run featurefleet cache verify") from None
+
+    @property
+    def rows(self) -> int:
+        return sum(self.sizes)
+
+    def chunks(self, max_rows: int = 65536) -> Any:
+        import h5py
+
+        for p, n in zip(self.paths, self.sizes, strict=True):
+            with h5py.File(p, "r") as f:
+                for s in range(0, n, max_rows):
+                    e = min(n, s + max_rows)
+                    yield (f["features"][s:e].astype(np.float32), f["labels"][s:e],
+                           f["indices"][s:e])
+
+    def read_all(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        x = np.empty((self.rows, self.dim), np.float32)
+        y = np.empty(self.rows, np.int64)
+        idx = np.empty(self.rows, np.int64)
+        at = 0
+        for fx, fy, fi in self.chunks():
+            x[at: at + len(fy)], y[at: at + len(fy)], idx[at: at + len(fy)] = fx, fy, fi
+            at += len(fy)
+        return x, y, idx
+
+
 def load_split(paths: list[str]) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
-    """Concatenate features (float32), labels and skips of several shards, in the given order."""
-    feats, labels, skipped = [], [], []
-    for p in paths:
-        s = read_shard(p)
-        feats.append(s.features.astype(np.float32))
-        labels.append(s.labels)
-        skipped.extend(s.skipped)
-    if not feats:
-        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), skipped
-    return np.concatenate(feats), np.concatenate(labels), skipped
+    """Features (float32), labels and skips of several shards, in the given order."""
+    x, y, _idx = ShardReader(paths).read_all()
+    skipped = [(s["id"], s["reason"]) for p in paths for s in shard_summary(p)["skipped"]]
+    return x, y, skipped
 
 
 def _attr(value: Any) -> Any:

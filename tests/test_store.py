@@ -69,3 +69,18 @@ def test_load_split_concatenates_in_order(tmp_path: Path) -> None:
     assert x.shape == (10, 8) and x.dtype == np.float32
     np.testing.assert_array_equal(y, np.concatenate([np.arange(4) % 3, np.arange(6) % 3]))
     assert len(skipped) == 2
+
+
+def test_reader_streams_in_bounded_chunks(tmp_path: Path) -> None:
+    paths = []
+    for i, n in enumerate((5, 7)):
+        p = tmp_path / f"{i}.h5"
+        store.write_shard(p, _data(n))
+        paths.append(str(p))
+    reader = store.ShardReader(paths)
+    assert reader.rows == 12 and reader.dim == 8
+    chunks = list(reader.chunks(max_rows=3))
+    assert [len(c[1]) for c in chunks] == [3, 2, 3, 3, 1]
+    x, y, idx = reader.read_all()
+    np.testing.assert_array_equal(x, np.concatenate([c[0] for c in chunks]))
+    assert x.dtype == np.float32 and len(y) == len(idx) == 12

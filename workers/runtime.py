@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # batch: at batch 32 that halves CPU throughput (EfficientNet-Lite0 18.9 -> 42.3 img/s on 2
 # cores with these set; benchmarks/bench.py). Worker processes keep freed memory instead.
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+# SIGTERM starts Celery's soft shutdown (see worker_soft_shutdown_timeout in settings).
+WORKER_ENV = {**ALLOCATOR_ENV, "REMAP_SIGTERM": "SIGQUIT"}
 
 # How long a stopping worker may take to finish its shard before it is killed (and the shard,
 # never acked, is delivered again). Kubernetes' grace period must be longer.
@@ -172,7 +174,7 @@ def start_worker(broker: str, queues: list[str], name: str, logdir: Path,
                  concurrency: int = 1, env: dict[str, str] | None = None,
                  loglevel: str = "INFO") -> Proc:
     """Start one real Celery worker process (prefork pool) consuming ``queues``."""
-    full_env = {**os.environ, **ALLOCATOR_ENV, **(env or {}), BROKER_ENV: broker,
+    full_env = {**os.environ, **WORKER_ENV, **(env or {}), BROKER_ENV: broker,
                 CLUSTER_ENV: str(logdir),
                 "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     return spawn(name, worker_argv(queues, concurrency, name, loglevel=loglevel),

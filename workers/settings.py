@@ -65,6 +65,9 @@ def celery_config(url: str | None = None) -> dict[str, Any]:
         "task_track_started": True,
         "task_default_queue": TRAIN_QUEUE,
         "task_routes": {"featurefleet.extract_shard": {"queue": EXTRACT_QUEUE}},
+        # SIGTERM (workers start with REMAP_SIGTERM=SIGQUIT): finish the running shard within
+        # this time, else stop it and hand its message straight back to the queue.
+        "worker_soft_shutdown_timeout": float(os.environ.get("FEATUREFLEET_SOFT_SHUTDOWN_S", 60)),
         # Loading a backbone in the child may take longer than the default 4 s budget.
         "worker_proc_alive_timeout": 60,
         "worker_hijack_root_logger": False,
