@@ -173,6 +173,18 @@ def decode_image(path: str | Path | Any) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+def _decode_files(paths: Sequence[Path], indices: Sequence[int]) -> Loaded:
+    """Decode image files; an unreadable one becomes a recorded failure, not an exception."""
+    out = Loaded([], [], [])
+    for path, i in zip(paths, indices, strict=True):
+        try:
+            out.images.append(decode_image(path))
+            out.indices.append(int(i))
+        except Exception as exc:  # a bad file is data, not a crash
+            out.failures.append((int(i), f"{exc.__class__.__name__}: {exc}"[:300]))
+    return out
+
+
 # --- sources ------------------------------------------------------------------------------
 
 
@@ -335,14 +347,7 @@ class FolderSource(Source):
         return self.files[index]
 
     def load(self, indices: Sequence[int]) -> Loaded:
-        out = Loaded([], [], [])
-        for i in indices:
-            try:
-                out.images.append(decode_image(self.root / self.files[i]))
-                out.indices.append(int(i))
-            except Exception as exc:
-                out.failures.append((int(i), f"{exc.__class__.__name__}: {exc}"[:300]))
-        return out
+        return _decode_files([self.root / self.files[i] for i in indices], indices)
 
 
 @register("imagefolder")
@@ -422,14 +427,7 @@ class ManifestSource(Source):
         return os.path.relpath(self.files[index], self.root)
 
     def load(self, indices: Sequence[int]) -> Loaded:
-        out = Loaded([], [], [])
-        for i in indices:
-            try:
-                out.images.append(decode_image(self.files[i]))
-                out.indices.append(int(i))
-            except Exception as exc:
-                out.failures.append((int(i), f"{exc.__class__.__name__}: {exc}"[:300]))
-        return out
+        return _decode_files([self.files[i] for i in indices], indices)
 
 
 def _read_manifest(path: Path) -> list[dict[str, Any]]:
