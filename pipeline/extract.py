@@ -1,9 +1,9 @@
 """Feature extraction for one shard: decode -> preprocess -> frozen backbone -> HDF5 shard.
 
-Decoding and preprocessing of the next batches run in a thread pool while the current batch
-goes through the network (torch releases the GIL), because prefork Celery children may not
-start DataLoader worker processes. The backbone and the data source are cached per process, so
-a worker pays for loading them once.
+Decoding of the next batches runs in a thread pool while the current batch goes through the
+network (torch releases the GIL), because prefork Celery children may not start DataLoader
+worker processes. Resizing runs in the calling thread, on the device when it is a GPU. The
+backbone and the data source are cached per process, so a worker pays for loading them once.
 """
 
 from __future__ import annotations

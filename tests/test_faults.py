@@ -170,6 +170,9 @@ def test_5_error_in_the_chord_header_names_the_shard(tmp_path: Path) -> None:
         st = job.wait(timeout=300)
         time.sleep(2)  # a second errback call would land now
         st = job.status()
+        again = job.retry()  # the same spec on today's data: planned anew, shards reused
+        assert again.wait(timeout=300)["status"] == "SUCCESS"
+        assert again.status()["retry_of"] == job.id
     assert st["status"] == "FAILED"
     assert "shard train-" in st["error"] or "shard test-" in st["error"]
     assert "changed since the job was planned" in st["error"]
