@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow no authentication, only on a loopback address")
     p.add_argument("--read-only", action="store_true", help="disable Flower's control actions")
 
+    p = sub.add_parser("exporter", help="Prometheus metrics of the fleet on /metrics")
+    _add_broker(p)
+    p.add_argument("--address", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9808)
+
     p = sub.add_parser("watchdog", help="fail jobs past their deadline, re-dispatch stalled ones")
     _add_broker(p)
     p.add_argument("--every", type=float, default=30.0, help="seconds between checks")
@@ -393,6 +398,16 @@ def _dashboard(args: argparse.Namespace) -> int:
     return 0  # pragma: no cover
 
 
+def _exporter(args: argparse.Namespace) -> int:
+    from pipeline.metrics import serve
+    from pipeline.state import JobStore, connect
+
+    server = serve(JobStore(connect(args.broker, patient=True)), args.address, args.port)
+    print(f"featurefleet: metrics on http://{args.address}:{args.port}/metrics", flush=True)
+    server.serve_forever()
+    return 0
+
+
 def _watchdog(args: argparse.Namespace) -> int:
     from pipeline import watchdog
 
@@ -418,9 +433,10 @@ def _retry(args: argparse.Namespace) -> int:
     return 0
 
 
-_VERBS = {"cache": _cache, "cancel": _cancel, "dashboard": _dashboard, "demo": _demo, "jobs": _jobs,
-          "predict": _predict, "report": _report, "retry": _retry, "status": _status,
-          "submit": _submit, "watch": _watch, "watchdog": _watchdog, "worker": _worker}
+_VERBS = {"cache": _cache, "cancel": _cancel, "dashboard": _dashboard, "demo": _demo,
+          "exporter": _exporter, "jobs": _jobs, "predict": _predict, "report": _report,
+          "retry": _retry, "status": _status, "submit": _submit, "watch": _watch,
+          "watchdog": _watchdog, "worker": _worker}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,6 +19,8 @@ BROKER_ENV = "FEATUREFLEET_BROKER_URL"
 STATUSES = ("PENDING", "RUNNING", "SUCCESS", "FAILED", "CANCELLED")
 FINAL = ("SUCCESS", "FAILED", "CANCELLED")
 JOB_TTL_S = 30 * 24 * 3600  # job records outlive any job; listing shows a month of history
+METRICS_KEY = "ff:metrics"  # fleet-wide counters, read by `featurefleet exporter`
+SHARD_BUCKETS = (1, 5, 15, 60, 300, 1800)  # shard duration histogram (seconds)
 
 
 def broker_url(url: str | None = None) -> str:
@@ -130,12 +132,21 @@ class JobStore:
             pipe.execute()
 
     def record_shard(self, job_id: str, result: dict[str, Any], rows: int) -> bool:
-        """Store a finished shard's result and settle its counters, atomically, once.
-        Returns False for a shard recorded before (a redelivered task)."""
-        new = self.r.eval(_RECORD_SHARD, 3, self._key(job_id), self._key(job_id) + ":shards",
-                          self._key(job_id) + ":progress", result["shard"], json.dumps(result),
-                          len(result.get("skipped", [])), rows, JOB_TTL_S)
+        """Store a finished shard's result and settle its counters (the job's and the fleet's
+        metrics), atomically, once. Returns False for a shard recorded before (a redelivered
+        task)."""
+        seconds = float(result.get("seconds") or 0.0)
+        bucket = next((f"le_{b:g}" for b in SHARD_BUCKETS if seconds <= b), "le_inf")
+        extracted = 0 if result.get("cached") else int(result.get("rows", 0))
+        new = self.r.eval(_RECORD_SHARD, 4, self._key(job_id), self._key(job_id) + ":shards",
+                          self._key(job_id) + ":progress", METRICS_KEY, result["shard"],
+                          json.dumps(result), len(result.get("skipped", [])), rows, JOB_TTL_S,
+                          extracted, seconds, bucket)
         return bool(new)
+
+    def count_failure(self, kind: str) -> None:
+        """A fleet-wide failure counter (``jobs_failed``, ...) for the metrics exporter."""
+        self.r.hincrby(METRICS_KEY, kind, 1)
 
     def shard_results(self, job_id: str) -> dict[str, dict[str, Any]]:
         raw = self.r.hgetall(self._key(job_id) + ":shards")
@@ -202,6 +213,11 @@ if new == 1 then
   redis.call('HINCRBY', KEYS[1], 'images_skipped', ARGV[3])
   redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
   redis.call('EXPIRE', KEYS[3], ARGV[5])
+  redis.call('HINCRBY', KEYS[4], 'shards_recorded', 1)
+  redis.call('HINCRBY', KEYS[4], 'images_extracted', ARGV[6])
+  redis.call('HINCRBY', KEYS[4], 'images_skipped', ARGV[3])
+  redis.call('HINCRBYFLOAT', KEYS[4], 'shard_seconds_sum', ARGV[7])
+  redis.call('HINCRBY', KEYS[4], 'shard_seconds_' .. ARGV[8], 1)
 end
 return new
 """

@@ -157,6 +157,7 @@ def run_fail(jobs: JobStore, job_id: str, task_id: str, error: str) -> None:
     log.error("job %s failed in task %s: %s", job_id, task_id, error)
     jobs.incr(job_id, "errback_runs")
     if jobs.finish(job_id, "FAILED", error=error, failed_task=task_id):
+        jobs.count_failure("jobs_failed")
         record = jobs.get(job_id)
         out = Path(record.get("job_dir", ""))
         if out.is_dir():

@@ -127,3 +127,42 @@ def test_cli_submit_status_report(cluster: LocalCluster, tmp_path: Path) -> None
                           capture_output=True, text=True, timeout=60)
     assert job_id in jobs.stdout and cluster.redis is not None
     assert cluster.redis.password not in out.stdout + out.stderr + jobs.stdout
+
+
+def test_prometheus_exporter(cluster: LocalCluster, tmp_path: Path) -> None:
+    import re
+    import time
+    import urllib.request
+
+    from workers.runtime import free_port, spawn
+
+    job = submit(small_spec(tmp_path, limit=100), broker=cluster.broker)
+    assert job.wait(timeout=240)["status"] == "SUCCESS"
+    port = free_port()
+    proc = spawn("exporter", [sys.executable, "-m", "pipeline.cli", "exporter", "--broker",
+                              cluster.broker, "--port", str(port)], tmp_path / "exporter.log")
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                    text = r.read().decode()
+                break
+            except OSError:
+                assert proc.alive() and time.monotonic() < deadline, proc.log_tail()
+                time.sleep(0.3)
+    finally:
+        proc.stop(timeout=5)
+
+    def value(name: str) -> float:
+        m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+        assert m, name
+        return float(m.group(1))
+
+    assert value("featurefleet_images_extracted_total") >= 100
+    assert value('featurefleet_jobs{status="SUCCESS"}') >= 1
+    assert value('featurefleet_queue_length{queue="ff.extract"}') == 0
+    buckets = [float(v) for v in re.findall(r'^featurefleet_shard_seconds_bucket\{le="[^"]+"\} '
+                                            r"(\S+)$", text, re.M)]
+    assert buckets == sorted(buckets) and buckets[-1] == value("featurefleet_shard_seconds_count")
+    assert value("featurefleet_shard_seconds_count") >= 3
