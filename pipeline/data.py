@@ -355,11 +355,6 @@ def _imagefolder(spec: DataSpec) -> Source:
     return FolderSource(Path(str(spec.path)))
 
 
-def describe(source: Source) -> dict[str, Any]:
-    """A small summary for reports."""
-    return {"samples": len(source), "classes": len(source.class_names),
-            "class_names": source.class_names}
-
 
 class ManifestSource(Source):
     """A CSV or JSONL list of ``path,label[,split]``; relative paths resolve against the file."""

@@ -109,3 +109,12 @@ def test_wrong_architecture_weights_file(tmp_path: Path) -> None:
         load_backbone("efficientnet_lite0", str(w))
     bb = load_backbone("resnet18", str(w))  # the right architecture loads
     assert bb.feature_dim == 512 and bb.weights.id == "r18.pth"
+
+
+def test_backbone_registry_lists_lite0_and_torchvision() -> None:
+    from pipeline.backbones import list_backbones, resolve_weights
+
+    names = list_backbones()
+    assert {"efficientnet_lite0", "resnet50", "vit_b_16"} <= set(names)
+    info = resolve_weights("resnet50", "IMAGENET1K_V2")
+    assert info.preprocessing.resize == 232 and info.preprocessing.crop == 224  # from the weights
