@@ -74,6 +74,9 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, n_classes: int, l2: floa
                       bias=b.detach().numpy().copy())
 
 
+FINAL_FIT_ITERS = 3000  # L-BFGS iterations for the refit on train+val (stops at tolerance first)
+
+
 def l2_grid(points: int = 45, low: float = 1e-6, high: float = 1e5) -> list[float]:
     """The regularization grid of Kornblith et al. 2019: log-spaced, strongest first."""
     return [float(v) for v in np.logspace(np.log10(high), np.log10(low), points)]

@@ -135,7 +135,10 @@ def fit_heads(plan: Plan, recorded: set[str],
         if name == "linear":
             x = np.concatenate([tr.x, va.x])
             y = np.concatenate([tr.y, va.y])
-            head: Any = probe.fit_probe(x, y, k, l2, p.max_iter)
+            # The refit is what gets evaluated: converge it fully (the objective is strictly
+            # convex, so this is the same optimum scikit-learn reaches); the sweep's fits only
+            # rank penalties and stop at probe.max_iter.
+            head: Any = probe.fit_probe(x, y, k, l2, max(p.max_iter, probe.FINAL_FIT_ITERS))
             head.meta = {**meta, "head": "linear", "l2": l2}
         elif name == "mlp":
             head = heads.fit_mlp(tr.x, tr.y, va.x, va.y, k, p.mlp_hidden, p.mlp_dropout,
