@@ -116,7 +116,7 @@ def submit(spec: JobSpec, broker: str | None = None) -> Job:
     """
     from pipeline.plan import check_plan, make_plan
     from workers.app import make_app
-    from workers.canvas import job_canvas, task_ids
+    from workers.canvas import send, task_ids
 
     spec.validate()
     job_id = uuid.uuid4().hex[:12]
@@ -137,12 +137,7 @@ def submit(spec: JobSpec, broker: str | None = None) -> Job:
     })
     app = make_app(broker)
     try:
-        job_canvas(app, plan).apply_async()
-        # The client never waits on Celery results (job state lives in Redis): drop the result
-        # subscriptions, or collecting them later talks to a broker that may be gone.
-        consumer = app.backend.result_consumer
-        consumer.subscribed_to.clear()
-        consumer.stop()
+        send(app, plan)
     except Exception as exc:
         jobs.finish(job_id, "FAILED", error=f"could not enqueue: {exc!r}")
         raise BrokerError(f"could not enqueue job {job_id} on {redact(broker_url(broker))!r} "

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pipeline.probe import LinearHead
+from pipeline.probe import LinearHead, standardize_stats
 
 KNN_KS = (1, 3, 5, 7, 9, 11, 15, 21, 31)
 
@@ -56,13 +56,6 @@ def load_head(path: str | Path) -> Any:
         return KNNHead(arrays["reference"], arrays["labels"], int(meta["k"]),
                        int(meta["n_classes"]), meta)
     raise ValueError(f"unknown head kind {kind!r} in {path}")
-
-
-def _standardize_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    mean = x.mean(axis=0)
-    scale = x.std(axis=0)
-    scale[scale < 1e-6] = 1.0
-    return mean.astype(np.float32), scale.astype(np.float32)
 
 
 # --- MLP --------------------------------------------------------------------------------
@@ -114,7 +107,7 @@ def fit_mlp(x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray, n_clas
 
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    mean, scale = _standardize_stats(np.asarray(x, np.float32))
+    mean, scale = standardize_stats(np.asarray(x, np.float32))
     xt = torch.from_numpy((np.asarray(x, np.float32) - mean) / scale)
     yt = torch.from_numpy(np.asarray(y, np.int64))
     xvt = torch.from_numpy((np.asarray(xv, np.float32) - mean) / scale)

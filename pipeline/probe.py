@@ -62,9 +62,7 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, n_classes: int, l2: floa
     import torch
 
     x = np.asarray(features, dtype=np.float32)
-    mean = x.mean(axis=0)
-    scale = x.std(axis=0)
-    scale[scale < 1e-6] = 1.0  # constant features carry nothing; avoid dividing by zero
+    mean, scale = standardize_stats(x)
     xt = torch.from_numpy((x - mean) / scale)
     yt = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     w = torch.zeros(n_classes, x.shape[1], requires_grad=True)
@@ -72,6 +70,15 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, n_classes: int, l2: floa
     _lbfgs(xt, yt, w, b, l2, max_iter)
     return LinearHead(mean=mean, scale=scale, weight=w.detach().numpy().copy(),
                       bias=b.detach().numpy().copy())
+
+
+def standardize_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and scale of ``x`` (float32); constant features get scale 1, since
+    they carry nothing and must not be divided by zero."""
+    mean = x.mean(axis=0)
+    scale = x.std(axis=0)
+    scale[scale < 1e-6] = 1.0
+    return mean.astype(np.float32), scale.astype(np.float32)
 
 
 FINAL_FIT_ITERS = 3000  # L-BFGS iterations for the refit on train+val (stops at tolerance first)
@@ -92,9 +99,7 @@ def sweep(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np
     import torch
 
     x = np.asarray(x_train, dtype=np.float32)
-    mean = x.mean(axis=0)
-    scale = x.std(axis=0)
-    scale[scale < 1e-6] = 1.0
+    mean, scale = standardize_stats(x)
     xt = torch.from_numpy((x - mean) / scale)
     yt = torch.from_numpy(np.asarray(y_train, dtype=np.int64))
     xv = torch.from_numpy((np.asarray(x_val, dtype=np.float32) - mean) / scale)

@@ -87,19 +87,18 @@ def run_collect(jobs: JobStore, plan: Plan, results: list[dict[str, Any]]) -> di
     recorded = jobs.shard_results(plan.job_id)
     for split in plan.split_sizes:
         train.checked_paths(plan, split, set(recorded))
-    entries = {}
-    for s in plan.shards:
-        r = recorded.get(s.id) or {**store.shard_summary(s.path), "cached": True}
-        entries[Path(s.path).name] = {"sha256": r["sha256"], "rows": r["rows"],
-                                      "skipped": len(r.get("skipped", []))}
+    # One summary per shard: this run's record, or (a shard cached at planning) its file.
+    results = {s.id: recorded.get(s.id) or store.shard_summary(s.path) for s in plan.shards}
+    entries = {Path(s.path).name: {"sha256": results[s.id]["sha256"],
+                                   "rows": results[s.id]["rows"],
+                                   "skipped": len(results[s.id].get("skipped", []))}
+               for s in plan.shards}
     store.update_manifest(plan.shard_dir, entries, {
         "key": plan.key, "backbone": plan.spec["backbone"]["name"],
         "weights_id": plan.weights_id, "dataset_fingerprint": plan.fingerprint,
         "preprocessing": plan.preprocessing, "feature_dtype": plan.spec["backbone"][
             "feature_dtype"], "data": plan.spec["data"]})
-    skipped = [sk for s in plan.shards for sk in (recorded.get(s.id) or {}).get("skipped", [])]
-    skipped += [sk for s in plan.shards if s.id not in recorded
-                for sk in store.shard_summary(s.path)["skipped"]]
+    skipped = [sk for r in results.values() for sk in r.get("skipped", [])]
     total = sum(s.rows for s in plan.shards)
     bound = plan.job_spec.data.max_skipped_fraction
     if total and len(skipped) / total > bound:

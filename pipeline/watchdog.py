@@ -65,15 +65,12 @@ def check_job(jobs: JobStore, job_id: str, broker: str, stall_s: float = 120.0,
     from pathlib import Path
 
     from workers.app import make_app
-    from workers.canvas import job_canvas
+    from workers.canvas import send
 
     plan = Plan.from_dict(json.loads((Path(st["job_dir"]) / "plan.json").read_text()))
     app = make_app(broker)
     try:
-        job_canvas(app, plan, round_=rounds + 1).apply_async()
-        consumer = app.backend.result_consumer
-        consumer.subscribed_to.clear()
-        consumer.stop()
+        send(app, plan, round_=rounds + 1)
     finally:
         app.close()
     jobs.update(job_id, rounds=rounds + 1, activity=now)

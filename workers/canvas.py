@@ -48,6 +48,16 @@ def job_canvas(app: Celery, plan: Plan, round_: int = 0) -> Any:
     return chain(*steps).on_error(on_error)
 
 
+def send(app: Celery, plan: Plan, round_: int = 0) -> None:
+    """Enqueue a job's canvas. The client never waits on Celery results (job state lives in
+    Redis), so the result subscriptions are dropped at once: collected later they would talk
+    to a broker that may be gone."""
+    job_canvas(app, plan, round_).apply_async()
+    consumer = app.backend.result_consumer
+    consumer.subscribed_to.clear()
+    consumer.stop()
+
+
 def task_ids(plan: Plan) -> list[str]:
     """Every task id of a job's canvas (for revoking)."""
     ids = [f"{plan.job_id}.extract.{s.id}" for s in plan.shards if not s.cached]
