@@ -120,9 +120,10 @@ def submit(spec: JobSpec, broker: str | None = None) -> Job:
 
     spec.validate()
     job_id = uuid.uuid4().hex[:12]
-    plan = make_plan(spec, job_id)  # data, backbone and weights checked; nothing written yet
-    check_plan(plan)
     jobs = JobStore(connect(broker))
+    gpus = fleet_gpus(jobs, broker) if spec.strategy == "auto" else 0
+    plan = make_plan(spec, job_id, gpus)  # data, backbone and weights checked; nothing written
+    check_plan(plan)
     _writable(plan.job_dir)
     _writable(Path(plan.shard_dir))
     (plan.job_dir / "spec.json").write_text(json.dumps(plan.spec, indent=2))
@@ -134,6 +135,7 @@ def submit(spec: JobSpec, broker: str | None = None) -> Job:
         "shards_done": 0, "images_total": sum(s.rows for s in plan.shards),
         "images_cached": sum(s.rows for s in plan.shards if s.cached),
         "images_skipped": 0, "backbone": spec.backbone.name, "task_ids": task_ids(plan),
+        "strategy": plan.strategy, "strategy_reason": plan.strategy_reason,
     })
     app = make_app(broker)
     try:
@@ -145,6 +147,18 @@ def submit(spec: JobSpec, broker: str | None = None) -> Job:
     finally:
         app.close()
     return Job(job_id, broker)
+
+
+def fleet_gpus(jobs: JobStore, broker: str | None = None, timeout: float = 1.0) -> int:
+    """GPUs on the workers that answer a ping now (as each announced them at start)."""
+    from workers.app import make_app
+
+    app = make_app(broker)
+    try:
+        live = [name for reply in app.control.ping(timeout=timeout) for name in reply]
+    finally:
+        app.close()
+    return jobs.fleet_gpus(live)
 
 
 def get_job(job_id: str, broker: str | None = None) -> Job:

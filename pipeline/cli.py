@@ -165,6 +165,8 @@ class ProgressLine:
 
 
 def format_progress(st: dict[str, Any]) -> str:
+    if st.get("strategy") == "finetune":
+        return _finetune_progress(st)
     total = int(st.get("images_total") or 0)
     done = min(int(st.get("images_done") or 0), total)
     width = 24
@@ -184,6 +186,31 @@ def format_progress(st: dict[str, Any]) -> str:
             f"{st.get('stage', ''):8} shards {st.get('shards_done', 0)}/"
             f"{int(st.get('shards_total', 0)) - int(st.get('shards_cached', 0))} "
             f"(+{st.get('shards_cached', 0)} cached)  images {done}/{total}{rate}{eta}{fails}")
+
+
+def _finetune_progress(st: dict[str, Any]) -> str:
+    p = st.get("finetune") or {}
+    epochs, steps = int(p.get("epochs") or 0), int(p.get("steps") or 0)
+    done = (int(p.get("epoch") or 1) - 1) * steps + int(p.get("step") or 0) if steps else 0
+    width = 24
+    fill = int(width * done / (epochs * steps)) if epochs and steps else 0
+    val = p.get("val_top1")
+    resumes = int(st.get("resumes") or 0)
+    return (f"[{'#' * fill}{'-' * (width - fill)}] {st.get('status', '?'):8} "
+            f"{st.get('stage', ''):8} epoch {p.get('epoch', 0)}/{epochs} step "
+            f"{p.get('step', 0)}/{steps}  loss {p.get('loss', '-')}  val top-1 "
+            f"{'-' if val is None else f'{val:.3f}'}  {p.get('images_per_s') or 0:.1f} img/s"
+            + (f"  resumed {resumes}x" if resumes else ""))
+
+
+def _finetune_rows(ft: dict[str, Any] | None) -> list[tuple[str, str]]:
+    if not ft:
+        return []
+    resumes = "; ".join(f"{r['reason']} at epoch {r['epoch'] + 1} step {r['step']}"
+                        for r in ft.get("resumes", []))
+    return [("fine-tuning", f"{ft['epochs']} epochs on {ft['device']}, best epoch "
+                            f"{ft['best_epoch']} (val top-1 {ft['best_val_top1']:.4f})"),
+            *([("resumed", resumes)] if resumes else [])]
 
 
 def summary(rep: dict[str, Any]) -> str:
@@ -207,6 +234,9 @@ def summary(rep: dict[str, Any]) -> str:
                                   f"{len(rep['sweep']['grid'])} values, val top-1 "
                                   f"{rep['sweep']['chosen_val_top1']:.4f}")]
           if rep.get("sweep") else []),
+        ("strategy", f"{rep.get('strategy', 'probe')}"
+                     + (f" — {rep['strategy_reason']}" if rep.get("strategy_reason") else "")),
+        *_finetune_rows(rep.get("train", {}).get("finetune")),
         ("shards", f"{len(rep['shards'])} "
                    f"({sum(1 for s in rep['shards'] if s['cached'])} from cache)"),
         ("extraction", f"{t['extract_s']:.1f} s"

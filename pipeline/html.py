@@ -118,6 +118,20 @@ def f1_svg(per_class: dict[str, dict[str, float]], w: int = 480) -> str:
     return "".join(parts)
 
 
+def _training_card(rep: dict[str, Any]) -> str:
+    ft = rep.get("train", {}).get("finetune")
+    if not ft:
+        return ("<h2>Regularization sweep (validation accuracy vs λ)</h2>"
+                + sweep_svg(rep.get("sweep")))
+    rows = [[h["epoch"], h["loss"], f"{h['val_top1']:.4f}", h["images_per_s"],
+             "best" if h["epoch"] == ft["best_epoch"] else ""] for h in ft["history"]]
+    resumes = [[r["reason"], r["epoch"] + 1, r["step"], r["attempt"]] for r in ft["resumes"]]
+    return (f"<h2>Fine-tuning ({ft['epochs']} epochs on {_esc(ft['device'])})</h2>"
+            + _table(rows, ["epoch", "train loss", "val top-1", "img/s", ""])
+            + ("<h2 id=\"resumes\">Resumed from checkpoints</h2>"
+               + _table(resumes, ["why", "epoch", "step", "attempt"]) if resumes else ""))
+
+
 def render(rep: dict[str, Any]) -> str:
     m = rep["metrics"]
     t = rep["timings"]
@@ -144,12 +158,13 @@ def render(rep: dict[str, Any]) -> str:
 <p class="muted">{_esc(bb['name'])} [{_esc(bb['weights_id'])}] at {bb['preprocessing']['crop']} px
 · data {_esc(rep['data']['source'])}: {_esc(rep['data']['split_sizes'])}
 · head {_esc(rep.get('primary_head', 'linear'))} · finished {when}</p>
+<p id="strategy"><b>strategy {_esc(rep.get('strategy', 'probe'))}</b>
+{('— ' + _esc(rep['strategy_reason'])) if rep.get('strategy_reason') else ''}</p>
 <div class="grid"><div class="card"><h2>Test metrics (primary head)</h2>
 {_table(summary, ['metric', 'value'])}
 <h2>Heads (same splits and seeds)</h2>
 {_table(heads, ['head', 'top-1', 'top-5', 'balanced acc.', 'log loss', 'ECE', 'chosen'])}
-</div><div class="card"><h2>Regularization sweep (validation accuracy vs λ)</h2>
-{sweep_svg(rep.get('sweep'))}</div></div>
+</div><div class="card">{_training_card(rep)}</div></div>
 <div class="grid"><div class="card"><h2>Confusion matrix (rows: true class)</h2>
 {confusion_svg(m['confusion_matrix'], names)}</div>
 <div class="card"><h2>Per-class F1</h2>{f1_svg(m['per_class'])}</div></div>

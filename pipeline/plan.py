@@ -15,6 +15,7 @@ from typing import Any
 
 from pipeline import backbones, data, store
 from pipeline.spec import JobSpec
+from pipeline.strategy import choose
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ class Plan:
     split_sizes: dict[str, int]
     shards: list[Shard] = field(default_factory=list)
     created: float = 0.0  # when planned: a shard file older than this was not trusted then
+    strategy: str = "probe"  # what runs: probe | finetune (``auto`` is decided at planning)
+    strategy_reason: str = ""
 
     @property
     def job_spec(self) -> JobSpec:
@@ -91,8 +94,11 @@ def content_key(spec: JobSpec, fingerprint: str, weights: backbones.WeightsInfo)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def make_plan(spec: JobSpec, job_id: str) -> Plan:
+def make_plan(spec: JobSpec, job_id: str, gpus: int = 0) -> Plan:
     """Resolve a validated spec into a plan (opens the data source and the weights metadata).
+
+    ``gpus``: GPU workers online, for ``strategy: auto``. A fine-tuning plan has no shards:
+    it trains on the images, not on cached features.
 
     Raises:
         DataError, BackboneError: the data or backbone cannot be used.
@@ -107,7 +113,12 @@ def make_plan(spec: JobSpec, job_id: str) -> Plan:
     size = spec.data.shard_size
     shards = []
     manifest = store.read_manifest(shard_dir)
-    for split in sorted(splits):
+    pre = weights.preprocessing.scaled_to(spec.backbone.image_size)
+    n_train = len(splits["train"])
+    if "val" not in splits:  # the probe and fine-tuning carve val from train
+        n_train = round(n_train * (1 - spec.probe.val_fraction))
+    strategy, reason = choose(spec, n_train, len(source.class_names), pre.crop, gpus)
+    for split in sorted(splits) if strategy == "probe" else []:
         n = len(splits[split])
         for start in range(0, n, size):
             end = min(n, start + size)
@@ -117,9 +128,9 @@ def make_plan(spec: JobSpec, job_id: str) -> Plan:
     return Plan(
         job_id=job_id, spec=spec.to_dict(), key=key, shard_dir=str(shard_dir),
         fingerprint=fingerprint, weights_id=weights.id, weights_sha256=weights.sha256,
-        preprocessing=weights.preprocessing.scaled_to(spec.backbone.image_size).to_dict(),
+        preprocessing=pre.to_dict(),
         class_names=source.class_names, split_sizes={k: len(v) for k, v in splits.items()},
-        shards=shards, created=time.time())
+        shards=shards, created=time.time(), strategy=strategy, strategy_reason=reason)
 
 
 ALLOWED_ROOTS_ENV = "FEATUREFLEET_ALLOWED_ROOTS"

@@ -26,7 +26,8 @@ from typing import Any
 from pipeline.errors import SpecError
 
 DATA_SOURCES = ("digits", "imagefolder", "manifest", "npz", "hdf5", "torchvision", "webdataset")
-STRATEGIES = ("probe",)
+STRATEGIES = ("probe", "finetune", "auto")
+OPTIMIZERS = ("adamw", "sgd")
 FEATURE_DTYPES = ("float16", "float32")
 HEADS = ("linear", "mlp", "knn")
 
@@ -92,9 +93,7 @@ class BackboneSpec:
         if self.feature_dtype not in FEATURE_DTYPES:
             raise SpecError("backbone.feature_dtype", f"unknown dtype {self.feature_dtype!r}",
                             f"use one of {', '.join(FEATURE_DTYPES)}")
-        if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
-            raise SpecError("backbone.device", f"unknown device {self.device!r}",
-                            "use auto, cpu, cuda or cuda:N")
+        _device("backbone.device", self.device)
 
 
 @dataclass(frozen=True)
@@ -150,6 +149,57 @@ class ProbeSpec:
 
 
 @dataclass(frozen=True)
+class FinetuneSpec:
+    """End-to-end fine-tuning of backbone + a new linear head (``strategy: finetune``).
+
+    The validation split is the probe's (``probe.val_fraction``, same seed), so both strategies
+    are selected and compared on the same images; test is evaluated once, on the best epoch.
+    """
+
+    epochs: int = 10
+    batch_size: int = 32  # images per step (an epoch's last partial batch is dropped)
+    optimizer: str = "adamw"  # adamw | sgd (momentum 0.9, nesterov)
+    lr: float = 1e-3  # the head's peak learning rate (after warmup, then cosine to 0)
+    backbone_lr_mult: float = 1.0  # backbone lr = lr x this (< 1: pretrained layers move less)
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.1  # share of all steps with a linear warmup
+    label_smoothing: float = 0.1
+    augment: bool = True  # random resized crop (+ flip) on training images
+    crop_scale_min: float = 0.35  # random resized crop keeps this much of the area at least
+    hflip: bool = True  # random horizontal flip (turn off for digits/text)
+    checkpoint_every_steps: int = 0  # also checkpoint every N steps (0: every epoch only)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (bf16 autocast + channels_last on CUDA)
+
+    def validate(self) -> None:
+        _positive_int("finetune.epochs", self.epochs, "use e.g. 10")
+        _positive_int("finetune.batch_size", self.batch_size, "use e.g. 32")
+        if self.batch_size < 2:
+            raise SpecError("finetune.batch_size", "1 is too small for batch norm",
+                            "use at least 2, e.g. 32")
+        if self.optimizer not in OPTIMIZERS:
+            raise SpecError("finetune.optimizer", f"unknown optimizer {self.optimizer!r}",
+                            f"use one of {', '.join(OPTIMIZERS)}")
+        for name in ("lr", "backbone_lr_mult", "weight_decay"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise SpecError(f"finetune.{name}", f"{value!r} is not a finite number >= 0",
+                                "use e.g. 1e-3 (lr), 0.1 (backbone_lr_mult), 0.05 (weight_decay)")
+        if self.lr <= 0:
+            raise SpecError("finetune.lr", f"{self.lr!r} must be > 0", "use e.g. 1e-3")
+        for name in ("warmup_fraction", "label_smoothing"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 <= value < 1):
+                raise SpecError(f"finetune.{name}", f"{value!r} is not in [0, 1)", "use e.g. 0.1")
+        if not (isinstance(self.crop_scale_min, (int, float)) and 0 < self.crop_scale_min <= 1):
+            raise SpecError("finetune.crop_scale_min", f"{self.crop_scale_min!r} is not in (0, 1]",
+                            "use e.g. 0.08 (ImageNet style) to 0.5 (small objects)")
+        if not (isinstance(self.checkpoint_every_steps, int) and self.checkpoint_every_steps >= 0):
+            raise SpecError("finetune.checkpoint_every_steps", f"{self.checkpoint_every_steps!r} "
+                            "is not a whole number >= 0", "use 0 (every epoch) or e.g. 100")
+        _device("finetune.device", self.device)
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """A whole job: data, backbone, strategy and where the outputs go.
 
@@ -157,8 +207,12 @@ class JobSpec:
         name: a label for humans; shows in reports and listings.
         data: the data source, split and shard size.
         backbone: the pretrained network and its preprocessing.
-        strategy: ``probe`` (features + linear classifier).
+        strategy: ``probe`` (features + classifier heads), ``finetune`` (the whole network
+            trained end to end) or ``auto`` (chosen from data size, classes, compute, budget).
         probe: linear-probe settings.
+        finetune: fine-tuning settings.
+        time_budget_s: optional compute budget in seconds; ``auto`` fine-tunes only if the
+            estimate fits in it.
         output: root folder for job outputs (``<output>/jobs/<job id>/``).
         store: root folder of the HDF5 feature store (default ``<output>/store``).
 
@@ -175,6 +229,8 @@ class JobSpec:
     backbone: BackboneSpec = field(default_factory=BackboneSpec)
     strategy: str = "probe"
     probe: ProbeSpec = field(default_factory=ProbeSpec)
+    finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
+    time_budget_s: float | None = None
     output: str = "featurefleet-out"
     store: str | None = None
 
@@ -187,6 +243,11 @@ class JobSpec:
         self.data.validate()
         self.backbone.validate()
         self.probe.validate()
+        self.finetune.validate()
+        if self.time_budget_s is not None and not (
+                math.isfinite(self.time_budget_s) and self.time_budget_s > 0):
+            raise SpecError("time_budget_s", f"{self.time_budget_s!r} is not a positive number",
+                            "use seconds, e.g. 3600, or leave it out")
         if not isinstance(self.output, str) or not self.output:
             raise SpecError("output", f"{self.output!r} is not a folder path",
                             "set output to a folder, e.g. ./featurefleet-out")
@@ -241,7 +302,8 @@ class JobSpec:
         return cls.from_dict(raw)
 
 
-_NESTED = {"data": DataSpec, "backbone": BackboneSpec, "probe": ProbeSpec}
+_NESTED = {"data": DataSpec, "backbone": BackboneSpec, "probe": ProbeSpec,
+           "finetune": FinetuneSpec}
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -307,6 +369,11 @@ def _positive_int(name: str, value: Any, fix: str) -> None:
     _int(name, value)
     if value <= 0:
         raise SpecError(name, f"{value!r} must be > 0", fix)
+
+
+def _device(name: str, value: Any) -> None:
+    if not (value in ("auto", "cpu", "cuda") or str(value).startswith("cuda:")):
+        raise SpecError(name, f"unknown device {value!r}", "use auto, cpu, cuda or cuda:N")
 
 
 def _looks_like_path(weights: str) -> bool:

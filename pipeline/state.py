@@ -144,6 +144,15 @@ class JobStore:
                           extracted, seconds, bucket)
         return bool(new)
 
+    def announce_worker(self, name: str, gpus: int) -> None:
+        """A worker came up: remember its GPU count (read back by :meth:`fleet_gpus`)."""
+        self.r.hset("ff:fleet", name, json.dumps({"gpus": gpus, "at": time.time()}))
+
+    def fleet_gpus(self, live: list[str]) -> int:
+        """GPUs of the live workers (names from a Celery ping) as they announced them."""
+        raw = self.r.hmget("ff:fleet", live) if live else []
+        return sum(json.loads(v)["gpus"] for v in raw if v)
+
     def count_failure(self, kind: str) -> None:
         """A fleet-wide failure counter (``jobs_failed``, ...) for the metrics exporter."""
         self.r.hincrby(METRICS_KEY, kind, 1)

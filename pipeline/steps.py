@@ -151,6 +151,64 @@ def run_evaluate(jobs: JobStore, plan: Plan, trained: dict[str, Any]) -> dict[st
     return {"report": str(path), "top1": metrics["top1"]}
 
 
+def run_finetune(jobs: JobStore, plan: Plan, part: int = 0, deadline: float | None = None,
+                 on_progress: Any = None, after_checkpoint: Any = None) -> dict[str, Any]:
+    """Fine-tune (one time slice of it: ``part``), resuming from the job's last checkpoint.
+
+    Returns the training summary, or ``{"continue": True}`` when the slice ran out of time
+    after checkpointing (the task then hands over to a fresh task, so no delivery outlives the
+    visibility timeout).
+
+    Raises:
+        JobCancelled: the job was cancelled (checked every step).
+        JobError: this slice's task keeps dying (started more than ``MAX_ATTEMPTS`` times).
+    """
+    from pipeline import finetune
+
+    before = jobs.mark_running(plan.job_id, "finetune")
+    if before in FINAL:
+        raise JobCancelled(f"job {plan.job_id} is {before}: not fine-tuning")
+    attempts = jobs.attempt(plan.job_id, f"finetune.{part}")
+    if attempts > MAX_ATTEMPTS:
+        raise JobError(f"fine-tuning of job {plan.job_id} was started {attempts - 1} times and "
+                       "its worker died each time; fix: check the worker logs (memory: lower "
+                       "finetune.batch_size)")
+
+    def progress(p: dict[str, Any]) -> None:
+        jobs.update(plan.job_id, finetune=p)
+        if jobs.field(plan.job_id, "status") == "CANCELLED":
+            raise JobCancelled(f"job {plan.job_id} was cancelled during fine-tuning")
+        if on_progress is not None:
+            on_progress(p)
+
+    why = "redelivered after its worker was lost" if attempts > 1 else (
+        "continued in a new task (time slice)" if part else "")
+    trained = finetune.run(plan, attempts, progress, after_checkpoint, deadline=deadline,
+                           resume_reason=why)
+    if not trained.get("continue"):
+        jobs.update(plan.job_id, train_seconds=trained["seconds"],
+                    resumes=len(trained["resumes"]))
+    return trained
+
+
+def run_evaluate_finetune(jobs: JobStore, plan: Plan, trained: dict[str, Any]) -> dict[str, Any]:
+    """Test metrics of the best fine-tuned epoch; the same report as the probe's."""
+    from pipeline import finetune
+
+    _live(jobs, plan)
+    t0 = time.time()
+    jobs.update(plan.job_id, stage="evaluate")
+    metrics = finetune.evaluate_test(plan, trained)
+    summary = {"primary": "finetune", "seconds": trained["seconds"], "finetune": trained,
+               "heads": {"finetune": {"path": trained["best"], "kind": "finetune",
+                                      "val_top1": trained["best_val_top1"],
+                                      "epoch": trained["best_epoch"]}}}
+    path = report.write_report(plan, jobs.get(plan.job_id), {}, summary, metrics,
+                               {"finetune": metrics}, eval_seconds=time.time() - t0)
+    jobs.finish(plan.job_id, "SUCCESS", report=str(path), top1=metrics["top1"], stage="done")
+    return {"report": str(path), "top1": metrics["top1"]}
+
+
 def run_fail(jobs: JobStore, job_id: str, task_id: str, error: str) -> None:
     """Record a failed job (called once from the chord's error callback)."""
     log.error("job %s failed in task %s: %s", job_id, task_id, error)

@@ -1,12 +1,14 @@
 """The one place that builds Celery canvases from plans.
 
-A job is::
+A probe job is::
 
     chord(extract_shard per uncached shard) -> collect
       -> chord(sweep_probe per grid slice) -> train_probe -> evaluate
 
 (with a fixed L2 penalty the sweep chord is skipped: collect -> train_probe -> evaluate). An
-error callback marks the job FAILED. No task waits on another.
+error callback marks the job FAILED. No task waits on another. A fine-tuning job is
+``finetune -> evaluate_finetune``, both on the GPU queue (the fine-tune task replaces itself
+with a continuation after each time slice, keeping the chain and the error callback).
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ def job_canvas(app: Celery, plan: Plan, round_: int = 0) -> Any:
                              task_id=f"{plan.job_id}.{tid}" + (f".r{round_}" if round_ else ""))
 
     on_error = sig("fail_job", plan.job_id, tid="on-error")
+    if plan.strategy == "finetune":  # trains on the images: one task on the GPU queue
+        return chain(sig("finetune", full, tid="finetune", queue=EXTRACT_QUEUE),
+                     sig("evaluate_finetune", plan=full, tid="evaluate",
+                         queue=EXTRACT_QUEUE)).on_error(on_error)
     header = [sig("extract_shard", light, _shard(s), tid=f"extract.{s.id}", queue=EXTRACT_QUEUE)
               for s in plan.shards if not s.cached]
     collect = sig("collect", plan=full, tid="collect")
@@ -60,6 +66,8 @@ def send(app: Celery, plan: Plan, round_: int = 0) -> None:
 
 def task_ids(plan: Plan) -> list[str]:
     """Every task id of a job's canvas (for revoking)."""
+    if plan.strategy == "finetune":
+        return [f"{plan.job_id}.finetune", f"{plan.job_id}.evaluate"]
     ids = [f"{plan.job_id}.extract.{s.id}" for s in plan.shards if not s.cached]
     ids += [f"{plan.job_id}.{t}" for t in ("collect", "train", "evaluate")]
     if plan.spec["probe"]["l2"] is None:

@@ -1,0 +1,67 @@
+"""Fine-tuning through real worker processes: a worker killed after its first checkpoint is
+replaced, the redelivered task resumes from that checkpoint, and time slices hand over to
+fresh tasks; the job completes with the same report as the probe."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from pipeline import submit
+from pipeline.spec import FinetuneSpec, JobSpec
+from pipeline.strategy import choose
+from tests.conftest import small_spec
+from tests.test_faults import cluster_env
+
+FT = FinetuneSpec(epochs=3, batch_size=16, checkpoint_every_steps=4, hflip=False, lr=3e-3)
+
+
+def finetune_spec(out: Path, **kw: object) -> JobSpec:
+    return dataclasses.replace(small_spec(out), strategy="finetune", finetune=FT,
+                               **kw).validate()  # type: ignore[arg-type]
+
+
+@pytest.mark.integration
+@pytest.mark.faults
+def test_killed_finetune_resumes_from_checkpoint(tmp_path: Path) -> None:
+    env = {"FEATUREFLEET_FAULT_CRASH_FINETUNE": "1", "FEATUREFLEET_FINETUNE_SLICE_S": "0.5"}
+    with cluster_env(tmp_path, env=env) as c:
+        job = submit(finetune_spec(tmp_path / "out"), broker=c.broker)
+        st = job.wait(timeout=300)
+        assert st["status"] == "SUCCESS", st.get("error")
+        rep = job.result()
+    assert rep["strategy"] == "finetune"
+    ft = rep["train"]["finetune"]
+    first = ft["resumes"][0]
+    # killed right after the first checkpoint (step 4 of epoch 1, or earlier when the first
+    # time slice ended first): resumed there, not at step 0
+    assert first["reason"].startswith("redelivered") and first["attempt"] == 2
+    assert first["epoch"] == 0 and 1 <= first["step"] <= 4
+    assert any(r["reason"].startswith("continued") for r in ft["resumes"][1:])
+    # every step ran exactly once across the kill and the hand-overs
+    assert [h["epoch"] for h in ft["history"]] == [1, 2, 3]
+    assert ft["global_step"] == 3 * ft["steps_per_epoch"]
+    assert rep["metrics"]["samples"] == rep["data"]["split_sizes"]["test"]
+    assert rep["metrics"]["top1"] > 0.3  # 10 classes: chance is 0.1
+    assert st["finetune"]["epoch"] == 3 and st["resumes"] == len(ft["resumes"])
+    html = Path(st["report"]).with_suffix(".html").read_text()
+    assert "Resumed from checkpoints" in html and "redelivered" in html
+    assert Path(ft["best"]).is_file() and not list(Path(ft["best"]).parent.glob(".*tmp"))
+
+
+def test_auto_strategy_reasons() -> None:
+    spec = JobSpec(strategy="auto")
+    small = choose(spec, n_train=200, n_classes=10, crop=224, gpus=1)
+    assert small[0] == "probe" and "small data" in small[1]
+    assert choose(spec, 100_000, 10, 224, gpus=4)[0] == "finetune"
+    cpu = choose(spec, 100_000, 10, 224, gpus=0)
+    assert cpu[0] == "probe" and "without a GPU" in cpu[1]
+    budget = dataclasses.replace(spec, time_budget_s=60.0)
+    over = choose(budget, 100_000, 10, 224, gpus=1)
+    assert over[0] == "probe" and "time budget of 60 s" in over[1]
+    fits = choose(dataclasses.replace(spec, time_budget_s=600.0), 1000, 10, 64, gpus=0)
+    assert fits[0] == "finetune" and "within the time budget" in fits[1]
+    assert choose(JobSpec(strategy="probe"), 10**6, 2, 224, 8) == (
+        "probe", "strategy 'probe' was set in the spec")
