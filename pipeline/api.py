@@ -74,6 +74,9 @@ class Job:
         if not self.jobs.finish(self.id, "CANCELLED", error="cancelled by the user",
                                 stage="cancelled"):
             return False
+        from pipeline import compare
+
+        compare.settle(self.jobs, self.id)
         ids = self.jobs.field(self.id, "task_ids") or []
         app = make_app(self.broker)
         try:
@@ -105,7 +108,7 @@ class Job:
         return json.loads(Path(st["report"]).read_text())
 
 
-def submit(spec: JobSpec, broker: str | None = None) -> Job:
+def submit(spec: JobSpec, broker: str | None = None, compare_id: str | None = None) -> Job:
     """Validate, plan and enqueue a job; return its handle at once.
 
     Everything that can be checked is checked before anything is enqueued: the spec, the data,
@@ -136,6 +139,7 @@ def submit(spec: JobSpec, broker: str | None = None) -> Job:
         "images_cached": sum(s.rows for s in plan.shards if s.cached),
         "images_skipped": 0, "backbone": spec.backbone.name, "task_ids": task_ids(plan),
         "strategy": plan.strategy, "strategy_reason": plan.strategy_reason,
+        **({"compare_id": compare_id} if compare_id else {}),
     })
     app = make_app(broker)
     try:

@@ -77,6 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", help="benchmark: pipeline vs bare forward vs a plain loop "
                                  "(featurefleet bench --help)")
 
+    p = sub.add_parser("compare", help="several backbones (and strategies) on one data set: "
+                       "a leaderboard (HTML + JSON)")
+    _add_broker(p)
+    p.add_argument("spec", help="job spec file; its backbone and strategy are replaced")
+    p.add_argument("--backbones", required=True,
+                   help="comma-separated name[:weights], e.g. efficientnet_lite0,resnet18:random")
+    p.add_argument("--strategies", default="probe", help="comma-separated: probe,finetune,auto")
+    p.add_argument("--wait", action="store_true", help="wait and print the leaderboard")
+    p.add_argument("--timeout", type=float, default=None, help="seconds to wait with --wait")
+    p.add_argument("--local", action="store_true",
+                   help="run on this machine: private Redis + workers (implies --wait)")
+    p.add_argument("--extract-workers", type=int, default=2,
+                   help="with --local: extraction worker processes")
+
     p = sub.add_parser("predict", help="classify images with a trained head")
     p.add_argument("model", help="a job folder (<output>/jobs/<id>) or a head .pt file")
     p.add_argument("images", nargs="+", help="image files")
@@ -323,6 +337,49 @@ def _submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from pipeline.compare import compare
+    from pipeline.spec import JobSpec
+    from workers.runtime import local_cluster
+
+    spec = JobSpec.from_file(args.spec)
+    names = [b for b in args.backbones.split(",") if b.strip()]
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    with contextlib.ExitStack() as stack:
+        broker = args.broker
+        if args.local:
+            signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+            out = Path(spec.output).resolve()
+            cluster = stack.enter_context(local_cluster(out / "cluster", args.extract_workers))
+            broker = cluster.broker
+        cmp = compare(spec, names, strategies, broker=broker)
+        print(f"{cmp.id}: jobs {', '.join(cmp.status()['jobs'])}", flush=True)
+        if not (args.wait or args.local):
+            return 0
+        board = cmp.wait(timeout=args.timeout)
+        path = cmp.status()["leaderboard"]
+    print(format_leaderboard(board))
+    print(f"leaderboard: {path} (and .html)")
+    return 0 if all(r["status"] == "SUCCESS" for r in board["rows"]) else 1
+
+
+def format_leaderboard(board: dict[str, Any]) -> str:
+    cols = [("rank", "#"), ("backbone", "backbone"), ("weights", "weights"),
+            ("strategy", "strategy"), ("val_top1", "val"), ("test_top1", "test"),
+            ("extract_images_per_s", "extract img/s"), ("train_s", "train s"),
+            ("feature_dim", "dim"), ("parameters", "params"), ("status", "status")]
+
+    def cell(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) and v <= 1 else ("-" if v is None else str(v))
+
+    rows = [[h for _, h in cols]] + [[cell(r.get(k)) for k, _ in cols] for r in board["rows"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))
+                     for r in rows)
+
+
 def _status(args: argparse.Namespace) -> int:
     from pipeline.api import Job
 
@@ -463,7 +520,7 @@ def _retry(args: argparse.Namespace) -> int:
     return 0
 
 
-_VERBS = {"cache": _cache, "cancel": _cancel, "dashboard": _dashboard, "demo": _demo,
+_VERBS = {"cache": _cache, "cancel": _cancel, "compare": _compare, "dashboard": _dashboard, "demo": _demo,
           "exporter": _exporter, "jobs": _jobs, "predict": _predict, "report": _report,
           "retry": _retry, "status": _status, "submit": _submit, "watch": _watch,
           "watchdog": _watchdog, "worker": _worker}

@@ -144,6 +144,24 @@ class JobStore:
                           extracted, seconds, bucket)
         return bool(new)
 
+    def create_comparison(self, compare_id: str, fields: dict[str, Any]) -> None:
+        key = f"ff:cmp:{compare_id}"
+        self.r.hset(key, mapping={k: _enc(v) for k, v in
+                                  {"status": "RUNNING", "created": time.time(), **fields}.items()})
+        self.r.expire(key, JOB_TTL_S)
+
+    def update_comparison(self, compare_id: str, **fields: Any) -> None:
+        self.r.hset(f"ff:cmp:{compare_id}", mapping={k: _enc(v) for k, v in fields.items()})
+
+    def comparison(self, compare_id: str) -> dict[str, Any]:
+        raw = self.r.hgetall(f"ff:cmp:{compare_id}")
+        return {k: _dec(v) for k, v in raw.items()}
+
+    def settle_comparison(self, compare_id: str, job_id: str) -> bool:
+        """Count a child job's end once; True for exactly one caller: the last child."""
+        return bool(self.r.eval(_SETTLE, 2, f"ff:cmp:{compare_id}", f"ff:cmp:{compare_id}:done",
+                                job_id, JOB_TTL_S))
+
     def announce_worker(self, name: str, gpus: int) -> None:
         """A worker came up: remember its GPU count (read back by :meth:`fleet_gpus`)."""
         self.r.hset("ff:fleet", name, json.dumps({"gpus": gpus, "at": time.time()}))
@@ -229,6 +247,17 @@ if new == 1 then
   redis.call('HINCRBY', KEYS[4], 'shard_seconds_' .. ARGV[8], 1)
 end
 return new
+"""
+
+
+# A child job of a comparison ended: add it to the done set once; return 1 only to the call
+# that completes the set (so exactly one worker writes the leaderboard).
+_SETTLE = """
+if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+local total = tonumber(redis.call('HGET', KEYS[1], 'total') or '0')
+if redis.call('SCARD', KEYS[2]) == total then return 1 end
+return 0
 """
 
 

@@ -147,7 +147,14 @@ def run_evaluate(jobs: JobStore, plan: Plan, trained: dict[str, Any]) -> dict[st
     record = jobs.get(plan.job_id)
     path = report.write_report(plan, record, jobs.shard_results(plan.job_id), trained, metrics,
                                by_head, eval_seconds=time.time() - t0)
+    return _succeed(jobs, plan, path, metrics)
+
+
+def _succeed(jobs: JobStore, plan: Plan, path: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    from pipeline import compare
+
     jobs.finish(plan.job_id, "SUCCESS", report=str(path), top1=metrics["top1"], stage="done")
+    compare.settle(jobs, plan.job_id)  # the last job of a comparison writes its leaderboard
     return {"report": str(path), "top1": metrics["top1"]}
 
 
@@ -205,8 +212,7 @@ def run_evaluate_finetune(jobs: JobStore, plan: Plan, trained: dict[str, Any]) -
                                       "epoch": trained["best_epoch"]}}}
     path = report.write_report(plan, jobs.get(plan.job_id), {}, summary, metrics,
                                {"finetune": metrics}, eval_seconds=time.time() - t0)
-    jobs.finish(plan.job_id, "SUCCESS", report=str(path), top1=metrics["top1"], stage="done")
-    return {"report": str(path), "top1": metrics["top1"]}
+    return _succeed(jobs, plan, path, metrics)
 
 
 def run_fail(jobs: JobStore, job_id: str, task_id: str, error: str) -> None:
@@ -219,6 +225,9 @@ def run_fail(jobs: JobStore, job_id: str, task_id: str, error: str) -> None:
         out = Path(record.get("job_dir", ""))
         if out.is_dir():
             (out / "error.json").write_text(json.dumps({"error": error, "task": task_id}))
+    from pipeline import compare
+
+    compare.settle(jobs, job_id)
 
 
 def as_list(results: Any) -> list[dict[str, Any]]:

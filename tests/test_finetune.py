@@ -65,3 +65,32 @@ def test_auto_strategy_reasons() -> None:
     assert fits[0] == "finetune" and "within the time budget" in fits[1]
     assert choose(JobSpec(strategy="probe"), 10**6, 2, 224, 8) == (
         "probe", "strategy 'probe' was set in the spec")
+
+
+@pytest.mark.integration
+def test_compare_leaderboard_ranks_pretrained_above_random(cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from pipeline.compare import compare
+
+    base = small_spec(tmp_path / "out")
+    spec = dataclasses.replace(base, name="cmp", backbone=dataclasses.replace(
+        base.backbone, image_size=64))
+    cmp = compare(spec, ["efficientnet_lite0", "efficientnet_lite0:random", "resnet18:random"],
+                  broker=cluster.broker)
+    board = cmp.wait(timeout=300)
+    rows = board["rows"]
+    assert [r["rank"] for r in rows] == [1, 2, 3]
+    assert all(r["status"] == "SUCCESS" for r in rows)
+    assert [r["val_top1"] for r in rows] == sorted((r["val_top1"] for r in rows), reverse=True)
+    by_name = {(r["backbone"], r["weights"]): r for r in rows}
+    pretrained = by_name[("efficientnet_lite0", "IMAGENET1K_V1")]
+    # the same architecture with random weights ranks below the pretrained one
+    assert pretrained["rank"] < by_name[("efficientnet_lite0", "random")]["rank"]
+    assert pretrained["val_top1"] > by_name[("efficientnet_lite0", "random")]["val_top1"] + 0.3
+    assert by_name[("resnet18", "random")]["feature_dim"] == 512
+    assert by_name[("efficientnet_lite0", "random")]["feature_dim"] == 1280
+    assert 4e6 < pretrained["parameters"] < 5e6 and by_name[("resnet18", "random")][
+        "parameters"] > 11e6
+    assert all(r["extract_images_per_s"] for r in rows)
+    folder = Path(cmp.status()["leaderboard"]).parent
+    html = (folder / "leaderboard.html").read_text()
+    assert html.index("IMAGENET1K_V1") < html.index("<td>random</td><td>probe</td><td>0.1")
