@@ -520,7 +520,8 @@ def _retry(args: argparse.Namespace) -> int:
     return 0
 
 
-_VERBS = {"cache": _cache, "cancel": _cancel, "compare": _compare, "dashboard": _dashboard, "demo": _demo,
+_VERBS = {"cache": _cache, "cancel": _cancel, "compare": _compare, "dashboard": _dashboard,
+          "demo": _demo,
           "exporter": _exporter, "jobs": _jobs, "predict": _predict, "report": _report,
           "retry": _retry, "status": _status, "submit": _submit, "watch": _watch,
           "watchdog": _watchdog, "worker": _worker}
