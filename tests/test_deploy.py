@@ -1,0 +1,168 @@
+"""deploy/ validated offline: Kubernetes manifests against the Kubernetes schemas
+(kubernetes-validate), the compose file against the compose-spec schema (vendored by
+check-jsonschema), and every command in them parsed by the featurefleet CLI."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from pipeline.cli import build_parser
+from workers.settings import EXTRACT_QUEUE, TRAIN_QUEUE, celery_config
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+K8S_VERSION = "1.33.0"
+
+
+def manifests() -> list[dict[str, Any]]:
+    return [d for f in sorted((DEPLOY / "k8s").glob("*.yaml"))
+            for d in yaml.safe_load_all(f.read_text()) if d]
+
+
+def parses(argv: list[str]) -> Any:
+    """The CLI accepts these arguments (argparse exits on anything unknown)."""
+    return build_parser().parse_args(argv)
+
+
+def containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    return doc["spec"]["template"]["spec"]["containers"]
+
+
+def test_kubernetes_manifests_match_the_schemas() -> None:
+    docs = manifests()
+    builtin = [d for d in docs if not d["apiVersion"].startswith("keda.sh/")]
+    for doc in builtin:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert {("StatefulSet", "featurefleet-redis"), ("Deployment", "featurefleet-worker-gpu"),
+            ("Deployment", "featurefleet-worker-cpu"), ("Deployment", "featurefleet-flower"),
+            ("Service", "featurefleet-flower"), ("Secret", "featurefleet-flower"),
+            ("ScaledObject", "featurefleet-worker-gpu"),
+            ("PersistentVolumeClaim", "featurefleet-store")} <= kinds
+    # a broken manifest is refused (the check can fail)
+    bad = json.loads(json.dumps(next(d for d in docs if d["kind"] == "Deployment")))
+    bad["spec"]["replicas"] = "two"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
+
+
+def test_kubernetes_workers_commands_and_shutdown() -> None:
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in manifests()}
+    gpu = docs[("Deployment", "featurefleet-worker-gpu")]
+    (c,) = containers(gpu)
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    soft = celery_config("redis://x:6379/0")["worker_soft_shutdown_timeout"]
+    assert gpu["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > soft
+    assert parses(c["args"]).gpus == "all"
+    cpu = docs[("Deployment", "featurefleet-worker-cpu")]
+    assert parses(containers(cpu)[0]["args"]).queues == TRAIN_QUEUE
+    flower = docs[("Deployment", "featurefleet-flower")]
+    for c in containers(flower):
+        parses(c["args"])
+        names = {e["name"] for e in c["env"]}
+        assert "FEATUREFLEET_BROKER" in names
+    assert any(e["name"] == "FEATUREFLEET_FLOWER_AUTH" and "secretKeyRef" in e["valueFrom"]
+               for e in containers(flower)[0]["env"])
+    redis = docs[("StatefulSet", "featurefleet-redis")]
+    args = containers(redis)[0]["args"]
+    assert "--appendonly" in args and "noeviction" in args and "--requirepass" in args
+    assert redis["spec"]["volumeClaimTemplates"]
+    secrets = {n for k, n in docs if k == "Secret"}
+    for doc in (gpu, cpu, flower):
+        for c in containers(doc):
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    assert ref["name"] in secrets
+                    keys = docs[("Secret", ref["name"])]["stringData"]
+                    assert ref["key"] in keys
+
+
+def test_keda_scales_gpu_workers_on_queue_and_running_tasks() -> None:
+    from pipeline.metrics import render
+
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in manifests()}
+    so = docs[("ScaledObject", "featurefleet-worker-gpu")]
+    assert ("Deployment", so["spec"]["scaleTargetRef"]["name"]) in docs
+    triggers = {t["type"]: t for t in so["spec"]["triggers"]}
+    assert triggers["redis"]["metadata"]["listName"] == EXTRACT_QUEUE
+    assert triggers["redis"]["authenticationRef"]["name"] in {
+        n for k, n in docs if k == "TriggerAuthentication"}
+    query = triggers["prometheus"]["metadata"]["query"]
+
+    class FakeRedis:  # only to list the metric names the exporter renders
+        def hgetall(self, _key: str) -> dict[str, str]:
+            return {}
+
+        def llen(self, _key: str) -> int:
+            return 0
+
+        def hlen(self, _key: str) -> int:
+            return 3
+
+    class Jobs:
+        r = FakeRedis()
+
+        def recent(self, _n: int) -> list[dict[str, Any]]:
+            return []
+
+    metric = query.split("(")[1].split(")")[0]
+    assert f"\n{metric} 3" in render(Jobs())  # type: ignore[arg-type]
+
+
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+
+
+def test_compose_matches_the_compose_spec() -> None:
+    schema_file = resources.files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json"
+    schema = json.loads(schema_file.read_text())
+    doc = compose()
+    jsonschema.validate(doc, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**doc, "services": {"x": {"stop_grace_period": []}}}, schema)
+
+
+def test_compose_services_and_commands() -> None:
+    s = compose()["services"]
+    redis = s["redis"]["command"]
+    assert "--appendonly yes" in redis and "noeviction" in redis and "--requirepass" in redis
+    gpu = s["worker-gpu"]
+    assert parses(gpu["command"]).gpus == "all"
+    dev = gpu["deploy"]["resources"]["reservations"]["devices"][0]
+    assert dev["capabilities"] == ["gpu"] and "replicas" in gpu["deploy"]
+    assert parses(s["worker-cpu"]["command"]).queues == TRAIN_QUEUE
+    assert parses(s["flower"]["command"]).verb == "dashboard"
+    assert "FEATUREFLEET_FLOWER_AUTH" in s["flower"]["environment"]
+    assert parses(s["exporter"]["command"]).verb == "exporter"
+    for name in ("worker-gpu", "worker-cpu", "flower"):
+        assert "store:/data" in s[name]["volumes"]
+    assert int(gpu["stop_grace_period"].rstrip("s")) > 60
+
+
+def test_dockerfile_runs_the_cli_as_non_root() -> None:
+    lines = [ln.strip() for ln in (DEPLOY / "Dockerfile").read_text().splitlines()]
+    assert next(ln for ln in lines if ln.startswith("FROM")).split()[1].startswith(
+        "nvidia/cuda:") and "runtime" in next(ln for ln in lines if ln.startswith("FROM"))
+    user = next(ln for ln in lines if ln.startswith("USER")).split()[1]
+    assert user not in ("root", "0")
+    entry = json.loads(next(ln for ln in lines if ln.startswith("ENTRYPOINT"))[10:])
+    cmd = json.loads(next(ln for ln in lines if ln.startswith("CMD"))[3:])
+    assert entry == ["featurefleet"] and parses(cmd).verb == "worker"
+
+
+def test_deploy_guide_commands_parse() -> None:
+    guide = (DEPLOY / "README.md").read_text()
+    cmds = [ln.strip()[len("featurefleet "):] for ln in guide.splitlines()
+            if ln.strip().startswith("featurefleet ")]
+    assert len(cmds) >= 4
+    for cmd in cmds:
+        parses(shlex.split(cmd.split("#")[0]))
