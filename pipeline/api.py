@@ -127,8 +127,10 @@ def submit(spec: JobSpec, broker: str | None = None, compare_id: str | None = No
     gpus = fleet_gpus(jobs, broker) if spec.strategy == "auto" else 0
     plan = make_plan(spec, job_id, gpus)  # data, backbone and weights checked; nothing written
     check_plan(plan)
-    _writable(plan.job_dir)
-    _writable(Path(plan.shard_dir))
+    from pipeline.store import check_writable
+
+    check_writable(plan.job_dir)
+    check_writable(plan.shard_dir)
     (plan.job_dir / "spec.json").write_text(json.dumps(plan.spec, indent=2))
     (plan.job_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
     todo = [s for s in plan.shards if not s.cached]
@@ -170,16 +172,3 @@ def get_job(job_id: str, broker: str | None = None) -> Job:
     job = Job(job_id, broker)
     job.status()
     return job
-
-
-def _writable(folder: Path) -> None:
-    from pipeline.errors import StoreError
-
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{uuid.uuid4().hex[:6]}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise StoreError(f"folder {str(folder)!r} is not writable ({exc.strerror}); fix: choose "
-                         "another output/store folder or fix its permissions") from None

@@ -129,7 +129,7 @@ def extract_shard(plan: Plan, shard: Shard, progress: Progress | None = None) ->
     done = store.cached_summary(shard.path, plan.key, shard.rows)
     # Reuse only a file written after planning (this task delivered twice, or a concurrent job):
     # one that existed then was judged untrusted (checksum mismatch) and is extracted anew.
-    if done is not None and os.path.getmtime(shard.path) >= plan.created:
+    if done is not None and store.mtime(shard.path) >= plan.created:
         return {**result, **done, "cached": True, "seconds": 0.0}
 
     source = cached_source(spec.data)

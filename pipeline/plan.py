@@ -109,7 +109,7 @@ def make_plan(spec: JobSpec, job_id: str, gpus: int = 0) -> Plan:
     weights = backbones.resolve_weights(spec.backbone.name, spec.backbone.weights)
     fingerprint = source.fingerprint()
     key = content_key(spec, fingerprint, weights)
-    shard_dir = spec.store_dir / spec.backbone.name / key[:20]
+    shard_dir = store.join(spec.store_dir, spec.backbone.name, key[:20])
     size = spec.data.shard_size
     shards = []
     manifest = store.read_manifest(shard_dir)
@@ -122,11 +122,11 @@ def make_plan(spec: JobSpec, job_id: str, gpus: int = 0) -> Plan:
         n = len(splits[split])
         for start in range(0, n, size):
             end = min(n, start + size)
-            path = shard_dir / store.shard_name(split, start, end)
+            path = store.join(shard_dir, store.shard_name(split, start, end))
             cached = store.trusted_shard(path, key, end - start, manifest)
             shards.append(Shard(split, start, end, str(path), cached))
     return Plan(
-        job_id=job_id, spec=spec.to_dict(), key=key, shard_dir=str(shard_dir),
+        job_id=job_id, spec=spec.to_dict(), key=key, shard_dir=shard_dir,
         fingerprint=fingerprint, weights_id=weights.id, weights_sha256=weights.sha256,
         preprocessing=pre.to_dict(),
         class_names=source.class_names, split_sizes={k: len(v) for k, v in splits.items()},
@@ -151,13 +151,19 @@ def check_plan(plan: Plan) -> None:
 
     from pipeline.errors import SpecError
 
-    roots = [Path(r).resolve() for r in os.environ.get(ALLOWED_ROOTS_ENV, "").split(os.pathsep)
-             if r.strip()]
-    if roots:
+    raw_roots = [r for r in os.environ.get(ALLOWED_ROOTS_ENV, "").split(os.pathsep) if r.strip()]
+    roots = [Path(r).resolve() for r in raw_roots if not store.is_remote(r)]
+    if raw_roots:
         spec = plan.spec
         targets = [("output", spec["output"]), ("store", spec["store"])]
         targets += [("store", s.path) for s in plan.shards]
         for name, path in targets:
+            if store.is_remote(path):  # a URL must start with an allowed URL prefix
+                if not any(str(path).startswith(str(r).rstrip("/") + "/") for r in raw_roots):
+                    raise SpecError(name, f"{str(path)!r} is outside the allowed roots "
+                                    f"{raw_roots}", f"write under one of them (set by "
+                                    f"{ALLOWED_ROOTS_ENV})")
+                continue
             p = Path(path).resolve()
             if not any(p == r or p.is_relative_to(r) for r in roots):
                 raise SpecError(name, f"{str(path)!r} is outside the allowed roots "

@@ -254,8 +254,9 @@ class JobSpec:
         return self
 
     @property
-    def store_dir(self) -> Path:
-        return Path(self.store) if self.store else Path(self.output) / "store"
+    def store_dir(self) -> str:
+        """The feature store root: a folder, or an fsspec URL such as ``s3://bucket/prefix``."""
+        return self.store if self.store else str(Path(self.output) / "store")
 
     def resolved(self) -> JobSpec:
         """The same spec with every path made absolute (workers may run elsewhere)."""
@@ -269,7 +270,8 @@ class JobSpec:
         return dataclasses.replace(
             self, data=data, backbone=backbone,
             output=str(Path(self.output).expanduser().resolve()),
-            store=str(self.store_dir.expanduser().resolve()),
+            store=self.store_dir if "://" in self.store_dir
+            else str(Path(self.store_dir).expanduser().resolve()),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -25,7 +25,7 @@ def test_yaml_round_trip(tmp_path: Path) -> None:
     spec = JobSpec.from_file(f)
     assert spec.data.seed == 3 and spec.data.shard_size == 128
     assert spec.backbone.image_size == 64 and spec.probe.l2 == pytest.approx(1e-3)
-    assert spec.store_dir == Path("/tmp/ff-out/store")
+    assert spec.store_dir == "/tmp/ff-out/store"
     again = JobSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
     assert again == spec
 

@@ -1,0 +1,103 @@
+"""A whole job with its feature store in S3: a real moto S3 server process, real workers.
+Shards are staged locally and uploaded as whole objects; training and evaluation stream them
+back; a second run reuses them from the bucket."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pipeline import submit
+from tests.conftest import small_spec
+from tests.test_faults import cluster_env
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def s3_server(tmp: Path) -> Iterator[str]:
+    port = free_port()
+    log = (tmp / "moto.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                             str(port)], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            assert time.monotonic() < deadline and proc.poll() is None, "moto did not start"
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+def test_job_with_s3_store(tmp_path: Path) -> None:
+    import s3fs
+
+    with s3_server(tmp_path) as endpoint:
+        env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
+        fs = s3fs.S3FileSystem(key="test", secret="test", endpoint_url=endpoint)
+        fs.mkdir("ff-bucket")
+        spec = dataclasses.replace(small_spec(tmp_path / "out"), store="s3://ff-bucket/store")
+        with cluster_env(tmp_path, env=env) as c:
+            first = submit(spec, broker=c.broker)
+            st = first.wait(timeout=300)
+            assert st["status"] == "SUCCESS", st.get("error")
+            rep = first.result()
+            again = submit(spec, broker=c.broker)
+            st2 = again.wait(timeout=300)
+            assert st2["status"] == "SUCCESS", st2.get("error")
+            rep2 = again.result()
+        shard_dir = rep["feature_store"]["dir"]
+        assert shard_dir.startswith("s3://ff-bucket/store/efficientnet_lite0/")
+        objects = {Path(p).name: fs.info(p)["size"] for p in fs.ls(shard_dir)}
+        assert "manifest.json" in objects
+        assert len(rep["shards"]) >= 4
+        for s in rep["shards"]:
+            assert s["path"].startswith(shard_dir) and objects[Path(s["path"]).name] > 0
+            with fs.open(s["path"], "rb") as fh:
+                import hashlib
+
+                assert hashlib.sha256(fh.read()).hexdigest() == s["sha256"]
+        assert not any(n.endswith(".tmp") for n in objects)
+        assert not (tmp_path / "out" / "store").exists()  # nothing stored locally
+        assert rep["metrics"]["samples"] == rep["data"]["split_sizes"]["test"]
+        # the second job found every shard in the bucket (checksums match the manifest)
+        assert all(s["cached"] for s in rep2["shards"])
+        assert rep2["metrics"]["top1"] == pytest.approx(rep["metrics"]["top1"])
+    assert os.environ.get("AWS_ENDPOINT_URL") is None
+
+
+def test_unreachable_s3_store_is_a_clear_error(cluster, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.errors import StoreError
+
+    port = free_port()  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    spec = dataclasses.replace(small_spec(tmp_path / "out"), store="s3://nowhere/store")
+    with pytest.raises(StoreError, match=r"s3://nowhere/store.*fix:"):
+        submit(spec, broker=cluster.broker)
+    assert not (tmp_path / "out" / "jobs").exists() or not any((tmp_path / "out" / "jobs").iterdir())
