@@ -100,4 +100,5 @@ def test_unreachable_s3_store_is_a_clear_error(cluster, tmp_path: Path,  # type:
     spec = dataclasses.replace(small_spec(tmp_path / "out"), store="s3://nowhere/store")
     with pytest.raises(StoreError, match=r"s3://nowhere/store.*fix:"):
         submit(spec, broker=cluster.broker)
-    assert not (tmp_path / "out" / "jobs").exists() or not any((tmp_path / "out" / "jobs").iterdir())
+    jobs = tmp_path / "out" / "jobs"
+    assert not jobs.exists() or not any(jobs.iterdir())  # nothing written
