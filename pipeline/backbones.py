@@ -46,6 +46,11 @@ class Preprocessing:
         resize = max(crop, round(self.resize * crop / self.crop))
         return Preprocessing(resize, crop, self.mean, self.std, self.interpolation)
 
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Preprocessing:
+        return cls(resize=raw["resize"], crop=raw["crop"], mean=tuple(raw["mean"]),
+                   std=tuple(raw["std"]), interpolation=raw.get("interpolation", "bilinear"))
+
     def to_dict(self) -> dict[str, Any]:
         return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean),
                 "std": list(self.std), "interpolation": self.interpolation}

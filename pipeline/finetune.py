@@ -326,7 +326,7 @@ def evaluate_test(plan: Plan, trained: dict[str, Any]) -> dict[str, Any]:
     device = pick_device(spec.finetune.device)
     source = cached_source(spec.data)
     net, meta = load_network(trained["best"], device)
-    pre = backbones.Preprocessing(**meta["preprocessing"])
+    pre = backbones.Preprocessing.from_dict(meta["preprocessing"])
     proba, y, skipped = predict_proba(net, source, split_indices(plan, source)["test"], pre,
                                       device, spec.finetune.batch_size)
     metrics = evaluate.classification_metrics(y, proba, plan.class_names)

@@ -60,8 +60,28 @@ class Classifier:
         return results
 
 
+@dataclass
+class FinetunedClassifier(Classifier):
+    """A fine-tuned network (``strategy: finetune``): backbone and head trained together."""
+
+    net: Any = None
+
+    def predict_proba(self, images: Sequence[Any]) -> np.ndarray:
+        import torch
+
+        arrays = [_as_rgb(im) for im in images]
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(arrays), self.batch_size):
+                batch = extract.preprocess(arrays[i: i + self.batch_size], self.preprocessing,
+                                           self.device)
+                out.append(torch.softmax(self.net(batch).float(), 1).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
+
+
 def load_classifier(path: str | Path, device: str = "auto") -> Classifier:
-    """Load a trained head (a ``head*.pt`` file or a job folder) with its backbone.
+    """Load a trained head (a ``head*.pt`` file or a job folder) with its backbone, or a
+    fine-tuned network (a fine-tuning job's folder or its ``finetune/best.pt``).
 
     Example:
         >>> clf = load_classifier("runs/jobs/3f2a9c1b7d4e")       # doctest: +SKIP
@@ -72,7 +92,16 @@ def load_classifier(path: str | Path, device: str = "auto") -> Classifier:
     """
     p = Path(path)
     if p.is_dir():
-        p = p / "head.pt"
+        p = p / "head.pt" if (p / "head.pt").is_file() else p / "finetune" / "best.pt"
+    if p.is_file() and p.parent.name == "finetune":
+        from pipeline.finetune import load_network
+
+        dev = extract.pick_device(device)
+        net, meta = load_network(p, dev)
+        return FinetunedClassifier(head=None, backbone=meta["backbone"],
+                                   weights=meta.get("weights"),
+                                   preprocessing=Preprocessing.from_dict(meta["preprocessing"]),
+                                   class_names=list(meta["class_names"]), device=dev, net=net)
     if not p.is_file():
         raise FeaturefleetError(f"no trained head at {str(path)!r}; fix: pass a job folder "
                                 "(<output>/jobs/<id>) or its head.pt file")
@@ -81,9 +110,7 @@ def load_classifier(path: str | Path, device: str = "auto") -> Classifier:
     pre = meta["preprocessing"]
     return Classifier(
         head=head, backbone=meta["backbone"], weights=meta.get("weights"),
-        preprocessing=Preprocessing(resize=pre["resize"], crop=pre["crop"],
-                                    mean=tuple(pre["mean"]), std=tuple(pre["std"]),
-                                    interpolation=pre.get("interpolation", "bilinear")),
+        preprocessing=Preprocessing.from_dict(pre),
         class_names=list(meta["class_names"]), device=extract.pick_device(device))
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline import submit
@@ -49,6 +50,17 @@ def test_killed_finetune_resumes_from_checkpoint(tmp_path: Path) -> None:
     html = Path(st["report"]).with_suffix(".html").read_text()
     assert "Resumed from checkpoints" in html and "redelivered" in html
     assert Path(ft["best"]).is_file() and not list(Path(ft["best"]).parent.glob(".*tmp"))
+    # the fine-tuned network classifies new images through the same API as a probe
+    from sklearn.datasets import load_digits
+
+    from pipeline import load_classifier
+
+    d = load_digits()
+    pick = np.random.default_rng(1).choice(len(d.target), 100, replace=False)
+    images = [np.round(d.images[i] * 255 / 16).astype(np.uint8) for i in pick]
+    got = load_classifier(st["job_dir"], device="cpu").predict(images)
+    right = np.mean([g["label"] == str(d.target[i]) for g, i in zip(got, pick, strict=True)])
+    assert right > 0.3, right
 
 
 def test_auto_strategy_reasons() -> None:
@@ -94,3 +106,17 @@ def test_compare_leaderboard_ranks_pretrained_above_random(cluster, tmp_path: Pa
     folder = Path(cmp.status()["leaderboard"]).parent
     html = (folder / "leaderboard.html").read_text()
     assert html.index("IMAGENET1K_V1") < html.index("<td>random</td><td>probe</td><td>0.1")
+
+
+@pytest.mark.integration
+def test_auto_strategy_decision_in_report(cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    spec = dataclasses.replace(small_spec(tmp_path / "out"), strategy="auto")
+    job = submit(spec, broker=cluster.broker)
+    st = job.wait(timeout=300)
+    assert st["status"] == "SUCCESS", st.get("error")
+    rep = job.result()
+    assert rep["strategy"] == "probe" and rep["spec"]["strategy"] == "auto"
+    assert "small data" in rep["strategy_reason"]
+    assert "CPU workers only" in rep["strategy_reason"]  # the live fleet was asked: no GPU
+    html = Path(st["report"]).with_suffix(".html").read_text()
+    assert "strategy probe" in html and "small data" in html
