@@ -39,17 +39,65 @@ def pick_device(requested: str) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def cached_backbone(name: str, weights: str | None, device: str) -> backbones.Backbone:
+def cached_backbone(name: str, weights: str | None, device: str,
+                    use_compile: bool = False) -> backbones.Backbone:
     import torch
 
     bb = backbones.load_backbone(name, weights, device)
     bb.model = bb.model.to(memory_format=torch.channels_last)
+    if use_compile:  # compiled lazily on the first batch, once per worker process
+        bb.model = torch.compile(bb.model, dynamic=True)
     return bb
+
+
+# Largest batch that fit on each device for each model input, per worker process: a batch
+# that ran out of memory is halved and retried, and later batches start at the size that fit.
+_FITS: dict[tuple[str, str, int], int] = {}
+
+
+def is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and ("out of memory" in str(exc)
+                                           or "can't allocate memory" in str(exc)))
+
+
+def forward_halving(fn: Callable[[Any], Any], x: Any, key: tuple[str, str, int]) -> Any:
+    """``fn(x)`` in slices no larger than the size known to fit; on out-of-memory halve the
+    slice and retry it (down to one image, then the error stands)."""
+    import torch
+
+    outs, i, n = [], 0, len(x)
+    while i < n:
+        size = min(_FITS.get(key, n), n - i)
+        try:
+            outs.append(fn(x[i: i + size]))
+        except Exception as exc:
+            if not is_oom(exc) or size == 1:
+                raise
+            _FITS[key] = size // 2
+            log.warning("out of memory at batch %d for %s; retrying at %d", size, key[0],
+                        size // 2)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        i += size
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 @functools.lru_cache(maxsize=4)
 def cached_source(spec: DataSpec) -> data.Source:
     return data.open_source(spec)
+
+
+def autocast_dtype(device: str, precision: str) -> Any:
+    """The autocast dtype for ``precision`` on ``device`` (None: run in fp32)."""
+    import torch
+
+    if not device.startswith("cuda") or precision == "fp32":
+        return None
+    return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
 def preprocess(images: list[np.ndarray], pre: Preprocessing, device: str) -> Any:
@@ -78,11 +126,17 @@ def preprocess(images: list[np.ndarray], pre: Preprocessing, device: str) -> Any
         top, left = (nh - crop) // 2, (nw - crop) // 2
         into.copy_(y[..., top: top + crop, left: left + crop])
 
+    def upload(array: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(array)
+        if device.startswith("cuda"):  # page-locked host memory: an asynchronous copy
+            return t.pin_memory().to(device, non_blocking=True)
+        return t
+
     if len({im.shape for im in images}) == 1:
-        resize_crop(torch.from_numpy(np.stack(images)).to(device), out)
+        resize_crop(upload(np.stack(images)), out)
     else:
         for i, im in enumerate(images):
-            resize_crop(torch.from_numpy(im)[None].to(device), out[i: i + 1])
+            resize_crop(upload(im[None]), out[i: i + 1])
     mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1) * 255.0
     return out.sub_(mean).div_(std)
@@ -141,25 +195,31 @@ def extract_shard(plan: Plan, shard: Shard, progress: Progress | None = None) ->
                             "job was planned; fix: submit the job again")
     indices = data.split_indices(source, spec.data)[shard.split][shard.start: shard.end]
     device = pick_device(spec.backbone.device)
-    bb = cached_backbone(spec.backbone.name, spec.backbone.weights, device)
+    bb = cached_backbone(spec.backbone.name, spec.backbone.weights, device,
+                         spec.backbone.compile)
     pre = bb.weights.preprocessing.scaled_to(spec.backbone.image_size)
     out_dtype = np.float16 if spec.backbone.feature_dtype == "float16" else np.float32
 
     feats, kept, skipped = [], [], []
     done = 0
     t_model = 0.0
-    use_amp = device.startswith("cuda")
+    amp = autocast_dtype(device, spec.backbone.precision)
+    fits_key = (spec.backbone.name, device, pre.crop)
+
+    def run(x: Any) -> Any:
+        with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
+            return bb.model(x)
+
     # CPU: one decode thread keeps up with the forward pass and leaves the cores to it; a GPU
     # worker needs several to keep the device fed.
     threads = 1 if device == "cpu" else max(2, min(8, (os.cpu_count() or 2)))
     with torch.inference_mode():
-        for loaded in _decoded(source, indices, spec.backbone.batch_size, threads):
+        for loaded in _decoded(source, indices, spec.backbone.batch_for(device), threads):
             skipped.extend((source.sample_id(i), why) for i, why in loaded.failures)
             if loaded.images:
                 tm = time.perf_counter()
                 batch = preprocess(loaded.images, pre, device)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                    out = bb.model(batch)
+                out = forward_halving(run, batch, fits_key)
                 feats.append(out.float().cpu().numpy().astype(out_dtype))
                 kept.extend(loaded.indices)
                 t_model += time.perf_counter() - tm
@@ -182,5 +242,7 @@ def extract_shard(plan: Plan, shard: Shard, progress: Progress | None = None) ->
             "skipped": [{"id": sid, "reason": why} for sid, why in skipped],
             "seconds": round(seconds, 3), "model_seconds": round(t_model, 3),
             "images_per_s": round(len(kept_arr) / seconds, 2) if seconds else None,
-            "device": device}
+            "device": device, "batch": spec.backbone.batch_for(device),
+            "forward_batch": _FITS.get(fits_key), "precision": str(amp or "fp32"),
+            "compiled": spec.backbone.compile}
 

@@ -234,7 +234,8 @@ def run(plan: Plan, attempt: int, progress: Progress | None = None,
         if after_checkpoint is not None:
             after_checkpoint()
 
-    use_amp = device.startswith("cuda")
+    # bf16 autocast on CUDA (fp16 would need loss scaling: it trains in fp32 instead)
+    use_amp = device.startswith("cuda") and spec.backbone.precision == "bf16"
     threads = 1 if device == "cpu" else 4
     t_start = time.perf_counter()
     while state["epoch"] < ft.epochs:

@@ -90,6 +90,7 @@ def content_key(spec: JobSpec, fingerprint: str, weights: backbones.WeightsInfo)
         "preprocessing": pre.to_dict(),
         "layer": "penultimate-pooled",
         "dtype": spec.backbone.feature_dtype,
+        "precision": spec.backbone.precision,  # CUDA autocast changes the features
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 

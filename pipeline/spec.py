@@ -29,6 +29,8 @@ DATA_SOURCES = ("digits", "imagefolder", "manifest", "npz", "hdf5", "torchvision
 STRATEGIES = ("probe", "finetune", "auto")
 OPTIMIZERS = ("adamw", "sgd")
 FEATURE_DTYPES = ("float16", "float32")
+PRECISIONS = ("bf16", "fp16", "fp32")
+AUTO_BATCH = {"cuda": 512, "cpu": 32}  # batch_size: auto starts here (halved on out-of-memory)
 HEADS = ("linear", "mlp", "knn")
 
 
@@ -76,9 +78,17 @@ class BackboneSpec:
     name: str = "efficientnet_lite0"  # registry name: efficientnet_lite0 or any torchvision model
     weights: str | None = "DEFAULT"  # weights enum name (IMAGENET1K_V2), a local file, or "random"
     image_size: int | None = None  # override the weights' crop size (resize scales with it)
-    batch_size: int = 32  # images per forward pass
+    batch_size: int | str = 32  # images per forward pass, or auto (GPU: start at 512)
     feature_dtype: str = "float16"  # dtype of the stored features
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "bf16"  # autocast on CUDA: bf16 | fp16 | fp32 (CPU always runs fp32)
+    compile: bool = False  # torch.compile the backbone (once per worker process)
+
+    def batch_for(self, device: str) -> int:
+        """The batch size to decode and run on ``device`` (``auto`` -> :data:`AUTO_BATCH`)."""
+        if self.batch_size == "auto":
+            return AUTO_BATCH["cuda" if device.startswith("cuda") else "cpu"]
+        return int(self.batch_size)
 
     def validate(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -89,7 +99,14 @@ class BackboneSpec:
             if self.image_size < 16:
                 raise SpecError("backbone.image_size", f"{self.image_size} is too small",
                                 "use at least 16 pixels (small images are upsampled)")
-        _positive_int("backbone.batch_size", self.batch_size, "use e.g. 32")
+        if isinstance(self.batch_size, str) and self.batch_size != "auto":
+            raise SpecError("backbone.batch_size", f"{self.batch_size!r} is not a batch size",
+                            "use a whole number such as 32, or auto")
+        if self.batch_size != "auto":
+            _positive_int("backbone.batch_size", self.batch_size, "use e.g. 32, or auto")
+        if self.precision not in PRECISIONS:
+            raise SpecError("backbone.precision", f"unknown precision {self.precision!r}",
+                            f"use one of {', '.join(PRECISIONS)}")
         if self.feature_dtype not in FEATURE_DTYPES:
             raise SpecError("backbone.feature_dtype", f"unknown dtype {self.feature_dtype!r}",
                             f"use one of {', '.join(FEATURE_DTYPES)}")
@@ -346,6 +363,8 @@ def _coerce(name: str, f: dataclasses.Field[Any], value: Any) -> Any:
             return None
         raise SpecError(name, "must not be empty", "give it a value or remove the line")
     if kind.startswith("int") and not isinstance(value, bool) and isinstance(value, int):
+        return value
+    if kind == "int | str" and isinstance(value, str):
         return value
     if kind.startswith("float") and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
