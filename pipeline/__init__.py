@@ -9,9 +9,10 @@ Public API::
 """
 
 from pipeline.api import Job, get_job, submit
+from pipeline.compare import compare
 from pipeline.errors import FeaturefleetError
 from pipeline.predict import load_classifier
-from pipeline.spec import BackboneSpec, DataSpec, JobSpec, ProbeSpec
+from pipeline.spec import BackboneSpec, DataSpec, FinetuneSpec, JobSpec, ProbeSpec
 
-__all__ = ["BackboneSpec", "DataSpec", "FeaturefleetError", "Job", "JobSpec", "ProbeSpec",
-           "get_job", "load_classifier", "submit"]
+__all__ = ["BackboneSpec", "DataSpec", "FeaturefleetError", "FinetuneSpec", "Job", "JobSpec",
+           "ProbeSpec", "compare", "get_job", "load_classifier", "submit"]

@@ -16,6 +16,8 @@ import pytest
 import yaml
 
 from pipeline.cli import build_parser
+from pipeline.state import BROKER_ENV
+from workers.runtime import FLOWER_AUTH_ENV
 from workers.settings import EXTRACT_QUEUE, TRAIN_QUEUE, celery_config
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
@@ -68,8 +70,8 @@ def test_kubernetes_workers_commands_and_shutdown() -> None:
     for c in containers(flower):
         parses(c["args"])
         names = {e["name"] for e in c["env"]}
-        assert "FEATUREFLEET_BROKER" in names
-    assert any(e["name"] == "FEATUREFLEET_FLOWER_AUTH" and "secretKeyRef" in e["valueFrom"]
+        assert BROKER_ENV in names
+    assert any(e["name"] == FLOWER_AUTH_ENV and "secretKeyRef" in e["valueFrom"]
                for e in containers(flower)[0]["env"])
     redis = docs[("StatefulSet", "featurefleet-redis")]
     args = containers(redis)[0]["args"]
@@ -141,7 +143,8 @@ def test_compose_services_and_commands() -> None:
     assert dev["capabilities"] == ["gpu"] and "replicas" in gpu["deploy"]
     assert parses(s["worker-cpu"]["command"]).queues == TRAIN_QUEUE
     assert parses(s["flower"]["command"]).verb == "dashboard"
-    assert "FEATUREFLEET_FLOWER_AUTH" in s["flower"]["environment"]
+    assert FLOWER_AUTH_ENV in s["flower"]["environment"]
+    assert BROKER_ENV in s["worker-gpu"]["environment"]
     assert parses(s["exporter"]["command"]).verb == "exporter"
     for name in ("worker-gpu", "worker-cpu", "flower"):
         assert "store:/data" in s[name]["volumes"]
@@ -166,3 +169,14 @@ def test_deploy_guide_commands_parse() -> None:
     assert len(cmds) >= 4
     for cmd in cmds:
         parses(shlex.split(cmd.split("#")[0]))
+
+
+def test_every_featurefleet_variable_in_deploy_is_read_by_the_code() -> None:
+    import re
+
+    root = DEPLOY.parent
+    code = "".join(p.read_text() for d in ("pipeline", "workers") for p in (root / d).glob("*.py"))
+    known = set(re.findall(r"FEATUREFLEET_[A-Z_]+", code))
+    used = {m for f in DEPLOY.rglob("*") if f.is_file()
+            for m in re.findall(r"FEATUREFLEET_[A-Z_]+", f.read_text())}
+    assert used and used <= known, used - known

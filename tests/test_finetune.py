@@ -120,3 +120,17 @@ def test_auto_strategy_decision_in_report(cluster, tmp_path: Path) -> None:  # t
     assert "CPU workers only" in rep["strategy_reason"]  # the live fleet was asked: no GPU
     html = Path(st["report"]).with_suffix(".html").read_text()
     assert "strategy probe" in html and "small data" in html
+
+
+def test_compare_refuses_bad_entries_before_enqueueing(tmp_path: Path) -> None:
+    from pipeline.compare import compare
+    from pipeline.errors import BackboneError, SpecError
+
+    spec = small_spec(tmp_path / "out")
+    with pytest.raises(BackboneError, match="not_a_net"):
+        compare(spec, ["efficientnet_lite0", "not_a_net"], broker="redis://127.0.0.1:1/0")
+    with pytest.raises(SpecError, match=r"compare.strategies.*'distill'"):
+        compare(spec, ["efficientnet_lite0"], ["distill"], broker="redis://127.0.0.1:1/0")
+    with pytest.raises(SpecError, match=r"compare.backbones.*':random'"):
+        compare(spec, [":random"], broker="redis://127.0.0.1:1/0")
+    assert not (tmp_path / "out" / "compare").exists()

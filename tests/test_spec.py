@@ -81,8 +81,28 @@ def test_resolved_makes_paths_absolute(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_public_api_is_small_and_honest() -> None:
-    assert sorted(pipeline.__all__) == ["BackboneSpec", "DataSpec", "FeaturefleetError", "Job",
-                                        "JobSpec", "ProbeSpec", "get_job", "load_classifier",
-                                        "submit"]
+    assert sorted(pipeline.__all__) == ["BackboneSpec", "DataSpec", "FeaturefleetError",
+                                        "FinetuneSpec", "Job", "JobSpec", "ProbeSpec",
+                                        "compare", "get_job", "load_classifier", "submit"]
     for name in pipeline.__all__:
         assert getattr(pipeline, name) is not None
+
+
+def test_finetune_and_strategy_fields_validate_with_a_fix() -> None:
+    spec = JobSpec.from_dict({"strategy": "finetune", "time_budget_s": 600,
+                              "finetune": {"epochs": 3, "optimizer": "sgd", "lr": "3e-3",
+                                           "hflip": False, "checkpoint_every_steps": 50}})
+    assert spec.finetune.lr == 3e-3 and spec.finetune.optimizer == "sgd"
+    assert spec.time_budget_s == 600.0
+    cases = [({"strategy": "distill"}, r"'strategy'.*'distill'.*probe, finetune, auto"),
+             ({"finetune": {"optimizer": "lamb"}}, r"finetune.optimizer.*'lamb'.*adamw, sgd"),
+             ({"finetune": {"batch_size": 1}}, r"finetune.batch_size.*batch norm"),
+             ({"finetune": {"label_smoothing": 1.5}}, r"finetune.label_smoothing.*\[0, 1\)"),
+             ({"finetune": {"crop_scale_min": 0}}, r"finetune.crop_scale_min"),
+             ({"finetune": {"lr": 0}}, r"finetune.lr.*> 0"),
+             ({"finetune": {"device": "tpu"}}, r"finetune.device.*'tpu'"),
+             ({"time_budget_s": -5}, r"time_budget_s.*-5"),
+             ({"finetune": {"epoch": 3}}, r"finetune.epoch.*unknown field.*epochs")]
+    for raw, pattern in cases:
+        with pytest.raises(SpecError, match=pattern):
+            JobSpec.from_dict(raw)
