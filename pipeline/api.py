@@ -74,9 +74,9 @@ class Job:
         if not self.jobs.finish(self.id, "CANCELLED", error="cancelled by the user",
                                 stage="cancelled"):
             return False
-        from pipeline import compare
+        from pipeline.compare import settle
 
-        compare.settle(self.jobs, self.id)
+        settle(self.jobs, self.id)
         ids = self.jobs.field(self.id, "task_ids") or []
         app = make_app(self.broker)
         try:
@@ -123,10 +123,10 @@ def submit(spec: JobSpec, broker: str | None = None, compare_id: str | None = No
 
     spec.validate()
     job_id = uuid.uuid4().hex[:12]
-    jobs = JobStore(connect(broker))
-    gpus = fleet_gpus(jobs, broker) if spec.strategy == "auto" else 0
-    plan = make_plan(spec, job_id, gpus)  # data, backbone and weights checked; nothing written
+    # data, backbone and weights are checked first; the fleet is asked for GPUs only by auto
+    plan = make_plan(spec, job_id, lambda: fleet_gpus(JobStore(connect(broker)), broker))
     check_plan(plan)
+    jobs = JobStore(connect(broker))
     from pipeline.store import check_writable
 
     check_writable(plan.job_dir)

@@ -50,45 +50,56 @@ def make_image_folder(root: Path, n: int, size: int = 32) -> Path:
     return root
 
 
-def bench_bare(model_name: str, batch: int, crop: int, seconds: float) -> float:
+def bench_bare(model_name: str, batch: int, crop: int, seconds: float, device: str = "cpu",
+               precision: str = "bf16", use_compile: bool = False,
+               weights: str = "DEFAULT") -> float:
     import torch
 
-    from pipeline.extract import cached_backbone
+    from pipeline.extract import autocast_dtype, cached_backbone
 
-    bb = cached_backbone(model_name, "DEFAULT", "cpu")
-    x = torch.randn(batch, 3, crop, crop).contiguous(memory_format=torch.channels_last)
+    bb = cached_backbone(model_name, weights, device, use_compile)
+    amp = autocast_dtype(device, precision)
+    x = torch.randn(batch, 3, crop, crop, device=device).contiguous(
+        memory_format=torch.channels_last)
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
+            bb.model(x).float().cpu()  # the pipeline also brings features back to the host
+
     with torch.inference_mode():
-        bb.model(x)
+        for _ in range(3):  # warm-up (cuDNN autotuning, compilation)
+            step()
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
-            bb.model(x)
+            step()
             n += batch
     return n / (time.perf_counter() - t0)
 
 
 def plain_loop_subprocess(model_name: str, folder: Path, batch: int, crop: int,
-                          workers: int) -> float:
+                          workers: int, device: str = "cpu", weights: str = "DEFAULT") -> float:
     """The tutorial loop as its user runs it: a fresh process with the default environment
     (none of the workers' allocator settings)."""
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV}
     code = ("import sys; from pipeline.bench import bench_plain_loop as f; from pathlib import "
-            f"Path; print(f({model_name!r}, Path({str(folder)!r}), {batch}, {crop}, {workers}))")
+            f"Path; print(f({model_name!r}, Path({str(folder)!r}), {batch}, {crop}, {workers}, "
+            f"{device!r}, {weights!r}))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True, cwd=str(Path(__file__).resolve().parent.parent))
     return float(out.stdout.strip().splitlines()[-1])
 
 
 def bench_plain_loop(model_name: str, folder: Path, batch: int, crop: int,
-                     workers: int) -> float:
+                     workers: int, device: str = "cpu", weights: str = "DEFAULT") -> float:
     """What a tutorial does: ImageFolder + Resize/ToTensor/Normalize + DataLoader, NCHW fp32."""
     import torch
     from torchvision import datasets, transforms
 
     from pipeline.backbones import IMAGENET_MEAN, IMAGENET_STD, load_backbone
 
-    model = load_backbone(model_name, "DEFAULT", "cpu").model
+    model = load_backbone(model_name, weights, device).model
     tf = transforms.Compose([transforms.Resize((crop, crop)), transforms.ToTensor(),
                              transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     loader = torch.utils.data.DataLoader(datasets.ImageFolder(str(folder), tf),
@@ -97,13 +108,14 @@ def bench_plain_loop(model_name: str, folder: Path, batch: int, crop: int,
     t0 = time.perf_counter()
     with torch.no_grad():
         for x, _y in loader:
-            feats.append(model(x))
+            feats.append(model(x.to(device)).cpu())
     n = sum(len(f) for f in feats)
     return n / (time.perf_counter() - t0)
 
 
 def bench_pipeline(folder: Path, workdir: Path, model_name: str, batch: int, crop: int,
-                   shard_size: int) -> dict[str, Any]:
+                   shard_size: int, device: str = "cpu", precision: str = "bf16",
+                   use_compile: bool = False, weights: str = "DEFAULT") -> dict[str, Any]:
     """One extraction worker; throughput from submit until every shard is stored."""
     from pipeline.api import submit
     from pipeline.spec import BackboneSpec, DataSpec, JobSpec
@@ -113,7 +125,8 @@ def bench_pipeline(folder: Path, workdir: Path, model_name: str, batch: int, cro
         spec = JobSpec(name="bench", data=DataSpec(source="imagefolder", path=str(folder),
                                                    test_fraction=0.5, shard_size=shard_size),
                        backbone=BackboneSpec(name=model_name, batch_size=batch,
-                                             image_size=crop),
+                                             image_size=crop, device=device, weights=weights,
+                                             precision=precision, compile=use_compile),
                        output=str(workdir / "out"))
         # Warm-up job (model load, first-call costs), then the measured job on a fresh store.
         warm = submit(replace(spec, data=replace(spec.data, limit=batch * 2)),
@@ -186,28 +199,46 @@ def bench_hdf5(workdir: Path, dim: int, rows: int = 512, shards: int = 40) -> fl
 
 def run(model_name: str = "efficientnet_lite0", batch: int = 32, crop: int = 224,
         images: int = 512, shard_size: int = 128, seconds: float = 20.0,
-        loader_workers: int = 2) -> dict[str, Any]:
+        loader_workers: int = 2, device: str = "cpu", precision: str = "bf16",
+        use_compile: bool = False, weights: str = "DEFAULT",
+        gflops_per_image: float | None = None, peak_tflops: float | None = None
+        ) -> dict[str, Any]:
     import torch
 
+    gpu = device.startswith("cuda")
     with tempfile.TemporaryDirectory(prefix="ff-bench-") as tmp:
         work = Path(tmp)
         folder = make_image_folder(work / "images", images)
         # The CPU's speed drifts by ~10% over a minute here: measure the bare forward before
-        # and after the pipeline and use the mean.
-        bare_before = bench_bare(model_name, batch, crop, seconds / 2)
-        pipe = bench_pipeline(folder, work, model_name, batch, crop, shard_size)
-        bare_after = bench_bare(model_name, batch, crop, seconds / 2)
-        bare = (bare_before + bare_after) / 2
-        plain = plain_loop_subprocess(model_name, folder, batch, crop, loader_workers)
-        plain_tuned = bench_plain_loop(model_name, folder, batch, crop, loader_workers)
+        # and after the pipeline and use the mean. On a GPU the parent process must not touch
+        # CUDA before the workers fork: the bare forward runs after the pipeline there.
+        bare_before = None if gpu else bench_bare(model_name, batch, crop, seconds / 2, device,
+                                                  precision, use_compile, weights)
+        pipe = bench_pipeline(folder, work, model_name, batch, crop, shard_size, device,
+                              precision, use_compile, weights)
+        bare_after = bench_bare(model_name, batch, crop, seconds / 2, device, precision,
+                                use_compile, weights)
+        bare = bare_after if bare_before is None else (bare_before + bare_after) / 2
+        plain = plain_loop_subprocess(model_name, folder, batch, crop, loader_workers, device,
+                                      weights)
+        plain_tuned = bench_plain_loop(model_name, folder, batch, crop, loader_workers, device,
+                                       weights)
         from pipeline.extract import cached_backbone
 
-        h5 = bench_hdf5(work, cached_backbone(model_name, "DEFAULT", "cpu").feature_dim)
+        h5 = bench_hdf5(work, cached_backbone(model_name, weights, device).feature_dim)
+    mfu = {}
+    if gflops_per_image and peak_tflops:
+        mfu = {"gflops_per_image": gflops_per_image, "peak_tflops": peak_tflops,
+               "mfu_bare": round(bare * gflops_per_image / (peak_tflops * 1e3), 4),
+               "mfu_pipeline": round(pipe["images_per_s"] * gflops_per_image
+                                     / (peak_tflops * 1e3), 4)}
     return {
-        "model": model_name, "batch": batch, "crop": crop, "images": images,
-        "threads": torch.get_num_threads(), "device": "cpu",
+        "model": model_name, "weights": weights, "batch": batch, "crop": crop,
+        "images": images, "threads": torch.get_num_threads(), "device": device,
+        "precision": precision if gpu else "fp32", "compiled": use_compile, **mfu,
         "bare_forward_img_s": round(bare, 2),
-        "bare_forward_before_after": [round(bare_before, 2), round(bare_after, 2)],
+        "bare_forward_before_after": [None if bare_before is None else round(bare_before, 2),
+                                      round(bare_after, 2)],
         "pipeline_img_s": round(pipe["images_per_s"], 2),
         "plain_loop_img_s": round(plain, 2),
         "plain_loop_with_worker_allocator_img_s": round(plain_tuned, 2),
@@ -229,11 +260,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=1024)
     p.add_argument("--shard-size", type=int, default=256)
     p.add_argument("--seconds", type=float, default=20.0, help="bare-forward duration")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"],
+                   help="CUDA autocast dtype (CPU runs fp32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone")
+    p.add_argument("--weights", default="DEFAULT",
+                   help="DEFAULT, or random where weights cannot be downloaded (same speed)")
+    p.add_argument("--gflops", type=float, default=None,
+                   help="model GFLOP per image, for model FLOP utilisation (ResNet-50: 8.2)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's dense peak TFLOP/s at this precision (H200 bf16: 989)")
     p.add_argument("--json", default=None, help="also write the JSON here")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     _ensure_allocator_env(argv)
-    r = run(args.model, args.batch, args.crop, args.images, args.shard_size, args.seconds)
+    r = run(args.model, args.batch, args.crop, args.images, args.shard_size, args.seconds,
+            device=args.device, precision=args.precision, use_compile=args.compile,
+            weights=args.weights, gflops_per_image=args.gflops, peak_tflops=args.peak_tflops)
     rows = [
         ("bare forward", f"{r['bare_forward_img_s']:.1f} img/s"),
         ("pipeline (Celery+Redis+HDF5, 1 worker)", f"{r['pipeline_img_s']:.1f} img/s"),
@@ -247,8 +290,12 @@ def main(argv: list[str] | None = None) -> int:
                                                 "  (target <= 5)"),
         ("HDF5 write", f"{r['hdf5_write_mb_s']:.1f} MB/s"),
     ]
+    if "mfu_bare" in r:
+        rows.append(("model FLOP utilisation bare / pipeline",
+                     f"{r['mfu_bare']:.1%} / {r['mfu_pipeline']:.1%}"))
     print(f"{r['model']} @{r['crop']}px, batch {r['batch']}, {r['threads']} threads, "
-          f"{r['device']}, {r['images']} images")
+          f"{r['device']} {r['precision']}{' compiled' if r['compiled'] else ''}, "
+          f"{r['images']} images")
     for k, v in rows:
         print(f"  {k:<40} {v}")
     print(json.dumps(r))

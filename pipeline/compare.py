@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
+import logging
 import os
 import time
 import uuid
@@ -23,6 +24,7 @@ from pipeline.errors import JobError, SpecError
 from pipeline.spec import STRATEGIES, JobSpec
 from pipeline.state import JobStore, broker_url, connect
 
+log = logging.getLogger(__name__)
 LEADERBOARD_SCHEMA = 1
 SUBMITTED = "__submitted__"
 
@@ -61,6 +63,9 @@ class Comparison:
                 on_progress(rec)
             if rec.get("leaderboard"):
                 return json.loads(Path(rec["leaderboard"]).read_text())
+            if rec.get("status") == "FAILED":
+                raise JobError(f"comparison {self.id}: {rec.get('error')}; fix: read the child "
+                               "jobs' reports (featurefleet report JOB_ID)")
             if deadline is not None and time.monotonic() > deadline:
                 raise JobError(f"comparison {self.id} not finished after {timeout:g} s; fix: "
                                "wait longer (featurefleet jobs shows its child jobs)")
@@ -121,10 +126,16 @@ def settle(jobs: JobStore, job_id: str) -> str | None:
     return _write_for(jobs, compare_id)
 
 
-def _write_for(jobs: JobStore, compare_id: str) -> str:
+def _write_for(jobs: JobStore, compare_id: str) -> str | None:
     rec = jobs.comparison(compare_id)
-    board = leaderboard(compare_id, [{"id": j, **jobs.get(j)} for j in rec["jobs"]])
-    path = write(board, Path(rec["dir"]))
+    try:
+        board = leaderboard(compare_id, [{"id": j, **jobs.get(j)} for j in rec["jobs"]])
+        path = write(board, Path(rec["dir"]))
+    except Exception as exc:  # the children's results stand; say why there is no board
+        log.exception("comparison %s: no leaderboard", compare_id)
+        jobs.update_comparison(compare_id, status="FAILED", finished=time.time(),
+                               error=f"leaderboard not written: {type(exc).__name__}: {exc}")
+        return None
     jobs.update_comparison(compare_id, leaderboard=str(path), status="SUCCESS",
                            finished=time.time())
     return str(path)

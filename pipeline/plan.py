@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,10 +96,11 @@ def content_key(spec: JobSpec, fingerprint: str, weights: backbones.WeightsInfo)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def make_plan(spec: JobSpec, job_id: str, gpus: int = 0) -> Plan:
+def make_plan(spec: JobSpec, job_id: str, gpus: int | Callable[[], int] = 0) -> Plan:
     """Resolve a validated spec into a plan (opens the data source and the weights metadata).
 
-    ``gpus``: GPU workers online, for ``strategy: auto``. A fine-tuning plan has no shards:
+    ``gpus``: GPU workers online (or a function that asks the fleet, called only for
+    ``strategy: auto``, after the data and backbone checks). A fine-tuning plan has no shards:
     it trains on the images, not on cached features.
 
     Raises:
@@ -118,7 +120,10 @@ def make_plan(spec: JobSpec, job_id: str, gpus: int = 0) -> Plan:
     n_train = len(splits["train"])
     if "val" not in splits:  # the probe and fine-tuning carve val from train
         n_train = round(n_train * (1 - spec.probe.val_fraction))
-    strategy, reason = choose(spec, n_train, len(source.class_names), pre.crop, gpus)
+    if spec.strategy == "auto" and callable(gpus):
+        gpus = gpus()
+    strategy, reason = choose(spec, n_train, len(source.class_names), pre.crop,
+                              gpus if isinstance(gpus, int) else 0)
     for split in sorted(splits) if strategy == "probe" else []:
         n = len(splits[split])
         for start in range(0, n, size):

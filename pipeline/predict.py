@@ -30,18 +30,22 @@ class Classifier:
     device: str = "cpu"
     batch_size: int = 32
 
-    def features(self, images: Sequence[Any]) -> np.ndarray:
+    def _run(self, images: Sequence[Any], net: Any, width: int) -> np.ndarray:
+        """``net`` over the images in batches (same preprocessing as training) -> rows."""
         import torch
 
-        bb = extract.cached_backbone(self.backbone, self.weights, self.device)
         arrays = [_as_rgb(im) for im in images]
         out = []
         with torch.inference_mode():
             for i in range(0, len(arrays), self.batch_size):
                 batch = extract.preprocess(arrays[i: i + self.batch_size], self.preprocessing,
                                            self.device)
-                out.append(bb.model(batch).float().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+                out.append(net(batch).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, width), np.float32)
+
+    def features(self, images: Sequence[Any]) -> np.ndarray:
+        bb = extract.cached_backbone(self.backbone, self.weights, self.device)
+        return self._run(images, bb.model, bb.feature_dim)
 
     def predict_proba(self, images: Sequence[Any]) -> np.ndarray:
         """Class probabilities, one row per image (columns follow ``class_names``)."""
@@ -69,14 +73,8 @@ class FinetunedClassifier(Classifier):
     def predict_proba(self, images: Sequence[Any]) -> np.ndarray:
         import torch
 
-        arrays = [_as_rgb(im) for im in images]
-        out = []
-        with torch.inference_mode():
-            for i in range(0, len(arrays), self.batch_size):
-                batch = extract.preprocess(arrays[i: i + self.batch_size], self.preprocessing,
-                                           self.device)
-                out.append(torch.softmax(self.net(batch).float(), 1).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
+        return self._run(images, lambda x: torch.softmax(self.net(x).float(), 1),
+                         len(self.class_names))
 
 
 def load_classifier(path: str | Path, device: str = "auto") -> Classifier:

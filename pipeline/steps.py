@@ -151,10 +151,10 @@ def run_evaluate(jobs: JobStore, plan: Plan, trained: dict[str, Any]) -> dict[st
 
 
 def _succeed(jobs: JobStore, plan: Plan, path: Path, metrics: dict[str, Any]) -> dict[str, Any]:
-    from pipeline import compare
+    from pipeline.compare import settle
 
     jobs.finish(plan.job_id, "SUCCESS", report=str(path), top1=metrics["top1"], stage="done")
-    compare.settle(jobs, plan.job_id)  # the last job of a comparison writes its leaderboard
+    settle(jobs, plan.job_id)  # the last job of a comparison writes its leaderboard
     return {"report": str(path), "top1": metrics["top1"]}
 
 
@@ -225,9 +225,9 @@ def run_fail(jobs: JobStore, job_id: str, task_id: str, error: str) -> None:
         out = Path(record.get("job_dir", ""))
         if out.is_dir():
             (out / "error.json").write_text(json.dumps({"error": error, "task": task_id}))
-    from pipeline import compare
+    from pipeline.compare import settle
 
-    compare.settle(jobs, job_id)
+    settle(jobs, job_id)
 
 
 def as_list(results: Any) -> list[dict[str, Any]]:

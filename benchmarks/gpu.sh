@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The prepared GPU run (issue #6): ResNet-50, bf16 autocast, channels_last, batch 256, the same
+# ratios as on CPU plus model FLOP utilisation (8.2 GFLOP per image; H200 dense bf16 989 TFLOP/s).
+# Random weights: the GPU machine has no internet, and throughput does not depend on them.
+# Usage: bash benchmarks/gpu.sh [OUT_DIR]   (needs the package installed: make .venv/bin/.installed)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-${OUT:-bench-gpu}}
+mkdir -p "$OUT"
+PY=${PYTHON:-.venv/bin/python}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+"$PY" -m pipeline.bench --model resnet50 --weights random --device cuda --precision bf16 \
+    --batch 256 --crop 224 --images 16384 --shard-size 4096 --seconds 20 \
+    --gflops 8.2 --peak-tflops 989 --json "$OUT/resnet50-bf16.json" | tee "$OUT/resnet50-bf16.txt"
+# the auto batch size / OOM halving and fine-tuning paths on CUDA, briefly
+"$PY" -m pytest -q -m gpu tests/ | tee "$OUT/pytest-gpu.txt"
