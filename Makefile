@@ -21,5 +21,8 @@ test: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -ra
 
+bench: $(BIN)/.installed
+	$(BIN)/featurefleet bench
+
 clean:
 	rm -rf featurefleet-demo test-artifacts .pytest_cache
