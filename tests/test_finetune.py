@@ -134,3 +134,15 @@ def test_compare_refuses_bad_entries_before_enqueueing(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match=r"compare.backbones.*':random'"):
         compare(spec, [":random"], broker="redis://127.0.0.1:1/0")
     assert not (tmp_path / "out" / "compare").exists()
+
+
+def test_progress_line_for_a_finetune_job() -> None:
+    from pipeline.cli import format_progress
+
+    line = format_progress({"status": "RUNNING", "stage": "finetune", "strategy": "finetune",
+                            "resumes": 1, "finetune": {"epoch": 2, "epochs": 4, "step": 5,
+                                                       "steps": 10, "loss": 0.91,
+                                                       "val_top1": 0.873, "images_per_s": 55.2}})
+    assert "epoch 2/4 step 5/10" in line and "loss 0.91" in line and "val top-1 0.873" in line
+    assert "55.2 img/s" in line and "resumed 1x" in line
+    assert "[" + "#" * 9 + "-" * 15 + "]" in line  # 15 of 40 steps done
