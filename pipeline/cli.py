@@ -266,6 +266,13 @@ def summary(rep: dict[str, Any]) -> str:
 # --- verbs --------------------------------------------------------------------------------
 
 
+def _interruptible() -> None:
+    """Ctrl-C and SIGTERM (e.g. from a supervisor) stop a command that owns a private cluster
+    and clean it up, also when it was started with SIGINT ignored (a shell's background job)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+
+
 def _demo(args: argparse.Namespace) -> int:
     from pipeline.api import submit
     from pipeline.spec import BackboneSpec, DataSpec, JobSpec
@@ -277,8 +284,7 @@ def _demo(args: argparse.Namespace) -> int:
         data=DataSpec(source="digits", shard_size=args.shard_size, limit=args.limit),
         backbone=BackboneSpec(name="efficientnet_lite0", image_size=args.image_size),
         output=str(out), store=str(out / "store")).validate()
-    # SIGTERM (e.g. from a supervisor) cleans up exactly like Ctrl-C.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    _interruptible()
     print(f"featurefleet demo: starting a private Redis and {args.extract_workers} extraction + "
           f"1 training worker process (logs in {out / 'cluster' / 'logs'})", flush=True)
     with local_cluster(out / "cluster", extract_workers=args.extract_workers) as cluster:
@@ -350,7 +356,7 @@ def _compare(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         broker = args.broker
         if args.local:
-            signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+            _interruptible()
             out = Path(spec.output).resolve()
             cluster = stack.enter_context(local_cluster(out / "cluster", args.extract_workers))
             broker = cluster.broker
