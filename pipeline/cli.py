@@ -374,7 +374,8 @@ def _compare(args: argparse.Namespace) -> int:
 def format_leaderboard(board: dict[str, Any]) -> str:
     cols = [("rank", "#"), ("backbone", "backbone"), ("weights", "weights"),
             ("strategy", "strategy"), ("val_top1", "val"), ("test_top1", "test"),
-            ("extract_images_per_s", "extract img/s"), ("train_s", "train s"),
+            ("extract_images_per_s", "extract img/s"), ("train_images_per_s", "train img/s"),
+            ("train_s", "train s"),
             ("feature_dim", "dim"), ("parameters", "params"), ("status", "status")]
 
     def cell(v: Any) -> str:
