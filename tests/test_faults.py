@@ -107,8 +107,8 @@ def test_2_whole_worker_lost_while_another_lives(tmp_path: Path) -> None:
     # minute (the timeout plus kombu's restore sweep).
     with cluster_env(tmp_path, extract_workers=2,
                      env={"FEATUREFLEET_TASK_TIME_LIMIT": "20"}) as c:
-        spec = small_spec(tmp_path, limit=400, shard_size=50)
-        spec = spec.__class__.from_dict({**spec.to_dict(), "backbone": {"image_size": 64}})
+        spec = small_spec(tmp_path, limit=400, shard_size=100)  # shards of ~2 s each
+        spec = spec.__class__.from_dict({**spec.to_dict(), "backbone": {"image_size": 160}})
         job = submit(spec, broker=c.broker)
         wait_for(lambda: job.status().get("images_done", 0) > 0)
         victim = busiest(c.procs[:2])  # the extraction worker that is running a shard now
@@ -126,8 +126,9 @@ def test_8_sigterm_hands_the_running_shard_back(tmp_path: Path) -> None:
     # it until the visibility timeout (2 h here): the other worker finishes the job.
     with cluster_env(tmp_path, extract_workers=2,
                      env={"FEATUREFLEET_SOFT_SHUTDOWN_S": "1"}) as c:
-        spec = small_spec(tmp_path, limit=300, shard_size=100)
-        spec = spec.__class__.from_dict({**spec.to_dict(), "backbone": {"image_size": 128}})
+        # shards of several seconds each, so the SIGTERM lands while one is running
+        spec = small_spec(tmp_path, limit=600, shard_size=300)
+        spec = spec.__class__.from_dict({**spec.to_dict(), "backbone": {"image_size": 224}})
         job = submit(spec, broker=c.broker)
         wait_for(lambda: job.status().get("images_done", 0) > 0)
         victim = busiest(c.procs[:2])
@@ -207,8 +208,8 @@ def test_6_finished_shard_delivered_again_changes_nothing(tmp_path: Path) -> Non
 
 def test_7_cancel_during_extraction(tmp_path: Path) -> None:
     with cluster_env(tmp_path) as c:
-        spec = small_spec(tmp_path, limit=400, shard_size=100)
-        spec = spec.__class__.from_dict({**spec.to_dict(), "backbone": {"image_size": 96}})
+        spec = small_spec(tmp_path, limit=400, shard_size=100)  # shards of ~1 s each
+        spec = spec.__class__.from_dict({**spec.to_dict(), "backbone": {"image_size": 224}})
         job = submit(spec, broker=c.broker)
         wait_for(lambda: job.status().get("shards_done", 0) >= 1, timeout=180)
         assert job.cancel()
