@@ -15,6 +15,9 @@ from pipeline.errors import StoreError
 
 
 def shard_sets(root: str | Path) -> list[Path]:
+    if store.is_remote(root):
+        raise StoreError(f"featurefleet cache works on local stores, not {str(root)!r}; fix: "
+                         "list the bucket with its own tools (aws s3 ls), or mount it")
     root = Path(root)
     if not root.is_dir():
         raise StoreError(f"feature store {str(root)!r} does not exist; fix: pass --store with "

@@ -49,32 +49,28 @@ def split_indices(plan: Plan, source: data.Source) -> dict[str, np.ndarray]:
     return splits
 
 
-class Network:
-    """Backbone + linear head as one ``torch.nn.Module`` (built lazily: torch imports late)."""
+def build_network(name: str, weights: str | None, n_classes: int, device: str) -> Any:
+    """Backbone + a new linear head as one trainable ``torch.nn.Module`` (and the backbone)."""
+    import torch
 
-    @staticmethod
-    def build(name: str, weights: str | None, n_classes: int, device: str) -> Any:
-        import torch
+    bb = backbones.load_backbone(name, weights, "cpu")
 
-        bb = backbones.load_backbone(name, weights, "cpu")
+    class FinetuneNet(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = bb.model
+            self.head = torch.nn.Linear(bb.feature_dim, n_classes)
 
-        class FinetuneNet(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.backbone = bb.model
-                self.head = torch.nn.Linear(bb.feature_dim, n_classes)
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.backbone(x))
 
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                return self.head(self.backbone(x))
-
-        net = FinetuneNet().requires_grad_(True)
-        for m in net.modules():
-            # Some ports keep TF's BN momentum (0.01): running statistics would then still be
-            # ImageNet's after a short fine-tune, and eval mode would see the wrong ones.
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.momentum is not None:
-                m.momentum = max(m.momentum, 0.1)
-        net = net.to(device).to(memory_format=torch.channels_last)
-        return net, bb
+    net = FinetuneNet().requires_grad_(True)
+    for m in net.modules():
+        # Some ports keep TF's BN momentum (0.01): running statistics would then still be
+        # ImageNet's after a short fine-tune, and eval mode would see the wrong ones.
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.momentum is not None:
+            m.momentum = max(m.momentum, 0.1)
+    return net.to(device).to(memory_format=torch.channels_last), bb
 
 
 def augment(images: list[np.ndarray], crop: int, mean: Any, std: Any, device: str,
@@ -182,7 +178,7 @@ def run(plan: Plan, attempt: int, progress: Progress | None = None,
     splits = split_indices(plan, source)
     n_classes = len(plan.class_names)
     torch.manual_seed(spec.data.seed)
-    net, bb = Network.build(spec.backbone.name, spec.backbone.weights, n_classes, device)
+    net, bb = build_network(spec.backbone.name, spec.backbone.weights, n_classes, device)
     pre = bb.weights.preprocessing.scaled_to(spec.backbone.image_size)
     head_params = list(net.head.parameters())
     body_params = list(net.backbone.parameters())
@@ -316,7 +312,7 @@ def load_network(best: str | Path, device: str = "cpu") -> tuple[Any, dict[str, 
 
     raw = torch.load(best, map_location="cpu", weights_only=True)
     meta = json.loads(raw["meta"])
-    net, _ = Network.build(meta["backbone"], backbones.RANDOM, meta["n_classes"], device)
+    net, _ = build_network(meta["backbone"], backbones.RANDOM, meta["n_classes"], device)
     net.load_state_dict(raw["model"])
     return net.eval(), meta
 

@@ -102,3 +102,13 @@ def test_unreachable_s3_store_is_a_clear_error(cluster, tmp_path: Path,  # type:
         submit(spec, broker=cluster.broker)
     jobs = tmp_path / "out" / "jobs"
     assert not jobs.exists() or not any(jobs.iterdir())  # nothing written
+
+
+def test_cache_commands_name_their_limit_on_a_bucket() -> None:
+    from pipeline import cache
+    from pipeline.errors import StoreError
+
+    for call in (lambda: cache.ls("s3://b/x"), lambda: cache.verify("s3://b/x"),
+                 lambda: cache.rm("s3://b/x", everything=True)):
+        with pytest.raises(StoreError, match=r"local stores.*s3://b/x.*fix:"):
+            call()
