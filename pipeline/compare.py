@@ -11,6 +11,7 @@ accuracy (test accuracy is shown, never used to rank). No client has to stay con
 from __future__ import annotations
 
 import dataclasses
+import functools
 import html
 import json
 import logging
@@ -166,8 +167,10 @@ def _row(st: dict[str, Any]) -> dict[str, Any]:
             rep["backbone"]["preprocessing"]["crop"], "report": st["report"]}
 
 
+@functools.lru_cache(maxsize=16)
 def _size(name: str) -> tuple[int, int]:
-    """Feature dimension and parameter count of an architecture (random init, on CPU)."""
+    """Feature dimension and parameter count of an architecture (random init, on CPU; once
+    per architecture, however many weights and strategies are compared)."""
     from pipeline.backbones import RANDOM, load_backbone
 
     bb = load_backbone(name, RANDOM, "cpu")

@@ -137,11 +137,24 @@ def preprocess(images: list[np.ndarray], pre: Preprocessing, device: str) -> Any
     else:
         for i, im in enumerate(images):
             resize_crop(upload(im[None]), out[i: i + 1])
-    # (x - mean) / std as an inference batch norm: one fused pass, vectorised for
-    # channels_last (about a third cheaper than a broadcast subtract and divide)
-    mean = torch.tensor(pre.mean, device=device) * 255.0
-    var = (torch.tensor(pre.std, device=device) * 255.0) ** 2
-    return F.batch_norm(out, mean, var, None, None, False, 0.0, 0.0)
+    return normalize(out, pre)
+
+
+def normalize(x: Any, pre: Preprocessing) -> Any:
+    """0..255 float NCHW -> ``(x / 255 - mean) / std`` as an inference batch norm: one fused
+    pass, vectorised for channels_last (a third cheaper than broadcast subtract and divide)."""
+    import torch
+    import torch.nn.functional as F
+
+    mean = torch.tensor(pre.mean, device=x.device) * 255.0
+    var = (torch.tensor(pre.std, device=x.device) * 255.0) ** 2
+    return F.batch_norm(x, mean, var, None, None, False, 0.0, 0.0)
+
+
+def decode_threads(device: str) -> int:
+    """Decode threads ahead of the model: on CPU one keeps up and leaves the cores to the
+    forward pass; a GPU worker needs several to keep the device fed."""
+    return 1 if device == "cpu" else max(2, min(8, (os.cpu_count() or 2)))
 
 
 def _decoded(source: data.Source, indices: np.ndarray, batch_size: int,
@@ -212,9 +225,7 @@ def extract_shard(plan: Plan, shard: Shard, progress: Progress | None = None) ->
         with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
             return bb.model(x)
 
-    # CPU: one decode thread keeps up with the forward pass and leaves the cores to it; a GPU
-    # worker needs several to keep the device fed.
-    threads = 1 if device == "cpu" else max(2, min(8, (os.cpu_count() or 2)))
+    threads = decode_threads(device)
     with torch.inference_mode():
         for loaded in _decoded(source, indices, spec.backbone.batch_for(device), threads):
             skipped.extend((source.sample_id(i), why) for i, why in loaded.failures)

@@ -29,7 +29,14 @@ from typing import Any
 import numpy as np
 
 from pipeline import backbones, data, evaluate
-from pipeline.extract import _decoded, cached_source, pick_device, preprocess
+from pipeline.extract import (
+    _decoded,
+    cached_source,
+    decode_threads,
+    normalize,
+    pick_device,
+    preprocess,
+)
 from pipeline.plan import Plan
 from pipeline.train import carve_val
 
@@ -73,7 +80,7 @@ def build_network(name: str, weights: str | None, n_classes: int, device: str) -
     return net.to(device).to(memory_format=torch.channels_last), bb
 
 
-def augment(images: list[np.ndarray], crop: int, mean: Any, std: Any, device: str,
+def augment(images: list[np.ndarray], pre: backbones.Preprocessing, device: str,
             gen: Any, scale_min: float, hflip: bool) -> Any:
     """Random resized crop (+ flip) of uint8 HWC images -> normalized NCHW float batch."""
     import torch
@@ -97,6 +104,7 @@ def augment(images: list[np.ndarray], crop: int, mean: Any, std: Any, device: st
             cw = ch = side
             x0, y0 = (w - side) / 2, (h - side) / 2
         boxes.append((x0, y0, x0 + cw, y0 + ch))
+    crop = pre.crop
     out = torch.empty((len(images), 3, crop, crop), device=device)
     same = len({im.shape for im in images}) == 1
     groups = [list(range(len(images)))] if same else [[i] for i in range(len(images))]
@@ -110,9 +118,7 @@ def augment(images: list[np.ndarray], crop: int, mean: Any, std: Any, device: st
     if hflip:
         flip = torch.rand(len(images), generator=gen) < 0.5
         out[flip.to(device)] = out[flip.to(device)].flip(-1)
-    m = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0
-    s = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0
-    return out.sub_(m).div_(s).contiguous(memory_format=torch.channels_last)
+    return normalize(out.contiguous(memory_format=torch.channels_last), pre)
 
 
 def _schedule(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -142,7 +148,7 @@ def predict_proba(net: Any, source: data.Source, indices: np.ndarray, pre: Any, 
     probs, labels, skipped = [], [], []
     net.eval()
     use_amp = device.startswith("cuda")
-    threads = 1 if device == "cpu" else 4
+    threads = decode_threads(device)
     with torch.inference_mode():
         for loaded in _decoded(source, indices, batch_size, threads):
             skipped.extend((source.sample_id(i), why) for i, why in loaded.failures)
@@ -232,7 +238,7 @@ def run(plan: Plan, attempt: int, progress: Progress | None = None,
 
     # bf16 autocast on CUDA (fp16 would need loss scaling: it trains in fp32 instead)
     use_amp = device.startswith("cuda") and spec.backbone.precision == "bf16"
-    threads = 1 if device == "cpu" else 4
+    threads = decode_threads(device)
     t_start = time.perf_counter()
     while state["epoch"] < ft.epochs:
         epoch = state["epoch"]
@@ -244,8 +250,8 @@ def run(plan: Plan, attempt: int, progress: Progress | None = None,
         for loaded in _decoded(source, todo, ft.batch_size, threads):
             state["skipped"].extend(source.sample_id(i) for i, _ in loaded.failures)
             if len(loaded.images) >= 2:
-                x = augment(loaded.images, pre.crop, pre.mean, pre.std, device, gen,
-                            ft.crop_scale_min, ft.hflip) if ft.augment else \
+                x = augment(loaded.images, pre, device, gen, ft.crop_scale_min,
+                            ft.hflip) if ft.augment else \
                     preprocess(loaded.images, pre, device)
                 y = torch.as_tensor(source.labels[np.asarray(loaded.indices)], device=device)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
