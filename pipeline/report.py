@@ -31,7 +31,10 @@ def write_report(plan: Plan, record: dict[str, Any], shard_results: dict[str, di
         shards.append({"id": s.id, "split": s.split, "path": s.path, "rows": r.get("rows"),
                        "sha256": r.get("sha256"), "worker": r.get("worker"),
                        "cached": bool(s.cached or r.get("cached")),
-                       "seconds": r.get("seconds"), "skipped": r.get("skipped", [])})
+                       "seconds": r.get("seconds"), "images_per_s": r.get("images_per_s"),
+                       "device": r.get("device"), "threads": r.get("threads"),
+                       "started_at": r.get("started_at"), "finished_at": r.get("finished_at"),
+                       "skipped": r.get("skipped", [])})
     extracted = [r for r in shard_results.values() if not r.get("cached")]
     images = sum(r.get("rows", 0) for r in extracted)
     model_s = sum(r.get("model_seconds", 0.0) for r in extracted)

@@ -90,6 +90,45 @@ def test_image_modes_decode_correctly(tmp_path: Path) -> None:
     assert data.decode_image(tmp_path / "c.jpg").min() > 240  # CMYK zero ink is white
 
 
+def _pillow_rgb(path: Path) -> np.ndarray:
+    from PIL import ImageOps
+
+    with Image.open(path) as im:
+        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+
+
+def test_jpeg_fast_path_gives_pillows_pixels(tmp_path: Path) -> None:
+    """JPEGs decode through torchvision: real photos (sklearn's bundled samples) and every
+    encoding variant give exactly Pillow's pixels; a truncated file fails with Pillow's error."""
+    import sklearn
+
+    photos = sorted((Path(sklearn.__file__).parent / "datasets" / "images").glob("*.jpg"))
+    assert len(photos) == 2
+    photo = Image.open(photos[0]).convert("RGB").crop((100, 50, 400, 250))
+    variants = {"q95": {"quality": 95}, "444": {"subsampling": 0}, "422": {"subsampling": 1},
+                "progressive": {"progressive": True, "quality": 70}}
+    for name, kw in variants.items():
+        photo.save(tmp_path / f"{name}.jpg", **kw)
+    photo.convert("L").save(tmp_path / "gray.jpg")
+    photo.convert("CMYK").save(tmp_path / "cmyk.jpg")
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        photo.save(tmp_path / f"orient{orientation}.jpg", exif=exif.tobytes())
+    files = [*photos, *sorted(tmp_path.glob("*.jpg"))]
+    for f in files:
+        ours = data.decode_image(f)
+        assert data._decode_jpeg(f.read_bytes()) is not None, f  # the fast path took it
+        np.testing.assert_array_equal(ours, _pillow_rgb(f), err_msg=str(f))
+        assert ours.flags["C_CONTIGUOUS"] and ours.dtype == np.uint8
+    assert data.decode_image(tmp_path / "orient6.jpg").shape == (300, 200, 3)  # rotated
+    with open(photos[0], "rb") as fh:  # binary file objects (tar members) too
+        np.testing.assert_array_equal(data.decode_image(fh), _pillow_rgb(photos[0]))
+    (tmp_path / "trunc.jpg").write_bytes(photos[0].read_bytes()[:5000])
+    with pytest.raises(OSError, match="truncated"):
+        data.decode_image(tmp_path / "trunc.jpg")
+
+
 def test_npz_source_and_errors(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     good = tmp_path / "good.npz"
