@@ -115,8 +115,8 @@ def bench_plain_loop(model_name: str, folder: Path, batch: int, crop: int,
 
 def bench_pipeline(folder: Path, workdir: Path, model_name: str, batch: int, crop: int,
                    shard_size: int, device: str = "cpu", precision: str = "bf16",
-                   use_compile: bool = False, weights: str = "DEFAULT", rounds: int = 3,
-                   bare_seconds: float = 6.0) -> dict[str, Any]:
+                   use_compile: bool = False, weights: str = "DEFAULT", rounds: int = 5,
+                   bare_seconds: float = 4.0) -> dict[str, Any]:
     """One extraction worker; ``rounds`` measured jobs, each between two bare-forward runs.
 
     A job's throughput is counted from submit until every shard is stored. This machine's speed
@@ -183,11 +183,13 @@ def _timed_job(spec: Any, broker: str) -> dict[str, Any]:
 
 
 def bench_dispatch(broker: str, rep: dict[str, Any], n: int = 100) -> dict[str, float]:
-    """Extraction tasks whose shard is already stored (no model work): one at a time
-    (enqueue -> start -> result stored, the latency a single shard pays) and as a burst of
-    ``n`` (wall / n: the overhead per shard when a job's shards queue up, as they do)."""
+    """Shard tasks with no work (they belong to a finished job: the task reads the job record
+    and returns the shard's recorded result; no model, no file), sent as ``job_canvas`` sends
+    them: one at a time (enqueue -> start -> result stored, the latency a single shard pays)
+    and as a burst of ``n`` (wall / n: the overhead per shard when a job's shards queue up)."""
     from pipeline.plan import Plan
     from workers.app import make_app
+    from workers.canvas import signature
     from workers.settings import EXTRACT_QUEUE
 
     plan = json.loads((Path(rep["spec"]["output"]) / "jobs" / rep["job_id"]
@@ -195,18 +197,21 @@ def bench_dispatch(broker: str, rep: dict[str, Any], n: int = 100) -> dict[str, 
     light = {**Plan.from_dict(plan).to_dict(), "shards": []}
     shard = plan["shards"][0]
     app = make_app(broker)
+
+    def task(i: int) -> Any:  # as job_canvas builds a shard's task
+        return signature(app, rep["job_id"], "extract_shard", light, shard,
+                         tid=f"bench-dispatch.{i}", queue=EXTRACT_QUEUE)
+
     times = []
     try:
-        for _ in range(n):
+        for i in range(n):
             t0 = time.perf_counter()
-            res = app.send_task("featurefleet.extract_shard", args=(light, shard),
-                                queue=EXTRACT_QUEUE)
+            res = task(i).apply_async()
             res.get(timeout=30)
             times.append((time.perf_counter() - t0) * 1000)
             res.forget()
         t0 = time.perf_counter()
-        results = [app.send_task("featurefleet.extract_shard", args=(light, shard),
-                                 queue=EXTRACT_QUEUE) for _ in range(n)]
+        results = [task(n + i).apply_async() for i in range(n)]
         for res in results:
             res.get(timeout=60)
         burst = (time.perf_counter() - t0) * 1000 / n
@@ -229,7 +234,7 @@ def bench_hdf5(workdir: Path, dim: int, rows: int = 512, shards: int = 40) -> fl
 
 
 def run(model_name: str = "efficientnet_lite0", batch: int = 32, crop: int = 224,
-        images: int = 1024, shard_size: int = 256, seconds: float = 6.0, rounds: int = 3,
+        images: int = 1024, shard_size: int = 256, seconds: float = 4.0, rounds: int = 5,
         loader_workers: int = 2, device: str = "cpu", precision: str = "bf16",
         use_compile: bool = False, weights: str = "DEFAULT",
         gflops_per_image: float | None = None, peak_tflops: float | None = None
@@ -282,9 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--crop", type=int, default=224)
     p.add_argument("--images", type=int, default=1024)
     p.add_argument("--shard-size", type=int, default=256)
-    p.add_argument("--seconds", type=float, default=6.0,
+    p.add_argument("--seconds", type=float, default=4.0,
                    help="duration of each bare-forward run (one before and after every job)")
-    p.add_argument("--rounds", type=int, default=3,
+    p.add_argument("--rounds", type=int, default=5,
                    help="measured pipeline jobs; the ratio to the bare forward is their median")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"],

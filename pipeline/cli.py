@@ -486,8 +486,11 @@ def _dashboard(args: argparse.Namespace) -> int:
                           args.auth or os.environ.get(FLOWER_AUTH_ENV),
                           args.no_auth_on_loopback, args.read_only)
     connect(url).close()
+    from workers.runtime import enable_task_events
+
+    workers = enable_task_events(url)  # Flower asks again every 5 s (workers started later)
     print(f"featurefleet: Flower on http://{args.address}:{args.port}/ (tasks: /tasks, "
-          "metrics: /metrics)", flush=True)
+          f"metrics: /metrics); {workers} worker(s) online sending task events", flush=True)
     os.execve(argv[0], argv, env)
     return 0  # pragma: no cover
 

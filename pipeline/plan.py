@@ -145,10 +145,10 @@ ALLOWED_ROOTS_ENV = "FEATUREFLEET_ALLOWED_ROOTS"
 MAX_PLAN_BYTES = 1 << 20
 
 
-def check_plan(plan: Plan) -> None:
-    """Refuse plans that write outside $FEATUREFLEET_ALLOWED_ROOTS (when set) or that would put
-    bulk data on the broker. Called by the client before enqueueing and by workers before
-    writing.
+def check_plan(plan: Plan, message_size: bool = True) -> None:
+    """Refuse plans that write outside $FEATUREFLEET_ALLOWED_ROOTS (when set) or (with
+    ``message_size``) that would put bulk data on the broker. Called by the client before
+    enqueueing and by workers before writing (the size no longer matters there).
 
     Raises:
         SpecError: a path outside the allowed roots, or a plan too large for a message.
@@ -175,7 +175,7 @@ def check_plan(plan: Plan) -> None:
                 raise SpecError(name, f"{str(path)!r} is outside the allowed roots "
                                 f"{[str(r) for r in roots]}", f"write under one of them (set by "
                                 f"{ALLOWED_ROOTS_ENV})")
-    size = len(json.dumps(plan.to_dict()))
+    size = len(json.dumps(plan.to_dict())) if message_size else 0
     if size > MAX_PLAN_BYTES:
         raise SpecError("data.shard_size", f"the job's plan is {size} bytes for "
                         f"{len(plan.shards)} shards, over the {MAX_PLAN_BYTES}-byte message "

@@ -81,6 +81,13 @@ class JobStore:
 
     def __init__(self, client: Any) -> None:
         self.r = client
+        self._scripts: dict[str, Any] = {}
+
+    def _eval(self, script: str, numkeys: int, *keys_and_args: Any) -> Any:
+        """Run a Lua script by its SHA (EVALSHA; loaded again after a Redis restart)."""
+        if script not in self._scripts:
+            self._scripts[script] = self.r.register_script(script)
+        return self._scripts[script](keys=keys_and_args[:numkeys], args=keys_and_args[numkeys:])
 
     @staticmethod
     def _key(job_id: str) -> str:
@@ -109,7 +116,7 @@ class JobStore:
     def mark_running(self, job_id: str, stage: str) -> str:
         """First task of a job sets ``started``; a task of a job that is not final sets status
         RUNNING and the stage. Returns the status before (a final one is left alone)."""
-        before = self.r.eval(_MARK_RUNNING, 1, self._key(job_id), _enc(time.time()),
+        before = self._eval(_MARK_RUNNING, 1, self._key(job_id), _enc(time.time()),
                              _enc(stage))
         return str(_dec(before)) if before else "PENDING"
 
@@ -138,7 +145,7 @@ class JobStore:
         seconds = float(result.get("seconds") or 0.0)
         bucket = next((f"le_{b:g}" for b in SHARD_BUCKETS if seconds <= b), "le_inf")
         extracted = 0 if result.get("cached") else int(result.get("rows", 0))
-        new = self.r.eval(_RECORD_SHARD, 4, self._key(job_id), self._key(job_id) + ":shards",
+        new = self._eval(_RECORD_SHARD, 4, self._key(job_id), self._key(job_id) + ":shards",
                           self._key(job_id) + ":progress", METRICS_KEY, result["shard"],
                           json.dumps(result), len(result.get("skipped", [])), rows, JOB_TTL_S,
                           extracted, seconds, bucket)
@@ -159,7 +166,7 @@ class JobStore:
 
     def settle_comparison(self, compare_id: str, job_id: str) -> bool:
         """Count a child job's end once; True for exactly one caller: the last child."""
-        return bool(self.r.eval(_SETTLE, 2, f"ff:cmp:{compare_id}", f"ff:cmp:{compare_id}:done",
+        return bool(self._eval(_SETTLE, 2, f"ff:cmp:{compare_id}", f"ff:cmp:{compare_id}:done",
                                 job_id, JOB_TTL_S))
 
     def announce_worker(self, name: str, gpus: int) -> None:
@@ -183,7 +190,7 @@ class JobStore:
         """Move a job to a final status once (atomically); False when it already was final."""
         values = {k: _enc(v) for k, v in {**fields, "finished": time.time()}.items()}
         flat = [x for kv in values.items() for x in kv]
-        return bool(self.r.eval(_FINISH, 1, self._key(job_id), _enc(status), *flat))
+        return bool(self._eval(_FINISH, 1, self._key(job_id), _enc(status), *flat))
 
     def get(self, job_id: str) -> dict[str, Any]:
         """The job's fields, decoded.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 from pipeline import submit
 from pipeline.errors import FeaturefleetError
 from tests.conftest import ARTIFACTS, small_spec
-from workers.runtime import LocalCluster, dashboard, free_port, spawn
+from workers.runtime import FLOWER_AUTH_ENV, LocalCluster, dashboard, free_port, spawn
 
 pytestmark = pytest.mark.integration
 AUTH = "ops:s3cret-pass"
@@ -53,16 +54,23 @@ def test_dashboard_refuses_to_start_without_auth() -> None:
 
 
 def test_flower_lists_the_jobs_tasks_behind_auth(cluster: LocalCluster, tmp_path: Path) -> None:
+    """`featurefleet dashboard` as a user starts it (password in the environment): it asks the
+    workers to send task events, then Flower lists the job's tasks."""
     port = free_port()
     argv, env = dashboard(cluster.broker, port=port, auth=AUTH)
     assert AUTH not in " ".join(argv)  # the password is not on the command line
-    flower = spawn("flower", argv, tmp_path / "flower.log", env)
+    env = {**env, FLOWER_AUTH_ENV: AUTH}
+    env.pop("FLOWER_BASIC_AUTH")
+    flower = spawn("flower", [sys.executable, "-m", "pipeline.cli", "dashboard", "--port",
+                              str(port), "--broker", cluster.broker], tmp_path / "flower.log", env)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
         while _get(base + "/healthcheck")[0] != 200:
             assert flower.alive() and time.monotonic() < deadline, flower.log_tail()
             time.sleep(0.3)
+        started = flower.log.read_text()
+        assert re.search(r"; [1-9]\d* worker\(s\) online sending task events", started), started
         job = submit(small_spec(tmp_path, limit=150), broker=cluster.broker)
         assert job.wait(timeout=240)["status"] == "SUCCESS"
         assert _get(base + "/api/workers")[0] == 401

@@ -167,7 +167,7 @@ def worker_argv(queues: list[str], concurrency: int, name: str,
                 pool: str = "prefork", loglevel: str = "INFO") -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "workers.app", "worker",
             "-Q", ",".join(queues), "-c", str(concurrency), "-P", pool, "-n", name,
-            "--without-gossip", "--without-mingle", "-E", "--loglevel", loglevel]
+            "--without-gossip", "--without-mingle", "--loglevel", loglevel]
 
 
 def start_worker(broker: str, queues: list[str], name: str, logdir: Path,
@@ -215,6 +215,18 @@ def dashboard(broker: str, address: str = "127.0.0.1", port: int = 5555,
     if read_only:
         argv.append("--read_only")
     return argv, env
+
+
+def enable_task_events(broker: str, timeout: float = 2.0) -> int:
+    """Ask the workers online to send task events now (what Flower asks every 5 s); returns
+    how many answered. Workers started later are asked by Flower."""
+    from workers.app import make_app
+
+    app = make_app(broker)
+    try:
+        return len(app.control.enable_events(reply=True, timeout=timeout) or [])
+    finally:
+        app.close()
 
 
 def list_gpus() -> list[str]:

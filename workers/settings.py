@@ -14,6 +14,8 @@ from pipeline import state
 EXTRACT_QUEUE = "ff.extract"  # GPU (or CPU) workers that run the frozen backbone
 TRAIN_QUEUE = "ff.train"  # CPU workers for classifier training and evaluation
 
+TASK_EVENTS = os.environ.get("FEATUREFLEET_TASK_EVENTS", "0") == "1"
+
 # The longest a single task may run. Shards are sized to take minutes, not hours.
 TASK_TIME_LIMIT_S = int(os.environ.get("FEATUREFLEET_TASK_TIME_LIMIT", 3600))
 
@@ -50,7 +52,9 @@ def celery_config(url: str | None = None) -> dict[str, Any]:
         "task_soft_time_limit": max(TASK_TIME_LIMIT_S - 60, int(TASK_TIME_LIMIT_S * 0.9)),
         # Chord counters and results must outlive the longest job (default is one day).
         "result_expires": 7 * 24 * 3600,
-        "result_extended": True,
+        # Results hold the return value only, not the task's arguments (a plan per shard task):
+        # Flower shows arguments from events, nothing reads them from the backend.
+        "result_extended": False,
         # A redelivered task whose result is already SUCCESS is skipped.
         "worker_deduplicate_successful_tasks": True,
         # A Redis restart must not fail the running task when it stores progress or a result.
@@ -59,10 +63,15 @@ def celery_config(url: str | None = None) -> dict[str, Any]:
         # Keep reconnecting to a restarting Redis instead of exiting after 100 tries.
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
-        # Flower sees tasks only through events; STARTED state lets status show running shards.
-        "worker_send_task_events": True,
-        "task_send_sent_event": True,
-        "task_track_started": True,
+        # Task events (what Flower shows) cost a worker ~1 ms a task in Redis publishes, so
+        # workers send them while a monitor asks: Flower asks every 5 s, `featurefleet
+        # dashboard` at once (Celery's own default). FEATUREFLEET_TASK_EVENTS=1 sends them from
+        # the start, for monitors that do not ask. No STARTED state in the result backend:
+        # nothing reads it (the job record tracks running shards; Flower has the task-started
+        # event) and each stored state costs the task a read and a write to Redis.
+        "worker_send_task_events": TASK_EVENTS,
+        "task_send_sent_event": TASK_EVENTS,
+        "task_track_started": False,
         "task_default_queue": TRAIN_QUEUE,
         "task_routes": {"featurefleet.extract_shard": {"queue": EXTRACT_QUEUE}},
         # SIGTERM (workers start with REMAP_SIGTERM=SIGQUIT): finish the running shard within

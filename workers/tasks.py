@@ -59,7 +59,7 @@ def extract_shard(self: Task, plan: dict[str, Any], shard: dict[str, Any]) -> di
             "images_per_s": round(rate, 1)})
 
     p = Plan.from_dict(plan)
-    check_plan(replace(p, shards=[Shard(**shard)]))  # never trust a message's paths
+    check_plan(replace(p, shards=[Shard(**shard)]), message_size=False)  # never trust paths
     return steps.run_extract(job_store(), p, Shard(**shard), progress)
 
 
@@ -89,7 +89,7 @@ def train_probe(self: Task, slices: Any, plan: dict[str, Any]) -> dict[str, Any]
     """Select the penalty from the sweep slices (chord body) and fit every head."""
     sweep = steps.as_list(slices) if plan["spec"]["probe"]["l2"] is None else None
     p = Plan.from_dict(plan)
-    check_plan(p)
+    check_plan(p, message_size=False)
     return steps.run_train(job_store(), p, sweep)
 
 
@@ -109,7 +109,7 @@ FINETUNE_SLICE_S = float(os.environ.get("FEATUREFLEET_FINETUNE_SLICE_S",
 def finetune(self: Task, plan: dict[str, Any], part: int = 0) -> Any:
     """Fine-tune backbone + head (GPU queue), resuming from the job's last checkpoint."""
     p = Plan.from_dict(plan)
-    check_plan(p)
+    check_plan(p, message_size=False)
 
     def progress(meta: dict[str, Any]) -> None:
         # Flower's task page shows this meta: epoch, step, loss, val accuracy, images/s.
