@@ -111,16 +111,15 @@ def preprocess(images: list[np.ndarray], pre: Preprocessing, device: str,
     upsampled, never zero-padded; downsampling is antialiased. Resizing runs on uint8 in
     channels_last layout (torch's vectorised path, ~2x cheaper than on float), one call per
     batch when the images share a size; conversion to float and normalization are one pass
-    that writes into ``out`` (a batch this function returned before, reused so that no batch
-    allocates a fresh 19 MB tensor) when it is given and large enough.
+    that writes into ``out`` (a batch this function returned before for the same device,
+    reused so that no batch allocates a fresh 19 MB tensor) when it is given and large enough.
     """
     import torch
     import torch.nn.functional as F
 
     mode = pre.interpolation if pre.interpolation in ("bilinear", "bicubic") else "bilinear"
     n, crop = len(images), pre.crop
-    if out is None or out.shape[0] < n or out.shape[2:] != (crop, crop) \
-            or str(out.device) != str(torch.device(device)):
+    if out is None or out.shape[0] < n or out.shape[2:] != (crop, crop):
         out = torch.empty((n, 3, crop, crop), dtype=torch.float32, device=device)
         out = out.contiguous(memory_format=torch.channels_last)
     dest = out[:n]  # still channels_last-contiguous

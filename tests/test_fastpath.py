@@ -78,3 +78,33 @@ def test_compiled_backbone_gives_the_same_features() -> None:
         a, b = eager.model(x), compiled.model(x)
     np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-3, atol=1e-4)
     assert type(compiled.model).__name__ == "OptimizedModule"
+
+
+def test_preprocess_reuses_its_buffer_and_matches_torchvision() -> None:
+    """One buffer serves every batch of a shard (full, short last, mixed sizes) with the values
+    a fresh call gives; the values are torchvision's Resize/CenterCrop/Normalize up to the
+    uint8 rounding of the resize."""
+    import torchvision.transforms.functional as TF
+
+    from pipeline.backbones import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+    from pipeline.extract import preprocess
+
+    pre = Preprocessing(256, 224, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
+    rng = np.random.default_rng(0)
+    full = [rng.integers(0, 256, (32, 40, 3), dtype=np.uint8) for _ in range(4)]
+    buf = preprocess(full, pre, "cpu")
+    assert buf.shape == (4, 3, 224, 224) and buf.is_contiguous(memory_format=torch.channels_last)
+    short = [rng.integers(0, 256, (32, 40, 3), dtype=np.uint8) for _ in range(3)]
+    mixed = [rng.integers(0, 256, (300, 200, 3), dtype=np.uint8), short[0]]
+    for batch in (short, mixed, full):
+        got = preprocess(batch, pre, "cpu", out=buf)
+        assert got.data_ptr() == buf.data_ptr() and len(got) == len(batch)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got, preprocess(batch, pre, "cpu"), rtol=0, atol=0)
+    bigger = preprocess(full + short, pre, "cpu", out=buf)  # too small: a new one
+    assert len(bigger) == 7 and bigger.data_ptr() != buf.data_ptr()
+    for img, ours in zip(mixed, preprocess(mixed, pre, "cpu"), strict=True):
+        x = torch.from_numpy(img).permute(2, 0, 1)
+        ref = TF.center_crop(TF.resize(x, 256, antialias=True), 224).float() / 255
+        ref = TF.normalize(ref, IMAGENET_MEAN, IMAGENET_STD)
+        assert (ref - ours).abs().max() <= 2 / 255 / min(IMAGENET_STD) + 1e-5
