@@ -10,7 +10,7 @@ mkdir -p "$OUT"
 PY=${PYTHON:-.venv/bin/python}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 "$PY" -m pipeline.bench --model resnet50 --weights random --device cuda --precision bf16 \
-    --batch 256 --crop 224 --images 16384 --shard-size 4096 --seconds 20 \
+    --batch 256 --crop 224 --images 16384 --shard-size 4096 --seconds 5 --rounds 3 \
     --gflops 8.2 --peak-tflops 989 --json "$OUT/resnet50-bf16.json" | tee "$OUT/resnet50-bf16.txt"
 # the auto batch size / OOM halving and fine-tuning paths on CUDA, briefly
 "$PY" -m pytest -q -m gpu tests/ | tee "$OUT/pytest-gpu.txt"
