@@ -175,7 +175,9 @@ def check_plan(plan: Plan, message_size: bool = True) -> None:
                 raise SpecError(name, f"{str(path)!r} is outside the allowed roots "
                                 f"{[str(r) for r in roots]}", f"write under one of them (set by "
                                 f"{ALLOWED_ROOTS_ENV})")
-    size = len(json.dumps(plan.to_dict())) if message_size else 0
+    if not message_size:
+        return
+    size = len(json.dumps(plan.to_dict()))
     if size > MAX_PLAN_BYTES:
         raise SpecError("data.shard_size", f"the job's plan is {size} bytes for "
                         f"{len(plan.shards)} shards, over the {MAX_PLAN_BYTES}-byte message "

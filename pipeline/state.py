@@ -117,7 +117,7 @@ class JobStore:
         """First task of a job sets ``started``; a task of a job that is not final sets status
         RUNNING and the stage. Returns the status before (a final one is left alone)."""
         before = self._eval(_MARK_RUNNING, 1, self._key(job_id), _enc(time.time()),
-                             _enc(stage))
+                            _enc(stage))
         return str(_dec(before)) if before else "PENDING"
 
     def attempt(self, job_id: str, shard_id: str) -> int:
@@ -146,9 +146,9 @@ class JobStore:
         bucket = next((f"le_{b:g}" for b in SHARD_BUCKETS if seconds <= b), "le_inf")
         extracted = 0 if result.get("cached") else int(result.get("rows", 0))
         new = self._eval(_RECORD_SHARD, 4, self._key(job_id), self._key(job_id) + ":shards",
-                          self._key(job_id) + ":progress", METRICS_KEY, result["shard"],
-                          json.dumps(result), len(result.get("skipped", [])), rows, JOB_TTL_S,
-                          extracted, seconds, bucket)
+                         self._key(job_id) + ":progress", METRICS_KEY, result["shard"],
+                         json.dumps(result), len(result.get("skipped", [])), rows, JOB_TTL_S,
+                         extracted, seconds, bucket)
         return bool(new)
 
     def create_comparison(self, compare_id: str, fields: dict[str, Any]) -> None:
@@ -167,7 +167,7 @@ class JobStore:
     def settle_comparison(self, compare_id: str, job_id: str) -> bool:
         """Count a child job's end once; True for exactly one caller: the last child."""
         return bool(self._eval(_SETTLE, 2, f"ff:cmp:{compare_id}", f"ff:cmp:{compare_id}:done",
-                                job_id, JOB_TTL_S))
+                               job_id, JOB_TTL_S))
 
     def announce_worker(self, name: str, gpus: int) -> None:
         """A worker came up: remember its GPU count (read back by :meth:`fleet_gpus`)."""
