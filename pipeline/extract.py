@@ -154,12 +154,21 @@ def normalize(x: Any, pre: Preprocessing, out: Any | None = None) -> Any:
     ``out`` when given), vectorised for channels_last."""
     import torch
 
-    std = torch.tensor(pre.std, device=x.device) * 255.0
-    scale = (1.0 / std).view(1, 3, 1, 1)
-    bias = (-torch.tensor(pre.mean, device=x.device) * 255.0 / std).view(1, 3, 1, 1)
+    scale, bias = _affine(tuple(pre.mean), tuple(pre.std), str(x.device))
     if out is None:
         return torch.addcmul(bias, x, scale)
     return torch.addcmul(bias, x, scale, out=out)
+
+
+@functools.lru_cache(maxsize=16)
+def _affine(mean: tuple[float, ...], std: tuple[float, ...], device: str) -> tuple[Any, Any]:
+    """Per-channel (scale, bias) of :func:`normalize`, made once per recipe and device (not a
+    host-to-device copy every batch)."""
+    import torch
+
+    s = torch.tensor(std, device=device) * 255.0
+    return ((1.0 / s).view(1, 3, 1, 1),
+            (-torch.tensor(mean, device=device) * 255.0 / s).view(1, 3, 1, 1))
 
 
 def decode_threads(device: str) -> int:
