@@ -1,6 +1,6 @@
 """Run the featurefleet benchmark: ``python benchmarks/bench.py [--model ...]``.
 
-Same as ``featurefleet bench``; see ``pipeline/bench.py`` for what each row measures.
+Same as ``featurefleet bench``; see ``benchmarks/harness.py`` for what each row measures.
 """
 
 import sys
@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.bench import main
+from benchmarks.harness import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,10 +14,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.cli import format_leaderboard
-from pipeline.compare import compare
+from pipeline.client.compare import compare
+from pipeline.client.console import format_leaderboard
 from pipeline.spec import BackboneSpec, DataSpec, FinetuneSpec, JobSpec
-from workers.runtime import local_cluster
+from workers.launcher import local_cluster
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
     spec = JobSpec(name="ft-vs-probe", data=DataSpec(source="digits"),
                    backbone=BackboneSpec(image_size=args.image_size),
                    finetune=FinetuneSpec(epochs=args.epochs, hflip=False),
-                   output=str(out)).validate()
+                   output=str(out))
     t0 = time.time()
     with local_cluster(out / "cluster", extract_workers=1) as c:
         board = compare(spec, ["efficientnet_lite0"], ["probe", "finetune"],

@@ -1,10 +1,10 @@
 """Linear-probe parity and speed against scikit-learn, on real EfficientNet-Lite0 digits features.
 
-Both sides see the same standardized features, the same validation split (carved from train
-with the job's seed) and the same 45-point L2 grid (1e-6 .. 1e5); each picks the value with the
-best validation accuracy, refits on train+val and is scored once on test.
+Both sides see the same standardized features, the same validation split (the job plan's)
+and the same 45-point L2 grid (1e-6 .. 1e5); each picks the value with the best validation
+accuracy, refits on train+val and is scored once on test.
 scikit-learn: ``LogisticRegression(C=1/(l2*n), solver='lbfgs', max_iter=1000)`` per value, as a
-user would run the grid. featurefleet: ``pipeline.probe.sweep`` (torch L-BFGS, warm starts).
+user would run the grid. featurefleet: ``pipeline.heads.linear.sweep`` (torch L-BFGS, warm starts).
 
     python benchmarks/probe_parity.py [--image-size 224]
 """
@@ -23,25 +23,30 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import probe, store
-from pipeline.extract import extract_shard
-from pipeline.plan import make_plan
+from pipeline.extract import Target, extract_shard
+from pipeline.heads import linear as probe
+from pipeline.planner import make_plan
+from pipeline.sources import open_source
 from pipeline.spec import BackboneSpec, DataSpec, JobSpec
-from pipeline.train import carve_val
+from pipeline.train import read_splits
 
 FINAL_ITERS = probe.FINAL_FIT_ITERS
 
 
 def features(image_size: int, out: Path) -> dict[str, np.ndarray]:
+    """Lite0 features of every digit, split as a job splits them (the plan's train/val/test)."""
     spec = JobSpec(data=DataSpec(source="digits", shard_size=600),
                    backbone=BackboneSpec(image_size=image_size), output=str(out))
-    plan = make_plan(spec, "parity")
+    plan = make_plan(spec, "00000000aa11")
+    source = open_source(plan.spec.data)
     for s in plan.shards:
-        extract_shard(plan, s)
+        extract_shard(source, plan.extract_ids[s.start: s.end], plan.backbone,
+                      plan.spec.backbone, Target(s.path, plan.key, plan.created))
+    splits = read_splits([s.path for s in plan.shards], {
+        "train": plan.splits.train, "val": plan.splits.val, "test": plan.splits.test})
     got = {}
-    for split in ("train", "test"):
-        x, y, _ = store.load_split([s.path for s in plan.shards_of(split)])
-        got[split + "_x"], got[split + "_y"] = x, y
+    for name, f in splits.items():
+        got[name + "_x"], got[name + "_y"] = f.x, f.y
     return got
 
 
@@ -57,11 +62,10 @@ def main() -> int:
             f = features(args.image_size, Path(tmp))
         if args.features:
             np.savez(args.features, **f)
-    keep, val = carve_val(f["train_y"], 0.2, 0)
-    xtr, ytr = f["train_x"][keep], f["train_y"][keep]
-    xva, yva = f["train_x"][val], f["train_y"][val]
+    xtr, ytr = f["train_x"], f["train_y"]
+    xva, yva = f["val_x"], f["val_y"]
     xte, yte = f["test_x"], f["test_y"]
-    k = int(f["train_y"].max()) + 1
+    k = int(ytr.max()) + 1
     grid = probe.l2_grid()
 
     # Both sides warm up once first (torch's first call pays ~2 s of one-time set-up, which a
@@ -101,7 +105,7 @@ def main() -> int:
         m.fit(sc2.transform(xall), np.concatenate([ytr, yva]))
     sk_top1 = float((m.predict(sc2.transform(xte)) == yte).mean())
     result = {
-        "features": list(f["train_x"].shape), "grid_points": len(grid),
+        "features": [len(ytr) + len(yva) + len(yte), int(xtr.shape[1])], "grid_points": len(grid),
         "featurefleet": {"test_top1": ours_top1, "chosen_l2": best["l2"],
                          "sweep_s": round(ours_sweep, 2)},
         "sklearn": {"test_top1": sk_top1, "chosen_l2": sk_best["l2"],

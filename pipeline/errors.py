@@ -6,12 +6,32 @@
     ├── BackboneError            unknown backbone / weights, or weights that do not fit
     ├── StoreError               the feature store cannot be written or holds a bad shard
     ├── BrokerError              Redis / Celery cannot be reached
-    └── JobError                 a job failed, was not found, or timed out
+    ├── JobError                 a job failed, was not found, or timed out
+    │   ├── JobCancelled         the job was cancelled: stop without writing anything
+    │   └── JobLost              the job's record is gone from Redis (restarted without data)
+    └── RetryableError           a passing condition: the task is retried by the one policy
+        └── NotReady             a chord body ran before all of its header's results landed
 
-Messages are one line: what is wrong (with the bad value) and how to fix it.
+Messages are one line: what is wrong (with the bad value) and how to fix it. Values quoted in
+a message are cut to a short prefix (:func:`short`), so a huge input never floods a terminal.
 """
 
 from __future__ import annotations
+
+from typing import Any
+
+MAX_QUOTE = 80
+
+
+def short(value: Any, limit: int = MAX_QUOTE) -> str:
+    """``repr(value)`` cut to ``limit`` characters (with the total length when cut)."""
+    try:
+        text = repr(value)
+    except Exception:  # a broken __repr__ must not hide the real error
+        text = f"<{type(value).__name__}>"
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
 
 
 class FeaturefleetError(Exception):
@@ -44,3 +64,19 @@ class BrokerError(FeaturefleetError):
 
 class JobError(FeaturefleetError):
     """A job failed, was not found, or did not finish in time."""
+
+
+class JobCancelled(JobError):
+    """The job was cancelled (or ended otherwise): stop without writing anything."""
+
+
+class JobLost(JobError):
+    """The job's record is missing from Redis although its plan exists on shared storage."""
+
+
+class RetryableError(FeaturefleetError):
+    """A passing condition (a restarting Redis, a chord body that ran early): retry the task."""
+
+
+class NotReady(RetryableError):
+    """Some results a step needs are not recorded yet."""

@@ -1,29 +1,45 @@
-"""Spec -> plan: which shards a job needs, where they live, and which are already cached.
+"""The plan: the typed, validated spec plus every decision made for one job, made once.
 
-A plan is small JSON (no indices, no pixels): the worker recomputes a shard's indices from the
-data source and the split seed, and checks the data fingerprint matches the one planned.
+A plan is built by :func:`pipeline.planner.make_plan` at submission and saved as
+``<output>/jobs/<id>/plan.json``. It holds what every task needs to know and nothing they would
+have to recompute: the strategy and its reason, the train/val/test sample ids (the one split),
+the samples to extract and their shards, the backbone's weights and preprocessing (image size
+resolved), the feature store's content key, and whether the probe sweeps λ (and its slices).
+
+Celery messages carry a :class:`PlanRef` (job id, plan path, sha256), never the plan itself:
+bulk data goes through shared storage, not through Redis. :func:`load_plan` checks a reference
+before trusting it.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pipeline import backbones, data, store
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.errors import JobError, SpecError, short
+from pipeline.fsio import atomic_write_text, is_remote
+from pipeline.settings import ALLOWED_ROOTS_ENV, get_settings
 from pipeline.spec import JobSpec
-from pipeline.strategy import choose
+
+PLAN_SCHEMA = 1
+JOB_ID = re.compile(r"^[0-9a-f]{12}$")
+COMPARE_ID = re.compile(r"^cmp-[0-9a-f]{10}$")
 
 
-@dataclass(frozen=True)
-class Shard:
-    """One extraction task's worth of one split."""
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    split: str
+
+class Shard(_Frozen):
+    """One extraction task's worth of samples: positions ``start:end`` in
+    :attr:`Plan.extract_ids`."""
+
     start: int
     end: int
     path: str
@@ -31,154 +47,225 @@ class Shard:
 
     @property
     def id(self) -> str:
-        return f"{self.split}-{self.start}-{self.end}"
+        return f"{self.start}-{self.end}"
 
     @property
     def rows(self) -> int:
         return self.end - self.start
 
 
-@dataclass(frozen=True)
-class Plan:
-    """Everything the tasks of one job need to know, as plain data."""
+class Splits(_Frozen):
+    """Sample indices (positions in the data source) of each split: sorted, disjoint."""
 
-    job_id: str
-    spec: dict[str, Any]
-    key: str
-    shard_dir: str
-    fingerprint: str
+    train: list[int]
+    val: list[int]
+    test: list[int]
+
+    def of(self, name: str) -> list[int]:
+        if name not in ("train", "val", "test"):
+            raise KeyError(name)
+        return list(getattr(self, name))
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+
+
+class BackboneInfo(_Frozen):
+    """The resolved backbone: weights identity and the preprocessing at the job's input size."""
+
+    name: str
+    weights: str | None
     weights_id: str
     weights_sha256: str
     preprocessing: dict[str, Any]
-    class_names: list[str]
-    split_sizes: dict[str, int]
-    shards: list[Shard] = field(default_factory=list)
-    created: float = 0.0  # when planned: a shard file older than this was not trusted then
-    strategy: str = "probe"  # what runs: probe | finetune (``auto`` is decided at planning)
-    strategy_reason: str = ""
+    feature_dtype: Literal["float16", "float32"] = "float16"
+    precision: str = "bf16"
 
-    @property
-    def job_spec(self) -> JobSpec:
-        return JobSpec.from_dict(self.spec)
+
+class Exclusion(_Frozen):
+    """A sample left out of every split, and why (duplicate, conflicting labels...)."""
+
+    index: int
+    id: str
+    reason: str
+    kind: str = "duplicate"
+
+
+class Plan(_Frozen):
+    """Everything the tasks of one job need to know."""
+
+    schema_version: int = PLAN_SCHEMA
+    job_id: str
+    created: float  # when planned: a shard file older than this was not trusted then
+    spec: JobSpec
+    strategy: Literal["probe", "finetune"] = "probe"
+    strategy_reason: str = ""
+    fingerprint: str
+    class_names: list[str]
+    n_samples: int
+    splits: Splits
+    excluded: list[Exclusion] = Field(default_factory=list)
+    backbone: BackboneInfo
+    key: str
+    shard_dir: str
+    shards: list[Shard] = Field(default_factory=list)
+    sweep: list[list[float]] | None = None  # slices of the λ grid; None: probe.l2 is fixed
+    l2: float | None = None
 
     @property
     def job_dir(self) -> Path:
-        return Path(self.spec["output"]) / "jobs" / self.job_id
+        return Path(self.spec.output) / "jobs" / self.job_id
 
-    def shards_of(self, split: str) -> list[Shard]:
-        return [s for s in self.shards if s.split == split]
+    @property
+    def path(self) -> Path:
+        return self.job_dir / "plan.json"
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    @property
+    def extract_ids(self) -> list[int]:
+        """The samples whose features are extracted (every split), in shard order."""
+        return sorted({*self.splits.train, *self.splits.val, *self.splits.test})
 
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> Plan:
-        shards = [Shard(**s) for s in raw["shards"]]
-        return cls(**{**raw, "shards": shards})
+    def shard(self, shard_id: str) -> Shard:
+        """The plan's shard with this id (a message naming another is refused).
+
+        Raises:
+            JobError: no such shard in the plan.
+        """
+        for s in self.shards:
+            if s.id == shard_id:
+                return s
+        raise JobError(f"job {self.job_id} has no shard {short(shard_id)}; fix: send only "
+                       "shards of the job's plan")
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=1)
+
+    def save(self) -> PlanRef:
+        """Write ``plan.json`` (atomically) and ``spec.json``; return the reference tasks carry."""
+        text = self.to_json()
+        atomic_write_text(self.path, text)
+        atomic_write_text(self.job_dir / "spec.json", json.dumps(self.spec.to_dict(), indent=2))
+        return PlanRef(job_id=self.job_id, path=str(self.path), sha256=_sha(text))
 
 
-def content_key(spec: JobSpec, fingerprint: str, weights: backbones.WeightsInfo) -> str:
-    """Hash of everything that determines the stored features."""
-    pre = weights.preprocessing.scaled_to(spec.backbone.image_size)
-    parts = {
-        "schema": store.SCHEMA_VERSION,
-        "data": fingerprint,
-        "split": {"seed": spec.data.seed, "test_fraction": spec.data.test_fraction,
-                  "limit": spec.data.limit},
-        "shard_size": spec.data.shard_size,
-        "backbone": spec.backbone.name,
-        "weights_sha256": weights.sha256,
-        "preprocessing": pre.to_dict(),
-        "layer": "penultimate-pooled",
-        "dtype": spec.backbone.feature_dtype,
-        "precision": spec.backbone.precision,  # CUDA autocast changes the features
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+class PlanRef(_Frozen):
+    """What a Celery message carries instead of the plan: small, and checked on arrival."""
+
+    job_id: str
+    path: str
+    sha256: str
+
+    def to_message(self) -> dict[str, str]:
+        return {"job_id": self.job_id, "path": self.path, "sha256": self.sha256}
 
 
-def make_plan(spec: JobSpec, job_id: str, gpus: int | Callable[[], int] = 0) -> Plan:
-    """Resolve a validated spec into a plan (opens the data source and the weights metadata).
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
-    ``gpus``: GPU workers online (or a function that asks the fleet, called only for
-    ``strategy: auto``, after the data and backbone checks). A fine-tuning plan has no shards:
-    it trains on the images, not on cached features.
+
+def check_job_id(job_id: Any) -> str:
+    """A job id is an id (12 hex digits), never a path.
 
     Raises:
-        DataError, BackboneError: the data or backbone cannot be used.
+        JobError: anything else.
     """
-    spec = spec.resolved()
-    source = data.open_source(spec.data)
-    splits = data.split_indices(source, spec.data)
-    weights = backbones.resolve_weights(spec.backbone.name, spec.backbone.weights)
-    fingerprint = source.fingerprint()
-    key = content_key(spec, fingerprint, weights)
-    shard_dir = store.join(spec.store_dir, spec.backbone.name, key[:20])
-    size = spec.data.shard_size
-    shards = []
-    manifest = store.read_manifest(shard_dir)
-    pre = weights.preprocessing.scaled_to(spec.backbone.image_size)
-    n_train = len(splits["train"])
-    if "val" not in splits:  # the probe and fine-tuning carve val from train
-        n_train = round(n_train * (1 - spec.probe.val_fraction))
-    if spec.strategy == "auto" and callable(gpus):
-        gpus = gpus()
-    strategy, reason = choose(spec, n_train, len(source.class_names), pre.crop,
-                              gpus if isinstance(gpus, int) else 0)
-    for split in sorted(splits) if strategy == "probe" else []:
-        n = len(splits[split])
-        for start in range(0, n, size):
-            end = min(n, start + size)
-            path = store.join(shard_dir, store.shard_name(split, start, end))
-            cached = store.trusted_shard(path, key, end - start, manifest)
-            shards.append(Shard(split, start, end, str(path), cached))
-    return Plan(
-        job_id=job_id, spec=spec.to_dict(), key=key, shard_dir=shard_dir,
-        fingerprint=fingerprint, weights_id=weights.id, weights_sha256=weights.sha256,
-        preprocessing=pre.to_dict(),
-        class_names=source.class_names, split_sizes={k: len(v) for k, v in splits.items()},
-        shards=shards, created=time.time(), strategy=strategy, strategy_reason=reason)
+    if not isinstance(job_id, str) or not JOB_ID.match(job_id):
+        raise JobError(f"{short(job_id)} is not a job id (12 hex digits); fix: use the id that "
+                       "featurefleet submit printed")
+    return job_id
 
 
-ALLOWED_ROOTS_ENV = "FEATUREFLEET_ALLOWED_ROOTS"
-# Every task carries the plan: keep messages small enough for the broker. Bulk data goes
-# through the store, never through Redis.
-MAX_PLAN_BYTES = 1 << 20
+def load_plan(ref: Any) -> Plan:
+    """The plan a message refers to, after checking the reference: a real job id, the plan file
+    of that job, inside the allowed roots, with the sha256 the sender saw, whose every path is
+    inside the allowed roots too.
+
+    Raises:
+        JobError: a malformed reference, a missing or changed plan file.
+        SpecError: a path outside $FEATUREFLEET_ALLOWED_ROOTS.
+    """
+    if not isinstance(ref, dict) or set(ref) != {"job_id", "path", "sha256"}:
+        raise JobError(f"malformed plan reference {short(ref)}; fix: send tasks built by "
+                       "workers.canvas")
+    job_id = check_job_id(ref["job_id"])
+    path = Path(str(ref["path"]))
+    if not path.is_absolute() or path.parts[-3:] != ("jobs", job_id, "plan.json") \
+            or ".." in path.parts:
+        raise JobError(f"plan path {short(str(path))} is not <output>/jobs/{job_id}/plan.json; "
+                       "fix: send tasks built by workers.canvas")
+    check_paths([("plan", str(path))])
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise JobError(f"job {job_id}: plan {str(path)!r} is unreadable ({exc.strerror}); fix: "
+                       "workers need the job's output folder on shared storage") from None
+    if _sha(text) != ref["sha256"]:
+        raise JobError(f"job {job_id}: plan {str(path)!r} changed since the job was submitted; "
+                       "fix: submit the job again")
+    plan = _parse(text, str(ref["sha256"]))
+    if plan.job_id != job_id:
+        raise JobError(f"plan {str(path)!r} belongs to job {plan.job_id}, not {job_id}")
+    check_plan(plan, message_size=False)
+    return plan
+
+
+@functools.lru_cache(maxsize=32)
+def _parse(text: str, sha256: str) -> Plan:
+    return Plan.model_validate_json(text)
+
+
+def read_plan(job_dir: str | Path) -> Plan:
+    """A job's plan from its folder (client side: retry, recovery, the watchdog)."""
+    path = Path(job_dir) / "plan.json"
+    try:
+        return Plan.model_validate_json(path.read_text())
+    except OSError as exc:
+        raise JobError(f"no readable plan at {str(path)!r} ({exc.strerror}); fix: pass the "
+                       "job's folder (<output>/jobs/<id>)") from None
+
+
+def check_paths(targets: list[tuple[str, str]]) -> None:
+    """Refuse paths outside $FEATUREFLEET_ALLOWED_ROOTS (when it is set).
+
+    Raises:
+        SpecError: naming the path, the roots and the variable.
+    """
+    settings = get_settings()
+    raw_roots = settings.roots
+    if not raw_roots:
+        return
+    roots = settings.local_roots()
+    for name, path in targets:
+        if is_remote(path):  # a URL must start with an allowed URL prefix
+            if not any(str(path).startswith(str(r).rstrip("/") + "/") for r in raw_roots):
+                raise SpecError(name, f"{short(str(path))} is outside the allowed roots "
+                                f"{raw_roots}", f"write under one of them (set by "
+                                f"{ALLOWED_ROOTS_ENV})")
+            continue
+        p = Path(path).expanduser().resolve()
+        if not any(p == r or p.is_relative_to(r) for r in roots):
+            raise SpecError(name, f"{short(str(path))} is outside the allowed roots "
+                            f"{[str(r) for r in roots]}", f"write under one of them (set by "
+                            f"{ALLOWED_ROOTS_ENV})")
 
 
 def check_plan(plan: Plan, message_size: bool = True) -> None:
-    """Refuse plans that write outside $FEATUREFLEET_ALLOWED_ROOTS (when set) or (with
-    ``message_size``) that would put bulk data on the broker. Called by the client before
-    enqueueing and by workers before writing (the size no longer matters there).
+    """Every path the plan writes to inside the allowed roots; with ``message_size``, a plan
+    small enough for shared storage to hand out quickly.
 
     Raises:
-        SpecError: a path outside the allowed roots, or a plan too large for a message.
+        SpecError: a path outside the allowed roots, or an oversized plan.
     """
-    import os
+    targets = [("output", plan.spec.output), ("store", plan.spec.store_dir),
+               ("store", plan.shard_dir)]
+    targets += [("store", s.path) for s in plan.shards]
+    check_paths(targets)
+    if message_size:
+        size = len(plan.to_json())
+        if size > MAX_PLAN_BYTES:
+            raise SpecError("data.shard_size", f"the job's plan is {size} bytes for "
+                            f"{len(plan.shards)} shards, over {MAX_PLAN_BYTES} bytes",
+                            "raise data.shard_size so fewer shards are needed")
 
-    from pipeline.errors import SpecError
 
-    raw_roots = [r for r in os.environ.get(ALLOWED_ROOTS_ENV, "").split(os.pathsep) if r.strip()]
-    roots = [Path(r).resolve() for r in raw_roots if not store.is_remote(r)]
-    if raw_roots:
-        spec = plan.spec
-        targets = [("output", spec["output"]), ("store", spec["store"])]
-        targets += [("store", s.path) for s in plan.shards]
-        for name, path in targets:
-            if store.is_remote(path):  # a URL must start with an allowed URL prefix
-                if not any(str(path).startswith(str(r).rstrip("/") + "/") for r in raw_roots):
-                    raise SpecError(name, f"{str(path)!r} is outside the allowed roots "
-                                    f"{raw_roots}", f"write under one of them (set by "
-                                    f"{ALLOWED_ROOTS_ENV})")
-                continue
-            p = Path(path).resolve()
-            if not any(p == r or p.is_relative_to(r) for r in roots):
-                raise SpecError(name, f"{str(path)!r} is outside the allowed roots "
-                                f"{[str(r) for r in roots]}", f"write under one of them (set by "
-                                f"{ALLOWED_ROOTS_ENV})")
-    if not message_size:
-        return
-    size = len(json.dumps(plan.to_dict()))
-    if size > MAX_PLAN_BYTES:
-        raise SpecError("data.shard_size", f"the job's plan is {size} bytes for "
-                        f"{len(plan.shards)} shards, over the {MAX_PLAN_BYTES}-byte message "
-                        "limit", "raise data.shard_size so fewer shards are needed")
+MAX_PLAN_BYTES = 256 << 20  # plans live on shared storage; this only stops absurd ones

@@ -13,9 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import data, extract, heads
 from pipeline.backbones import Preprocessing
+from pipeline.devices import cached_backbone, pick_device
 from pipeline.errors import FeaturefleetError
+from pipeline.heads import load_head
+from pipeline.preprocess import preprocess
+from pipeline.sources.decode import decode_image, to_rgb_uint8
 
 
 @dataclass
@@ -38,13 +41,13 @@ class Classifier:
         out = []
         with torch.inference_mode():
             for i in range(0, len(arrays), self.batch_size):
-                batch = extract.preprocess(arrays[i: i + self.batch_size], self.preprocessing,
+                batch = preprocess(arrays[i: i + self.batch_size], self.preprocessing,
                                            self.device)
                 out.append(net(batch).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, width), np.float32)
 
     def features(self, images: Sequence[Any]) -> np.ndarray:
-        bb = extract.cached_backbone(self.backbone, self.weights, self.device)
+        bb = cached_backbone(self.backbone, self.weights, self.device)
         return self._run(images, bb.model, bb.feature_dim)
 
     def predict_proba(self, images: Sequence[Any]) -> np.ndarray:
@@ -94,7 +97,7 @@ def load_classifier(path: str | Path, device: str = "auto") -> Classifier:
     if p.is_file() and p.parent.name == "finetune":
         from pipeline.finetune import load_network
 
-        dev = extract.pick_device(device)
+        dev = pick_device(device)
         net, meta = load_network(p, dev)
         return FinetunedClassifier(head=None, backbone=meta["backbone"],
                                    weights=meta.get("weights"),
@@ -103,22 +106,22 @@ def load_classifier(path: str | Path, device: str = "auto") -> Classifier:
     if not p.is_file():
         raise FeaturefleetError(f"no trained head at {str(path)!r}; fix: pass a job folder "
                                 "(<output>/jobs/<id>) or its head.pt file")
-    head = heads.load_head(p)
+    head = load_head(p)
     meta = head.meta
     pre = meta["preprocessing"]
     return Classifier(
         head=head, backbone=meta["backbone"], weights=meta.get("weights"),
         preprocessing=Preprocessing.from_dict(pre),
-        class_names=list(meta["class_names"]), device=extract.pick_device(device))
+        class_names=list(meta["class_names"]), device=pick_device(device))
 
 
 def _as_rgb(image: Any) -> np.ndarray:
     if isinstance(image, (str, Path)):
         try:
-            return data.decode_image(image)
+            return decode_image(image)
         except Exception as exc:
             raise FeaturefleetError(f"cannot read image {str(image)!r} ({exc.__class__.__name__})"
                                     "; fix: pass a readable image file") from None
     if hasattr(image, "convert"):  # a PIL image
         return np.asarray(image.convert("RGB"))
-    return data.to_rgb_uint8(np.asarray(image))
+    return to_rgb_uint8(np.asarray(image))

@@ -1,17 +1,44 @@
-"""Shared fixtures: a real redis-server and real Celery worker processes, started per session."""
+"""Shared fixtures: real redis-server processes and real Celery worker processes.
+
+``redis_url`` is one private redis-server for the whole session (unit tests of the job
+records and their Lua scripts); ``cluster`` adds one extraction and one training worker
+process (integration tests). Fault tests start their own clusters.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from pipeline.spec import BackboneSpec, DataSpec, JobSpec
-from workers.runtime import LocalCluster
+from pipeline.spec import JobSpec
+from workers.launcher import LocalCluster, RedisServer, start_redis
 
 ARTIFACTS = Path(os.environ.get("FEATUREFLEET_TEST_ARTIFACTS", "test-artifacts")).resolve()
+CHAOS = "tests.chaos"  # the test-only worker plugin that injects faults
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def jobs(redis_server: RedisServer) -> Any:
+    """A JobStore on the shared Redis, emptied for each test."""
+    from pipeline.jobs.broker import connect
+    from pipeline.jobs.records import JobStore
+
+    client = connect(redis_server.url)
+    client.flushdb()
+    return JobStore(client)
 
 
 @pytest.fixture(scope="session")
@@ -24,12 +51,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
         c.stop()
 
 
-def small_spec(out: Path, **data: object) -> JobSpec:
+def small_spec(out: Path, **data: Any) -> JobSpec:
     """A fast real job: a stratified subset of digits at 32 px through EfficientNet-Lite0."""
     d = {"source": "digits", "limit": 300, "shard_size": 64, **data}
-    return JobSpec(name="test-digits", data=DataSpec(**d),  # type: ignore[arg-type]
-                   backbone=BackboneSpec(name="efficientnet_lite0", image_size=32),
-                   output=str(out), store=str(out / "store")).validate()
+    return JobSpec.from_dict({"name": "test-digits", "data": d,
+                              "backbone": {"name": "efficientnet_lite0", "image_size": 32},
+                              "output": str(out), "store": str(out / "store")})
 
 
 def processes_marked(marker: str) -> list[tuple[int, str]]:

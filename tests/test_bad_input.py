@@ -3,7 +3,6 @@ recorded skip), and nothing is half-written."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,10 +13,11 @@ import torch
 from PIL import Image
 from torchvision.models import resnet18
 
-from pipeline import data
 from pipeline.errors import FeaturefleetError
-from pipeline.plan import make_plan
-from pipeline.spec import JobSpec
+from pipeline.planner import make_plan
+from pipeline.sources import open_source
+from pipeline.sources.decode import decode_image
+from pipeline.spec import DataSpec, JobSpec
 
 
 def _img(path: Path, size: int = 12, color: int = 100) -> None:
@@ -118,7 +118,7 @@ def test_bad_input_is_a_clear_error(case: str, tmp_path: Path) -> None:
     build, words = CASES[case]
     raw = build(tmp_path)
     with pytest.raises(FeaturefleetError) as info:
-        make_plan(JobSpec.from_dict(raw), "bad")
+        make_plan(JobSpec.from_dict(raw), "00000000000b")
     msg = str(info.value)
     assert words in msg, msg
     assert "fix:" in msg and "\n" not in msg and "Traceback" not in msg
@@ -139,8 +139,7 @@ def test_undecodable_files_are_recorded_skips(tmp_path: Path) -> None:
     (root / "a" / "trunc.png").write_bytes(good.read_bytes()[:40])
     (root / "a" / "dir.png").mkdir()  # a folder where a file should be: unreadable as a file
     Image.new("RGB", (5000, 3), "red").save(root / "b" / "wide.png")  # large and thin is fine
-    src = data.open_source(dataclasses.replace(JobSpec().data, source="imagefolder",
-                                               path=str(root)))
+    src = open_source(DataSpec(source="imagefolder", path=str(root)))
     loaded = src.load(range(len(src)))
     failed = {src.sample_id(i): why for i, why in loaded.failures}
     assert set(failed) == {"a/zero.png", "a/trunc.png"}
@@ -153,4 +152,4 @@ def test_exif_rotation_is_applied(tmp_path: Path) -> None:
     exif = img.getexif()
     exif[0x0112] = 6  # rotate 90 degrees on display
     img.save(tmp_path / "r.jpg", exif=exif)
-    assert data.decode_image(tmp_path / "r.jpg").shape == (40, 20, 3)
+    assert decode_image(tmp_path / "r.jpg").shape == (40, 20, 3)

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import processes_marked
 
-CLI = [sys.executable, "-m", "pipeline.cli"]
+CLI = [sys.executable, "-m", "pipeline"]
 
 
 def _no_processes_left(marker: str, wait: float = 10.0) -> list[tuple[int, str]]:

@@ -18,8 +18,10 @@ import pytest
 
 from pipeline import submit
 from pipeline.errors import FeaturefleetError
+from pipeline.settings import FLOWER_AUTH_ENV
 from tests.conftest import ARTIFACTS, small_spec
-from workers.runtime import FLOWER_AUTH_ENV, LocalCluster, dashboard, free_port, spawn
+from workers.dashboard import dashboard
+from workers.launcher import LocalCluster, free_port, spawn
 
 pytestmark = pytest.mark.integration
 AUTH = "ops:s3cret-pass"
@@ -47,7 +49,7 @@ def test_dashboard_refuses_to_start_without_auth() -> None:
     assert "FLOWER_BASIC_AUTH" not in env and "--address=127.0.0.1" in argv
     with pytest.raises(FeaturefleetError, match="user:password"):
         dashboard("redis://x", auth="nopassword")
-    cli = subprocess.run([sys.executable, "-m", "pipeline.cli", "dashboard", "--address",
+    cli = subprocess.run([sys.executable, "-m", "pipeline", "dashboard", "--address",
                           "0.0.0.0", "--broker", "redis://127.0.0.1:1/0"], capture_output=True,
                          text=True, timeout=60)
     assert cli.returncode == 2 and "needs authentication" in cli.stderr
@@ -61,7 +63,7 @@ def test_flower_lists_the_jobs_tasks_behind_auth(cluster: LocalCluster, tmp_path
     assert AUTH not in " ".join(argv)  # the password is not on the command line
     env = {**env, FLOWER_AUTH_ENV: AUTH}
     env.pop("FLOWER_BASIC_AUTH")
-    flower = spawn("flower", [sys.executable, "-m", "pipeline.cli", "dashboard", "--port",
+    flower = spawn("flower", [sys.executable, "-m", "pipeline", "dashboard", "--port",
                               str(port), "--broker", cluster.broker], tmp_path / "flower.log", env)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -90,8 +92,7 @@ def test_flower_lists_the_jobs_tasks_behind_auth(cluster: LocalCluster, tmp_path
         metrics = _get(base + "/metrics")[1]
         assert "flower_events_total" in metrics
         chromium = shutil.which("chromium")
-        if chromium is None:
-            pytest.skip("no chromium: apt-get install chromium (make test installs it)")
+        assert chromium, "no chromium: apt-get install chromium (make test installs it)"
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         user, password = AUTH.split(":")
         page = f"http://{user}:{password}@127.0.0.1:{port}/tasks"

@@ -6,26 +6,39 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import data
 from pipeline.errors import DataError
+from pipeline.sources import Source, open_source
+from pipeline.sources.decode import _decode_jpeg_torch, decode_image
 from pipeline.spec import DataSpec
+from pipeline.splits import compute_splits
+
+
+def split_indices(src: Source, spec: DataSpec, val_fraction: float = 0.2) -> dict:
+    return compute_splits(src.labels, src.predefined_splits(), seed=spec.seed,
+                          test_fraction=spec.test_fraction, val_fraction=val_fraction,
+                          limit=spec.limit)
 
 
 def test_digits_split_is_stratified_and_seeded() -> None:
     spec = DataSpec(source="digits", test_fraction=0.3, seed=0)
-    src = data.open_source(spec)
-    s1, s2 = data.split_indices(src, spec), data.split_indices(src, spec)
-    np.testing.assert_array_equal(s1["test"], s2["test"])
-    assert len(s1["train"]) + len(s1["test"]) == len(src) == 1797
-    assert not set(s1["train"]) & set(s1["test"])
+    src = open_source(spec)
+    s1, s2 = split_indices(src, spec), split_indices(src, spec)
+    for k in ("train", "val", "test"):
+        np.testing.assert_array_equal(s1[k], s2[k])
+    assert len(s1["train"]) + len(s1["val"]) + len(s1["test"]) == len(src) == 1797
+    assert not set(s1["train"]) & set(s1["test"]) and not set(s1["val"]) & set(s1["train"])
+    assert not set(s1["val"]) & set(s1["test"])
     frac = np.bincount(src.labels[s1["test"]]) / np.bincount(src.labels)
     assert np.all(np.abs(frac - 0.3) < 0.02)
-    other = data.split_indices(src, DataSpec(source="digits", seed=1))
+    # val: 20% of each class's training samples, carved with the seed
+    counts = np.bincount(src.labels[np.concatenate([s1["train"], s1["val"]])])
+    assert np.all(np.abs(np.bincount(src.labels[s1["val"]]) - 0.2 * counts) <= 1)
+    other = split_indices(src, DataSpec(source="digits", seed=1))
     assert not np.array_equal(other["test"], s1["test"])
 
 
 def test_digits_decode_to_rgb_uint8() -> None:
-    src = data.open_source(DataSpec(source="digits"))
+    src = open_source(DataSpec(source="digits"))
     loaded = src.load([0, 5])
     assert [im.shape for im in loaded.images] == [(8, 8, 3), (8, 8, 3)]
     assert loaded.images[0].dtype == np.uint8 and loaded.images[0].max() > 200
@@ -33,9 +46,9 @@ def test_digits_decode_to_rgb_uint8() -> None:
 
 def test_limit_takes_a_stratified_subset() -> None:
     spec = DataSpec(source="digits", limit=200)
-    splits = data.split_indices(data.open_source(spec), spec)
-    assert len(splits["train"]) + len(splits["test"]) == 200
-    assert len(np.unique(data.open_source(spec).labels[splits["test"]])) == 10
+    splits = split_indices(open_source(spec), spec)
+    assert sum(len(v) for v in splits.values()) == 200
+    assert len(np.unique(open_source(spec).labels[splits["test"]])) == 10
 
 
 def _folder(root: Path, split: str = "") -> None:
@@ -51,7 +64,7 @@ def test_imagefolder_and_bad_files_are_recorded(tmp_path: Path) -> None:
     _folder(tmp_path)
     (tmp_path / "cat" / "broken.jpg").write_bytes(b"not a jpeg at all")
     (tmp_path / "cat" / "notes.txt").write_text("ignored: not an image extension")
-    src = data.open_source(DataSpec(source="imagefolder", path=str(tmp_path)))
+    src = open_source(DataSpec(source="imagefolder", path=str(tmp_path)))
     assert src.class_names == ["cat", "dog"] and len(src) == 13
     bad = src.files.index("cat/broken.jpg")
     loaded = src.load([0, bad, 12])
@@ -59,35 +72,36 @@ def test_imagefolder_and_bad_files_are_recorded(tmp_path: Path) -> None:
     assert loaded.failures[0][0] == bad and "UnidentifiedImageError" in loaded.failures[0][1]
     fp = src.fingerprint()
     Image.new("RGB", (30, 30)).save(tmp_path / "dog" / "0.png")
-    assert data.open_source(DataSpec(source="imagefolder", path=str(tmp_path))).fingerprint() != fp
+    assert open_source(DataSpec(source="imagefolder", path=str(tmp_path))).fingerprint() != fp
 
 
 def test_imagefolder_predefined_splits(tmp_path: Path) -> None:
     _folder(tmp_path, "train")
     _folder(tmp_path, "test")
     spec = DataSpec(source="imagefolder", path=str(tmp_path))
-    src = data.open_source(spec)
-    splits = data.split_indices(src, spec)
-    assert len(splits["train"]) == 12 and len(splits["test"]) == 12
+    src = open_source(spec)
+    splits = split_indices(src, spec)
+    assert len(splits["train"]) + len(splits["val"]) == 12 and len(splits["test"]) == 12
     assert all(src.files[i].startswith("test/") for i in splits["test"])
+    assert all(src.files[i].startswith("train/") for i in splits["val"])
 
 
 def test_image_modes_decode_correctly(tmp_path: Path) -> None:
     rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red -> white
     rgba.save(tmp_path / "a.png")
-    assert data.decode_image(tmp_path / "a.png")[0, 0].tolist() == [255, 255, 255]
+    assert decode_image(tmp_path / "a.png")[0, 0].tolist() == [255, 255, 255]
     g16 = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
     g16.save(tmp_path / "g16.png")
-    assert data.decode_image(tmp_path / "g16.png")[0, 0].tolist() == [255, 255, 255]
+    assert decode_image(tmp_path / "g16.png")[0, 0].tolist() == [255, 255, 255]
     half = Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16))
     half.save(tmp_path / "half.png")
-    assert data.decode_image(tmp_path / "half.png")[0, 0].tolist() == [128, 128, 128]
+    assert decode_image(tmp_path / "half.png")[0, 0].tolist() == [128, 128, 128]
     Image.new("L", (5, 3), 7).save(tmp_path / "l.png")
-    assert data.decode_image(tmp_path / "l.png").shape == (3, 5, 3)
+    assert decode_image(tmp_path / "l.png").shape == (3, 5, 3)
     Image.new("P", (5, 3)).save(tmp_path / "p.png")
-    assert data.decode_image(tmp_path / "p.png").shape == (3, 5, 3)
+    assert decode_image(tmp_path / "p.png").shape == (3, 5, 3)
     Image.new("CMYK", (5, 3), (0, 0, 0, 0)).save(tmp_path / "c.jpg")
-    assert data.decode_image(tmp_path / "c.jpg").min() > 240  # CMYK zero ink is white
+    assert decode_image(tmp_path / "c.jpg").min() > 240  # CMYK zero ink is white
 
 
 def _pillow_rgb(path: Path) -> np.ndarray:
@@ -117,16 +131,16 @@ def test_jpeg_fast_path_gives_pillows_pixels(tmp_path: Path) -> None:
         photo.save(tmp_path / f"orient{orientation}.jpg", exif=exif.tobytes())
     files = [*photos, *sorted(tmp_path.glob("*.jpg"))]
     for f in files:
-        ours = data.decode_image(f)
-        assert data._decode_jpeg(f.read_bytes()) is not None, f  # the fast path took it
+        ours = decode_image(f)
+        assert _decode_jpeg_torch(f.read_bytes()) is not None, f  # the fast path took it
         np.testing.assert_array_equal(ours, _pillow_rgb(f), err_msg=str(f))
         assert ours.flags["C_CONTIGUOUS"] and ours.dtype == np.uint8
-    assert data.decode_image(tmp_path / "orient6.jpg").shape == (300, 200, 3)  # rotated
+    assert decode_image(tmp_path / "orient6.jpg").shape == (300, 200, 3)  # rotated
     with open(photos[0], "rb") as fh:  # binary file objects (tar members) too
-        np.testing.assert_array_equal(data.decode_image(fh), _pillow_rgb(photos[0]))
+        np.testing.assert_array_equal(decode_image(fh), _pillow_rgb(photos[0]))
     (tmp_path / "trunc.jpg").write_bytes(photos[0].read_bytes()[:5000])
     with pytest.raises(OSError, match="truncated"):
-        data.decode_image(tmp_path / "trunc.jpg")
+        decode_image(tmp_path / "trunc.jpg")
 
 
 def test_npz_source_and_errors(tmp_path: Path) -> None:
@@ -134,7 +148,7 @@ def test_npz_source_and_errors(tmp_path: Path) -> None:
     good = tmp_path / "good.npz"
     np.savez(good, images=rng.random((20, 3, 8, 8), dtype=np.float32),
              labels=np.arange(20) % 2, class_names=np.array(["a", "b"]))
-    src = data.open_source(DataSpec(source="npz", path=str(good)))
+    src = open_source(DataSpec(source="npz", path=str(good)))
     assert src.class_names == ["a", "b"] and src.load([0]).images[0].shape == (8, 8, 3)
     cases = {
         "missing.npz": None,
@@ -147,7 +161,7 @@ def test_npz_source_and_errors(tmp_path: Path) -> None:
         if arrays is not None:
             np.savez(tmp_path / name, **arrays)
         with pytest.raises(DataError, match="fix:"):
-            data.open_source(DataSpec(source="npz", path=str(tmp_path / name)))
+            open_source(DataSpec(source="npz", path=str(tmp_path / name)))
 
 
 @pytest.mark.parametrize("setup", ["missing", "empty", "no_images", "one_class"])
@@ -164,7 +178,7 @@ def test_bad_folders_are_clear_errors(tmp_path: Path, setup: str) -> None:
         Image.new("RGB", (4, 4)).save(root / "cat" / "b.png")
     spec = DataSpec(source="imagefolder", path=str(root))
     with pytest.raises(DataError, match="fix:") as info:
-        data.split_indices(data.open_source(spec), spec)
+        split_indices(open_source(spec), spec)
     assert "\n" not in str(info.value)
     if setup != "one_class":
         assert str(root) in str(info.value)

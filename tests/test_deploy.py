@@ -15,9 +15,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from pipeline.cli import build_parser
-from pipeline.state import BROKER_ENV
-from workers.runtime import FLOWER_AUTH_ENV
+from pipeline.client.parser import build_parser
+from pipeline.settings import BROKER_ENV, FLOWER_AUTH_ENV, Settings
 from workers.settings import EXTRACT_QUEUE, TRAIN_QUEUE, celery_config
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
@@ -88,8 +87,8 @@ def test_kubernetes_workers_commands_and_shutdown() -> None:
                     assert ref["key"] in keys
 
 
-def test_keda_scales_gpu_workers_on_queue_and_running_tasks() -> None:
-    from pipeline.metrics import render
+def test_keda_scales_gpu_workers_on_queue_and_running_tasks(jobs: Any) -> None:
+    from pipeline.client.exporter import render
 
     docs = {(d["kind"], d["metadata"]["name"]): d for d in manifests()}
     so = docs[("ScaledObject", "featurefleet-worker-gpu")]
@@ -100,24 +99,9 @@ def test_keda_scales_gpu_workers_on_queue_and_running_tasks() -> None:
         n for k, n in docs if k == "TriggerAuthentication"}
     query = triggers["prometheus"]["metadata"]["query"]
 
-    class FakeRedis:  # only to list the metric names the exporter renders
-        def hgetall(self, _key: str) -> dict[str, str]:
-            return {}
-
-        def llen(self, _key: str) -> int:
-            return 0
-
-        def hlen(self, _key: str) -> int:
-            return 3
-
-    class Jobs:
-        r = FakeRedis()
-
-        def recent(self, _n: int) -> list[dict[str, Any]]:
-            return []
-
+    jobs.r.hset("unacked", mapping={"a": "1", "b": "2", "c": "3"})  # 3 reserved messages
     metric = query.split("(")[1].split(")")[0]
-    assert f"\n{metric} 3" in render(Jobs())  # type: ignore[arg-type]
+    assert f"\n{metric} 3.0\n" in render(jobs)
 
 
 def compose() -> dict[str, Any]:
@@ -174,9 +158,7 @@ def test_deploy_guide_commands_parse() -> None:
 def test_every_featurefleet_variable_in_deploy_is_read_by_the_code() -> None:
     import re
 
-    root = DEPLOY.parent
-    code = "".join(p.read_text() for d in ("pipeline", "workers") for p in (root / d).glob("*.py"))
-    known = set(re.findall(r"FEATUREFLEET_[A-Z_]+", code))
+    known = {f"FEATUREFLEET_{name.upper()}" for name in Settings.model_fields}
     used = {m for f in DEPLOY.rglob("*") if f.is_file()
             for m in re.findall(r"FEATUREFLEET_[A-Z_]+", f.read_text())}
     assert used and used <= known, used - known

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import extract
+from pipeline import devices as extract
 from pipeline.errors import SpecError
 from pipeline.spec import BackboneSpec, JobSpec
 
@@ -52,7 +52,6 @@ def test_other_errors_and_single_rows_are_not_retried() -> None:
 
 def test_batch_size_auto_and_precision() -> None:
     auto = BackboneSpec(batch_size="auto")
-    auto.validate()
     assert auto.batch_for("cuda:0") == 512 and auto.batch_for("cpu") == 32
     assert BackboneSpec(batch_size=64).batch_for("cuda") == 64
     spec = JobSpec.from_dict({"backbone": {"batch_size": "auto", "precision": "fp16",
@@ -87,7 +86,7 @@ def test_preprocess_reuses_its_buffer_and_matches_torchvision() -> None:
     import torchvision.transforms.functional as TF
 
     from pipeline.backbones import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-    from pipeline.extract import preprocess
+    from pipeline.preprocess import preprocess
 
     pre = Preprocessing(256, 224, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
     rng = np.random.default_rng(0)

@@ -4,7 +4,6 @@ fresh tasks; the job completes with the same report as the probe."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +19,13 @@ FT = FinetuneSpec(epochs=3, batch_size=16, checkpoint_every_steps=4, hflip=False
 
 
 def finetune_spec(out: Path, **kw: object) -> JobSpec:
-    return dataclasses.replace(small_spec(out), strategy="finetune", finetune=FT,
-                               **kw).validate()  # type: ignore[arg-type]
+    return small_spec(out).replace(strategy="finetune", finetune=FT, **kw)  # type: ignore[no-any-return]
 
 
 @pytest.mark.integration
 @pytest.mark.faults
 def test_killed_finetune_resumes_from_checkpoint(tmp_path: Path) -> None:
-    env = {"FEATUREFLEET_FAULT_CRASH_FINETUNE": "1", "FEATUREFLEET_FINETUNE_SLICE_S": "0.5"}
+    env = {"CHAOS_CRASH_AFTER_CHECKPOINT": "1", "FEATUREFLEET_FINETUNE_SLICE_S": "0.5"}
     with cluster_env(tmp_path, env=env) as c:
         job = submit(finetune_spec(tmp_path / "out"), broker=c.broker)
         st = job.wait(timeout=300)
@@ -70,10 +68,10 @@ def test_auto_strategy_reasons() -> None:
     assert choose(spec, 100_000, 10, 224, gpus=4)[0] == "finetune"
     cpu = choose(spec, 100_000, 10, 224, gpus=0)
     assert cpu[0] == "probe" and "without a GPU" in cpu[1]
-    budget = dataclasses.replace(spec, time_budget_s=60.0)
+    budget = spec.replace(time_budget_s=60.0)
     over = choose(budget, 100_000, 10, 224, gpus=1)
     assert over[0] == "probe" and "time budget of 60 s" in over[1]
-    fits = choose(dataclasses.replace(spec, time_budget_s=600.0), 1000, 10, 64, gpus=0)
+    fits = choose(spec.replace(time_budget_s=600.0), 1000, 10, 64, gpus=0)
     assert fits[0] == "finetune" and "within the time budget" in fits[1]
     assert choose(JobSpec(strategy="probe"), 10**6, 2, 224, 8) == (
         "probe", "strategy 'probe' was set in the spec")
@@ -81,11 +79,9 @@ def test_auto_strategy_reasons() -> None:
 
 @pytest.mark.integration
 def test_compare_leaderboard_ranks_pretrained_above_random(cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from pipeline.compare import compare
+    from pipeline.client.compare import compare
 
-    base = small_spec(tmp_path / "out")
-    spec = dataclasses.replace(base, name="cmp", backbone=dataclasses.replace(
-        base.backbone, image_size=64))
+    spec = small_spec(tmp_path / "out").replace(name="cmp", backbone={"image_size": 64})
     cmp = compare(spec, ["efficientnet_lite0", "efficientnet_lite0:random", "resnet18:random"],
                   broker=cluster.broker)
     board = cmp.wait(timeout=300)
@@ -110,7 +106,7 @@ def test_compare_leaderboard_ranks_pretrained_above_random(cluster, tmp_path: Pa
 
 @pytest.mark.integration
 def test_auto_strategy_decision_in_report(cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    spec = dataclasses.replace(small_spec(tmp_path / "out"), strategy="auto")
+    spec = small_spec(tmp_path / "out").replace(strategy="auto")
     job = submit(spec, broker=cluster.broker)
     st = job.wait(timeout=300)
     assert st["status"] == "SUCCESS", st.get("error")
@@ -123,7 +119,7 @@ def test_auto_strategy_decision_in_report(cluster, tmp_path: Path) -> None:  # t
 
 
 def test_compare_refuses_bad_entries_before_enqueueing(tmp_path: Path) -> None:
-    from pipeline.compare import compare
+    from pipeline.client.compare import compare
     from pipeline.errors import BackboneError, SpecError
 
     spec = small_spec(tmp_path / "out")
@@ -137,7 +133,7 @@ def test_compare_refuses_bad_entries_before_enqueueing(tmp_path: Path) -> None:
 
 
 def test_progress_line_for_a_finetune_job() -> None:
-    from pipeline.cli import format_progress
+    from pipeline.client.console import format_progress
 
     line = format_progress({"status": "RUNNING", "stage": "finetune", "strategy": "finetune",
                             "resumes": 1, "finetune": {"epoch": 2, "epochs": 4, "step": 5,

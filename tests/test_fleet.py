@@ -1,4 +1,4 @@
-"""The worker runtime: per-GPU processes, CPU fallback, and two extraction workers sharing a job."""
+"""The worker fleet: per-GPU processes, CPU fallback, and two extraction workers sharing a job."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import pytest
 from pipeline import submit
 from pipeline.errors import FeaturefleetError
 from tests.conftest import processes_marked, small_spec
-from workers.runtime import fleet_plan, start_redis
+from workers.fleet import fleet_plan
+from workers.launcher import start_redis
 
 
 def test_fleet_plan_pins_one_process_per_gpu() -> None:
@@ -42,7 +43,7 @@ def test_two_extraction_workers_split_a_job(tmp_path: Path) -> None:
     logdir = tmp_path / "fleet-logs"
     env = {**os.environ, "FEATUREFLEET_BROKER_URL": redis.url}
     sup = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from workers.runtime import run_fleet; from pathlib "
+        [sys.executable, "-c", "import sys; from workers.fleet import run_fleet; from pathlib "
          f"import Path; sys.exit(run_fleet('{redis.url}', 'all', 1, 2, logdir=Path("
          f"'{logdir}')))"],
         env={**env, "CUDA_VISIBLE_DEVICES": ""}, start_new_session=True,

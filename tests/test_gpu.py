@@ -4,7 +4,6 @@ elsewhere."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -19,9 +18,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.integration,
 
 
 def test_extraction_on_cuda_bf16_auto_batch(cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    base = small_spec(tmp_path / "out")
-    spec = dataclasses.replace(base, backbone=dataclasses.replace(
-        base.backbone, device="cuda", batch_size="auto", precision="bf16", image_size=224))
+    spec = small_spec(tmp_path / "out").replace(backbone={
+        "device": "cuda", "batch_size": "auto", "precision": "bf16", "image_size": 224})
     job = submit(spec, broker=cluster.broker)
     st = job.wait(timeout=600)
     assert st["status"] == "SUCCESS", st.get("error")
@@ -33,8 +31,7 @@ def test_extraction_on_cuda_bf16_auto_batch(cluster, tmp_path: Path) -> None:  #
 
 
 def test_finetune_on_cuda(cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    base = small_spec(tmp_path / "out")
-    spec = dataclasses.replace(base, strategy="finetune", finetune=FinetuneSpec(
+    spec = small_spec(tmp_path / "out").replace(strategy="finetune", finetune=FinetuneSpec(
         epochs=2, batch_size=32, hflip=False, device="cuda"))
     job = submit(spec, broker=cluster.broker)
     st = job.wait(timeout=600)

@@ -12,9 +12,10 @@ import pytest
 
 from pipeline import get_job, submit
 from pipeline.errors import BrokerError, JobError
-from pipeline.store import file_sha256, read_shard
+from pipeline.store.files import sha256_of as file_sha256
+from pipeline.store.shards import read_shard
 from tests.conftest import small_spec
-from workers.runtime import LocalCluster
+from workers.launcher import LocalCluster
 
 pytestmark = pytest.mark.integration
 
@@ -33,17 +34,29 @@ def test_job_runs_through_the_whole_chord(cluster: LocalCluster, tmp_path: Path)
     assert len(m["confusion_matrix"]) == 10 and sum(map(sum, m["confusion_matrix"])) == 90
     assert set(m["per_class"]) == {str(i) for i in range(10)}
     # Every shard exists once, with the checksum the report says, and the rows add up.
-    assert len(rep["shards"]) == 6  # train 210 -> 4 shards of <=64, test 90 -> 2
-    rows = {"train": 0, "test": 0}
+    assert [s["id"] for s in rep["shards"]] == ["0-64", "64-128", "128-192", "192-256",
+                                                "256-300"]
+    ids: set[int] = set()
     for s in rep["shards"]:
         assert Path(s["path"]).is_file() and file_sha256(s["path"]) == s["sha256"]
         shard = read_shard(s["path"])
         assert shard.features.shape == (s["rows"], 1280)
         assert shard.attrs["backbone"] == "efficientnet_lite0"
         assert shard.attrs["weights_sha256"] == rep["backbone"]["weights_sha256"]
-        rows[s["split"]] += s["rows"]
+        ids |= set(shard.indices.tolist())
         assert s["worker"] and not s["cached"]
-    assert rows == rep["data"]["split_sizes"] == {"train": 210, "test": 90}
+    sizes = rep["data"]["split_sizes"]
+    assert sum(sizes.values()) == len(ids) == 300 and sizes["test"] == 90
+    splits = json.loads((Path(st["job_dir"]) / "splits.json").read_text())
+    assert len(splits["train"]) == sizes["train"] and len(splits["val"]) == sizes["val"]
+    import csv
+
+    with open(Path(st["job_dir"]) / "predictions.csv") as fh:
+        test_ids = {int(r["index"]) for r in csv.DictReader(fh)}
+    train_ids, val_ids = set(splits["train"]), set(splits["val"])
+    assert len(test_ids) == 90 and not (train_ids & val_ids or train_ids & test_ids
+                                        or val_ids & test_ids)
+    assert train_ids | val_ids | test_ids == ids  # every extracted sample is in one split
     assert rep["spec"]["data"]["limit"] == 300
     assert {"extract_s", "train_s", "evaluate_s", "total_s"} <= set(rep["timings"])
     job_dir = Path(st["job_dir"])
@@ -68,9 +81,7 @@ def test_second_run_reuses_the_cached_shards(cluster: LocalCluster, tmp_path: Pa
     assert [s["sha256"] for s in r2["shards"]] == [s["sha256"] for s in r1["shards"]]
     assert r2["metrics"]["top1"] == r1["metrics"]["top1"]
     # A different input size is a different cache key: extracted anew.
-    third = submit(small_spec(tmp_path, limit=200).__class__(
-        **{**spec.__dict__, "backbone": spec.backbone.__class__(
-            name="efficientnet_lite0", image_size=48)}), broker=cluster.broker)
+    third = submit(spec.replace(backbone={"image_size": 48}), broker=cluster.broker)
     assert third.wait(timeout=240)["shards_cached"] == 0
 
 
@@ -96,8 +107,10 @@ def test_failing_shard_fails_the_job_with_its_error(cluster: LocalCluster, tmp_p
 
 
 def test_unknown_job_and_unreachable_broker(cluster: LocalCluster, tmp_path: Path) -> None:
-    with pytest.raises(JobError, match="no job 'nope'"):
-        get_job("nope", broker=cluster.broker)
+    with pytest.raises(JobError, match=r"no job '0123456789ab'.*fix:"):
+        get_job("0123456789ab", broker=cluster.broker)
+    with pytest.raises(JobError, match=r"'\.\./\.\./x' is not a job id.*fix:"):
+        get_job("../../x", broker=cluster.broker)  # an id is never a path
     with pytest.raises(BrokerError, match=r"cannot reach Redis.*fix:"):
         submit(small_spec(tmp_path), broker="redis://127.0.0.1:1/0")
     assert not (tmp_path / "jobs").exists()  # nothing written before the broker check
@@ -110,7 +123,7 @@ def test_cli_submit_status_report(cluster: LocalCluster, tmp_path: Path) -> None
         "data: {source: digits, limit: 150, shard_size: 100}\n"
         "backbone: {name: efficientnet_lite0, image_size: 32}\n"
         f"output: {tmp_path / 'out'}\n")
-    env_cli = [sys.executable, "-m", "pipeline.cli"]
+    env_cli = [sys.executable, "-m", "pipeline"]
     out = subprocess.run([*env_cli, "submit", str(spec_file), "--broker", cluster.broker,
                           "--wait", "--timeout", "240"], capture_output=True, text=True,
                          timeout=300)
@@ -134,12 +147,12 @@ def test_prometheus_exporter(cluster: LocalCluster, tmp_path: Path) -> None:
     import time
     import urllib.request
 
-    from workers.runtime import free_port, spawn
+    from workers.launcher import free_port, spawn
 
     job = submit(small_spec(tmp_path, limit=100), broker=cluster.broker)
     assert job.wait(timeout=240)["status"] == "SUCCESS"
     port = free_port()
-    proc = spawn("exporter", [sys.executable, "-m", "pipeline.cli", "exporter", "--broker",
+    proc = spawn("exporter", [sys.executable, "-m", "pipeline", "exporter", "--broker",
                               cluster.broker, "--port", str(port)], tmp_path / "exporter.log")
     try:
         deadline = time.monotonic() + 60

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from pipeline.evaluate import classification_metrics
-from pipeline.probe import LinearHead, fit_probe
+from pipeline.heads.linear import LinearHead, fit_probe
 
 
 def _blobs(n: int = 600, d: int = 20, k: int = 4, seed: int = 0) -> tuple[np.ndarray, ...]:
@@ -65,4 +66,34 @@ def test_metrics_agree_with_sklearn() -> None:
         assert m["per_class"][name]["recall"] == pytest.approx(r[i])
         assert m["per_class"][name]["f1"] == pytest.approx(f[i])
         assert m["per_class"][name]["support"] == s[i]
-    assert 0.0 <= m["ece"] <= 1.0
+    assert m["macro_f1"] == pytest.approx(skm.f1_score(y, pred, average="macro"))
+    assert m["ece"] == pytest.approx(_ece_by_sorting(y, proba), abs=1e-12)
+
+
+def _ece_by_sorting(y: np.ndarray, proba: np.ndarray, bins: int = 15) -> float:
+    """Top-label ECE computed another way: sort by confidence, cut at the bin edges."""
+    conf = proba.max(1)
+    hit = (proba.argmax(1) == y).astype(float)
+    order = np.argsort(conf)
+    conf, hit = conf[order], hit[order]
+    cuts = np.searchsorted(conf, np.linspace(0, 1, bins + 1), side="right")
+    total = 0.0
+    for lo, hi in itertools.pairwise(cuts):
+        if hi > lo:
+            total += (hi - lo) * abs(hit[lo:hi].mean() - conf[lo:hi].mean())
+    return total / len(y)
+
+
+def test_ece_on_hand_made_cases() -> None:
+    names = ["a", "b"]
+    sure_and_right = np.array([[1.0, 0.0], [0.0, 1.0]])
+    assert classification_metrics(np.array([0, 1]), sure_and_right, names)["ece"] == 0.0
+    sure_and_wrong = np.array([[0.0, 1.0], [1.0, 0.0]])
+    assert classification_metrics(np.array([0, 1]), sure_and_wrong, names)["ece"] == 1.0
+    # four samples at 0.7 confidence, three right: |0.75 - 0.7| = 0.05
+    p = np.array([[0.7, 0.3]] * 4)
+    assert classification_metrics(np.array([0, 0, 0, 1]), p, names)["ece"] == pytest.approx(0.05)
+    # macro F1 by hand: class a (P=1, R=0.5, F1=2/3), class b (P=0.5, R=1, F1=2/3)
+    p2 = np.array([[0.9, 0.1], [0.2, 0.8], [0.1, 0.9]])
+    m = classification_metrics(np.array([0, 0, 1]), p2, names)
+    assert m["macro_f1"] == pytest.approx(2 / 3)

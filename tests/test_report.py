@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import subprocess
@@ -15,7 +14,7 @@ from PIL import Image
 
 from pipeline import load_classifier, submit
 from tests.conftest import ARTIFACTS, small_spec
-from workers.runtime import LocalCluster
+from workers.launcher import LocalCluster
 
 pytestmark = pytest.mark.integration
 
@@ -23,10 +22,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def three_heads(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("heads")
-    spec = small_spec(out, limit=600, shard_size=200)
-    spec = dataclasses.replace(
-        spec, backbone=dataclasses.replace(spec.backbone, image_size=64),
-        probe=dataclasses.replace(spec.probe, heads=("linear", "mlp", "knn"), mlp_hidden=64))
+    spec = small_spec(out, limit=600, shard_size=200).replace(
+        backbone={"image_size": 64}, probe={"heads": ["linear", "mlp", "knn"], "mlp_hidden": 64})
     job = submit(spec, broker=cluster.broker)
     st = job.wait(timeout=400)
     assert st["status"] == "SUCCESS", st
@@ -54,8 +51,7 @@ def test_sweep_and_heads_in_report(three_heads: dict) -> None:
 
 def test_report_html_renders_in_chromium(three_heads: dict) -> None:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("no chromium: apt-get install chromium (make test installs it)")
+    assert chromium, "no chromium: apt-get install chromium (make test installs it)"
     html = Path(three_heads["status"]["report"]).with_suffix(".html")
     assert html.is_file()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -98,11 +94,11 @@ def test_predict_python_and_cli(three_heads: dict, tmp_path: Path) -> None:
     right = sum(g["label"] == str(d.target[i]) for g, i in zip(got, fresh, strict=True))
     assert right >= 15, [g["label"] for g in got]
     assert all(0 < g["probability"] <= 1 and len(g["top"]) == 3 for g in got)
-    cli = subprocess.run([sys.executable, "-m", "pipeline.cli", "predict", str(job_dir),
+    cli = subprocess.run([sys.executable, "-m", "pipeline", "predict", str(job_dir),
                           *paths[:5], "--json"], capture_output=True, text=True, timeout=300)
     assert cli.returncode == 0, cli.stderr
     assert [r["label"] for r in json.loads(cli.stdout)] == [g["label"] for g in got[:5]]
-    bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "predict", str(tmp_path),
+    bad = subprocess.run([sys.executable, "-m", "pipeline", "predict", str(tmp_path),
                           paths[0]],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no trained head" in bad.stderr

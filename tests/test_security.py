@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 
 from pipeline import submit
-from pipeline.errors import SpecError
-from pipeline.plan import ALLOWED_ROOTS_ENV, check_plan, make_plan
+from pipeline.errors import BrokerError, SpecError
+from pipeline.plan import check_plan
+from pipeline.planner import make_plan
+from pipeline.settings import ALLOWED_ROOTS_ENV
 from tests.conftest import small_spec
-from workers.runtime import (
+from workers.launcher import (
     LocalCluster,
     find_redis_server,
     free_port,
@@ -72,25 +74,31 @@ def test_no_secret_in_logs_records_or_reports(cluster: LocalCluster, tmp_path: P
 def test_paths_outside_the_allowed_roots_are_refused(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ALLOWED_ROOTS_ENV, str(tmp_path / "allowed"))
-    ok = make_plan(small_spec(tmp_path / "allowed" / "x"), "ok")
+    ok = make_plan(small_spec(tmp_path / "allowed" / "x"), "0000000000aa")
     check_plan(ok)
-    bad = make_plan(small_spec(tmp_path / "elsewhere"), "bad")
+    bad = make_plan(small_spec(tmp_path / "elsewhere"), "0000000000bb")
     with pytest.raises(SpecError, match=r"outside the allowed roots.*fix:"):
         check_plan(bad)
 
 
-def test_a_plan_too_big_for_a_message_is_refused(tmp_path: Path) -> None:
-    spec = small_spec(tmp_path, limit=None, shard_size=1)  # 1797 one-image shards
-    plan = make_plan(spec, "big")
-    import pipeline.plan as plan_mod
+def test_every_message_sent_is_size_checked(cluster: LocalCluster,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clients and workers refuse to put bulk data on the broker: the check runs on the
+    message actually sent, whatever built it."""
+    from workers.app import make_app
 
-    old = plan_mod.MAX_PLAN_BYTES
-    plan_mod.MAX_PLAN_BYTES = 100_000
+    monkeypatch.setenv("FEATUREFLEET_MAX_MESSAGE_BYTES", "2000")
+    app = make_app(cluster.broker)
     try:
-        with pytest.raises(SpecError, match=r"message limit.*fix: raise data.shard_size"):
-            check_plan(plan)
+        app.send_task("featurefleet.fail_job", args=("x" * 100,), queue="ff.nowhere")  # fine
+        with pytest.raises(BrokerError, match=r"featurefleet.collect would send a \d+-byte "
+                                              r"message \(limit 2000\).*fix:"):
+            app.send_task("featurefleet.collect", args=(["y" * 5000],), queue="ff.nowhere")
     finally:
-        plan_mod.MAX_PLAN_BYTES = old
+        app.close()
+    from pipeline.jobs.broker import connect
+
+    assert connect(cluster.broker).llen("ff.nowhere") == 1  # only the small one went out
 
 
 def _certs(d: Path) -> dict[str, Path]:
@@ -132,10 +140,9 @@ def test_job_over_tls_with_certificate_checking(tmp_path: Path) -> None:
                 redis_py.Redis.from_url(url).ping()
                 break
             except redis_py.ConnectionError:
-                if time.monotonic() > deadline or not server.alive():
-                    if "TLS" in server.log_tail() or not server.alive():
-                        pytest.skip(f"redis-server without TLS: {server.log_tail(3)}")
-                    raise
+                assert server.alive(), f"redis-server did not start with TLS: " \
+                                       f"{server.log_tail(5)}"
+                assert time.monotonic() < deadline, "redis-server (TLS) did not answer"
                 time.sleep(0.1)
         # A client that does not trust the CA is refused.
         untrusted = url.replace(f"&ssl_ca_certs={certs['ca.crt']}", "")

@@ -15,11 +15,19 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from pipeline import data, submit
+from pipeline import submit
+from pipeline.errors import DataError
+from pipeline.sources import open_source
 from pipeline.spec import DataSpec, JobSpec
-from workers.runtime import LocalCluster
+from pipeline.splits import compute_splits
+from workers.launcher import LocalCluster
 
-CLI = [sys.executable, "-m", "pipeline.cli"]
+CLI = [sys.executable, "-m", "pipeline"]
+
+
+def split_indices(src, spec: DataSpec) -> dict:  # type: ignore[no-untyped-def]
+    return compute_splits(src.labels, src.predefined_splits(), seed=spec.seed,
+                          test_fraction=spec.test_fraction, val_fraction=0.2, limit=spec.limit)
 
 
 def _digits(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -45,9 +53,9 @@ def _mnist_root(root: Path, n_train: int = 60, n_test: int = 30) -> Path:
 
 def test_torchvision_dataset_from_a_prepared_root(tmp_path: Path) -> None:
     spec = DataSpec(source="torchvision", name="MNIST", path=str(_mnist_root(tmp_path)))
-    src = data.open_source(spec)
-    splits = data.split_indices(src, spec)
-    assert len(splits["train"]) == 60 and len(splits["test"]) == 30
+    src = open_source(spec)
+    splits = split_indices(src, spec)
+    assert len(splits["train"]) + len(splits["val"]) == 60 and len(splits["test"]) == 30
     assert src.class_names[0].startswith("0")
     im = src.load([0]).images[0]
     assert im.shape == (28, 28, 3) and im.dtype == np.uint8 and im.max() > 200
@@ -61,13 +69,13 @@ def test_manifest_and_hdf5_sources(tmp_path: Path) -> None:
         lines.append(f"{i}.png,{lab},{'test' if i % 4 == 0 else 'train'}")
     (tmp_path / "m.csv").write_text("\n".join(lines))
     spec = DataSpec(source="manifest", path=str(tmp_path / "m.csv"))
-    src = data.open_source(spec)
-    splits = data.split_indices(src, spec)
+    src = open_source(spec)
+    splits = split_indices(src, spec)
     assert len(splits["test"]) == 10 and src.class_names == [str(i) for i in range(10)]
     assert src.load([3]).images[0].shape == (8, 8, 3)
     with h5py.File(tmp_path / "d.h5", "w") as f:
         f["images"], f["labels"] = images, labels
-    hsrc = data.open_source(DataSpec(source="hdf5", path=str(tmp_path / "d.h5")))
+    hsrc = open_source(DataSpec(source="hdf5", path=str(tmp_path / "d.h5")))
     assert len(hsrc) == 40 and hsrc.load([1]).images[0].shape == (8, 8, 3)
 
 
@@ -156,17 +164,17 @@ def test_webdataset_tar_shards(tmp_path: Path) -> None:
     _tar(tmp_path / "test-000.tar", 60, 20)
     images, labels = _digits(80)
     spec = DataSpec(source="webdataset", path=str(tmp_path / "train-{000..002}.tar"))
-    src = data.open_source(spec)
+    src = open_source(spec)
     assert len(src) == 60 and src.class_names == [str(i) for i in range(10)]
     got = src.load([45, 3, 21])
     assert got.indices == [45, 3, 21]
     np.testing.assert_array_equal(got.images[0][..., 0], images[45])
     assert [src.class_names[src.labels[i]] for i in (45, 3)] == [str(labels[45]), str(labels[3])]
-    both = data.open_source(DataSpec(source="webdataset", path=str(tmp_path)))
-    splits = data.split_indices(both, DataSpec(source="webdataset", path=str(tmp_path)))
-    assert len(splits["train"]) == 60 and len(splits["test"]) == 20
-    with pytest.raises(data.DataError, match="does not exist"):
-        data.open_source(DataSpec(source="webdataset", path=str(tmp_path / "train-{000..009}.tar")))
-    url = data.open_source(DataSpec(source="webdataset",
+    both = open_source(DataSpec(source="webdataset", path=str(tmp_path)))
+    splits = split_indices(both, DataSpec(source="webdataset", path=str(tmp_path)))
+    assert len(splits["train"]) + len(splits["val"]) == 60 and len(splits["test"]) == 20
+    with pytest.raises(DataError, match="does not exist"):
+        open_source(DataSpec(source="webdataset", path=str(tmp_path / "train-{000..009}.tar")))
+    url = open_source(DataSpec(source="webdataset",
                                     path=f"file://{tmp_path}/train-{{000..002}}.tar"))
     assert url.fingerprint() != src.fingerprint() and len(url) == 60  # through fsspec

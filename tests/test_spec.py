@@ -1,14 +1,14 @@
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 import pipeline
 from pipeline.errors import SpecError
-from pipeline.spec import JobSpec
+from pipeline.spec import BackboneSpec, DataSpec, JobSpec
 
 GOOD = """
 name: digits-lite0
@@ -30,9 +30,19 @@ def test_yaml_round_trip(tmp_path: Path) -> None:
     assert again == spec
 
 
-def test_spec_is_frozen() -> None:
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        JobSpec().name = "x"  # type: ignore[misc]
+def test_spec_is_frozen_and_replace_validates_again() -> None:
+    spec = JobSpec()
+    with pytest.raises(ValidationError):
+        spec.name = "x"  # type: ignore[misc]
+    bigger = spec.replace(backbone={"image_size": 64}, data={"seed": 4})
+    assert bigger.backbone.image_size == 64 and bigger.backbone.name == spec.backbone.name
+    assert bigger.data.seed == 4 and spec.data.seed == 0
+    with pytest.raises(SpecError, match=r"'data.shard_size': 0 must be > 0"):
+        spec.replace(data={"shard_size": 0})
+    with pytest.raises(SpecError, match=r"'data.seed'"):  # sections validate when made too
+        DataSpec(seed=-1)
+    with pytest.raises(SpecError, match=r"'backbone.batch_size'.*9000"):
+        BackboneSpec(batch_size=9000)
 
 
 @pytest.mark.parametrize(("raw", "field", "words"), [
@@ -50,6 +60,18 @@ def test_spec_is_frozen() -> None:
     ({"strategy": "magic"}, "strategy", "unknown strategy"),
     ({"backbone": "resnet50"}, "backbone", "expected a mapping"),
     ([1, 2], "<spec>", "expected a mapping"),
+    # every number has an upper bound, named with the fix
+    ({"probe": {"sweep_tasks": 10_000}}, "probe.sweep_tasks", "must be <= 64"),
+    ({"probe": {"grid_points": 10**6}}, "probe.grid_points", "must be <= 1000"),
+    ({"backbone": {"image_size": 100_000}}, "backbone.image_size", "too large"),
+    ({"backbone": {"batch_size": 10**7}}, "backbone.batch_size", "<= 8192"),
+    ({"data": {"shard_size": 10**9}}, "data.shard_size", "must be <= 100000"),
+    ({"finetune": {"epochs": 10**9}}, "finetune.epochs", "must be <= 10000"),
+    ({"data": {"seed": -3}}, "data.seed", "must be >= 0"),
+    ({"finetune": {"lr": True}}, "finetune.lr", "True is not a number"),
+    ({"probe": {"heads": ["linear", "svm"]}}, "probe.heads", "unknown head 'svm'"),
+    ({"probe": {"grid_low": 10, "grid_high": 1}}, "probe.grid_low", "not increasing"),
+    ({"name": "x" * 10_000}, "name", "characters)"),
 ])
 def test_invalid_fields_name_field_and_fix(raw: object, field: str, words: str) -> None:
     with pytest.raises(SpecError) as info:
@@ -85,7 +107,33 @@ def test_public_api_is_small_and_honest() -> None:
                                         "FinetuneSpec", "Job", "JobSpec", "ProbeSpec",
                                         "compare", "get_job", "load_classifier", "submit"]
     for name in pipeline.__all__:
-        assert getattr(pipeline, name) is not None
+        obj = getattr(pipeline, name)
+        assert getattr(obj, "__name__", name) == name  # the real object, under its own name
+    with pytest.raises(AttributeError):
+        pipeline.nothing_here  # noqa: B018
+    assert sorted(dir(pipeline)) == sorted(pipeline.__all__)
+
+
+def test_error_messages_quote_only_a_prefix_of_huge_values() -> None:
+    with pytest.raises(SpecError) as info:
+        JobSpec.from_dict({"data": {"source": "s" * 100_000}})
+    assert len(str(info.value)) < 400 and "100002 characters" in str(info.value)
+
+
+def test_yaml_alias_bomb_and_oversized_files_are_refused(tmp_path: Path) -> None:
+    bomb = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 9):  # 10**9 leaves once expanded
+        bomb.append(f"{chr(97 + i)}: &{chr(97 + i)} [" + ", ".join([f"*{chr(96 + i)}"] * 10) + "]")
+    (tmp_path / "bomb.yaml").write_text("\n".join(bomb) + "\n")
+    with pytest.raises(SpecError, match=r"expands to more than 100000 values.*fix:") as info:
+        JobSpec.from_file(tmp_path / "bomb.yaml")
+    assert len(str(info.value)) < 400
+    (tmp_path / "big.yaml").write_text("name: x\n" + "# padding\n" * 200_000)
+    with pytest.raises(SpecError, match=r"bytes \(a job file is at most"):
+        JobSpec.from_file(tmp_path / "big.yaml")
+    (tmp_path / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(SpecError, match="not UTF-8"):
+        JobSpec.from_file(tmp_path / "latin1.yaml")
 
 
 def test_finetune_and_strategy_fields_validate_with_a_fix() -> None:

@@ -1,86 +1,144 @@
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
+from typing import Any
 
+import h5py
 import numpy as np
 import pytest
 
-from pipeline import store
 from pipeline.errors import StoreError
+from pipeline.store import files, manifest, shards
 
 
-def _data(n: int = 10, d: int = 8, key: str = "k1") -> store.ShardData:
-    rng = np.random.default_rng(0)
-    return store.ShardData(
+def _data(n: int = 10, d: int = 8, key: str = "k1", seed: int = 0) -> shards.ShardData:
+    rng = np.random.default_rng(seed)
+    return shards.ShardData(
         features=rng.normal(size=(n, d)).astype(np.float16), labels=np.arange(n) % 3,
         indices=np.arange(100, 100 + n), sample_ids=[f"s{i}" for i in range(n)],
         skipped=[("bad.png", "UnidentifiedImageError: cannot identify")],
         attrs={"key": key, "backbone": "efficientnet_lite0", "preprocessing": {"crop": 32}})
 
 
-def test_round_trip_and_checksum(tmp_path: Path) -> None:
-    path = tmp_path / "a" / store.shard_name("train", 0, 11)
-    sha = store.write_shard(path, _data())
-    assert sha == store.file_sha256(path)
-    got = store.read_shard(path)
+def test_round_trip_and_writer_checksum(tmp_path: Path) -> None:
+    path = tmp_path / "a" / shards.shard_name(0, 11)
+    written = shards.write_shard(path, _data())
+    assert written.sha256 == files.sha256_of(path) and not written.adopted
+    got = shards.read_shard(path)
     assert got.features.dtype == np.float16 and got.features.shape == (10, 8)
     np.testing.assert_array_equal(got.features, _data().features)
     np.testing.assert_array_equal(got.indices, np.arange(100, 110))
     assert got.sample_ids[3] == "s3"
     assert got.skipped == [("bad.png", "UnidentifiedImageError: cannot identify")]
     assert got.attrs["preprocessing"] == {"crop": 32} and got.attrs["rows"] == 10
-    assert store.valid_shard(path, "k1", rows_expected=11)  # 10 rows + 1 skipped
-    assert not store.valid_shard(path, "k1", rows_expected=10)
-    assert not store.valid_shard(path, "other-key")
+    info = shards.inspect(path, "k1", rows_expected=11)  # 10 rows + 1 skipped
+    assert info is not None and info.rows == 10 and info.skipped[0]["id"] == "bad.png"
+    assert shards.inspect(path, "k1", rows_expected=10) is None
+    assert shards.inspect(path, "other-key") is None
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
 
 
-def test_truncated_shard_is_invalid(tmp_path: Path) -> None:
+def test_truncated_or_inconsistent_shards_are_invalid(tmp_path: Path) -> None:
     path = tmp_path / "s.h5"
-    store.write_shard(path, _data())
-    size = path.stat().st_size
+    shards.write_shard(path, _data())
     with open(path, "r+b") as fh:
-        fh.truncate(size // 2)
-    assert not store.valid_shard(path, "k1")
+        fh.truncate(path.stat().st_size // 2)
+    assert shards.inspect(path, "k1") is None
     with pytest.raises(StoreError, match="unreadable"):
-        store.read_shard(path)
+        shards.read_shard(path)
+    other = tmp_path / "t.h5"
+    shards.write_shard(other, _data())
+    with h5py.File(other, "r+") as f:  # rows attribute no longer matches the datasets
+        f.attrs["rows"] = 7
+    assert shards.inspect(other, "k1") is None
 
 
-def test_rewrite_is_atomic_and_identical(tmp_path: Path) -> None:
+def test_a_reader_never_sees_a_partial_shard(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the new file is being written, the path still holds the complete old shard (or
+    nothing): checked at the moment the writer is half done. A writer that wrote in place
+    would fail this check (shown with one)."""
     path = tmp_path / "s.h5"
-    store.write_shard(path, _data())
-    before = store.read_shard(path).features
-    store.write_shard(path, _data())  # a redelivered task writes the same shard again
-    np.testing.assert_array_equal(store.read_shard(path).features, before)
+    seen: list[Any] = []
+    real = h5py.File
+
+    class Spy(real):  # type: ignore[misc, valid-type]
+        def create_dataset(self, name: str, *args: Any, **kw: Any) -> Any:
+            out = super().create_dataset(name, *args, **kw)
+            if name == "sample_ids":  # half written: features and labels are in, attrs not
+                seen.append(shards.inspect(path, "k1"))
+            return out
+
+    def naive_write(target: Path, data: shards.ShardData) -> None:  # writes in place
+        with Spy(target, "w") as f:
+            f.create_dataset("features", data=data.features)
+            f.create_dataset("sample_ids", data=np.asarray(data.sample_ids, dtype=object),
+                             dtype=h5py.string_dtype())
+
+    shards.write_shard(path, _data(seed=1))
+    before = shards.read_shard(path).features
+    monkeypatch.setattr(h5py, "File", Spy)
+    shards.write_shard(path, _data(seed=2))
+    assert len(seen) == 1 and seen[0] is not None and seen[0].rows == 10  # the old shard
+    np.testing.assert_array_equal(shards.read_shard(path).features, _data(seed=2).features)
+    assert not np.array_equal(before, _data(seed=2).features)
+    seen.clear()
+    naive_write(path, _data(seed=3))
+    assert seen == [None]  # the in-place writer exposes a partial file: the check can fail
+
+
+def test_concurrent_identical_writers_keep_one_file_and_true_checksums(tmp_path: Path) -> None:
+    path = tmp_path / "s.h5"
+    planned = time.time() - 1
+    first = shards.write_shard(path, _data(), not_before=planned)
+    second = shards.write_shard(path, _data(), not_before=planned)  # a concurrent identical job
+    assert second.adopted and second.sha256 == first.sha256 == files.sha256_of(path)
+    # a file older than the plan (judged untrusted at planning) is replaced, not adopted
+    old = time.time() - 3600
+    os.utime(path, (old, old))
+    third = shards.write_shard(path, _data(), not_before=planned)
+    assert not third.adopted and third.sha256 == files.sha256_of(path)
 
 
 def test_store_path_under_a_file_is_a_clear_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(StoreError, match=r"cannot create store folder.*fix:"):
-        store.write_shard(blocker / "s.h5", _data())
+        shards.write_shard(blocker / "s.h5", _data())
 
 
-def test_load_split_concatenates_in_order(tmp_path: Path) -> None:
-    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
-    store.write_shard(a, _data(4))
-    store.write_shard(b, _data(6))
-    x, y, skipped = store.load_split([str(a), str(b)])
-    assert x.shape == (10, 8) and x.dtype == np.float32
-    np.testing.assert_array_equal(y, np.concatenate([np.arange(4) % 3, np.arange(6) % 3]))
-    assert len(skipped) == 2
-
-
-def test_reader_streams_in_bounded_chunks(tmp_path: Path) -> None:
+def test_reader_selects_rows_by_sample_id_in_bounded_chunks(tmp_path: Path) -> None:
     paths = []
     for i, n in enumerate((5, 7)):
         p = tmp_path / f"{i}.h5"
-        store.write_shard(p, _data(n))
+        data = _data(n, seed=i)
+        data.indices = np.arange(10 * i, 10 * i + n)
+        shards.write_shard(p, data)
         paths.append(str(p))
-    reader = store.ShardReader(paths)
+    reader = shards.ShardReader(paths)
     assert reader.rows == 12 and reader.dim == 8
     chunks = list(reader.chunks(max_rows=3))
     assert [len(c[1]) for c in chunks] == [3, 2, 3, 3, 1]
-    x, y, idx = reader.read_all()
+    x, y, idx = reader.read()
     np.testing.assert_array_equal(x, np.concatenate([c[0] for c in chunks]))
     assert x.dtype == np.float32 and len(y) == len(idx) == 12
+    wanted = shards.ShardReader(paths, np.array([14, 2, 11, 99]))
+    xw, _yw, iw = wanted.read()
+    assert iw.tolist() == [2, 11, 14] and wanted.rows == 3
+    np.testing.assert_array_equal(xw, x[np.isin(idx, [2, 11, 14])])
+    assert wanted.sample_ids() == ["s2", "s1", "s4"]
+
+
+def test_manifest_records_only_what_writers_reported(tmp_path: Path) -> None:
+    path = tmp_path / shards.shard_name(0, 11)
+    written = shards.write_shard(path, _data())
+    manifest.record(tmp_path, {path.name: {"sha256": written.sha256, "rows": 10,
+                                           "skipped": 1}}, {"key": "k1"})
+    known = manifest.read_manifest(tmp_path)
+    assert manifest.trusted(path, "k1", 11, known)
+    with h5py.File(path, "r+") as f:  # damaged after it was written: no longer trusted
+        f["features"][0, 0] = 99
+    assert not manifest.trusted(path, "k1", 11, manifest.read_manifest(tmp_path))
+    assert manifest.read_manifest(tmp_path)["shards"][path.name]["sha256"] == written.sha256

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import submit, watchdog
-from pipeline.state import JobStore, connect
+from pipeline import submit
+from pipeline.client import watchdog
+from pipeline.jobs.broker import connect
+from pipeline.jobs.records import JobStore
 from tests.conftest import small_spec
-from workers.runtime import start_redis, start_worker, wait_for_workers
+from workers.launcher import start_redis, start_worker, wait_for_workers
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -40,7 +42,7 @@ def test_lost_messages_are_redispatched_and_deadlines_enforced(
             p.stop(timeout=10)
         procs = []
         late = submit(small_spec(tmp_path / "late", limit=100), broker=redis.url)
-        monkeypatch.setattr(watchdog, "DEADLINE_S", 0.0)
+        monkeypatch.setenv("FEATUREFLEET_JOB_DEADLINE_S", "0.001")
         assert watchdog.check_job(jobs, late.id, redis.url).startswith("failed: deadline passed")
         st = late.status()
         assert st["status"] == "FAILED" and "deadline passed" in st["error"]

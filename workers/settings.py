@@ -1,32 +1,33 @@
 """Celery settings for featurefleet, each with the reason it is set.
 
 ``celery_config(url)`` gives the settings for a broker URL; the worker app loads this module
-lazily (``config_from_object``), reading the URL from $FEATUREFLEET_BROKER_URL then.
+lazily (``config_from_object``), reading the URL from $FEATUREFLEET_BROKER_URL then. Module
+attributes are Celery setting names, so nothing else here may be named like one.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-from pipeline import state
+from pipeline import settings as ff_settings
+from pipeline.jobs import broker
 
 EXTRACT_QUEUE = "ff.extract"  # GPU (or CPU) workers that run the frozen backbone
 TRAIN_QUEUE = "ff.train"  # CPU workers for classifier training and evaluation
-
-TASK_EVENTS = os.environ.get("FEATUREFLEET_TASK_EVENTS", "0") == "1"
-
-# The longest a single task may run. Shards are sized to take minutes, not hours.
-TASK_TIME_LIMIT_S = int(os.environ.get("FEATUREFLEET_TASK_TIME_LIMIT", 3600))
+QUEUES = (EXTRACT_QUEUE, TRAIN_QUEUE)
 
 
 def celery_config(url: str | None = None) -> dict[str, Any]:
     """Celery settings for the broker at ``url`` (also used as the result backend)."""
-    url = state.broker_url(url)
+    settings = ff_settings.get_settings()
+    url = broker.broker_url(url)
+    # The longest a single task may run: shards are sized to take minutes, not hours.
+    time_limit = settings.task_time_limit
     # A task still running when the visibility timeout expires is delivered again while it
-    # runs (celery#5935): keep the timeout at twice the hard time limit, equal everywhere.
-    visibility = 2 * TASK_TIME_LIMIT_S
+    # runs (celery#5935): by default twice the hard time limit, equal everywhere.
+    visibility = settings.visibility
     transport = {"visibility_timeout": visibility}
+    events = settings.task_events
     tls = _tls_options(url)
     return {
         # rediss:// URLs: TLS with certificate checking (ssl_cert_reqs, ssl_ca_certs,
@@ -48,8 +49,8 @@ def celery_config(url: str | None = None) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         # One message at a time per process: a long GPU shard must not hold others hostage.
         "worker_prefetch_multiplier": 1,
-        "task_time_limit": TASK_TIME_LIMIT_S,
-        "task_soft_time_limit": max(TASK_TIME_LIMIT_S - 60, int(TASK_TIME_LIMIT_S * 0.9)),
+        "task_time_limit": time_limit,
+        "task_soft_time_limit": max(time_limit - 60, int(time_limit * 0.9)),
         # Chord counters and results must outlive the longest job (default is one day).
         "result_expires": 7 * 24 * 3600,
         # Results hold the return value only, not the task's arguments (a plan per shard task):
@@ -69,14 +70,14 @@ def celery_config(url: str | None = None) -> dict[str, Any]:
         # the start, for monitors that do not ask. No STARTED state in the result backend:
         # nothing reads it (the job record tracks running shards; Flower has the task-started
         # event) and each stored state costs the task a read and a write to Redis.
-        "worker_send_task_events": TASK_EVENTS,
-        "task_send_sent_event": TASK_EVENTS,
+        "worker_send_task_events": events,
+        "task_send_sent_event": events,
         "task_track_started": False,
         "task_default_queue": TRAIN_QUEUE,
         "task_routes": {"featurefleet.extract_shard": {"queue": EXTRACT_QUEUE}},
         # SIGTERM (workers start with REMAP_SIGTERM=SIGQUIT): finish the running shard within
         # this time, else stop it and hand its message straight back to the queue.
-        "worker_soft_shutdown_timeout": float(os.environ.get("FEATUREFLEET_SOFT_SHUTDOWN_S", 60)),
+        "worker_soft_shutdown_timeout": settings.soft_shutdown_s,
         # Loading a backbone in the child may take longer than the default 4 s budget.
         "worker_proc_alive_timeout": 60,
         "worker_hijack_root_logger": False,

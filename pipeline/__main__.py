@@ -1,0 +1,7 @@
+"""``python -m pipeline``: the featurefleet command line."""
+
+import sys
+
+from pipeline.client.cli import main
+
+sys.exit(main())

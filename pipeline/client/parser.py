@@ -1,0 +1,129 @@
+"""The ``featurefleet`` command line's arguments: one sub-command per verb."""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.settings import BROKER_ENV
+
+
+def _add_broker(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", default=None,
+                   help=f"Redis URL (default ${BROKER_ENV} or redis://127.0.0.1:6379/0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="featurefleet",
+        description="Distributed transfer learning: pretrained features, probes, evaluation.")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = sub.add_parser("demo", help="run a whole job on this machine (private Redis + workers)")
+    p.add_argument("--output", default="featurefleet-demo", help="folder for outputs and store")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="input size (default: the weights' own, 224 for efficientnet_lite0)")
+    p.add_argument("--shard-size", type=int, default=300, help="images per extraction task")
+    p.add_argument("--limit", type=int, default=None, help="use only N digits (smoke test)")
+    p.add_argument("--extract-workers", type=int, default=1, help="extraction worker processes")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the job")
+
+    p = sub.add_parser("worker", help="start Celery worker processes against a broker")
+    _add_broker(p)
+    p.add_argument("--queues", default="ff.extract,ff.train",
+                   help="comma-separated queues (ff.extract: backbone, ff.train: training)")
+    p.add_argument("--concurrency", type=int, default=1, help="pool processes (prefork)")
+    p.add_argument("--name", default=None, help="node name (default worker-<pid>@<host>)")
+    p.add_argument("--gpus", default=None,
+                   help="'all' or '0,1,...': one extraction worker process per GPU (pinned with "
+                        "CUDA_VISIBLE_DEVICES) plus --cpu-workers training workers; on a machine "
+                        "without GPUs, --extract-workers CPU extraction workers instead")
+    p.add_argument("--cpu-workers", type=int, default=1,
+                   help="with --gpus: training/evaluation worker processes")
+    p.add_argument("--extract-workers", type=int, default=1,
+                   help="with --gpus on a machine without GPUs: CPU extraction workers")
+    p.add_argument("--loglevel", default="INFO")
+
+    p = sub.add_parser("submit", help="enqueue a job from a YAML/JSON spec; print its id")
+    _add_broker(p)
+    p.add_argument("spec", help="job spec file (.yaml/.yml/.json)")
+    p.add_argument("--wait", action="store_true", help="wait for the job and print its metrics")
+    p.add_argument("--timeout", type=float, default=None, help="seconds to wait with --wait")
+
+    for verb, text in (("cancel", "cancel a job (queued shards revoked, running ones stopped)"),
+                       ("retry", "run a failed job again (cached shards are reused)"),
+                       ("status", "show a job's state and progress"),
+                       ("watch", "follow a job's progress until it ends"),
+                       ("report", "show a finished job's metrics and report path")):
+        p = sub.add_parser(verb, help=text)
+        _add_broker(p)
+        p.add_argument("job_id")
+        if verb == "retry":
+            p.add_argument("--job-dir", default=None,
+                           help="the job's folder: recover a job whose record was lost from "
+                                "Redis (restarted without its data) from its plan")
+        if verb in ("status", "report"):
+            p.add_argument("--json", action="store_true", help="print JSON")
+        if verb == "report":
+            p.add_argument("--open", action="store_true", help="open report.html in a browser")
+
+    sub.add_parser("bench", help="benchmark: pipeline vs bare forward vs a plain loop "
+                                 "(featurefleet bench --help)")
+
+    p = sub.add_parser("compare", help="several backbones (and strategies) on one data set: "
+                       "a leaderboard (HTML + JSON)")
+    _add_broker(p)
+    p.add_argument("spec", help="job spec file; its backbone and strategy are replaced")
+    p.add_argument("--backbones", required=True,
+                   help="comma-separated name[:weights], e.g. efficientnet_lite0,resnet18:random")
+    p.add_argument("--strategies", default="probe", help="comma-separated: probe,finetune,auto")
+    p.add_argument("--wait", action="store_true", help="wait and print the leaderboard")
+    p.add_argument("--timeout", type=float, default=None, help="seconds to wait with --wait")
+    p.add_argument("--local", action="store_true",
+                   help="run on this machine: private Redis + workers (implies --wait)")
+    p.add_argument("--extract-workers", type=int, default=2,
+                   help="with --local: extraction worker processes")
+
+    p = sub.add_parser("predict", help="classify images with a trained head")
+    p.add_argument("model", help="a job folder (<output>/jobs/<id>) or a head .pt file")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--top", type=int, default=3, help="show the top k classes")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("cache", help="inspect, verify and clean the feature store")
+    p.add_argument("action", choices=["ls", "verify", "rm"])
+    p.add_argument("selector", nargs="?", default=None,
+                   help="with rm: a shard set (backbone/key) or a prefix of one")
+    p.add_argument("--store", default="featurefleet-out/store", help="feature store folder")
+    p.add_argument("--fix", action="store_true", help="with verify: delete bad files")
+    p.add_argument("--all", action="store_true", help="with rm: remove every shard set")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("dashboard", help="start Flower (authentication required)")
+    _add_broker(p)
+    p.add_argument("--address", default="127.0.0.1", help="bind address (default loopback)")
+    p.add_argument("--port", type=int, default=5555)
+    p.add_argument("--auth", default=None,
+                   help="user:password for basic auth (default $FEATUREFLEET_FLOWER_AUTH)")
+    p.add_argument("--no-auth-on-loopback", action="store_true",
+                   help="allow no authentication, only on a loopback address")
+    p.add_argument("--read-only", action="store_true", help="disable Flower's control actions")
+
+    p = sub.add_parser("exporter", help="Prometheus metrics of the fleet on /metrics")
+    _add_broker(p)
+    p.add_argument("--address", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9808)
+
+    p = sub.add_parser("watchdog", help="fail jobs past their deadline, re-dispatch stalled ones")
+    _add_broker(p)
+    p.add_argument("--every", type=float, default=30.0, help="seconds between checks")
+    p.add_argument("--stall", type=float, default=120.0,
+                   help="seconds without progress (and no task queued) before re-dispatching")
+    p.add_argument("--once", action="store_true", help="check once and exit")
+    p.add_argument("--recover", action="append", default=[], metavar="DIR",
+                   help="also recover lost jobs (plan on disk, no record in Redis) under "
+                        "DIR (<output>/jobs); repeatable")
+
+    p = sub.add_parser("jobs", help="list recent jobs")
+    _add_broker(p)
+    p.add_argument("-n", type=int, default=20, help="how many")
+    return parser

@@ -1,0 +1,92 @@
+"""HTML pages from Jinja2 templates (``pipeline/reports/templates``, autoescaped): the job
+report and the comparison leaderboard. Self-contained: inline CSS and SVG, no scripts."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pipeline.fsio import atomic_write_text
+from pipeline.reports.plots import confusion_svg, f1_svg, sweep_svg
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+
+@functools.lru_cache(maxsize=1)
+def environment() -> Any:
+    from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+
+    return Environment(loader=FileSystemLoader(str(TEMPLATES)), undefined=StrictUndefined,
+                       autoescape=select_autoescape(["html", "j2"]), trim_blocks=True,
+                       lstrip_blocks=True)
+
+
+def render(template: str, **context: Any) -> str:
+    css = (TEMPLATES / "base.css").read_text()
+    return str(environment().get_template(template).render(css=css, **context))
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+# Renderers of optional report sections (quality, pretraining...), each rep -> HTML or "".
+SECTIONS: list[Callable[[dict[str, Any]], str]] = []
+
+
+def render_report(rep: dict[str, Any]) -> str:
+    m = rep["metrics"]
+    t = rep["timings"]
+    names = rep["data"]["class_names"]
+    summary = [["test top-1", _fmt(m["top1"])], ["test top-5", _fmt(m["top5"])],
+               ["balanced accuracy", _fmt(m["balanced_accuracy"])],
+               ["macro F1", _fmt(m["macro_f1"])], ["log loss", _fmt(m["log_loss"])],
+               ["expected calibration error", _fmt(m["ece"])],
+               ["test samples", m["samples"]]]
+    heads = [[n, _fmt(h["metrics"]["top1"]), _fmt(h["metrics"]["top5"]),
+              _fmt(h["metrics"]["balanced_accuracy"]), _fmt(h["metrics"]["log_loss"]),
+              _fmt(h["metrics"]["ece"]),
+              ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in h.items() if k in ("l2", "k", "best_epoch"))]
+             for n, h in rep.get("heads", {}).items()]
+    ft = rep.get("train", {}).get("finetune")
+    epochs = [[h["epoch"], h["loss"], _fmt(h["val_top1"]), h["images_per_s"],
+               "best" if h["epoch"] == ft["best_epoch"] else ""]
+              for h in ft["history"]] if ft else []
+    resumes = [[r["reason"], r["epoch"] + 1, r["step"], r["attempt"]]
+               for r in ft["resumes"]] if ft else []
+    data = rep["data"]
+    used = data.get("split_used", {})
+    skipped_by = data.get("split_skipped", {})
+    split_rows = [[k, v, used.get(k, ""), skipped_by.get(k, "")]
+                  for k, v in data["split_sizes"].items()]
+    split_text = ", ".join(f"{k} {used.get(k, v)}" for k, v in data["split_sizes"].items())
+    shards = [[s["id"], s["rows"], "yes" if s["cached"] else "no", s["worker"] or "",
+               (s["sha256"] or "")[:12]] for s in rep["shards"]]
+    return render(
+        "report.html.j2", rep=rep, bb=rep["backbone"], summary=summary, heads=heads, ft=ft,
+        epochs=epochs, resumes=resumes, split_rows=split_rows, split_text=split_text,
+        times=[[k, v] for k, v in t.items()], shards=shards,
+        skipped=data.get("skipped", []), excluded=data.get("excluded", []),
+        finished=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rep["finished"])),
+        sweep_svg=sweep_svg(rep.get("sweep")),
+        confusion_svg=confusion_svg(m["confusion_matrix"], names),
+        f1_svg=f1_svg(m["per_class"]), sections=[s(rep) for s in SECTIONS])
+
+
+def write_report_html(rep: dict[str, Any], path: Path) -> Path:
+    return atomic_write_text(path, render_report(rep), fsync=False)
+
+
+def render_leaderboard(board: dict[str, Any], columns: list[tuple[str, str]]) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4f}" if v <= 1 else f"{v:.1f}"
+        if isinstance(v, int) and v > 100_000:
+            return f"{v / 1e6:.2f} M"
+        return "" if v is None else str(v)
+
+    return render("leaderboard.html.j2", board=board, columns=columns, cell=cell)

@@ -1,0 +1,129 @@
+"""The job report: ``report.json`` (schema in ``docs/report.md``), ``report.html`` beside it,
+and ``predictions.csv`` (one row per evaluated test sample)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.fsio import atomic_write_text
+from pipeline.plan import Plan
+from pipeline.reports.html import write_report_html
+
+REPORT_SCHEMA = 2
+
+
+def shard_rows(plan: Plan, results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per planned shard: this job's task result, else what the cache recorded."""
+    rows = []
+    for s in plan.shards:
+        r = results.get(s.id) or {}
+        rows.append({"id": s.id, "path": s.path, "rows": r.get("rows"),
+                     "sha256": r.get("sha256"), "worker": r.get("worker"),
+                     "cached": bool(s.cached or r.get("cached")), "seconds": r.get("seconds"),
+                     "images_per_s": r.get("images_per_s"), "device": r.get("device"),
+                     "threads": r.get("threads"), "model_seconds": r.get("model_seconds"),
+                     "started_at": r.get("started_at"),
+                     "finished_at": r.get("finished_at"), "skipped": r.get("skipped", [])})
+    return rows
+
+
+def data_section(plan: Plan, skipped: list[dict[str, str]],
+                 used: dict[str, int] | None = None) -> dict[str, Any]:
+    """What the report says about the data: sizes planned and used, what was left out."""
+    sizes = plan.splits.sizes()
+    used = used or {}
+    return {"source": plan.spec.data.source, "class_names": plan.class_names,
+            "samples": plan.n_samples, "split_sizes": sizes,
+            "split_used": used or sizes,
+            "split_skipped": {k: v - used.get(k, v) for k, v in sizes.items()},
+            "fingerprint": plan.fingerprint, "skipped": skipped,
+            "excluded": [e.model_dump() for e in plan.excluded]}
+
+
+def timings(record: dict[str, Any], shards: list[dict[str, Any]],
+            trained: dict[str, Any], eval_seconds: float, now: float) -> dict[str, Any]:
+    created = float(record.get("created", now))
+    started = float(record.get("started", created))
+    extract_done = float(record.get("extract_finished", now))
+    extracted = [s for s in shards if not s["cached"] and s.get("seconds") is not None]
+    images = sum(s.get("rows") or 0 for s in extracted)
+    shard_s = sum(s.get("seconds") or 0.0 for s in extracted)
+    return {
+        "queued_s": round(started - created, 3),
+        "extract_s": round(extract_done - started, 3),
+        "extract_task_s": round(shard_s, 3),
+        "extract_model_s": round(sum(s.get("model_seconds") or 0.0 for s in extracted), 3),
+        "extract_images": images,
+        "extract_images_per_s": round(images / shard_s, 2) if shard_s else None,
+        "train_s": trained.get("seconds"),
+        "evaluate_s": round(eval_seconds, 3),
+        "total_s": round(now - created, 3),
+    }
+
+
+def build_report(plan: Plan, record: dict[str, Any], shards: list[dict[str, Any]],
+                 trained: dict[str, Any], by_head: dict[str, dict[str, Any]],
+                 eval_seconds: float, used: dict[str, int] | None = None,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The report as a dict (see ``docs/report.md``)."""
+    now = time.time()
+    skipped = [sk for s in shards for sk in s["skipped"]] + list(
+        (extra or {}).pop("skipped", []))
+    primary = trained["primary"]
+    rep: dict[str, Any] = {
+        "schema": REPORT_SCHEMA,
+        "status": "SUCCESS",
+        "job_id": plan.job_id,
+        "name": plan.spec.name,
+        "strategy": plan.strategy,
+        "strategy_reason": plan.strategy_reason,
+        "metrics": by_head[primary],
+        "primary_head": primary,
+        "heads": {name: {**trained["heads"][name], "metrics": m} for name, m in by_head.items()},
+        "sweep": trained.get("sweep"),
+        "train": {k: v for k, v in trained.items() if k not in ("heads", "sweep")},
+        "data": data_section(plan, skipped, used),
+        "backbone": {"name": plan.backbone.name, "weights_id": plan.backbone.weights_id,
+                     "weights_sha256": plan.backbone.weights_sha256,
+                     "preprocessing": plan.backbone.preprocessing,
+                     "feature_dim": trained.get("feature_dim"),
+                     "parameters": trained.get("parameters")},
+        "feature_store": {"key": plan.key, "dir": plan.shard_dir},
+        "shards": shards,
+        "timings": timings(record, shards, trained, eval_seconds, now),
+        "spec": plan.spec.to_dict(),
+        "created": float(record.get("created", now)),
+        "finished": now,
+        **(extra or {}),
+    }
+    return rep
+
+
+def write_report(rep: dict[str, Any], job_dir: Path) -> Path:
+    """Write ``report.json`` and ``report.html`` atomically; return the JSON's path."""
+    path = job_dir / "report.json"
+    atomic_write_text(path, json.dumps(rep, indent=2))
+    write_report_html(rep, path.with_suffix(".html"))
+    return path
+
+
+def write_predictions(job_dir: Path, sample_ids: Sequence[str], indices: np.ndarray,
+                      labels: np.ndarray, proba: np.ndarray, class_names: list[str],
+                      name: str = "predictions.csv") -> Path:
+    """One row per evaluated test sample: id, index, true label, predicted label, probability."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["sample_id", "index", "label", "predicted", "probability"])
+    pred = proba.argmax(axis=1) if len(proba) else np.zeros(0, np.int64)
+    for sid, i, y, p, row in zip(sample_ids, indices, labels, pred, proba, strict=True):
+        w.writerow([sid, int(i), class_names[int(y)], class_names[int(p)],
+                    f"{float(row[int(p)]):.6f}"])
+    return atomic_write_text(job_dir / name, buf.getvalue(), fsync=False)

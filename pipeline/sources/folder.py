@@ -1,0 +1,107 @@
+"""ImageFolder: ``root/<class>/<image>``, or ``root/{train,val,test}/<class>/<image>``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import DataError
+from pipeline.sources import SPLIT_NAMES, Loaded, Source, failure, register
+from pipeline.sources.decode import IMAGE_EXTENSIONS, decode_image
+from pipeline.spec import DataSpec
+
+
+def decode_files(paths: Sequence[Path], indices: Sequence[int],
+                 min_size: int | None = None) -> Loaded:
+    """Decode image files; an unreadable one becomes a recorded failure, not an exception."""
+    out = Loaded()
+    for path, i in zip(paths, indices, strict=True):
+        try:
+            out.images.append(decode_image(path, min_size))
+            out.indices.append(int(i))
+        except Exception as exc:  # a bad file is data, not a crash
+            out.failures.append(failure(i, exc))
+    return out
+
+
+def file_stamp(paths: Sequence[Path]) -> str:
+    """Size and modification time of each file, in order (``missing`` for a vanished one)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for p in paths:
+        try:
+            st = os.stat(p)
+            digest.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{p}\0missing\n".encode())
+    return digest.hexdigest()
+
+
+class FolderSource(Source):
+    """One subfolder per class, optionally inside train/ val/ test/ folders."""
+
+    def __init__(self, root: Path) -> None:
+        if not root.is_dir():
+            raise DataError(f"image folder {str(root)!r} does not exist; fix: set data.path to a "
+                            "folder with one subfolder per class")
+        split_dirs = [d for d in SPLIT_NAMES if (root / d).is_dir()]
+        self.root = root
+        groups = split_dirs or [""]
+        classes = sorted({c.name for g in groups for c in (root / g).iterdir() if c.is_dir()
+                          and not c.name.startswith(".")})
+        if not classes:
+            raise DataError(f"image folder {str(root)!r} has no class subfolders; fix: put the "
+                            "images in one subfolder per class (root/cat/1.jpg, root/dog/2.jpg)")
+        self.class_names = classes
+        files: list[str] = []
+        labels: list[int] = []
+        split_of: list[str] = []
+        for g in groups:
+            for ci, cname in enumerate(classes):
+                cdir = root / g / cname
+                if not cdir.is_dir():
+                    continue
+                for dirpath, _dirs, names in sorted(os.walk(cdir)):
+                    rel_dir = os.path.relpath(dirpath, root)
+                    for fname in sorted(names):
+                        if fname.lower().endswith(IMAGE_EXTENSIONS):
+                            files.append(os.path.join(rel_dir, fname))
+                            labels.append(ci)
+                            split_of.append(g)
+        if not files:
+            raise DataError(f"image folder {str(root)!r} holds no images ({', '.join(classes)}"
+                            f" are empty); fix: add {'/'.join(IMAGE_EXTENSIONS[:4])} files")
+        self.files = files
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self._split_of = np.asarray(split_of)
+        self._split_dirs = split_dirs
+
+    def paths(self) -> list[Path]:
+        return [self.root / f for f in self.files]
+
+    def fingerprint(self) -> str:
+        return "folder:" + file_stamp(self.paths())
+
+    def predefined_splits(self) -> dict[str, np.ndarray] | None:
+        if not self._split_dirs:
+            return None
+        splits = {d: np.flatnonzero(self._split_of == d) for d in self._split_dirs}
+        if "train" not in splits:
+            raise DataError(f"image folder {str(self.root)!r} has {'/'.join(self._split_dirs)} "
+                            "but no train/ folder; fix: add root/train/<class>/...")
+        return splits
+
+    def sample_id(self, index: int) -> str:
+        return self.files[index]
+
+    def load(self, indices: Sequence[int], min_size: int | None = None) -> Loaded:
+        return decode_files([self.root / self.files[i] for i in indices], indices, min_size)
+
+
+@register("imagefolder")
+def _imagefolder(spec: DataSpec) -> Source:
+    return FolderSource(Path(str(spec.path)))

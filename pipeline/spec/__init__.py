@@ -1,0 +1,18 @@
+"""The job spec: one typed, frozen description of a job (``model``), validated once at the
+boundary with one-line errors (``validation``)."""
+
+from pipeline.spec.model import (
+    AUTO_BATCH,
+    DATA_SOURCES,
+    HEADS,
+    MAX_SPEC_BYTES,
+    STRATEGIES,
+    BackboneSpec,
+    DataSpec,
+    FinetuneSpec,
+    JobSpec,
+    ProbeSpec,
+)
+
+__all__ = ["AUTO_BATCH", "DATA_SOURCES", "HEADS", "MAX_SPEC_BYTES", "STRATEGIES",
+           "BackboneSpec", "DataSpec", "FinetuneSpec", "JobSpec", "ProbeSpec"]

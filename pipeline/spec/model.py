@@ -1,0 +1,339 @@
+"""The job spec: one typed, frozen description of a job, validated once at the boundary.
+
+The Python API, the CLI and YAML/JSON files all map onto :class:`JobSpec` (pydantic models).
+A spec that validates here is never rejected later for a field's shape; one that does not
+raises :class:`~pipeline.errors.SpecError` naming the field, the value and the fix, before
+anything is enqueued. Every number has bounds.
+
+Example YAML::
+
+    name: digits-lite0
+    data: {source: digits, test_fraction: 0.3, seed: 0, shard_size: 512}
+    backbone: {name: efficientnet_lite0, batch_size: 32}
+    probe: {l2: 0.001}
+    output: ./featurefleet-out
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from pipeline.errors import SpecError, short
+from pipeline.spec.validation import custom, parse_document, spec_error
+
+DATA_SOURCES = ("digits", "imagefolder", "manifest", "npz", "hdf5", "torchvision", "webdataset")
+STRATEGIES = ("probe", "finetune", "auto")
+HEADS = ("linear", "mlp", "knn")
+AUTO_BATCH = {"cuda": 512, "cpu": 32}  # batch_size: auto starts here (halved on out-of-memory)
+MAX_SPEC_BYTES = 1 << 20  # a job file larger than this is not a job file
+
+
+def _no_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise PydanticCustomError("ff", "{value} is not a number", {"value": short(value)})
+    return value
+
+
+def _fix(text: str) -> Any:
+    return {"fix": text}
+
+
+Int = Annotated[int, Strict()]
+Float = Annotated[float, BeforeValidator(_no_bool), Field(allow_inf_nan=False)]
+Fraction01 = Annotated[Float, Field(gt=0, lt=1)]
+
+
+class _Section(BaseModel):
+    """A spec section: frozen, unknown keys refused, errors mapped to :class:`SpecError`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=False)
+    section: ClassVar[str] = ""
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise spec_error(exc, type(self), self.section) from None
+
+    def replace(self, **changes: Any) -> Any:
+        """A copy with ``changes`` applied (nested sections merge dicts), validated again."""
+        return type(self)(**_merge(self.model_dump(), changes))
+
+
+def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, BaseModel):
+            value = value.model_dump()
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+class DataSpec(_Section):
+    """Where the samples come from and how they are split and sharded."""
+
+    section: ClassVar[str] = "data"
+    source: Literal["digits", "imagefolder", "manifest", "npz", "hdf5", "torchvision",
+                    "webdataset"] = "digits"
+    path: str | None = None  # folder, manifest (.csv/.jsonl), array file, or torchvision root
+    name: str | None = None  # torchvision dataset class, e.g. CIFAR10 (source: torchvision)
+    download: bool = False  # let torchvision download the dataset into path (needs internet)
+    test_fraction: Fraction01 = Field(0.3, json_schema_extra=_fix("use a fraction such as 0.3"))
+    seed: Int = Field(0, ge=0, lt=2**32, json_schema_extra=_fix("use a whole number 0..2**32-1"))
+    shard_size: Int = Field(512, gt=0, le=100_000,
+                            json_schema_extra=_fix("use e.g. 512 images per shard"))
+    limit: Int | None = Field(None, gt=0, le=10**9,
+                              json_schema_extra=_fix("omit it to use all samples"))
+    max_skipped_fraction: Float = Field(0.05, ge=0, le=1, json_schema_extra=_fix("use e.g. 0.05"))
+
+    @model_validator(mode="after")
+    def _paths(self) -> DataSpec:
+        if self.source != "digits" and not self.path:
+            raise custom("path", f"source {self.source!r} needs a path",
+                          "set data.path to the folder or file holding the samples")
+        if self.source == "torchvision" and not self.name:
+            raise custom("name", "source 'torchvision' needs a dataset name",
+                          "set data.name, e.g. CIFAR10, STL10, Flowers102")
+        return self
+
+
+def _device(value: Any) -> Any:
+    if not (value in ("auto", "cpu", "cuda") or (isinstance(value, str) and value[5:].isdigit()
+                                                  and value.startswith("cuda:"))):
+        raise PydanticCustomError("ff", "unknown device {value}", {"value": short(value)})
+    return value
+
+
+Device = Annotated[str, BeforeValidator(_device),
+                   Field(json_schema_extra=_fix("use auto, cpu, cuda or cuda:N"))]
+
+
+class BackboneSpec(_Section):
+    """The frozen pretrained network that turns samples into features."""
+
+    section: ClassVar[str] = "backbone"
+    name: str = Field("efficientnet_lite0", min_length=1, max_length=200,
+                      json_schema_extra=_fix("use e.g. efficientnet_lite0 or resnet50"))
+    weights: str | None = "DEFAULT"  # weights enum name (IMAGENET1K_V2), a local file, or random
+    image_size: Int | None = Field(None, json_schema_extra=_fix(
+        "use 16..2048, e.g. 224, or omit it (small images are upsampled)"))
+    batch_size: Int | Literal["auto"] = Field(32, json_schema_extra=_fix(
+        "use a whole number such as 32 (at most 8192), or auto"))
+    feature_dtype: Literal["float16", "float32"] = "float16"
+    device: Device = "auto"
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # CUDA autocast (CPU runs fp32)
+    compile: bool = False  # torch.compile the backbone (once per worker process)
+
+    @field_validator("image_size")
+    @classmethod
+    def _size(cls, value: int | None) -> int | None:
+        if value is not None and not 16 <= value <= 2048:
+            raise PydanticCustomError("ff", "{value} is too {how}", {
+                "value": short(value), "how": "small" if value < 16 else "large"})
+        return value
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 0 < value <= 8192:
+            raise PydanticCustomError("ff", "{value} must be > 0 and <= 8192",
+                                      {"value": short(value)})
+        return value
+
+    def batch_for(self, device: str) -> int:
+        """The batch size to decode and run on ``device`` (``auto`` -> :data:`AUTO_BATCH`)."""
+        if self.batch_size == "auto":
+            return AUTO_BATCH["cuda" if device.startswith("cuda") else "cpu"]
+        return int(self.batch_size)
+
+
+class ProbeSpec(_Section):
+    """Classifiers on the cached features.
+
+    The linear probe follows Kornblith et al. 2019: L2-regularised multinomial logistic
+    regression (L-BFGS) on standardized features, the penalty chosen on a validation split over
+    a log grid, then refitted on train+val and evaluated once on test.
+    """
+
+    section: ClassVar[str] = "probe"
+    l2: Float | None = Field(None, ge=0, le=1e12, json_schema_extra=_fix(
+        "use e.g. 0.001, or leave it out to sweep the grid"))
+    grid_points: Int = Field(45, gt=0, le=1000, json_schema_extra=_fix("use e.g. 45"))
+    grid_low: Float = Field(1e-6, gt=0, le=1e12, json_schema_extra=_fix("use e.g. 1e-6"))
+    grid_high: Float = Field(1e5, gt=0, le=1e12, json_schema_extra=_fix("use e.g. 1e5"))
+    val_fraction: Fraction01 = Field(0.2, json_schema_extra=_fix("use e.g. 0.2"))
+    sweep_tasks: Int = Field(3, gt=0, le=64, json_schema_extra=_fix("use e.g. 3 (at most 64)"))
+    max_iter: Int = Field(200, gt=0, le=100_000, json_schema_extra=_fix("use e.g. 200"))
+    heads: tuple[Literal["linear", "mlp", "knn"], ...] = Field(
+        ("linear",), min_length=1, max_length=3,
+        json_schema_extra=_fix(f"use some of {', '.join(HEADS)}"))
+    mlp_hidden: Int = Field(512, gt=0, le=65536, json_schema_extra=_fix("use e.g. 512"))
+    mlp_dropout: Float = Field(0.5, ge=0, lt=1, json_schema_extra=_fix("use e.g. 0.5"))
+    mlp_epochs: Int = Field(100, gt=0, le=10_000, json_schema_extra=_fix("use e.g. 100"))
+    mlp_patience: Int = Field(10, gt=0, le=10_000, json_schema_extra=_fix("use e.g. 10"))
+    mlp_lr: Float = Field(1e-3, gt=0, le=10, json_schema_extra=_fix("use e.g. 1e-3"))
+    mlp_weight_decay: Float = Field(1e-4, ge=0, le=10, json_schema_extra=_fix("use e.g. 1e-4"))
+
+    @field_validator("heads", mode="before")
+    @classmethod
+    def _one_head(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _grid(self) -> ProbeSpec:
+        if not self.grid_low < self.grid_high:
+            raise custom("grid_low", f"grid {self.grid_low!r}..{self.grid_high!r} is not "
+                          "increasing", "use e.g. 1e-6 .. 1e5")
+        return self
+
+
+class FinetuneSpec(_Section):
+    """End-to-end fine-tuning of backbone + a new linear head (``strategy: finetune``).
+
+    The splits are the plan's (the probe's validation ids), so both strategies are selected
+    and compared on the same samples; test is evaluated once, on the best epoch.
+    """
+
+    section: ClassVar[str] = "finetune"
+    epochs: Int = Field(10, gt=0, le=10_000, json_schema_extra=_fix("use e.g. 10"))
+    batch_size: Int = Field(32, ge=2, le=8192, json_schema_extra=_fix(
+        "use at least 2 (batch norm needs two samples), e.g. 32"))
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: Float = Field(1e-3, gt=0, le=10, json_schema_extra=_fix("use e.g. 1e-3"))
+    backbone_lr_mult: Float = Field(1.0, ge=0, le=100, json_schema_extra=_fix(
+        "use e.g. 0.1 (< 1: the pretrained layers move less than the head)"))
+    weight_decay: Float = Field(0.05, ge=0, le=10, json_schema_extra=_fix("use e.g. 0.05"))
+    warmup_fraction: Float = Field(0.1, ge=0, lt=1, json_schema_extra=_fix("use e.g. 0.1"))
+    label_smoothing: Float = Field(0.1, ge=0, lt=1, json_schema_extra=_fix("use e.g. 0.1"))
+    augment: bool = True  # random resized crop (+ flip) on training images
+    crop_scale_min: Float = Field(0.35, gt=0, le=1, json_schema_extra=_fix(
+        "use e.g. 0.08 (ImageNet style) to 0.5 (small objects)"))
+    hflip: bool = True  # random horizontal flip (turn off for digits/text)
+    checkpoint_every_steps: Int = Field(0, ge=0, le=10**9, json_schema_extra=_fix(
+        "use 0 (every epoch) or e.g. 100"))
+    device: Device = "auto"  # auto | cpu | cuda | cuda:N (bf16 autocast + channels_last on CUDA)
+
+
+class JobSpec(_Section):
+    """A whole job: data, backbone, strategy and where the outputs go.
+
+    Args:
+        name: a label for humans; shows in reports and listings.
+        data: the data source, split and shard size.
+        backbone: the pretrained network and its preprocessing.
+        strategy: ``probe`` (features + classifier heads), ``finetune`` (the whole network
+            trained end to end) or ``auto`` (chosen from data size, classes, compute, budget).
+        probe: linear-probe settings.
+        finetune: fine-tuning settings.
+        time_budget_s: optional compute budget in seconds; ``auto`` fine-tunes only if the
+            estimate fits in it.
+        output: root folder for job outputs (``<output>/jobs/<job id>/``).
+        store: root of the HDF5 feature store (default ``<output>/store``): a folder or an
+            fsspec URL such as ``s3://bucket/prefix``.
+
+    Raises:
+        SpecError: for any invalid field, when the spec is made.
+
+    Example:
+        >>> spec = JobSpec(data=DataSpec(source="digits"), output="/tmp/ff")
+        >>> spec.replace(backbone={"image_size": 64}).backbone.image_size
+        64
+    """
+
+    name: str = Field("job", min_length=1, max_length=200,
+                      json_schema_extra=_fix("give the job a short name"))
+    data: DataSpec = Field(default_factory=DataSpec)
+    backbone: BackboneSpec = Field(default_factory=BackboneSpec)
+    strategy: Literal["probe", "finetune", "auto"] = "probe"
+    probe: ProbeSpec = Field(default_factory=ProbeSpec)
+    finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
+    time_budget_s: Float | None = Field(None, gt=0, le=1e9, json_schema_extra=_fix(
+        "use seconds, e.g. 3600, or leave it out"))
+    output: str = Field("featurefleet-out", min_length=1, json_schema_extra=_fix(
+        "set output to a folder, e.g. ./featurefleet-out"))
+    store: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not value.strip():
+            raise PydanticCustomError("ff", "{value} is empty", {"value": short(value)})
+        return value
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, value: str | None) -> str | None:
+        if value and value.startswith("file://"):  # a local path, written as a URL
+            return value[len("file://"):] or "/"
+        return value
+
+    @property
+    def store_dir(self) -> str:
+        """The feature store root: a folder, or an fsspec URL such as ``s3://bucket/prefix``."""
+        return self.store if self.store else str(Path(self.output) / "store")
+
+    def resolved(self) -> JobSpec:
+        """The same spec with every local path made absolute (workers may run elsewhere)."""
+        changes: dict[str, Any] = {"output": _absolute(self.output),
+                                   "store": self.store_dir if "://" in self.store_dir
+                                   else _absolute(self.store_dir)}
+        if self.data.path and "://" not in self.data.path:
+            changes["data"] = {"path": _absolute(self.data.path)}
+        if self.backbone.weights and _looks_like_path(self.backbone.weights):
+            changes["backbone"] = {"weights": _absolute(self.backbone.weights)}
+        return self.replace(**changes)  # type: ignore[no-any-return]
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> JobSpec:
+        """Build and validate a spec from plain data (parsed YAML/JSON)."""
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise SpecError("<spec>", f"expected a mapping, got {type(raw).__name__} "
+                            f"{short(raw)}", "write it as key: value pairs")
+        return cls(**raw)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> JobSpec:
+        """Load a spec from a ``.yaml``/``.yml``/``.json`` file.
+
+        Raises:
+            SpecError: the file is missing, too large, not YAML/JSON, or a field is invalid.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise SpecError("<file>", f"spec file {str(path)!r} does not exist",
+                            "pass the path of a job YAML/JSON file")
+        size = path.stat().st_size
+        if size > MAX_SPEC_BYTES:
+            raise SpecError("<file>", f"{str(path)!r} is {size} bytes (a job file is at most "
+                            f"{MAX_SPEC_BYTES})", "pass a job spec, not a data file")
+        raw = parse_document(path.read_bytes(), str(path), json_only=path.suffix == ".json")
+        return cls.from_dict(raw)
+
+
+def _absolute(path: str) -> str:
+    return str(Path(path).expanduser().resolve())
+
+
+def _looks_like_path(weights: str) -> bool:
+    return "/" in weights or weights.endswith((".pth", ".pt", ".bin", ".safetensors"))

@@ -1,0 +1,78 @@
+"""Test-only worker plugin: injects faults into real worker processes. Production code has no
+fault switches; fault tests start workers with ``--include tests.chaos`` and these variables:
+
+* ``CHAOS_CRASH_SHARD=<start>-<end>``: the pool child that runs that extraction task kills
+  itself (SIGKILL) as soon as the task counted its start, as an out-of-memory kill would,
+  every time it is delivered (within the attempt limit: a start beyond it does no work).
+* ``CHAOS_CRASH_AFTER_CHECKPOINT=1``: the first fine-tuning task's pool child kills itself
+  right after its first checkpoint appears (as a preemption would); later deliveries run on.
+* ``CHAOS_SLOW_SHARD_S=<seconds>``: every extraction task sleeps this long first (keeps a task
+  running while the test does something to it).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from celery.signals import task_prerun
+
+from pipeline.plan import load_plan
+
+
+def _kill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@task_prerun.connect
+def _inject(sender: Any = None, task_id: str = "", args: Any = (), kwargs: Any = None,
+            **_: Any) -> None:
+    name = getattr(sender, "name", "")
+    if name == "featurefleet.extract_shard":
+        shard = args[1] if len(args) > 1 else (kwargs or {}).get("shard_id")
+        if os.environ.get("CHAOS_CRASH_SHARD") and shard == os.environ["CHAOS_CRASH_SHARD"]:
+            _kill_after_start_counted(str(args[0]["job_id"]), str(shard))
+        delay = float(os.environ.get("CHAOS_SLOW_SHARD_S", "0") or 0)
+        if delay:
+            time.sleep(delay)
+    elif name == "featurefleet.finetune" and os.environ.get("CHAOS_CRASH_AFTER_CHECKPOINT"):
+        plan = load_plan(args[0])
+        marker = plan.job_dir / ".chaos-crashed"
+        if marker.exists():
+            return
+        marker.touch()
+        _watch_then_kill(plan.job_dir / "finetune" / "last.pt")
+
+
+def _kill_after_start_counted(job_id: str, shard: str) -> None:
+    """Kill this process once the task has counted its start (so the attempt cap can act)."""
+    from pipeline.jobs.broker import connect
+    from pipeline.settings import get_settings
+
+    r = connect(check=False)
+    key = f"ff:job:{job_id}:attempts"
+    before = int(r.hget(key, shard) or 0)
+    if before >= get_settings().max_attempts:
+        return  # this start is refused as a poison shard: it does no work to die in
+
+    def watch() -> None:
+        while int(r.hget(key, shard) or 0) <= before:
+            time.sleep(0.005)
+        _kill_self()
+
+    threading.Thread(target=watch, daemon=True, name="chaos").start()
+
+
+def _watch_then_kill(checkpoint: Path) -> None:
+    """Kill this process as soon as the checkpoint file exists (written atomically)."""
+
+    def watch() -> None:
+        while not checkpoint.exists():
+            time.sleep(0.005)
+        _kill_self()
+
+    threading.Thread(target=watch, daemon=True, name="chaos").start()
