@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint unit bench clean browser
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,15 +14,29 @@ $(BIN)/.installed: pyproject.toml
 demo: $(BIN)/.installed
 	$(BIN)/featurefleet demo --output featurefleet-demo
 
-test: $(BIN)/.installed
-	@# The report test looks at report.html in a real headless Chromium (Debian's package).
-	-@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 \
-		|| echo "note: chromium not installed; the browser test will be skipped"
+# The browser tests look at report.html and Flower in a real headless Chromium (Debian's
+# package): installed here with apt when missing, and said so.
+browser:
+	@command -v chromium >/dev/null || { \
+		echo "make test: installing Debian's chromium for the browser tests (apt-get)"; \
+		(apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 \
+		&& echo "make test: chromium installed" \
+		|| echo "make test: could not install chromium: the browser tests will fail"; }
+
+lint: $(BIN)/.installed
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy
+
+# The fast layer alone: no worker processes (about a minute).
+unit: $(BIN)/.installed
+	$(BIN)/python -m pytest -ra -m "not integration"
+
+test: $(BIN)/.installed browser lint
 	$(BIN)/python -m pytest -ra
 
 bench: $(BIN)/.installed
 	$(BIN)/featurefleet bench
 
 clean:
-	rm -rf featurefleet-demo test-artifacts .pytest_cache
+	rm -rf featurefleet-demo test-artifacts .pytest_cache .mypy_cache .import_linter_cache

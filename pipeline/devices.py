@@ -39,7 +39,7 @@ def cached_backbone(name: str, weights: str | None, device: str,
     bb = backbones.load_backbone(name, weights, device)
     bb.model = bb.model.to(memory_format=torch.channels_last)
     if use_compile:  # compiled lazily on the first batch, once per worker process
-        bb.model = torch.compile(bb.model, dynamic=True)
+        bb.model = torch.compile(bb.model, dynamic=True)  # type: ignore[assignment]
     return bb
 
 

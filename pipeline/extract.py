@@ -82,7 +82,9 @@ def extract_shard(source: Source, indices: Sequence[int], backbone: BackboneInfo
         with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
             return bb.model(x)
 
-    feats, kept, skipped = [], [], []
+    feats: list[np.ndarray] = []
+    kept: list[int] = []
+    skipped: list[tuple[str, str]] = []
     done, t_model, reported = 0, 0.0, 0.0
     buffer = None
     total = len(indices)

@@ -30,7 +30,7 @@ import numpy as np
 from pipeline import backbones, evaluate
 from pipeline.devices import decode_threads, decoded, pick_device
 from pipeline.errors import JobError
-from pipeline.fsio import atomic_path
+from pipeline.fsio import atomic_path, atomic_write_text
 from pipeline.plan import BackboneInfo, Splits
 from pipeline.preprocess import augment, preprocess
 from pipeline.sources import Source
@@ -53,7 +53,7 @@ def build_network(name: str, weights: str | None, n_classes: int, device: str) -
             self.backbone = bb.model
             self.head = torch.nn.Linear(bb.feature_dim, n_classes)
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def forward(self, x: torch.Tensor) -> Any:
             return self.head(self.backbone(x))
 
     net = FinetuneNet().requires_grad_(True)
@@ -89,7 +89,10 @@ def predict_proba(net: Any, source: Source, indices: Sequence[int], pre: Any, de
     evaluated; skipped samples."""
     import torch
 
-    probs, labels, kept, skipped = [], [], [], []
+    probs: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    kept: list[int] = []
+    skipped: list[tuple[str, str]] = []
     net.eval()
     use_amp = device.startswith("cuda")
     with torch.inference_mode():
@@ -112,9 +115,10 @@ def predict_proba(net: Any, source: Source, indices: Sequence[int], pre: Any, de
 def run(source: Source, splits: Splits, class_names: list[str], backbone: BackboneInfo,
         ft: FinetuneSpec, *, seed: int, out_dir: Path, job_id: str, attempt: int,
         progress: Progress | None = None, deadline: float | None = None,
-        resume_reason: str = "") -> dict[str, Any]:
+        resume_reason: str = "", splits_file: Path | None = None) -> dict[str, Any]:
     """Fine-tune (resuming from ``out_dir/last.pt`` when present); return small JSON with the
-    best checkpoint, the per-epoch history and the resumes.
+    best checkpoint, the per-epoch history and the resumes. ``splits_file``: where to write
+    the train and val sample ids actually used (those that decoded).
 
     ``deadline`` (``time.monotonic()`` seconds): past it, checkpoint at the next step and
     return ``{"continue": True}`` so a fresh task carries on.
@@ -152,7 +156,8 @@ def run(source: Source, splits: Splits, class_names: list[str], backbone: Backbo
 
     state: dict[str, Any] = {"epoch": 0, "step": 0, "global_step": 0, "best_val": -1.0,
                              "best_epoch": None, "history": [], "resumes": [],
-                             "train_seconds": 0.0, "skipped": []}
+                             "train_seconds": 0.0, "skipped": [], "trained_on": [],
+                             "val_ids": []}
     if last_path.is_file():
         ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
         net.load_state_dict(ckpt["model"])
@@ -187,9 +192,11 @@ def run(source: Source, splits: Splits, class_names: list[str], backbone: Backbo
         net.train()
         seen, loss_sum, t_epoch = 0, 0.0, time.perf_counter()
         todo = order[state["step"] * ft.batch_size:]
-        for loaded in decoded(source, todo, ft.batch_size, threads):
+        for loaded in decoded(source, todo.tolist(), ft.batch_size, threads):
             state["skipped"].extend(source.sample_id(i) for i, _ in loaded.failures)
             if len(loaded.images) >= 2:
+                if epoch == 0:  # every epoch draws from the same samples: record them once
+                    state["trained_on"].extend(int(i) for i in loaded.indices)
                 x = augment(loaded.images, pre, device, gen, ft.crop_scale_min,
                             ft.hflip) if ft.augment else \
                     preprocess(loaded.images, pre, device)
@@ -220,7 +227,9 @@ def run(source: Source, splits: Splits, class_names: list[str], backbone: Backbo
                 if out_of_time:
                     return {"continue": True, "epoch": state["epoch"], "step": state["step"]}
         epoch_s = time.perf_counter() - t_epoch
-        proba, yv, _ids, _ = predict_proba(net, source, splits.val, pre, device, ft.batch_size)
+        proba, yv, val_ids, _ = predict_proba(net, source, splits.val, pre, device,
+                                              ft.batch_size)
+        state["val_ids"] = val_ids.tolist()
         val_top1 = float((proba.argmax(1) == yv).mean()) if len(yv) else 0.0
         state["history"].append({"epoch": epoch + 1, "loss": round(loss_sum / max(seen, 1), 5),
                                  "val_top1": round(val_top1, 5), "images": seen,
@@ -241,6 +250,9 @@ def run(source: Source, splits: Splits, class_names: list[str], backbone: Backbo
                       "steps": steps_per_epoch, "loss": state["history"][-1]["loss"],
                       "images_per_s": state["history"][-1]["images_per_s"],
                       "val_top1": round(val_top1, 4)})
+    if splits_file is not None:  # the samples used: drawn into a batch and decoded
+        atomic_write_text(splits_file, json.dumps({"train": sorted(state["trained_on"]),
+                                                   "val": state["val_ids"]}), fsync=False)
     return {"best": str(best_path), "checkpoint": str(last_path), "device": device,
             "best_epoch": state["best_epoch"], "best_val_top1": state["best_val"],
             "epochs": ft.epochs, "steps_per_epoch": steps_per_epoch,

@@ -52,7 +52,7 @@ class Classifier:
 
     def predict_proba(self, images: Sequence[Any]) -> np.ndarray:
         """Class probabilities, one row per image (columns follow ``class_names``)."""
-        return self.head.predict_proba(self.features(images))
+        return np.asarray(self.head.predict_proba(self.features(images)))
 
     def predict(self, images: Sequence[Any], top: int = 3) -> list[dict[str, Any]]:
         """For each image: the predicted ``label``, its ``probability`` and the ``top`` k."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery, chain, chord, group
+from celery.canvas import _chain  # what chain(...) builds (chain itself is a subclass)
 
 from pipeline.plan import Plan, PlanRef
 from workers.settings import EXTRACT_QUEUE, TRAIN_QUEUE
@@ -75,7 +76,7 @@ def task_ids(canvas: Any) -> list[str]:
             for t in sig.tasks:
                 walk(t)
             walk(sig.body)
-        elif isinstance(sig, (chain, group)):
+        elif isinstance(sig, (_chain, group)):
             for t in sig.tasks:
                 walk(t)
         elif sig.options.get("task_id"):

@@ -63,7 +63,7 @@ def _lite0(weights: str | None) -> tuple[WeightsInfo, Callable[[], Any]]:
                 super().__init__()
                 self.net = EfficientNet.from_name("efficientnet-lite0")
 
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
+            def forward(self, x: torch.Tensor) -> Any:
                 return self.net.extract_features(x).mean(dim=(2, 3))
 
         wrapper = Lite0Features()

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:  # its own flags; see benchmarks/harness.py
         from benchmarks import harness
 
-        return harness.main(argv[1:])
+        return int(harness.main(argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return int(_VERBS[args.verb](args) or 0)
@@ -87,8 +87,8 @@ def _worker(args: argparse.Namespace) -> int:
     if args.gpus is not None:
         from workers.fleet import run_fleet
 
-        return run_fleet(url, args.gpus, args.cpu_workers, args.extract_workers,
-                         loglevel=args.loglevel)
+        return int(run_fleet(url, args.gpus, args.cpu_workers, args.extract_workers,
+                             loglevel=args.loglevel))
     name = args.name or f"worker-{os.getpid()}@{socket.gethostname()}"
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
     os.environ[BROKER_ENV] = url

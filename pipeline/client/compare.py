@@ -56,7 +56,7 @@ class Comparison:
             if on_progress is not None:
                 on_progress(rec)
             if rec.get("leaderboard"):
-                return json.loads(Path(rec["leaderboard"]).read_text())
+                return dict(json.loads(Path(rec["leaderboard"]).read_text()))
             if rec.get("status") == "FAILED":
                 raise JobError(f"comparison {self.id}: {rec.get('error')}; fix: read the child "
                                "jobs' reports (featurefleet report JOB_ID)")

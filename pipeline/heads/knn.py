@@ -34,7 +34,7 @@ class KNNHead:
 
 def _l2norm(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return np.asarray(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
 
 
 def _knn_proba(q: np.ndarray, ref: np.ndarray, labels: np.ndarray, ks: list[int],

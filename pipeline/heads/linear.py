@@ -29,13 +29,13 @@ class LinearHead:
 
     def logits(self, features: np.ndarray) -> np.ndarray:
         z = (np.asarray(features, dtype=np.float32) - self.mean) / self.scale
-        return z @ self.weight.T + self.bias
+        return np.asarray(z @ self.weight.T + self.bias)
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         z = self.logits(features)
         z = z - z.max(axis=1, keepdims=True)
         e = np.exp(z)
-        return e / e.sum(axis=1, keepdims=True)
+        return np.asarray(e / e.sum(axis=1, keepdims=True))
 
     def save(self, path: str | Path) -> None:
         """Tensors in a torch state dict (loadable with ``weights_only=True``) + JSON metadata."""
@@ -126,7 +126,7 @@ def _lbfgs(xt: Any, yt: Any, w: Any, b: Any, l2: float, max_iter: int) -> None:
                             tolerance_grad=1e-6, tolerance_change=1e-9,
                             line_search_fn="strong_wolfe")
 
-    def closure() -> torch.Tensor:
+    def closure() -> Any:
         opt.zero_grad()
         loss = torch.nn.functional.cross_entropy(xt @ w.T + b, yt) + 0.5 * l2 * (w * w).sum()
         loss.backward()

@@ -299,7 +299,7 @@ def run_finetune(jobs: JobStore, ref: Any, part: int = 0, deadline: float | None
                            plan.spec.finetune, seed=plan.spec.data.seed,
                            out_dir=plan.job_dir / "finetune", job_id=plan.job_id,
                            attempt=attempts, progress=progress, deadline=deadline,
-                           resume_reason=why)
+                           resume_reason=why, splits_file=plan.job_dir / "splits.json")
     if not trained.get("continue"):
         jobs.update(plan.job_id, train_seconds=trained["seconds"],
                     resumes=len(trained["resumes"]))

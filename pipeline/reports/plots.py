@@ -58,10 +58,10 @@ def sweep_svg(sweep: dict[str, Any] | None, w: int = 480, h: int = 300) -> str:
     L, R, T, B = 50, 15, 15, 40
 
     def sx(v: float) -> float:
-        return L + (v - x0) / ((x1 - x0) or 1) * (w - L - R)
+        return float(L + (v - x0) / ((x1 - x0) or 1) * (w - L - R))
 
     def sy(v: float) -> float:
-        return T + (1 - (v - y0) / (y1 - y0)) * (h - T - B)
+        return float(T + (1 - (v - y0) / (y1 - y0)) * (h - T - B))
 
     line = " ".join(f"{sx(a):.1f},{sy(b):.1f}" for a, b in zip(lx, ys, strict=True))
     parts = [f'<svg id="sweep" xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '

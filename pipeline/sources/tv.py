@@ -22,11 +22,12 @@ class TorchvisionSource(Source):
     def __init__(self, name: str, root: Path, download: bool) -> None:
         from torchvision import datasets
 
-        cls = getattr(datasets, name, None)
+        cls: Any = getattr(datasets, name, None)
         if not inspect.isclass(cls):
             raise DataError(f"unknown torchvision dataset {name!r}; fix: use a class name from "
                             "torchvision.datasets, e.g. CIFAR10, CIFAR100, STL10, Flowers102")
-        params = inspect.signature(cls.__init__).parameters
+        make: Any = cls  # a dataset class of unknown signature
+        params = inspect.signature(make.__init__).parameters
         parts: dict[str, Any] = {}
         errors = []
         if "train" in params:
@@ -37,7 +38,7 @@ class TorchvisionSource(Source):
                        "val": {"split": "val"}, "test": {"split": "test"}}
         for split, kw in options.items():
             try:
-                parts["train" if split == "trainval" else split] = cls(
+                parts["train" if split == "trainval" else split] = make(
                     root=str(root), download=download, **kw)
             except (RuntimeError, ValueError, OSError, TypeError) as exc:
                 errors.append(f"{split}: {str(exc).splitlines()[0][:120] if str(exc) else exc}")
@@ -76,7 +77,7 @@ class TorchvisionSource(Source):
         part = int(np.searchsorted(self._offsets, i, side="right")) - 1
         ds = self.parts[part][1]
         j = int(i - self._offsets[part])
-        data = getattr(ds, "data", None)
+        data: Any = getattr(ds, "data", None)
         if isinstance(data, np.ndarray) or hasattr(data, "numpy"):
             arr = np.asarray(data[j])  # MNIST/CIFAR keep decoded arrays: no PIL round trip
             return arr.transpose(1, 2, 0) if arr.ndim == 3 and arr.shape[0] == 3 else arr

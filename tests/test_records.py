@@ -1,0 +1,99 @@
+"""Job records and their Lua scripts, against one shared real redis-server (fast layer)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from pipeline.errors import JobError, JobLost
+from pipeline.jobs.records import JOB_TTL_S, METRICS_KEY, JobStore
+
+JOB = "00000000abcd"
+
+
+def test_create_update_and_read(jobs: JobStore) -> None:
+    jobs.create(JOB, {"name": "n", "shards_total": 3})
+    jobs.update(JOB, stage="train", nested={"a": [1, 2]})
+    st = jobs.get(JOB)
+    assert st["status"] == "PENDING" and st["stage"] == "train" and st["nested"] == {"a": [1, 2]}
+    assert st["images_done"] == 0 and 0 < jobs.r.ttl(f"ff:job:{JOB}") <= JOB_TTL_S
+    assert [j["id"] for j in jobs.recent()] == [JOB]
+
+
+def test_writes_never_recreate_a_lost_record(jobs: JobStore) -> None:
+    """Redis restarted without its data: a worker's write raises JobLost and leaves no hash
+    without status or expiry behind."""
+    for write in (lambda: jobs.update(JOB, stage="x"), lambda: jobs.incr(JOB, "n"),
+                  lambda: jobs.mark_running(JOB, "extract"),
+                  lambda: jobs.shard_progress(JOB, "0-4", 2),
+                  lambda: jobs.record_shard(JOB, {"shard": "0-4", "rows": 4}, 4)):
+        with pytest.raises(JobLost, match=rf"job {JOB}'s record is gone.*fix: featurefleet retry"):
+            write()
+    assert not jobs.finish(JOB, "FAILED")
+    assert jobs.r.keys(f"ff:job:{JOB}*") == []
+    with pytest.raises(JobError, match=rf"no job '{JOB}'.*--job-dir"):
+        jobs.get(JOB)
+
+
+def test_mark_running_and_finish_once(jobs: JobStore) -> None:
+    jobs.create(JOB, {})
+    assert jobs.mark_running(JOB, "extract") == "PENDING"
+    started = jobs.field(JOB, "started")
+    assert jobs.mark_running(JOB, "train") == "RUNNING"
+    assert jobs.field(JOB, "started") == started and jobs.field(JOB, "stage") == "train"
+    assert jobs.finish(JOB, "CANCELLED", error="by user")
+    assert not jobs.finish(JOB, "SUCCESS")  # final stays final
+    assert jobs.mark_running(JOB, "evaluate") == "CANCELLED"
+    st = jobs.get(JOB)
+    assert st["status"] == "CANCELLED" and st["error"] == "by user" and st["stage"] == "train"
+
+
+def test_a_shard_is_counted_once_and_progress_is_set_not_added(jobs: JobStore) -> None:
+    jobs.create(JOB, {"images_cached": 10})
+    assert jobs.shard_progress(JOB, "0-4", 2) == "PENDING"
+    assert jobs.shard_progress(JOB, "0-4", 3) == "PENDING"  # a second attempt's count
+    assert jobs.get(JOB)["images_done"] == 13
+    result = {"shard": "0-4", "rows": 3, "skipped": [{"id": "x", "reason": "bad"}],
+              "seconds": 2.0}
+    assert jobs.record_shard(JOB, result, 4)
+    assert not jobs.record_shard(JOB, {**result, "rows": 99}, 4)  # redelivered: no change
+    jobs.shard_progress(JOB, "0-4", 1)  # a late progress report of a finished shard
+    st = jobs.get(JOB)
+    assert st["shards_done"] == 1 and st["images_skipped"] == 1 and st["images_done"] == 14
+    assert jobs.shard_results(JOB)["0-4"]["rows"] == 3
+    m = jobs.r.hgetall(METRICS_KEY)
+    assert m["shards_recorded"] == "1" and m["images_extracted"] == "3"
+    assert m["shard_seconds_le_5"] == "1" and float(m["shard_seconds_sum"]) == 2.0
+
+
+def test_sweep_slices_are_kept_once(jobs: JobStore) -> None:
+    jobs.create(JOB, {})
+    jobs.record_slice(JOB, 1, {"slice": 1, "curve": [1]})
+    jobs.record_slice(JOB, 1, {"slice": 1, "curve": [2]})  # the slice ran twice
+    jobs.record_slice(JOB, 0, {"slice": 0, "curve": [0]})
+    assert sorted((s["slice"], s["curve"]) for s in jobs.slices(JOB)) == [(0, [0]), (1, [1])]
+
+
+def test_task_ids_accumulate_over_rounds(jobs: JobStore) -> None:
+    jobs.create(JOB, {"task_ids": ["a.x"]})
+    jobs.add_task_ids(JOB, ["a.x.r1", "a.y.r1"])
+    assert jobs.field(JOB, "task_ids") == ["a.x", "a.x.r1", "a.y.r1"]
+
+
+def test_exactly_one_child_writes_the_leaderboard(jobs: JobStore) -> None:
+    jobs.create_comparison("cmp-0000000001", {"total": 3, "jobs": []})
+    results = [jobs.settle_comparison("cmp-0000000001", j) for j in ("a", "b", "a", "c")]
+    assert results == [False, False, False, True]  # "a" twice counts once; "c" completes it
+    assert not jobs.settle_comparison("cmp-0000000001", "d")
+
+
+def test_fleet_gpus_of_live_workers(jobs: JobStore) -> None:
+    jobs.announce_worker("gpu0@h", 1)
+    jobs.announce_worker("gpu1@h", 1)
+    jobs.announce_worker("cpu@h", 0)
+    assert jobs.fleet_gpus(["gpu0@h", "cpu@h", "gone@h"]) == 1
+    assert jobs.fleet_gpus([]) == 0
+    raw: Any = jobs.r.hget("ff:fleet", "gpu1@h")
+    assert json.loads(raw)["gpus"] == 1
