@@ -6,6 +6,7 @@ started with another environment, or a test that changes it, sees its own values
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -60,7 +61,14 @@ class Settings(BaseSettings):
 
 
 def get_settings() -> Settings:
-    """The settings as the environment has them now."""
+    """The settings as the environment has them now (built again only when a
+    ``FEATUREFLEET_*`` variable changed: a task reads them several times)."""
+    return _settings(tuple(sorted((k, v) for k, v in os.environ.items()
+                                  if k.startswith("FEATUREFLEET_"))))
+
+
+@functools.lru_cache(maxsize=8)
+def _settings(_env: tuple[tuple[str, str], ...]) -> Settings:
     return Settings()
 
 
