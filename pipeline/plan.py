@@ -20,10 +20,11 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from pipeline.errors import JobError, SpecError, short
-from pipeline.fsio import atomic_write_text, is_remote
+from pipeline.fsio import atomic_path, atomic_write_text, is_remote
 from pipeline.settings import ALLOWED_ROOTS_ENV, get_settings
 from pipeline.spec import JobSpec
 
@@ -101,16 +102,37 @@ class Plan(_Frozen):
     strategy: Literal["probe", "finetune"] = "probe"
     strategy_reason: str = ""
     fingerprint: str
+    fingerprint_mode: Literal["content", "stat"] = "content"
+    digests_sha256: str = ""  # of samples.npy: each sample's digest, checked by the workers
     class_names: list[str]
     n_samples: int
     splits: Splits
     excluded: list[Exclusion] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list)
     backbone: BackboneInfo
     key: str
     shard_dir: str
     shards: list[Shard] = Field(default_factory=list)
     sweep: list[list[float]] | None = None  # slices of the λ grid; None: probe.l2 is fixed
     l2: float | None = None
+    _digests: np.ndarray | None = PrivateAttr(default=None)
+
+    def with_digests(self, digests: np.ndarray) -> Plan:
+        """This plan holding every sample's digest (saved as ``samples.npy``)."""
+        plan = self.model_copy(update={"digests_sha256": array_sha256(digests)})
+        plan._digests = digests
+        return plan
+
+    def digests(self) -> np.ndarray:
+        """Every sample's digest, as planned (read from ``samples.npy`` and checked).
+
+        Raises:
+            JobError: the file is missing or not the planned one.
+        """
+        if self._digests is None:
+            self._digests = _read_digests(str(self.job_dir / "samples.npy"),
+                                          self.digests_sha256)
+        return self._digests
 
     @property
     def job_dir(self) -> Path:
@@ -143,6 +165,9 @@ class Plan(_Frozen):
     def save(self) -> PlanRef:
         """Write ``plan.json`` (atomically) and ``spec.json``; return the reference tasks carry."""
         text = self.to_json()
+        if self._digests is not None:
+            with atomic_path(self.job_dir / "samples.npy") as tmp, open(tmp, "wb") as fh:
+                np.save(fh, self._digests, allow_pickle=False)
         atomic_write_text(self.path, text)
         atomic_write_text(self.job_dir / "spec.json", json.dumps(self.spec.to_dict(), indent=2))
         return PlanRef(job_id=self.job_id, path=str(self.path), sha256=_sha(text))
@@ -161,6 +186,23 @@ class PlanRef(_Frozen):
 
 def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def array_sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+@functools.lru_cache(maxsize=8)
+def _read_digests(path: str, sha256: str) -> np.ndarray:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise JobError(f"the job's sample digests {path!r} are unreadable ({exc}); fix: submit "
+                       "the job again") from None
+    if array_sha256(array) != sha256:
+        raise JobError(f"the job's sample digests {path!r} changed since planning; fix: submit "
+                       "the job again")
+    return np.asarray(array)
 
 
 def check_job_id(job_id: Any) -> str:

@@ -17,7 +17,7 @@ from sklearn.datasets import load_digits
 
 from pipeline import submit
 from pipeline.errors import DataError
-from pipeline.sources import open_source
+from pipeline.sources import digests, open_source
 from pipeline.spec import DataSpec, JobSpec
 from pipeline.splits import compute_splits
 from workers.launcher import LocalCluster
@@ -177,4 +177,5 @@ def test_webdataset_tar_shards(tmp_path: Path) -> None:
         open_source(DataSpec(source="webdataset", path=str(tmp_path / "train-{000..009}.tar")))
     url = open_source(DataSpec(source="webdataset",
                                     path=f"file://{tmp_path}/train-{{000..002}}.tar"))
-    assert url.fingerprint() != src.fingerprint() and len(url) == 60  # through fsspec
+    assert len(url) == 60  # through fsspec: the same samples, byte for byte
+    np.testing.assert_array_equal(digests(url, range(60)), digests(src, range(60)))

@@ -97,12 +97,18 @@ def _extract(plan: Plan, shard: Any, progress: Callable[[int, int], None]) -> di
                 "sha256": files.sha256_of(shard.path), "cached": True, "seconds": 0.0,
                 "feature_dim": info.attrs.get("feature_dim"),
                 "parameters": info.attrs.get("parameters")}
-    source = checked_source(plan.spec.data, plan.fingerprint)
+    source = _source(plan)
     target = extract.Target(path=shard.path, key=plan.key, not_before=plan.created,
                             attrs={"dataset_fingerprint": plan.fingerprint,
                                    "shard_start": shard.start, "shard_end": shard.end})
     return extract.extract_shard(source, plan.extract_ids[shard.start: shard.end],
                                  plan.backbone, plan.spec.backbone, target, progress)
+
+
+def _source(plan: Plan) -> Any:
+    """The plan's data, every decoded sample checked against its planned digest."""
+    return checked_source(plan.spec.data, plan.n_samples, plan.class_names, plan.digests(),
+                          plan.fingerprint_mode)
 
 
 def shard_results(jobs: JobStore, plan: Plan) -> dict[str, dict[str, Any]]:
@@ -294,7 +300,7 @@ def run_finetune(jobs: JobStore, ref: Any, part: int = 0, deadline: float | None
 
     why = "redelivered after its worker was lost" if attempts > 1 else (
         "continued in a new task (time slice)" if part else "")
-    source = checked_source(plan.spec.data, plan.fingerprint)
+    source = _source(plan)
     trained = finetune.run(source, plan.splits, plan.class_names, plan.backbone,
                            plan.spec.finetune, seed=plan.spec.data.seed,
                            out_dir=plan.job_dir / "finetune", job_id=plan.job_id,
@@ -313,7 +319,7 @@ def run_evaluate_finetune(jobs: JobStore, ref: Any, trained: dict[str, Any]) -> 
     plan = load_plan(ref)
     _live(jobs, plan, "evaluate")
     t0 = time.time()
-    source = checked_source(plan.spec.data, plan.fingerprint)
+    source = _source(plan)
     metrics, proba, ids = finetune.evaluate_test(source, plan.splits.test, plan.class_names,
                                                  trained["best"], plan.spec.finetune)
     skipped = metrics.pop("skipped_test")

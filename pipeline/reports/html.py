@@ -71,6 +71,7 @@ def render_report(rep: dict[str, Any]) -> str:
         epochs=epochs, resumes=resumes, split_rows=split_rows, split_text=split_text,
         times=[[k, v] for k, v in t.items()], shards=shards,
         skipped=data.get("skipped", []), excluded=data.get("excluded", []),
+        warnings=data.get("warnings", []),
         finished=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rep["finished"])),
         sweep_svg=sweep_svg(rep.get("sweep")),
         confusion_svg=confusion_svg(m["confusion_matrix"], names),

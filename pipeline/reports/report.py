@@ -44,8 +44,9 @@ def data_section(plan: Plan, skipped: list[dict[str, str]],
             "samples": plan.n_samples, "split_sizes": sizes,
             "split_used": used or sizes,
             "split_skipped": {k: v - used.get(k, v) for k, v in sizes.items()},
-            "fingerprint": plan.fingerprint, "skipped": skipped,
-            "excluded": [e.model_dump() for e in plan.excluded]}
+            "fingerprint": plan.fingerprint, "fingerprint_mode": plan.fingerprint_mode,
+            "skipped": skipped, "excluded": [e.model_dump() for e in plan.excluded],
+            "warnings": list(plan.warnings)}
 
 
 def timings(record: dict[str, Any], shards: list[dict[str, Any]],

@@ -1,10 +1,15 @@
 """Data sources: a registry of readers that give labels, sample ids and decoded samples.
 
 Every source answers the same small interface (:class:`Source`): how many samples, their
-labels, the class names, a fingerprint of the data (for the cache key), optional predefined
-splits, and ``load(indices)`` which decodes those samples (RGB ``uint8`` arrays for images). A
-sample that cannot be decoded is returned as a failure (index + reason), never raised: the
-shard records it.
+labels, the class names, optional predefined splits, each sample's stored bytes (``raw``) or
+cheap stamp (``stat``), and ``load(indices)`` which decodes those samples (RGB ``uint8`` arrays
+for images). A sample that cannot be decoded is returned as a failure (index + reason), never
+raised: the shard records it.
+
+Each sample has a digest (:func:`digests`): a hash of its bytes (``data.fingerprint: content``,
+the default) or of its size and modification time (``stat``). The planner computes them once;
+they find exact duplicates, make the cache key, and let a worker check that every sample it
+decodes is the one that was planned (:class:`Verified`).
 
 One module per source; each registers itself by name with :func:`register`.
 """
@@ -12,8 +17,10 @@ One module per source; each registers itself by name with :func:`register`.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,15 +30,23 @@ from pipeline.errors import DataError
 from pipeline.spec import DataSpec
 
 SPLIT_NAMES = ("train", "val", "test")
+DIGEST_BYTES = 16
+
+
+def digest_of(data: bytes) -> bytes:
+    """A sample's 16-byte digest (BLAKE2b: fast, and collisions are not a concern)."""
+    return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
 
 
 @dataclass
 class Loaded:
-    """Decoded samples for some indices, plus the ones that failed (index, reason)."""
+    """Decoded samples for some indices, the ones that failed (index, reason), and the digest
+    of the bytes each decoded sample came from (aligned with ``indices``)."""
 
     indices: list[int] = field(default_factory=list)
     images: list[Any] = field(default_factory=list)  # np.ndarray (H, W, 3) uint8 per image
     failures: list[tuple[int, str]] = field(default_factory=list)
+    digests: list[bytes] = field(default_factory=list)
 
 
 class Source:
@@ -40,12 +55,10 @@ class Source:
     labels: np.ndarray  # int64, one per sample
     class_names: list[str]
     modality: str = "image"
+    kind: str = "source"
 
     def __len__(self) -> int:
         return len(self.labels)
-
-    def fingerprint(self) -> str:
-        raise NotImplementedError
 
     def predefined_splits(self) -> dict[str, np.ndarray] | None:
         """Index arrays per split when the data comes split (e.g. train/ test/ folders)."""
@@ -54,10 +67,85 @@ class Source:
     def sample_id(self, index: int) -> str:
         return str(index)
 
+    def raw(self, index: int) -> bytes:
+        """The sample's stored bytes, exactly as ``load`` reads them."""
+        raise NotImplementedError
+
+    def stat(self, index: int) -> bytes:
+        """A cheap stamp of the sample (size, modification time): ``data.fingerprint: stat``.
+        Sources held in memory stamp the bytes themselves."""
+        return self.raw(index)
+
+    def digest_table(self, mode: str) -> np.ndarray | None:
+        """Every sample's digest when the source already computed them (a tar read whole to
+        be indexed), else None."""
+        return None
+
     def load(self, indices: Sequence[int], min_size: int | None = None) -> Loaded:
         """Decode the samples at ``indices``; ``min_size``: the smallest side the consumer
         needs (a JPEG may be decoded at a reduced scale, never below it)."""
         raise NotImplementedError
+
+
+def digests(source: Source, indices: Sequence[int], mode: str = "content",
+            threads: int = 16) -> np.ndarray:
+    """``(len(indices), 16)`` uint8 digests of the samples' bytes (``content``) or stamps
+    (``stat``); read in threads (file systems answer many reads at once). A sample that cannot
+    be read gets a digest of its index and error (unique: unreadable samples are not each
+    other's duplicates)."""
+    table = source.digest_table(mode)
+    if table is not None:
+        return table[np.asarray(indices, dtype=np.int64)]
+    read = source.raw if mode == "content" else source.stat
+
+    def one(i: int) -> bytes:
+        try:
+            return digest_of(read(int(i)))
+        except Exception as exc:  # an unreadable sample is a recorded skip later, not here
+            return digest_of(f"unreadable {i}: {type(exc).__name__}".encode())
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ff-digest") as pool:
+        got = list(pool.map(one, indices, chunksize=64))
+    return np.frombuffer(b"".join(got), np.uint8).reshape(-1, DIGEST_BYTES) if got else \
+        np.zeros((0, DIGEST_BYTES), np.uint8)
+
+
+class Verified(Source):
+    """A source whose every loaded sample is checked against the digest planned for it: data
+    that changed after planning fails the task instead of mixing old and new samples."""
+
+    def __init__(self, inner: Source, expected: np.ndarray, mode: str) -> None:
+        self.inner = inner
+        self.expected = expected
+        self.mode = mode
+        self.labels = inner.labels
+        self.class_names = inner.class_names
+        self.modality = inner.modality
+
+    def predefined_splits(self) -> dict[str, np.ndarray] | None:
+        return self.inner.predefined_splits()
+
+    def sample_id(self, index: int) -> str:
+        return self.inner.sample_id(index)
+
+    def raw(self, index: int) -> bytes:
+        return self.inner.raw(index)
+
+    def stat(self, index: int) -> bytes:
+        return self.inner.stat(index)
+
+    def load(self, indices: Sequence[int], min_size: int | None = None) -> Loaded:
+        out = self.inner.load(indices, min_size)
+        if self.mode == "content":
+            got = out.digests
+        else:
+            got = [digest_of(self.inner.stat(i)) for i in out.indices]
+        changed = [i for i, d in zip(out.indices, got, strict=True)
+                   if d != self.expected[i].tobytes()]
+        if changed:
+            raise DataError(f"{len(changed)} sample(s) changed since the job was planned, e.g. "
+                            f"{self.inner.sample_id(changed[0])!r}; fix: submit the job again")
+        return out
 
 
 Factory = Callable[[DataSpec], Source]
@@ -94,7 +182,9 @@ def open_source(spec: DataSpec) -> Source:
     except KeyError:
         raise DataError(f"unknown data source {spec.source!r}; fix: use one of "
                         f"{', '.join(sorted(sources))}") from None
-    return factory(spec)
+    source = factory(spec)
+    source.kind = spec.source
+    return source
 
 
 @functools.lru_cache(maxsize=4)
@@ -103,21 +193,24 @@ def cached_source(spec: DataSpec) -> Source:
     return open_source(spec)
 
 
-def checked_source(spec: DataSpec, fingerprint: str) -> Source:
-    """The process's source for ``spec``, reopened once if the data changed since it was
-    opened, and refused if it still differs from the planned ``fingerprint``.
+def checked_source(spec: DataSpec, n_samples: int, class_names: list[str],
+                   expected: np.ndarray, mode: str) -> Source:
+    """The process's source for ``spec`` (reopened once if its listing changed since it was
+    opened), wrapped to check every loaded sample against the planned digests.
 
     Raises:
-        DataError: the data changed since the job was planned.
+        DataError: the data no longer has the planned samples and classes.
     """
     source = cached_source(spec)
-    if source.fingerprint() != fingerprint:
+    if len(source) != n_samples or source.class_names != class_names:
         cached_source.cache_clear()
         source = cached_source(spec)
-        if source.fingerprint() != fingerprint:
+        if len(source) != n_samples or source.class_names != class_names:
             raise DataError(f"data at {spec.path or spec.source!r} changed since the job was "
-                            "planned; fix: submit the job again")
-    return source
+                            f"planned ({len(source)} samples, {len(source.class_names)} classes "
+                            f"now; {n_samples} and {len(class_names)} then); fix: submit the "
+                            "job again")
+    return Verified(source, expected, mode)
 
 
 def class_index(raw_labels: Sequence[str]) -> tuple[list[str], np.ndarray]:

@@ -9,36 +9,31 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import DataError
-from pipeline.sources import SPLIT_NAMES, Loaded, Source, failure, register
-from pipeline.sources.decode import IMAGE_EXTENSIONS, decode_image
+from pipeline.sources import SPLIT_NAMES, Loaded, Source, digest_of, failure, register
+from pipeline.sources.decode import IMAGE_EXTENSIONS, decode_image, read_bytes
 from pipeline.spec import DataSpec
 
 
 def decode_files(paths: Sequence[Path], indices: Sequence[int],
                  min_size: int | None = None) -> Loaded:
-    """Decode image files; an unreadable one becomes a recorded failure, not an exception."""
+    """Decode image files; an unreadable one becomes a recorded failure, not an exception.
+    Each decoded image's digest is of the very bytes it was decoded from."""
     out = Loaded()
     for path, i in zip(paths, indices, strict=True):
         try:
-            out.images.append(decode_image(path, min_size))
+            raw = read_bytes(path)
+            out.images.append(decode_image(raw, min_size))
             out.indices.append(int(i))
+            out.digests.append(digest_of(raw))
         except Exception as exc:  # a bad file is data, not a crash
             out.failures.append(failure(i, exc))
     return out
 
 
-def file_stamp(paths: Sequence[Path]) -> str:
-    """Size and modification time of each file, in order (``missing`` for a vanished one)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for p in paths:
-        try:
-            st = os.stat(p)
-            digest.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except OSError:
-            digest.update(f"{p}\0missing\n".encode())
-    return digest.hexdigest()
+def file_stat(path: Path) -> bytes:
+    """A file's size and modification time (``data.fingerprint: stat``)."""
+    st = os.stat(path)
+    return f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()
 
 
 class FolderSource(Source):
@@ -80,11 +75,11 @@ class FolderSource(Source):
         self._split_of = np.asarray(split_of)
         self._split_dirs = split_dirs
 
-    def paths(self) -> list[Path]:
-        return [self.root / f for f in self.files]
+    def raw(self, index: int) -> bytes:
+        return read_bytes(self.root / self.files[index])
 
-    def fingerprint(self) -> str:
-        return "folder:" + file_stamp(self.paths())
+    def stat(self, index: int) -> bytes:
+        return file_stat(self.root / self.files[index])
 
     def predefined_splits(self) -> dict[str, np.ndarray] | None:
         if not self._split_dirs:

@@ -12,7 +12,8 @@ import numpy as np
 
 from pipeline.errors import DataError, short
 from pipeline.sources import SPLIT_NAMES, Loaded, Source, class_index, register
-from pipeline.sources.folder import decode_files, file_stamp
+from pipeline.sources.decode import read_bytes
+from pipeline.sources.folder import decode_files, file_stat
 from pipeline.spec import DataSpec
 
 MAX_MANIFEST_BYTES = 2 << 30
@@ -125,14 +126,11 @@ class ManifestSource(Source):
         self._has_splits = any(cell(r, "split") for r in rows)
         self.manifest = manifest
 
-    def fingerprint(self) -> str:
-        import hashlib
+    def raw(self, index: int) -> bytes:
+        return read_bytes(self.files[index])
 
-        head = hashlib.sha256(self.manifest.read_bytes()).hexdigest()
-        return "manifest:" + hashlib.sha256((head + file_stamp(self.files)).encode()).hexdigest()
-
-    def paths(self) -> list[Path]:
-        return list(self.files)
+    def stat(self, index: int) -> bytes:
+        return file_stat(self.files[index])
 
     def predefined_splits(self) -> dict[str, np.ndarray] | None:
         if not self._has_splits:

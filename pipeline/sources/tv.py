@@ -3,9 +3,7 @@ else a root folder already in the dataset's own layout."""
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import DataError
-from pipeline.sources import Loaded, Source, failure, register
+from pipeline.sources import Loaded, Source, digest_of, failure, register
 from pipeline.sources.decode import to_rgb_uint8
 from pipeline.spec import DataSpec
 
@@ -62,18 +60,15 @@ class TorchvisionSource(Source):
             [str(i) for i in range(k)]
         self._offsets = np.cumsum([0] + [len(ds) for _, ds in self.parts])
 
-    def fingerprint(self) -> str:
-        digest = hashlib.sha256(self.name.encode())
-        for dirpath, _dirs, names in sorted(os.walk(self.root)):
-            for fname in sorted(names):
-                st = os.stat(os.path.join(dirpath, fname))
-                digest.update(f"{dirpath}/{fname}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        return "torchvision:" + digest.hexdigest()
 
     def predefined_splits(self) -> dict[str, np.ndarray] | None:
         return {s: np.flatnonzero(self._splits == s) for s, _ in self.parts}
 
-    def raw(self, i: int) -> Any:
+    def raw(self, index: int) -> bytes:
+        arr = np.ascontiguousarray(self.pixels(index))
+        return f"{arr.dtype}{arr.shape}".encode() + arr.tobytes()
+
+    def pixels(self, i: int) -> Any:
         part = int(np.searchsorted(self._offsets, i, side="right")) - 1
         ds = self.parts[part][1]
         j = int(i - self._offsets[part])
@@ -87,8 +82,11 @@ class TorchvisionSource(Source):
         out = Loaded()
         for i in indices:
             try:
-                out.images.append(to_rgb_uint8(self.raw(int(i))))
+                pixels = np.ascontiguousarray(self.pixels(int(i)))
+                out.images.append(to_rgb_uint8(pixels))
                 out.indices.append(int(i))
+                out.digests.append(digest_of(f"{pixels.dtype}{pixels.shape}".encode()
+                                             + pixels.tobytes()))
             except Exception as exc:
                 out.failures.append(failure(i, exc))
         return out

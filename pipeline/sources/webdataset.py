@@ -8,7 +8,6 @@ names containing ``train``/``val``/``test`` give the splits.
 
 from __future__ import annotations
 
-import io
 import os
 import tarfile
 from collections.abc import Sequence
@@ -18,7 +17,16 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import DataError
-from pipeline.sources import SPLIT_NAMES, Loaded, Source, class_index, failure, register
+from pipeline.sources import (
+    DIGEST_BYTES,
+    SPLIT_NAMES,
+    Loaded,
+    Source,
+    class_index,
+    digest_of,
+    failure,
+    register,
+)
 from pipeline.sources.decode import IMAGE_EXTENSIONS, decode_image
 from pipeline.spec import DataSpec
 
@@ -30,6 +38,7 @@ class TarSource(Source):
     def __init__(self, pattern: str) -> None:
         self.urls = expand_tars(pattern)
         self.members: list[tuple[int, str, int, int]] = []  # (tar, name, offset, size)
+        self._digests: list[bytes] = []  # of each member's bytes, read while indexing
         raw_labels: list[str] = []
         splits: list[str] = []
         for t, url in enumerate(self.urls):
@@ -45,6 +54,8 @@ class TarSource(Source):
                         g = groups.setdefault(key, {})
                         if "." + ext in IMAGE_EXTENSIONS:
                             g["image"] = (m.name, m.offset_data, m.size)
+                            f = tf.extractfile(m)
+                            g["digest"] = digest_of(f.read() if f else b"")
                         elif ext in LABEL_EXTENSIONS and m.size <= 4096:
                             f = tf.extractfile(m)
                             g["label"] = f.read().decode(errors="replace").strip() if f else ""
@@ -55,6 +66,7 @@ class TarSource(Source):
             for _key, g in sorted(groups.items()):
                 if "image" in g and g.get("label"):
                     self.members.append((t, *g["image"]))
+                    self._digests.append(g["digest"])
                     raw_labels.append(g["label"])
                     splits.append(split)
         if not self.members:
@@ -63,13 +75,18 @@ class TarSource(Source):
         self.class_names, self.labels = class_index(raw_labels)
         self._splits = np.asarray(splits)
 
-    def fingerprint(self) -> str:
-        import hashlib
+    def raw(self, index: int) -> bytes:
+        with open_binary(self.urls[self.members[index][0]]) as fh:
+            return self.read_member(fh, index)
 
-        digest = hashlib.sha256()
-        for url in self.urls:
-            digest.update(f"{url}\0{url_stamp(url)}\n".encode())
-        return "webdataset:" + digest.hexdigest()
+    def stat(self, index: int) -> bytes:
+        t, name, offset, size = self.members[index]
+        return f"{self.urls[t]}\0{url_stamp(self.urls[t])}\0{name}\0{offset}\0{size}".encode()
+
+    def digest_table(self, mode: str) -> np.ndarray | None:
+        if mode != "content":
+            return None
+        return np.frombuffer(b"".join(self._digests), np.uint8).reshape(-1, DIGEST_BYTES)
 
     def predefined_splits(self) -> dict[str, np.ndarray] | None:
         found = {s: np.flatnonzero(self._splits == s) for s in SPLIT_NAMES}
@@ -94,15 +111,18 @@ class TarSource(Source):
             with open_binary(self.urls[t]) as fh:
                 for i in sorted(idx, key=lambda j: self.members[j][2]):
                     try:
-                        out.images.append(decode_image(io.BytesIO(self.read_member(fh, i)),
-                                                       min_size))
+                        raw = self.read_member(fh, i)
+                        out.images.append(decode_image(raw, min_size))
                         out.indices.append(i)
+                        out.digests.append(digest_of(raw))
                     except Exception as exc:
                         out.failures.append(failure(i, exc))
         order = {i: n for n, i in enumerate(indices)}  # back to the requested order
-        pairs = sorted(zip(out.indices, out.images, strict=True), key=lambda p: order[p[0]])
-        out.indices = [p[0] for p in pairs]
-        out.images = [p[1] for p in pairs]
+        rows = sorted(zip(out.indices, out.images, out.digests, strict=True),
+                      key=lambda p: order[p[0]])
+        out.indices = [p[0] for p in rows]
+        out.images = [p[1] for p in rows]
+        out.digests = [p[2] for p in rows]
         return out
 
 

@@ -101,6 +101,13 @@ class DataSpec(_Section):
     limit: Int | None = Field(None, gt=0, le=10**9,
                               json_schema_extra=_fix("omit it to use all samples"))
     max_skipped_fraction: Float = Field(0.05, ge=0, le=1, json_schema_extra=_fix("use e.g. 0.05"))
+    # content: hash every sample's bytes at planning (finds exact duplicates, never reuses the
+    # features of a rewritten file); stat: size + modification time only (faster on huge
+    # remote data, blind to duplicates and to files rewritten with the same size and time)
+    fingerprint: Literal["content", "stat"] = "content"
+    duplicates: Literal["drop", "keep"] = "drop"  # exact duplicates: keep one copy, or all
+    conflicts: Literal["exclude", "error"] = "exclude"  # same bytes, different labels
+    allow_unseen_test_classes: bool = False  # a val/test class with no training sample
 
     @model_validator(mode="after")
     def _paths(self) -> DataSpec:
