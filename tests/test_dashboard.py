@@ -89,8 +89,10 @@ def test_flower_lists_the_jobs_tasks_behind_auth(cluster: LocalCluster, tmp_path
             time.sleep(0.5)
         assert status == 200 and len(ours) == 3  # every extraction task, named by job+shard
         assert all(tasks[t]["state"] == "SUCCESS" for t in ours)
-        metrics = _get(base + "/metrics")[1]
-        assert "flower_events_total" in metrics
+        assert _get(base + "/metrics")[0] == 401  # Flower's own default: open to all
+        status, metrics = _get(base + "/metrics", AUTH)
+        assert status == 200 and "flower_events_total" in metrics
+        assert _get(base + "/healthcheck")[0] == 200
         chromium = shutil.which("chromium")
         assert chromium, "no chromium: apt-get install chromium (make test installs it)"
         ARTIFACTS.mkdir(parents=True, exist_ok=True)

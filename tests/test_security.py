@@ -159,3 +159,68 @@ def test_job_over_tls_with_certificate_checking(tmp_path: Path) -> None:
             p.stop(timeout=10)
         server.stop()
     assert os.path.getsize(tmp_path / "redis.log") > 0
+
+
+def test_forged_messages_cannot_write_outside_the_allowed_roots(tmp_path: Path) -> None:
+    """Messages sent straight to the broker (not built by the client): every task checks the
+    plan reference and every path in the plan; a job id is an id, never a path."""
+    import hashlib
+    import json
+
+    from pipeline.plan import PlanRef
+    from workers.app import make_app
+
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    cluster = LocalCluster(tmp_path / "cluster", env={ALLOWED_ROOTS_ENV: str(allowed)})
+    cluster.start()
+    try:
+        # a plan made for an output outside the roots (what an attacker can write anywhere)
+        evil = make_plan(small_spec(outside), "0000000000ee")
+        ref = evil.save().to_message()
+        inside = make_plan(small_spec(allowed / "x"), "0000000000dd")
+        good = inside.save()
+        # the same job's plan rewritten after submission to point the store elsewhere
+        edited = json.loads(inside.path.read_text())
+        edited["spec"]["store"] = str(outside / "store")
+        inside.path.write_text(json.dumps(edited))
+        rewritten = {**good.to_message(),
+                     "sha256": hashlib.sha256(inside.path.read_text().encode()).hexdigest()}
+        sends = {
+            "collect outside": ("featurefleet.collect", ([], ref)),
+            "evaluate with a path as job id": ("featurefleet.evaluate", (
+                {}, {**ref, "job_id": "../../../tmp"})),
+            "extract with a plan edited to write outside": (
+                "featurefleet.extract_shard", (rewritten, "0-64")),
+            "extract with a stale checksum": ("featurefleet.extract_shard", (
+                good.to_message(), "0-64")),
+            "extract a shard not in the plan": ("featurefleet.extract_shard", (
+                rewritten, "../../etc")),
+            "fail_job with a path as job id": ("featurefleet.fail_job", (None, None, None,
+                                                                        "../../../tmp/x")),
+        }
+        app = make_app(cluster.broker)
+        try:
+            results = {name: app.send_task(task, args=args,
+                                           queue="ff.extract" if "extract" in task else
+                                           "ff.train") for name, (task, args) in sends.items()}
+            errors = {}
+            for name, res in results.items():
+                res.get(timeout=60, propagate=False)
+                errors[name] = str(res.result)
+        finally:
+            app.close()
+        assert "outside the allowed roots" in errors["collect outside"]
+        assert "is not a job id" in errors["evaluate with a path as job id"]
+        assert "outside the allowed roots" in errors["extract with a plan edited to write "
+                                                     "outside"]
+        assert "changed since the job was submitted" in errors["extract with a stale checksum"]
+        assert "outside the allowed roots" in errors["extract a shard not in the plan"] or \
+            "has no shard" in errors["extract a shard not in the plan"]
+        assert "'../../../tmp/x' is not a job id" in errors["fail_job with a path as job id"]
+    finally:
+        cluster.stop()
+    written = [p for p in outside.rglob("*") if p.is_file() and p.name not in (
+        "plan.json", "spec.json", "samples.npy")]
+    assert written == []  # no manifest, shard, report or error file outside the roots
+    assert not (tmp_path / "tmp").exists() and not Path("/tmp/x/error.json").exists()
+    assert isinstance(PlanRef.model_validate(ref), PlanRef)

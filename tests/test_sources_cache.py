@@ -124,7 +124,7 @@ def test_too_many_unreadable_samples_fail_the_job(cluster: LocalCluster, tmp_pat
         path = tmp_path / "f" / str(lab) / f"{i}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         if i % 5 == 0:
-            path.write_bytes(b"\x89PNG broken")  # 6 of 30 are corrupt: 20%
+            path.write_bytes(b"\x89PNG broken %d" % i)  # 6 of 30 are corrupt: 20%
         else:
             Image.fromarray(im).save(path)
     spec = JobSpec.from_dict({"data": {"source": "imagefolder", "path": str(tmp_path / "f"),

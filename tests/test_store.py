@@ -37,7 +37,10 @@ def test_round_trip_and_writer_checksum(tmp_path: Path) -> None:
     assert info is not None and info.rows == 10 and info.skipped[0]["id"] == "bad.png"
     assert shards.inspect(path, "k1", rows_expected=10) is None
     assert shards.inspect(path, "other-key") is None
-    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
+    # no temp file left; the writer's checksum beside the shard
+    assert sorted(p.name for p in path.parent.iterdir()) == [f".{path.name}.json", path.name]
+    assert shards.read_sidecar(path) == {"sha256": written.sha256, "rows": 10, "skipped": 1,
+                                         "key": "k1"}
 
 
 def test_truncated_or_inconsistent_shards_are_invalid(tmp_path: Path) -> None:

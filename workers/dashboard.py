@@ -1,5 +1,9 @@
 """Flower, the fleet's dashboard: its command line with authentication required, and asking
-the workers online to send task events now."""
+the workers online to send task events now.
+
+Flower serves ``/metrics`` without authentication by design; ``python -m workers.dashboard``
+runs Flower with that handler behind the same basic auth as every other page (Prometheus
+scrapes with ``basic_auth``). Only ``/healthcheck`` (it answers "OK") stays open."""
 
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ def dashboard(broker: str, address: str = "127.0.0.1", port: int = 5555,
             f"the dashboard needs authentication (address {address}); fix: set "
             f"{FLOWER_AUTH_ENV}=user:password (or --auth), or on a loopback address pass "
             "--no-auth-on-loopback")
-    argv = [sys.executable, "-m", "celery", "-A", "workers.app", "flower",
+    argv = [sys.executable, "-m", "workers.dashboard", "-A", "workers.app", "flower",
             f"--address={address}", f"--port={port}"]
     if read_only:
         argv.append("--read_only")
@@ -54,3 +58,19 @@ def enable_task_events(broker: str, timeout: float = 2.0) -> int:
         return len(app.control.enable_events(reply=True, timeout=timeout) or [])
     finally:
         app.close()
+
+
+def protect_metrics() -> None:
+    """Put Flower's ``/metrics`` behind its authentication, like its other pages."""
+    import tornado.web
+    from flower.views import monitor
+
+    monitor.Metrics.get = tornado.web.authenticated(monitor.Metrics.get)
+
+
+if __name__ == "__main__":  # `celery ... flower`, with /metrics authenticated
+    from celery.__main__ import main
+
+    protect_metrics()
+    sys.argv[0] = "celery"
+    main()

@@ -11,7 +11,7 @@ from typing import Any
 
 from pipeline.errors import StoreError
 from pipeline.store import files
-from pipeline.store.manifest import read_manifest
+from pipeline.store.manifest import read_manifest, writer_checksum
 from pipeline.store.shards import inspect
 
 
@@ -57,17 +57,18 @@ def verify(root: str | Path, fix: bool = False) -> list[dict[str, Any]]:
                 if files.is_stale_temp(f):
                     reason = "stale temporary file"
             elif f.suffix == ".h5":
-                entry = m["shards"].get(f.name)
-                if entry is None:
-                    reason = "not in the manifest (its job did not finish)"
-                elif inspect(f, str(key), None) is None:
+                recorded = writer_checksum(f, m)
+                if recorded is None:
+                    reason = "no checksum from its writer (written by an older version?)"
+                elif inspect(f, str(key) if key else None, None) is None:
                     reason = "incomplete, unreadable or of another key"
-                elif files.sha256_of(f) != entry["sha256"]:
-                    reason = "checksum differs from the manifest"
+                elif files.sha256_of(f) != recorded:
+                    reason = "checksum differs from the one its writer recorded"
             if reason:
                 problems.append({"path": str(f), "problem": reason, "removed": fix})
                 if fix:
                     f.unlink(missing_ok=True)
+                    (f.parent / f".{f.name}.json").unlink(missing_ok=True)
     return problems
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.store import files
-from pipeline.store.shards import inspect
+from pipeline.store.shards import inspect, read_sidecar
 
 MANIFEST = "manifest.json"
 
@@ -42,9 +42,16 @@ def record(shard_dir: str | Path, entries: dict[str, dict[str, Any]],
                                                                  sort_keys=True))
 
 
+def writer_checksum(path: str | Path, manifest: dict[str, Any]) -> str | None:
+    """The checksum the shard's writer recorded: in the set's manifest, else beside the
+    shard (a job that failed before its manifest was written)."""
+    entry = manifest["shards"].get(Path(str(path)).name) or read_sidecar(path)
+    return str(entry["sha256"]) if entry and entry.get("sha256") else None
+
+
 def trusted(path: str | Path, key: str, rows: int, manifest: dict[str, Any]) -> bool:
     """A shard the cache may reuse: complete, of this key, and still holding the checksum its
     writer recorded (a truncated, foreign or edited file fails)."""
-    entry = manifest["shards"].get(Path(str(path)).name)
-    return bool(entry) and inspect(path, key, rows) is not None \
-        and files.sha256_of(path) == entry.get("sha256")
+    recorded = writer_checksum(path, manifest)
+    return recorded is not None and inspect(path, key, rows) is not None \
+        and files.sha256_of(path) == recorded

@@ -116,14 +116,41 @@ def write_shard(path: str | Path, data: ShardData, *, not_before: float | None =
             raise StoreError(f"cannot write shard {str(path)!r} ({exc}); fix: check the store "
                              "folder is writable and has free space") from None
         sha = _sha_local(tmp)
-        if files.publish(tmp, path, clobber=not_before is None):
-            return Written(sha)
         key = str(data.attrs.get("key", ""))
+        record = {"sha256": sha, "rows": len(data.indices), "skipped": len(data.skipped),
+                  "key": key}
+        if files.publish(tmp, path, clobber=not_before is None):
+            write_sidecar(path, record)
+            return Written(sha)
         info = inspect(path, key, len(data.indices) + len(data.skipped))
         if info is not None and not_before is not None and files.mtime(path) >= not_before:
-            return Written(files.sha256_of(path), adopted=True)
+            theirs = read_sidecar(path)
+            return Written(theirs["sha256"] if theirs else files.sha256_of(path), adopted=True)
         files.publish(tmp, path, clobber=True)  # an old or broken file: replace it
+        write_sidecar(path, record)
         return Written(sha)
+
+
+def sidecar(path: str | Path) -> str:
+    """Where a shard's writer leaves its checksum: ``.<name>.json`` beside the shard."""
+    text = str(path)
+    head, _, name = text.rpartition("/")
+    return f"{head}/.{name}.json"
+
+
+def write_sidecar(path: str | Path, record: dict[str, Any]) -> None:
+    """The writer's checksum of the shard it published (read by the cache before the job's
+    manifest exists: a failed job's finished shards are reused by its retry)."""
+    files.write_text(sidecar(path), json.dumps(record, sort_keys=True))
+
+
+def read_sidecar(path: str | Path) -> dict[str, Any] | None:
+    text = files.read_text(sidecar(path))
+    try:
+        raw = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return raw if isinstance(raw, dict) and isinstance(raw.get("sha256"), str) else None
 
 
 def _sha_local(path: Path) -> str:
