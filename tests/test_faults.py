@@ -17,6 +17,7 @@ from pipeline import submit
 from pipeline.client.api import Job
 from pipeline.errors import BrokerError
 from pipeline.jobs.broker import connect
+from pipeline.jobs.records import JobStore
 from pipeline.store.files import sha256_of as file_sha256
 from pipeline.store.shards import read_shard
 from tests.conftest import CHAOS, small_spec
@@ -261,3 +262,90 @@ def test_3_redis_restart_with_aof(tmp_path: Path) -> None:
         for p in procs:
             p.stop(timeout=10)
         redis.stop()
+
+
+def test_9_redis_restarted_without_its_data(tmp_path: Path) -> None:
+    """The job record and the queues are gone; the plan and the finished shards are not.
+    Clients say what happened, workers do not re-create a half record, and the watchdog
+    brings the job back from its plan (finished shards reused)."""
+    from pipeline.client import watchdog
+    from pipeline.client.api import recover
+    from pipeline.errors import JobError
+
+    redis = start_redis(tmp_path / "redis")  # no AOF: a restart loses everything
+    port, password = redis.port, redis.password
+    logs = tmp_path / "logs"
+    procs = [start_worker(redis.url, ["ff.extract"], "x1@lost", logs),
+             start_worker(redis.url, ["ff.train"], "t1@lost", logs)]
+    try:
+        wait_for_workers(redis.url, ["x1@lost", "t1@lost"], procs)
+        spec = small_spec(tmp_path, limit=300, shard_size=50).replace(
+            backbone={"image_size": 96})
+        job = submit(spec, broker=redis.url)
+        wait_for(lambda: job.status().get("shards_done", 0) >= 2, timeout=180)
+        job_dir = Path(job.status()["job_dir"])
+        redis.stop()
+        redis = start_redis(tmp_path / "redis", port=port, password=password)
+        with pytest.raises(JobError, match=rf"no job '{job.id}'.*--job-dir"):
+            job.status()  # says what happened and how to recover
+        time.sleep(3)  # a running shard finishes now: its record is gone, it must not return
+        r = connect(redis.url)
+        assert r.hget(f"ff:job:{job.id}", "status") is None and not r.exists(f"ff:job:{job.id}")
+        assert watchdog.recover_lost(JobStore(r), [job_dir.parent], redis.url) == [job.id]
+        with pytest.raises(JobError, match="still has its record"):  # only lost jobs
+            recover(job_dir, redis.url)
+        st = job.wait(timeout=300)
+        assert st["status"] == "SUCCESS" and st.get("recovered")
+        rep = job.result()
+        assert sum(1 for s in rep["shards"] if s["cached"]) >= 2  # finished before: reused
+        for s in rep["shards"]:
+            assert file_sha256(s["path"]) == s["sha256"]
+        assert watchdog.recover_lost(JobStore(r), [job_dir.parent], redis.url) == []
+    finally:
+        for p in procs:
+            p.stop(timeout=10)
+        redis.stop()
+
+
+def test_10_full_redis_is_ridden_out(tmp_path: Path) -> None:
+    """Redis at maxmemory (noeviction) refuses writes: workers keep their messages and wait
+    (they used to exit on the first refused ack); once memory is freed the job finishes."""
+    import threading
+
+    import redis as redis_py
+
+    with cluster_env(tmp_path) as c:
+        r = connect(c.broker)
+        spec = small_spec(tmp_path, limit=300, shard_size=50).replace(
+            backbone={"image_size": 96})
+        job = submit(spec, broker=c.broker)
+        wait_for(lambda: job.status().get("shards_done", 0) >= 1, timeout=180)
+        r.config_set("maxmemory", int(r.info("memory")["used_memory"]) + 100_000)
+        stop, refused = threading.Event(), [0]
+
+        def fill() -> None:  # keep Redis full: every freed byte is taken again
+            i = 0
+            while not stop.is_set():
+                try:
+                    r.set(f"junk:{i}", "x" * 2000)
+                    i += 1
+                except redis_py.exceptions.OutOfMemoryError:
+                    refused[0] += 1
+                    time.sleep(0.01)
+
+        filler = threading.Thread(target=fill, daemon=True)
+        filler.start()
+        try:
+            time.sleep(12)
+            assert refused[0] > 100  # Redis was full all along
+            assert all(p.alive() for p in c.procs)  # nobody exited
+            assert r.hget(f"ff:job:{job.id}", "status") == '"RUNNING"'
+        finally:
+            stop.set()
+            filler.join()
+            r.config_set("maxmemory", 0)
+            for key in r.scan_iter("junk:*", count=1000):
+                r.delete(key)
+        st = job.wait(timeout=180)
+        assert st["status"] == "SUCCESS", st
+        assert_exactly_once(job)

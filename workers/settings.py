@@ -37,8 +37,11 @@ def celery_config(url: str | None = None) -> dict[str, Any]:
         # rediss:// URLs: TLS with certificate checking (ssl_cert_reqs, ssl_ca_certs,
         # ssl_certfile, ssl_keyfile from the URL's query), for the broker and the backend alike.
         **({"broker_use_ssl": tls, "redis_backend_use_ssl": tls} if tls else {}),
+        # Connections that retry a command a full Redis refused (workers.transport): a worker
+        # keeps its message and waits for memory instead of exiting. Celery's "class+URL".
         "broker_url": url,
-        "result_backend": url,
+        "broker_transport": "workers.transport:Transport",
+        "result_backend": "workers.transport:PatientRedisBackend+" + url,
         # JSON only: pickle in a message is remote code execution.
         "task_serializer": "json",
         "result_serializer": "json",

@@ -7,6 +7,19 @@ from typing import Any
 from pipeline.errors import BrokerError
 from pipeline.settings import BROKER_ENV, get_settings
 
+# A full Redis (maxmemory under noeviction) refuses writes until memory is freed: workers wait
+# with backoff (capped at 5 s) this long in all, keeping their message, before giving up.
+OOM_PATIENCE_S = 600.0
+
+
+def patient_retry() -> Any:
+    """redis-py's retry policy of worker connections: backoff from 0.2 s, capped at 5 s,
+    for about :data:`OOM_PATIENCE_S` (connection errors and refused writes alike)."""
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+
+    return Retry(ExponentialBackoff(cap=5.0, base=0.2), int(OOM_PATIENCE_S / 5.0))
+
 
 def broker_url(url: str | None = None) -> str:
     """The broker URL: the argument, else $FEATUREFLEET_BROKER_URL, else local Redis."""
@@ -32,14 +45,15 @@ def redact(url: str) -> str:
 def connect(url: str | None = None, check: bool = True, patient: bool = False) -> Any:
     """A Redis client for ``url``; with ``check``, fail fast when it cannot be reached.
 
-    ``patient`` clients (workers) retry each command through a Redis restart (about a minute
-    of exponential backoff) instead of failing the task that is running.
+    ``patient`` clients (workers) retry each command through a Redis restart or a full Redis
+    (:func:`patient_retry`) instead of failing the task that is running.
 
     Raises:
         BrokerError: the URL is not a Redis URL, or Redis does not answer.
     """
     import redis
     from redis.backoff import ExponentialBackoff
+    from redis.exceptions import OutOfMemoryError
     from redis.retry import Retry
 
     url = broker_url(url)
@@ -47,11 +61,12 @@ def connect(url: str | None = None, check: bool = True, patient: bool = False) -
         raise BrokerError(f"broker URL {redact(url)!r} is not a Redis URL; fix: use "
                           "redis://[:password@]host:port/db (or rediss:// for TLS)")
     try:
-        retry = Retry(ExponentialBackoff(cap=4.0, base=0.2), 20 if patient else 1)
+        retry = patient_retry() if patient else Retry(ExponentialBackoff(cap=4.0, base=0.2), 1)
         client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10,
                                       health_check_interval=30, decode_responses=True,
-                                      retry=retry, retry_on_error=[redis.ConnectionError,
-                                                                   redis.TimeoutError])
+                                      retry=retry, retry_on_error=[
+                                          redis.ConnectionError, redis.TimeoutError,
+                                          *([OutOfMemoryError] if patient else [])])
         if check:
             client.ping()
     except redis.AuthenticationError:
