@@ -18,7 +18,7 @@ from pipeline.devices import cached_backbone, pick_device
 from pipeline.errors import FeaturefleetError
 from pipeline.heads import load_head
 from pipeline.preprocess import preprocess
-from pipeline.sources.decode import decode_image, to_rgb_uint8
+from pipeline.sources.decode import decode_image, reason, to_rgb_uint8
 
 
 @dataclass
@@ -55,15 +55,23 @@ class Classifier:
         return np.asarray(self.head.predict_proba(self.features(images)))
 
     def predict(self, images: Sequence[Any], top: int = 3) -> list[dict[str, Any]]:
-        """For each image: the predicted ``label``, its ``probability`` and the ``top`` k."""
-        proba = self.predict_proba(images)
-        results = []
-        for row in proba:
+        """For each image, in order: the predicted ``label``, its ``probability`` and the
+        ``top`` k; an image that cannot be read gets ``error`` (with the reason) instead, and
+        the others are classified all the same."""
+        arrays: list[tuple[int, np.ndarray]] = []
+        results: list[dict[str, Any]] = [{} for _ in images]
+        for n, image in enumerate(images):
+            try:
+                arrays.append((n, _as_rgb(image)))
+            except FeaturefleetError as exc:
+                results[n] = {"label": None, "probability": None, "top": [], "error": str(exc)}
+        proba = self.predict_proba([a for _, a in arrays]) if arrays else np.zeros((0, 0))
+        for (n, _), row in zip(arrays, proba, strict=True):
             order = np.argsort(-row)[:top]
-            results.append({"label": self.class_names[order[0]],
-                            "probability": float(row[order[0]]),
-                            "top": [{"label": self.class_names[j], "probability": float(row[j])}
-                                    for j in order]})
+            results[n] = {"label": self.class_names[order[0]],
+                          "probability": float(row[order[0]]),
+                          "top": [{"label": self.class_names[j], "probability": float(row[j])}
+                                  for j in order]}
         return results
 
 
@@ -120,8 +128,8 @@ def _as_rgb(image: Any) -> np.ndarray:
         try:
             return decode_image(image)
         except Exception as exc:
-            raise FeaturefleetError(f"cannot read image {str(image)!r} ({exc.__class__.__name__})"
-                                    "; fix: pass a readable image file") from None
+            raise FeaturefleetError(f"cannot read image {str(image)!r} ({reason(exc)}); fix: "
+                                    "pass a readable image file") from None
     if hasattr(image, "convert"):  # a PIL image
         return np.asarray(image.convert("RGB"))
     return to_rgb_uint8(np.asarray(image))

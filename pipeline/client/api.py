@@ -222,6 +222,35 @@ def live_workers(broker: str | None = None, timeout: float = 1.0) -> list[str]:
         app.close()
 
 
+def queue_consumers(broker: str | None = None, timeout: float = 1.0) -> dict[str, list[str]]:
+    """Which workers consume which queue, as the workers online answer now."""
+    from workers.app import make_app
+
+    app = make_app(broker)
+    try:
+        replies = app.control.inspect(timeout=timeout).active_queues() or {}
+    finally:
+        app.close()
+    out: dict[str, list[str]] = {}
+    for worker, queues in replies.items():
+        for q in queues or []:
+            out.setdefault(str(q.get("name")), []).append(worker)
+    return {q: sorted(w) for q, w in out.items()}
+
+
+def missing_consumers(job: Job, broker: str | None = None) -> list[str]:
+    """The queues a submitted job still needs that no worker online consumes."""
+    from workers.settings import EXTRACT_QUEUE, TRAIN_QUEUE
+
+    st = job.status()
+    needed = [TRAIN_QUEUE]
+    if st.get("strategy") == "finetune" or int(st.get("shards_total", 0)) > int(
+            st.get("shards_cached", 0)):
+        needed.insert(0, EXTRACT_QUEUE)
+    consumers = queue_consumers(broker)
+    return [q for q in needed if not consumers.get(q)]
+
+
 def get_job(job_id: str, broker: str | None = None) -> Job:
     """The handle of an existing job (checks it exists)."""
     job = Job(job_id, broker)

@@ -100,11 +100,16 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from pipeline.client.api import submit
+    from pipeline.client.api import missing_consumers, submit
     from pipeline.spec import JobSpec
 
     job = submit(JobSpec.from_file(args.spec), broker=args.broker)
     print(job.id, flush=True)
+    idle = missing_consumers(job, args.broker)
+    if idle:
+        print(f"featurefleet: warning: no worker consumes {', '.join(idle)}: job {job.id} "
+              "waits until one starts (featurefleet worker --queues "
+              f"{','.join(idle)})", file=sys.stderr, flush=True)
     if not args.wait:
         return 0
     st = job.wait(timeout=args.timeout, on_progress=ProgressLine())
@@ -146,9 +151,12 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from pipeline.client.api import Job
+    from pipeline.client.api import Job, queue_consumers
+    from workers.settings import QUEUES
 
     st = Job(args.job_id, args.broker).status()
+    consumers = queue_consumers(args.broker)
+    st["workers"] = {q: consumers.get(q, []) for q in QUEUES}
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
@@ -156,6 +164,8 @@ def _status(args: argparse.Namespace) -> int:
     for key in ("name", "backbone", "job_dir", "report", "error"):
         if st.get(key):
             print(f"  {key}: {st[key]}")
+    for q, names in st["workers"].items():
+        print(f"  workers on {q}: {', '.join(names) if names else 'none online'}")
     return 0
 
 
@@ -201,14 +211,21 @@ def _predict(args: argparse.Namespace) -> int:
 
     clf = load_classifier(args.model)
     results = clf.predict(args.images, top=args.top)
+    failed = [r for r in results if r.get("error")]
     if args.json:
         print(json.dumps([{"image": i, **r} for i, r in zip(args.images, results, strict=True)],
                          indent=2))
-        return 0
-    for image, r in zip(args.images, results, strict=True):
-        top = "  ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"])
-        print(f"{image}: {r['label']} ({r['probability']:.3f})   top: {top}")
-    return 0
+    else:
+        for image, r in zip(args.images, results, strict=True):
+            if r.get("error"):
+                print(f"featurefleet: error: {r['error']}", file=sys.stderr)
+                continue
+            top = "  ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"])
+            print(f"{image}: {r['label']} ({r['probability']:.3f})   top: {top}")
+    if failed:
+        print(f"featurefleet: {len(failed)} of {len(results)} image(s) could not be read",
+              file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _cache(args: argparse.Namespace) -> int:
@@ -230,7 +247,7 @@ def _cache(args: argparse.Namespace) -> int:
             print(f"{'removed' if p['removed'] else 'BAD'}  {p['path']}: {p['problem']}")
         if not args.json:
             print(f"{len(problems)} problem(s)" if problems else "all shards verified")
-        return 1 if problems and not args.fix else 0
+        return 1 if problems and not args.fix else 0  # --json too: scripts read the status
     for name in cache.rm(args.store, args.selector, args.all):
         print(f"removed {name}")
     return 0

@@ -82,6 +82,26 @@ def _finetune_rows(ft: dict[str, Any] | None) -> list[tuple[str, str]]:
             *([("resumed", resumes)] if resumes else [])]
 
 
+def _data_rows(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """What was left out of the data, said where the numbers are."""
+    rows = []
+    skipped = data.get("skipped", [])
+    if skipped:
+        shown = "; ".join(f"{s['id']} ({s['reason']})" for s in skipped[:3])
+        rows.append(("skipped", f"{len(skipped)} unreadable: {shown}"
+                                + (" ..." if len(skipped) > 3 else "")))
+    excluded = data.get("excluded", [])
+    if excluded:
+        kinds: dict[str, int] = {}
+        for e in excluded:
+            kinds[e["kind"]] = kinds.get(e["kind"], 0) + 1
+        rows.append(("excluded", f"{len(excluded)} at planning ("
+                                 + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+                                 + ")"))
+    rows += [("warning", w) for w in data.get("warnings", [])]
+    return rows
+
+
 def summary(rep: dict[str, Any]) -> str:
     m = rep["metrics"]
     t = rep["timings"]
@@ -90,7 +110,9 @@ def summary(rep: dict[str, Any]) -> str:
         ("backbone", f"{rep['backbone']['name']} [{rep['backbone']['weights_id']}] "
                      f"@{rep['backbone']['preprocessing']['crop']}px"),
         ("data", f"{rep['data']['source']}: " + ", ".join(
-            f"{k} {v}" for k, v in rep["data"]["split_sizes"].items())),
+            f"{k} {v}" for k, v in rep["data"].get("split_used",
+                                                   rep["data"]["split_sizes"]).items())),
+        *_data_rows(rep["data"]),
         ("test top-1", f"{m['top1']:.4f}"),
         ("test top-5", f"{m['top5']:.4f}"),
         ("balanced accuracy", f"{m['balanced_accuracy']:.4f}"),

@@ -62,11 +62,25 @@ def decode_image(path: str | Path | Any, min_size: int | None = None) -> np.ndar
     return _decode_pil(raw)
 
 
-def decode_jpeg(raw: bytes, min_size: int | None = None) -> np.ndarray:
-    """JPEG bytes -> RGB uint8, checked against :data:`MAX_PIXELS` before any decoding."""
+def _open(raw: bytes) -> Any:
+    """Pillow's image object for ``raw`` (it parses the header only); Pillow's own bomb check
+    (twice its default pixel limit) raises our error too."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(raw)) as im:  # parses the header only
+    try:
+        return Image.open(io.BytesIO(raw))
+    except Image.DecompressionBombError as exc:
+        import re
+
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(found.group(1)) / 1e6:.0f} MP" if found else "too many pixels"
+        raise ImageTooLarge(f"image is {size}, over the {MAX_PIXELS / 1e6:.0f} MP limit (a "
+                            "decompression bomb?)") from None
+
+
+def decode_jpeg(raw: bytes, min_size: int | None = None) -> np.ndarray:
+    """JPEG bytes -> RGB uint8, checked against :data:`MAX_PIXELS` before any decoding."""
+    with _open(raw) as im:
         _check_size(im.size)
         scaled = min_size is not None and _scale_for(im.size, min_size) > 1
     if not scaled:
@@ -106,9 +120,9 @@ def _decode_jpeg_torch(raw: bytes) -> np.ndarray | None:
 
 
 def _decode_pil(raw: bytes, min_size: int | None = None) -> np.ndarray:
-    from PIL import Image, ImageOps
+    from PIL import ImageOps
 
-    with Image.open(io.BytesIO(raw)) as opened:
+    with _open(raw) as opened:
         _check_size(opened.size)
         if min_size is not None and opened.format == "JPEG":
             w, h = opened.size
