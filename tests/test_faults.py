@@ -15,7 +15,7 @@ import pytest
 
 from pipeline import submit
 from pipeline.client.api import Job
-from pipeline.errors import BrokerError
+from pipeline.errors import BrokerError, JobError
 from pipeline.jobs.broker import connect
 from pipeline.jobs.records import JobStore
 from pipeline.store.files import sha256_of as file_sha256
@@ -167,8 +167,9 @@ def test_5_error_in_the_chord_header_names_the_shard(tmp_path: Path) -> None:
         for i in range(8):
             p = root / cls / f"{i}.png"
             p.parent.mkdir(parents=True, exist_ok=True)
-            Image.new("RGB", (16, 16), (30 * i, 0, 0)).save(p)
-    with cluster_env(tmp_path) as c:
+            Image.new("RGB", (16, 16), (30 * i, 100 * (cls == "b"), 0)).save(p)
+    # every shard task waits 1 s before it decodes: the change below lands before any does
+    with cluster_env(tmp_path, env={"CHAOS_SLOW_SHARD_S": "1"}) as c:
         spec = small_spec(tmp_path).from_dict({
             "data": {"source": "imagefolder", "path": str(root), "shard_size": 4},
             "backbone": {"image_size": 32}, "output": str(tmp_path / "out")})
@@ -177,14 +178,16 @@ def test_5_error_in_the_chord_header_names_the_shard(tmp_path: Path) -> None:
         st = job.wait(timeout=300)
         time.sleep(2)  # a second errback call would land now
         st = job.status()
+        with pytest.raises(JobError, match="FAILED"):
+            job.result()
         again = job.retry()  # the same spec on today's data: planned anew, shards reused
         assert again.wait(timeout=300)["status"] == "SUCCESS"
         assert again.status()["retry_of"] == job.id
     assert st["status"] == "FAILED"
     import re
 
-    assert re.search(r"shard \d+-\d+: data at", st["error"]), st["error"]
-    assert "changed since the job was planned" in st["error"]
+    assert re.search(r"shard \d+-\d+: 1 sample\(s\) changed", st["error"]), st["error"]
+    assert "changed since the job was planned" in st["error"] and "a/0.png" in st["error"]
     assert st["errback_runs"] == 1
 
 

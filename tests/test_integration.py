@@ -85,27 +85,6 @@ def test_second_run_reuses_the_cached_shards(cluster: LocalCluster, tmp_path: Pa
     assert third.wait(timeout=240)["shards_cached"] == 0
 
 
-def test_failing_shard_fails_the_job_with_its_error(cluster: LocalCluster, tmp_path: Path) -> None:
-    from PIL import Image
-
-    root = tmp_path / "imgs"
-    for cls in ("a", "b"):
-        (root / cls).mkdir(parents=True)
-        for i in range(6):
-            Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(root / cls / f"{i}.png")
-    spec = small_spec(tmp_path).__class__.from_dict({
-        "data": {"source": "imagefolder", "path": str(root), "shard_size": 4},
-        "backbone": {"image_size": 32}, "output": str(tmp_path / "out")})
-    job = submit(spec, broker=cluster.broker)
-    # Change the data under the job: the extraction task refuses to mix old and new data.
-    Image.new("RGB", (20, 20)).save(root / "a" / "0.png")
-    st = job.wait(timeout=240)
-    assert st["status"] == "FAILED"
-    assert "changed since the job was planned" in st["error"]
-    with pytest.raises(JobError, match="FAILED"):
-        job.result()
-
-
 def test_unknown_job_and_unreachable_broker(cluster: LocalCluster, tmp_path: Path) -> None:
     with pytest.raises(JobError, match=r"no job '0123456789ab'.*fix:"):
         get_job("0123456789ab", broker=cluster.broker)

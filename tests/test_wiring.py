@@ -89,7 +89,7 @@ def _digit_folder(root: Path, corrupt: set[int]) -> None:
         path = root / str(d.target[i] % 3) / f"{i:03d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         if i in corrupt:
-            path.write_bytes(b"\x89PNG not really")
+            path.write_bytes(b"\x89PNG not really %d" % i)
         else:
             Image.fromarray(np.round(d.images[i] * 255 / 16).astype(np.uint8)).save(path)
 

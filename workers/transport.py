@@ -20,14 +20,19 @@ from pipeline.jobs.broker import OOM_PATIENCE_S, patient_retry
 
 
 def _patient(params: dict[str, Any]) -> dict[str, Any]:
+    """Connection parameters whose commands are retried while Redis refuses writes (only
+    then: connection errors still reach kombu's and Celery's own reconnection logic)."""
     from redis.exceptions import OutOfMemoryError
 
-    return {**params, "retry": patient_retry(), "retry_on_error": [OutOfMemoryError]}
+    return {**params, "retry": patient_retry(only_full=True),
+            "retry_on_error": [OutOfMemoryError]}
 
 
 class Channel(kombu_redis.Channel):  # type: ignore[misc]
     def _connparams(self, asynchronous: bool = False) -> Any:
-        return _patient(super()._connparams(asynchronous))
+        params = super()._connparams(asynchronous)
+        # the BRPOP connection only reads (a full Redis serves it): left as kombu made it
+        return params if asynchronous else _patient(params)
 
 
 class Transport(kombu_redis.Transport):  # type: ignore[misc]

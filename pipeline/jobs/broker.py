@@ -12,13 +12,20 @@ from pipeline.settings import BROKER_ENV, get_settings
 OOM_PATIENCE_S = 600.0
 
 
-def patient_retry() -> Any:
-    """redis-py's retry policy of worker connections: backoff from 0.2 s, capped at 5 s,
-    for about :data:`OOM_PATIENCE_S` (connection errors and refused writes alike)."""
+def patient_retry(only_full: bool = False) -> Any:
+    """redis-py's retry policy of worker connections: backoff from 0.2 s, capped at 5 s, for
+    about :data:`OOM_PATIENCE_S`. ``only_full``: retry only the writes a full Redis refused
+    (kombu and Celery reconnect by themselves after a connection error: a retry inside
+    redis-py would leave their event loop on a dead socket)."""
     from redis.backoff import ExponentialBackoff
+    from redis.exceptions import OutOfMemoryError
     from redis.retry import Retry
 
-    return Retry(ExponentialBackoff(cap=5.0, base=0.2), int(OOM_PATIENCE_S / 5.0))
+    retries = int(OOM_PATIENCE_S / 5.0)
+    if only_full:
+        return Retry(ExponentialBackoff(cap=5.0, base=0.2), retries,
+                     supported_errors=(OutOfMemoryError,))
+    return Retry(ExponentialBackoff(cap=5.0, base=0.2), retries)
 
 
 def broker_url(url: str | None = None) -> str:
