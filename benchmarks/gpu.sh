@@ -14,3 +14,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
     --gflops 8.2 --peak-tflops 989 --json "$OUT/resnet50-bf16.json" | tee "$OUT/resnet50-bf16.txt"
 # the auto batch size / OOM halving and fine-tuning paths on CUDA, briefly
 "$PY" -m pytest -q -m gpu tests/ | tee "$OUT/pytest-gpu.txt"
+# pretraining (issue #18): ResNet-18 SimCLR, bf16 autocast, DDP over every GPU of this machine
+NGPU=$(nvidia-smi -L | wc -l)
+"$PY" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" \
+    benchmarks/pretrain_throughput.py --arch resnet18 --image-size 224 --batch-size 512 \
+    --epochs 2 --images 20480 --out "$OUT/pretrain-run" --json "$OUT/pretrain-resnet18-simclr.json" \
+    | tee "$OUT/pretrain-resnet18-simclr.txt"

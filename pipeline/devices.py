@@ -8,17 +8,37 @@ the GIL). Models are cached per process, so a worker pays for loading one once.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import shutil
+import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from pipeline import backbones
 from pipeline.sources import Loaded, Source
 
 log = logging.getLogger(__name__)
+
+
+def visible_gpus() -> list[str]:
+    """GPU indices on this machine, found without initialising CUDA in this process
+    (a forked pool child could not use CUDA afterwards)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g.strip() for g in visible.split(",") if g.strip() and g.strip() != "-1"]
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run([smi, "--query-gpu=index", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20, check=True)
+            return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+    proc = Path("/proc/driver/nvidia/gpus")
+    return [str(i) for i in range(len(list(proc.iterdir())))] if proc.is_dir() else []
 
 
 def pick_device(requested: str) -> str:

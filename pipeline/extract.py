@@ -28,7 +28,7 @@ from pipeline.devices import (
 )
 from pipeline.errors import BackboneError
 from pipeline.plan import BackboneInfo
-from pipeline.preprocess import preprocess
+from pipeline.preprocess import SIGNATURE_SIDE, preprocess, signatures
 from pipeline.sources import Source
 from pipeline.spec import BackboneSpec
 from pipeline.store import shards
@@ -83,6 +83,7 @@ def extract_shard(source: Source, indices: Sequence[int], backbone: BackboneInfo
             return bb.model(x)
 
     feats: list[np.ndarray] = []
+    sigs: list[np.ndarray] = []
     kept: list[int] = []
     skipped: list[tuple[str, str]] = []
     done, t_model, reported = 0, 0.0, 0.0
@@ -96,6 +97,7 @@ def extract_shard(source: Source, indices: Sequence[int], backbone: BackboneInfo
                 batch = buffer = preprocess(loaded.images, pre, device, out=buffer)
                 out = forward_halving(forward, batch, fits_key)
                 feats.append(out.float().cpu().numpy().astype(out_dtype))
+                sigs.append(signatures(batch))
                 kept.extend(loaded.indices)
                 t_model += time.perf_counter() - tm
             done += len(loaded.indices) + len(loaded.failures)
@@ -112,7 +114,10 @@ def extract_shard(source: Source, indices: Sequence[int], backbone: BackboneInfo
     written = shards.write_shard(target.path, shards.ShardData(
         features=features, labels=source.labels[kept_arr] if len(kept_arr) else kept_arr,
         indices=kept_arr, sample_ids=[source.sample_id(int(i)) for i in kept_arr],
-        skipped=skipped, attrs=attrs), not_before=target.not_before)
+        skipped=skipped, attrs=attrs,
+        signatures=np.concatenate(sigs) if sigs else np.zeros((0, SIGNATURE_SIDE ** 2),
+                                                              np.float16)),
+        not_before=target.not_before)
     seconds = time.perf_counter() - t0
     return {"path": target.path, "rows": len(kept_arr), "sha256": written.sha256,
             "adopted": written.adopted, "cached": False,

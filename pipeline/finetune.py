@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 
 from pipeline import backbones, evaluate
 from pipeline.devices import decode_threads, decoded, pick_device
+from pipeline.engine.dist import Rank, load, resume_reason, save
 from pipeline.errors import JobError
 from pipeline.fsio import atomic_path, atomic_write_text
 from pipeline.plan import BackboneInfo, Splits
@@ -75,7 +75,8 @@ def _schedule(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
+def save_main(obj: Any, path: Path) -> None:
+    """Write ``obj`` atomically (rank 0 only calls it)."""
     import torch
 
     with atomic_path(path) as tmp:
@@ -112,16 +113,19 @@ def predict_proba(net: Any, source: Source, indices: Sequence[int], pre: Any, de
             np.asarray(kept, np.int64), skipped)
 
 
-def run(source: Source, splits: Splits, class_names: list[str], backbone: BackboneInfo,
-        ft: FinetuneSpec, *, seed: int, out_dir: Path, job_id: str, attempt: int,
-        progress: Progress | None = None, deadline: float | None = None,
-        resume_reason: str = "", splits_file: Path | None = None) -> dict[str, Any]:
-    """Fine-tune (resuming from ``out_dir/last.pt`` when present); return small JSON with the
-    best checkpoint, the per-epoch history and the resumes. ``splits_file``: where to write
-    the train and val sample ids actually used (those that decoded).
+def run(rank: Rank, source: Source, splits: Splits, class_names: list[str],
+        backbone: BackboneInfo, ft: FinetuneSpec, *, seed: int, out_dir: Path, job_id: str,
+        attempt: int = 1, part: int = 0, progress: Progress | None = None,
+        slice_s: float | None = None, should_stop: Callable[[], bool] = lambda: False,
+        splits_file: Path | None = None) -> dict[str, Any]:
+    """Fine-tune in this rank (resuming from ``out_dir/last.pt`` when present); return small
+    JSON with the best checkpoint, the per-epoch history and the resumes (rank 0's is kept).
 
-    ``deadline`` (``time.monotonic()`` seconds): past it, checkpoint at the next step and
-    return ``{"continue": True}`` so a fresh task carries on.
+    Each global batch of ``finetune.batch_size`` is split across the ranks (DDP averages the
+    gradients). After ``slice_s`` seconds of training, or when ``should_stop()`` turns true on
+    rank 0, every rank stops after checkpointing and ``{"continue": True}`` (or
+    ``{"cancelled": True}``) is returned. ``splits_file``: where rank 0 writes the train and
+    val sample ids actually used.
 
     Raises:
         JobError: fewer training samples than one batch.
@@ -129,10 +133,11 @@ def run(source: Source, splits: Splits, class_names: list[str], backbone: Backbo
     import torch
 
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    device = pick_device(ft.device)
+    device = rank.device
     n_classes = len(class_names)
     torch.manual_seed(seed)
     net, _bb = build_network(backbone.name, backbone.weights, n_classes, device)
+    model = rank.wrap(net)
     pre = backbones.Preprocessing.from_dict(backbone.preprocessing)
     head_params = list(net.head.parameters())
     body_params = list(net.backbone.parameters())
@@ -144,65 +149,69 @@ def run(source: Source, splits: Splits, class_names: list[str], backbone: Backbo
     else:
         opt = torch.optim.AdamW(groups, lr=ft.lr, weight_decay=ft.weight_decay)
     train_idx = np.asarray(splits.train, np.int64)
-    steps_per_epoch = len(train_idx) // ft.batch_size
-    if steps_per_epoch == 0:
+    per_rank = ft.batch_size // rank.world_size
+    steps_per_epoch = len(train_idx) // max(1, per_rank * rank.world_size)
+    if steps_per_epoch == 0 or per_rank < 2:
         raise JobError(f"job {job_id}: {len(train_idx)} training samples are fewer than "
-                       f"finetune.batch_size {ft.batch_size}; fix: lower finetune.batch_size")
+                       f"finetune.batch_size {ft.batch_size}, or the batch leaves fewer than "
+                       f"2 per rank over {rank.world_size} ranks; fix: lower "
+                       "finetune.batch_size or finetune.nodes")
     total = steps_per_epoch * ft.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, _schedule(total, max(1, round(ft.warmup_fraction * total))))
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=ft.label_smoothing)
-    gen = torch.Generator().manual_seed(seed + 1)
+    gen = torch.Generator().manual_seed(seed + 1 + 1000 * rank.rank)
 
     state: dict[str, Any] = {"epoch": 0, "step": 0, "global_step": 0, "best_val": -1.0,
                              "best_epoch": None, "history": [], "resumes": [],
                              "train_seconds": 0.0, "skipped": [], "trained_on": [],
                              "val_ids": []}
-    if last_path.is_file():
-        ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
+    ckpt = load(last_path)
+    if ckpt is not None:
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
-        gen.set_state(ckpt["rng"]["augment"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        random.setstate(_as_random_state(ckpt["rng"]["python"]))
         state = json.loads(ckpt["state"])
-        state["resumes"].append({"reason": resume_reason or "restarted", "attempt": attempt,
-                                 "epoch": state["epoch"],
-                                 "step": state["step"], "global_step": state["global_step"],
-                                 "at": time.time()})
+        gen.manual_seed(seed + 1 + 1000 * rank.rank + 7919 * (state["global_step"] + 1))
+        state["resumes"].append({"reason": resume_reason(rank, attempt, part),
+                                 "attempt": attempt, "restart": rank.restart, "part": part,
+                                 "epoch": state["epoch"], "step": state["step"],
+                                 "global_step": state["global_step"], "at": time.time()})
         log.warning("job %s: fine-tuning resumes at epoch %d step %d (attempt %d)",
                     job_id, state["epoch"], state["step"], attempt)
 
     def checkpoint() -> None:
-        _save_atomic({"schema": CHECKPOINT_SCHEMA, "model": net.state_dict(),
-                      "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                      "rng": {"augment": gen.get_state(), "torch": torch.get_rng_state(),
-                              "python": list(_flatten_random_state(random.getstate()))},
-                      "state": json.dumps(state)}, last_path)
+        save(rank, {"schema": CHECKPOINT_SCHEMA, "model": net.state_dict(),
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "state": json.dumps(state)}, last_path)
 
     # bf16 autocast on CUDA (fp16 would need loss scaling: it trains in fp32 instead)
     use_amp = device.startswith("cuda") and backbone.precision == "bf16"
     threads = decode_threads(device)
     t_start = time.perf_counter()
+    deadline = None if slice_s is None else time.time() + slice_s
     while state["epoch"] < ft.epochs:
         epoch = state["epoch"]
         order = np.random.default_rng([seed, epoch]).permutation(train_idx)
-        order = order[: steps_per_epoch * ft.batch_size]  # drop the last partial batch
-        net.train()
+        global_b = per_rank * rank.world_size
+        batches = [order[b * global_b:(b + 1) * global_b] for b in range(steps_per_epoch)]
+        mine = [int(i) for b in batches[state["step"]:] for i in rank.split(list(b))]
+        model.train()
         seen, loss_sum, t_epoch = 0, 0.0, time.perf_counter()
-        todo = order[state["step"] * ft.batch_size:]
-        for loaded in decoded(source, todo.tolist(), ft.batch_size, threads):
+        for loaded in decoded(source, mine, per_rank, threads):
             state["skipped"].extend(source.sample_id(i) for i, _ in loaded.failures)
-            if len(loaded.images) >= 2:
-                if epoch == 0:  # every epoch draws from the same samples: record them once
-                    state["trained_on"].extend(int(i) for i in loaded.indices)
-                x = augment(loaded.images, pre, device, gen, ft.crop_scale_min,
-                            ft.hflip) if ft.augment else \
-                    preprocess(loaded.images, pre, device)
-                y = torch.as_tensor(source.labels[np.asarray(loaded.indices)], device=device)
+            images, labels = loaded.images, list(loaded.indices)
+            if epoch == 0:  # every epoch draws from the same samples: record them once
+                state["trained_on"].extend(int(i) for i in labels)
+            if len(images) < 2:  # DDP needs every rank in every step: train on what decoded
+                images = [images[0]] * 2 if images else []
+                labels = [labels[0]] * 2 if labels else []
+            if images:
+                x = augment(images, pre, device, gen, ft.crop_scale_min, ft.hflip) \
+                    if ft.augment else preprocess(images, pre, device)
+                y = torch.as_tensor(source.labels[np.asarray(labels)], device=device)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                    loss = loss_fn(net(x).float(), y)
+                    loss = loss_fn(model(x).float(), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -211,49 +220,50 @@ def run(source: Source, splits: Splits, class_names: list[str], backbone: Backbo
             sched.step()
             state["step"] += 1
             state["global_step"] += 1
-            if progress is not None:
-                rate = seen / max(time.perf_counter() - t_epoch, 1e-6)
+            if progress is not None and rank.is_main:
+                rate = seen * rank.world_size / max(time.perf_counter() - t_epoch, 1e-6)
                 progress({"epoch": epoch + 1, "epochs": ft.epochs, "step": state["step"],
                           "steps": steps_per_epoch, "loss": round(loss_sum / max(seen, 1), 4),
                           "images_per_s": round(rate, 1),
                           "val_top1": state["history"][-1]["val_top1"]
                           if state["history"] else None})
             n = ft.checkpoint_every_steps
-            out_of_time = deadline is not None and time.monotonic() > deadline
+            out_of_time = rank.any((deadline is not None and time.time() > deadline)
+                                   or should_stop())
             if state["step"] < steps_per_epoch and (out_of_time or (n and state["step"] % n == 0)):
                 state["train_seconds"] += time.perf_counter() - t_start
                 t_start = time.perf_counter()
                 checkpoint()
                 if out_of_time:
-                    return {"continue": True, "epoch": state["epoch"], "step": state["step"]}
+                    return {"cancelled": True} if should_stop() else {
+                        "continue": True, "epoch": state["epoch"], "step": state["step"]}
         epoch_s = time.perf_counter() - t_epoch
-        proba, yv, val_ids, _ = predict_proba(net, source, splits.val, pre, device,
-                                              ft.batch_size)
-        state["val_ids"] = val_ids.tolist()
-        val_top1 = float((proba.argmax(1) == yv).mean()) if len(yv) else 0.0
-        state["history"].append({"epoch": epoch + 1, "loss": round(loss_sum / max(seen, 1), 5),
-                                 "val_top1": round(val_top1, 5), "images": seen,
-                                 "images_per_s": round(seen / epoch_s, 2) if epoch_s else None,
-                                 "lr": [round(g["lr"], 8) for g in opt.param_groups]})
-        if val_top1 > state["best_val"]:
-            state["best_val"], state["best_epoch"] = val_top1, epoch + 1
-            _save_atomic({"model": net.state_dict(), "meta": json.dumps({
-                "backbone": backbone.name, "weights": backbone.weights,
-                "n_classes": n_classes, "class_names": class_names, "epoch": epoch + 1,
-                "val_top1": val_top1, "preprocessing": pre.to_dict()})}, best_path)
+        train_loss = rank.mean(loss_sum / max(seen, 1))
+        if rank.is_main:  # validation on rank 0, the others wait at the checkpoint
+            proba, yv, val_ids, _ = predict_proba(net, source, splits.val, pre, device,
+                                                  per_rank)
+            state["val_ids"] = val_ids.tolist()
+            val_top1 = float((proba.argmax(1) == yv).mean()) if len(yv) else 0.0
+            state["history"].append({
+                "epoch": epoch + 1, "loss": round(train_loss, 5), "val_top1": round(val_top1, 5),
+                "images": seen * rank.world_size,
+                "images_per_s": round(seen * rank.world_size / epoch_s, 2) if epoch_s else None,
+                "lr": [round(g["lr"], 8) for g in opt.param_groups]})
+            if val_top1 > state["best_val"]:
+                state["best_val"], state["best_epoch"] = val_top1, epoch + 1
+                save_main({"model": net.state_dict(), "meta": json.dumps({
+                    "backbone": backbone.name, "weights": backbone.weights,
+                    "n_classes": n_classes, "class_names": class_names, "epoch": epoch + 1,
+                    "val_top1": val_top1, "preprocessing": pre.to_dict()})}, best_path)
         state["epoch"], state["step"] = epoch + 1, 0
         state["train_seconds"] += time.perf_counter() - t_start
         t_start = time.perf_counter()
         checkpoint()
-        if progress is not None:
-            progress({"epoch": epoch + 1, "epochs": ft.epochs, "step": steps_per_epoch,
-                      "steps": steps_per_epoch, "loss": state["history"][-1]["loss"],
-                      "images_per_s": state["history"][-1]["images_per_s"],
-                      "val_top1": round(val_top1, 4)})
-    if splits_file is not None:  # the samples used: drawn into a batch and decoded
+    if splits_file is not None and rank.is_main:  # the samples used: drawn and decoded
         atomic_write_text(splits_file, json.dumps({"train": sorted(state["trained_on"]),
                                                    "val": state["val_ids"]}), fsync=False)
     return {"best": str(best_path), "checkpoint": str(last_path), "device": device,
+            "world_size": rank.world_size,
             "best_epoch": state["best_epoch"], "best_val_top1": state["best_val"],
             "epochs": ft.epochs, "steps_per_epoch": steps_per_epoch,
             "global_step": state["global_step"],
@@ -285,12 +295,3 @@ def evaluate_test(source: Source, test_ids: Sequence[int], class_names: list[str
     proba, y, ids, skipped = predict_proba(net, source, test_ids, pre, device, ft.batch_size)
     metrics = evaluate.classification_metrics(y, proba, class_names)
     return {**metrics, "skipped_test": [{"id": i, "reason": r} for i, r in skipped]}, proba, ids
-
-
-def _flatten_random_state(st: tuple[Any, ...]) -> tuple[Any, ...]:
-    # random.getstate() = (version, tuple of 625 ints, gauss_next); stored as plain lists
-    return (st[0], list(st[1]), st[2])
-
-
-def _as_random_state(raw: Any) -> tuple[Any, ...]:
-    return (raw[0], tuple(raw[1]), raw[2])

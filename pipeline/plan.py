@@ -90,6 +90,23 @@ class Exclusion(_Frozen):
     id: str
     reason: str
     kind: str = "duplicate"
+    twin: int | None = None  # a duplicate's kept copy
+
+
+class QualityPlan(_Frozen):
+    """The data-quality stage's fan-out: neighbour-search blocks (positions in the sorted
+    extracted ids), cross-validation folds, learning-curve fractions, the probe's penalty."""
+
+    blocks: list[tuple[int, int]]
+    folds: int
+    fractions: list[float]
+    l2: float
+
+    def parts(self) -> list[str]:
+        """The name of every part the stage records before it is summarized."""
+        return ([f"neighbors.{i}" for i in range(len(self.blocks))]
+                + [f"fold.{f}" for f in range(self.folds)]
+                + [f"curve.{i}" for i in range(len(self.fractions))] + ["shift", "probe"])
 
 
 class Plan(_Frozen):
@@ -97,6 +114,7 @@ class Plan(_Frozen):
 
     schema_version: int = PLAN_SCHEMA
     job_id: str
+    kind: Literal["classify", "pretrain", "quality"] = "classify"
     created: float  # when planned: a shard file older than this was not trusted then
     spec: JobSpec
     strategy: Literal["probe", "finetune"] = "probe"
@@ -115,6 +133,7 @@ class Plan(_Frozen):
     shards: list[Shard] = Field(default_factory=list)
     sweep: list[list[float]] | None = None  # slices of the λ grid; None: probe.l2 is fixed
     l2: float | None = None
+    quality: QualityPlan | None = None  # None: no quality stage (off, or fine-tuning)
     _digests: np.ndarray | None = PrivateAttr(default=None)
 
     def with_digests(self, digests: np.ndarray) -> Plan:

@@ -10,13 +10,14 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
 from pipeline import backbones, splits
-from pipeline.errors import DataError
+from pipeline.errors import BackboneError, DataError
 from pipeline.heads.linear import l2_grid
-from pipeline.plan import BackboneInfo, Exclusion, Plan, Shard, Splits
+from pipeline.plan import JOB_ID, BackboneInfo, Exclusion, Plan, QualityPlan, Shard, Splits
 from pipeline.sources import DIGEST_BYTES, Source, digests, open_source
 from pipeline.spec import DataSpec, JobSpec
 from pipeline.store import files, manifest
@@ -91,7 +92,7 @@ def find_exclusions(source: Source, digest: np.ndarray, data: DataSpec) -> list[
                     for m, i in zip(members, ids, strict=True)]
             continue
         keep = min(members, key=lambda m: (int(rank[m]), m))
-        out += [Exclusion(index=m, id=source.sample_id(m), kind="duplicate",
+        out += [Exclusion(index=m, id=source.sample_id(m), kind="duplicate", twin=keep,
                           reason=f"exact duplicate of {source.sample_id(keep)}")
                 for m in members if m != keep]
     return sorted(out, key=lambda e: e.index)
@@ -115,6 +116,79 @@ def unseen_classes(source: Source, split: dict[str, np.ndarray], data: DataSpec)
         raise DataError(f"{found[0]}; fix: add training samples of those classes, drop them "
                         "from the evaluation data, or set data.allow_unseen_test_classes: true")
     return found
+
+
+def resolve_backbone(spec: JobSpec) -> tuple[str, str | None, backbones.WeightsInfo]:
+    """(architecture, weights, identity) of ``backbone``: a registered name, or ``job:<id>``,
+    the encoder of a finished pretraining job (under the same ``output``; its input size is
+    the default).
+
+    Raises:
+        BackboneError: unknown names or weights, or a job that is not a finished pretraining.
+    """
+    name = spec.backbone.name
+    if not name.startswith("job:"):
+        return name, spec.backbone.weights, backbones.resolve_weights(name,
+                                                                      spec.backbone.weights)
+    job_id = name[4:]
+    job_dir = Path(spec.output).expanduser().resolve() / "jobs" / job_id
+    if not JOB_ID.match(job_id) or not (job_dir / "plan.json").is_file():
+        raise BackboneError(f"backbone {name!r}: no job {job_id!r} under {str(job_dir.parent)!r}"
+                            "; fix: use the id featurefleet pretrain printed, with the same "
+                            "output folder, or backbone.weights: /path/to/encoder.pt")
+    report = job_dir / "report.json"
+    if not report.is_file():
+        raise BackboneError(f"backbone {name!r}: pretraining job {job_id} has not finished; "
+                            f"fix: wait for it (featurefleet watch {job_id})")
+    rep = json.loads(report.read_text())
+    if rep.get("kind") != "pretrain" or not rep.get("encoder"):
+        raise BackboneError(f"backbone {name!r}: job {job_id} is not a pretraining job; fix: "
+                            "name a job submitted with kind: pretrain")
+    encoder = str(rep["encoder"])
+    if not Path(encoder).is_file() or backbones.file_sha256(encoder) != rep["encoder_sha256"]:
+        raise BackboneError(f"backbone {name!r}: the encoder {encoder!r} is missing or changed "
+                            "since its job wrote it; fix: run the pretraining job again")
+    arch = str(rep["backbone"]["arch"])
+    pre = backbones.Preprocessing.from_dict(rep["backbone"]["preprocessing"])
+    return arch, encoder, backbones.WeightsInfo(name, rep["encoder_sha256"], pre)
+
+
+def pretrain_checks(source: Source, spec: JobSpec, crop: int, samples: int) -> None:
+    """What pretraining needs from the data and the networks, checked before enqueueing
+    (``samples``: how many the encoder trains on, after the limit and exclusions).
+
+    Raises:
+        DataError: too few images, or images too small for random crops.
+        SpecError: an autoencoder whose decoder cannot reach the input size.
+    """
+    from pipeline.pretrain.models import decoder_plan
+
+    cfg = spec.pretrain
+    if cfg.method == "autoencoder":
+        decoder_plan(crop)
+    if samples < cfg.batch_size:
+        raise DataError(f"{samples} images to pretrain on are fewer than one batch "
+                        f"(pretrain.batch_size {cfg.batch_size}); fix: add images, raise "
+                        "data.limit, or lower pretrain.batch_size")
+    probe = source.load(list(range(min(16, len(source)))))
+    sides = [min(im.shape[:2]) for im in probe.images]
+    if sides and min(sides) < cfg.min_image_side:
+        raise DataError(f"images are as small as {min(sides)} px (e.g. "
+                        f"{source.sample_id(probe.indices[sides.index(min(sides))])!r}), too "
+                        f"small for random crops (pretrain.min_image_side {cfg.min_image_side})"
+                        "; fix: use larger images, or lower pretrain.min_image_side")
+
+
+QUALITY_L2 = 1e-3  # the probe's penalty in the quality stage when probe.l2 is not fixed
+
+
+def quality_plan(spec: JobSpec, rows: int) -> QualityPlan:
+    """The quality stage's fan-out over ``rows`` extracted samples."""
+    q = spec.quality
+    size = q.block_rows
+    return QualityPlan(blocks=[(s, min(rows, s + size)) for s in range(0, rows, size)],
+                       folds=q.folds, fractions=sorted(set(q.curve_fractions)),
+                       l2=spec.probe.l2 if spec.probe.l2 is not None else QUALITY_L2)
 
 
 def sweep_slices(spec: JobSpec) -> list[list[float]] | None:
@@ -145,23 +219,39 @@ def make_plan(spec: JobSpec, job_id: str, gpus: int | Callable[[], int] = 0,
     mode = spec.data.fingerprint
     digest = digests(source, range(len(source)), mode)
     excluded = find_exclusions(source, digest, spec.data) if mode == "content" else []
-    split = splits.compute_splits(
-        source.labels, source.predefined_splits(), seed=spec.data.seed,
-        test_fraction=spec.data.test_fraction, val_fraction=spec.probe.val_fraction,
-        limit=spec.data.limit, exclude=[e.index for e in excluded])
-    warnings = unseen_classes(source, split, spec.data)
-    weights = backbones.resolve_weights(spec.backbone.name, spec.backbone.weights)
+    pretraining = spec.kind == "pretrain"
+    labeled = len(np.unique(source.labels)) >= 2
+    if spec.kind != "classify" and not labeled:  # unlabeled: every sample is "train"
+        keep = np.setdiff1d(np.arange(len(source)), [e.index for e in excluded])
+        split = {"train": keep, "val": np.zeros(0, np.int64), "test": np.zeros(0, np.int64)}
+    else:
+        split = splits.compute_splits(
+            source.labels, source.predefined_splits(), seed=spec.data.seed,
+            test_fraction=spec.data.test_fraction, val_fraction=spec.probe.val_fraction,
+            limit=spec.data.limit, exclude=[e.index for e in excluded])
+    warnings = unseen_classes(source, split, spec.data) if labeled else []
+    arch, arch_weights, weights = resolve_backbone(spec)
     pre = weights.preprocessing.scaled_to(spec.backbone.image_size)
+    if pretraining:
+        pretrain_checks(source, spec, pre.crop, len(split["train"]) + len(split["val"]))
     fingerprint = data_fingerprint(source, digest, mode)
-    if spec.strategy == "auto" and callable(gpus):
+    if spec.strategy == "auto" and callable(gpus) and spec.kind == "classify":
         gpus = gpus()
-    strategy, reason = choose(spec, len(split["train"]), len(source.class_names), pre.crop,
-                              gpus if isinstance(gpus, int) else 0)
+    if spec.kind != "classify":
+        strategy, reason = "probe", ("pretraining: the encoder is trained on the images, "
+                                     "labels unused") if pretraining else (
+            "data quality: the stage runs on the cached features")
+    else:
+        strategy, reason = choose(spec, len(split["train"]), len(source.class_names), pre.crop,
+                                  gpus if isinstance(gpus, int) else 0)
     extract_ids = sorted({int(i) for v in split.values() for i in v})
     key = content_key(spec, fingerprint, weights, pre, extract_ids)
-    shard_dir = files.join(spec.store_dir, spec.backbone.name, key[:20])
+    shard_dir = files.join(spec.store_dir, arch, key[:20])
     shards: list[Shard] = []
-    if strategy == "probe":
+    quality = quality_plan(spec, len(extract_ids)) if (
+        spec.kind == "quality" or (spec.kind == "classify" and strategy == "probe"
+                                   and spec.quality.enabled)) else None
+    if strategy == "probe" and not pretraining:
         known = manifest.read_manifest(shard_dir)
         size = spec.data.shard_size
         for start in range(0, len(extract_ids), size):
@@ -170,14 +260,15 @@ def make_plan(spec: JobSpec, job_id: str, gpus: int | Callable[[], int] = 0,
             cached = manifest.trusted(path, key, end - start, known)
             shards.append(Shard(start=start, end=end, path=path, cached=cached))
     return Plan(
-        job_id=job_id, created=time.time(), spec=spec, strategy=strategy,
+        job_id=job_id, kind=spec.kind, created=time.time(), spec=spec, strategy=strategy,
         strategy_reason=reason, fingerprint=fingerprint, fingerprint_mode=mode,
         class_names=source.class_names, n_samples=len(source), excluded=excluded,
         warnings=warnings,
         splits=Splits(**{k: [int(i) for i in v] for k, v in split.items()}),
         backbone=BackboneInfo(
-            name=spec.backbone.name, weights=spec.backbone.weights, weights_id=weights.id,
+            name=arch, weights=arch_weights, weights_id=weights.id,
             weights_sha256=weights.sha256, preprocessing=pre.to_dict(),
             feature_dtype=spec.backbone.feature_dtype, precision=spec.backbone.precision),
-        key=key, shard_dir=shard_dir, shards=shards, sweep=sweep_slices(spec),
-        l2=spec.probe.l2).with_digests(digest)
+        key=key, shard_dir=shard_dir, shards=shards,
+        sweep=sweep_slices(spec) if spec.kind == "classify" else None, l2=spec.probe.l2,
+        quality=quality).with_digests(digest)

@@ -85,8 +85,10 @@ def _affine(mean: tuple[float, ...], std: tuple[float, ...], device: str) -> tup
 
 
 def augment(images: list[np.ndarray], pre: Preprocessing, device: str,
-            gen: Any, scale_min: float, hflip: bool) -> Any:
-    """Random resized crop (+ flip) of uint8 HWC images -> normalized NCHW float batch."""
+            gen: Any, scale_min: float, hflip: bool, jitter: float = 0.0,
+            grayscale: float = 0.0) -> Any:
+    """Random resized crop (+ flip, + colour jitter of strength ``jitter``, + grey with
+    probability ``grayscale``) of uint8 HWC images -> normalized NCHW float batch."""
     import torch
     from torchvision.ops import roi_align
 
@@ -122,4 +124,57 @@ def augment(images: list[np.ndarray], pre: Preprocessing, device: str,
     if hflip:
         flip = torch.rand(len(images), generator=gen) < 0.5
         out[flip.to(device)] = out[flip.to(device)].flip(-1)
+    if jitter or grayscale:
+        out = _colour(out, gen, jitter, grayscale)
     return normalize(out.contiguous(memory_format=torch.channels_last), pre)
+
+
+def _colour(x: Any, gen: Any, jitter: float, grayscale: float) -> Any:
+    """Per-image random brightness, contrast and saturation (factors in 1 ± jitter), then
+    grey with probability ``grayscale``; on 0..255 values, batched."""
+    import torch
+
+    n = x.shape[0]
+
+    def factor() -> Any:
+        return (1 + (torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1) * jitter).to(x.device)
+
+    weights = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
+    if jitter:
+        x = x * factor()
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * factor() + mean
+        grey = (x * weights).sum(dim=1, keepdim=True)
+        x = (x - grey) * factor() + grey
+    if grayscale:
+        pick = (torch.rand(n, generator=gen) < grayscale).to(x.device)
+        grey = (x * weights).sum(dim=1, keepdim=True).expand_as(x)
+        x = torch.where(pick.view(n, 1, 1, 1), grey, x)
+    return x.clamp(0, 255)
+
+
+def denormalize(x: Any, pre: Preprocessing) -> np.ndarray:
+    """A normalized NCHW batch back to uint8 NHWC images (for pictures in reports)."""
+    import torch
+
+    mean = torch.tensor(pre.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std, device=x.device).view(1, 3, 1, 1)
+    pixels = ((x.float() * std + mean) * 255).clamp(0, 255).round().to(torch.uint8)
+    return np.ascontiguousarray(pixels.permute(0, 2, 3, 1).cpu().numpy())
+
+
+SIGNATURE_SIDE = 16
+
+
+def signatures(x: Any) -> np.ndarray:
+    """Each image of a normalized NCHW batch as a 16 x 16 grey thumbnail, centred and scaled
+    to unit length (float16, N x 256): the cosine of two signatures is the correlation of the
+    thumbnails, unchanged by brightness and contrast and barely by noise, re-encoding or
+    rescaling: near duplicates a backbone's features can miss."""
+    import torch
+
+    grey = x.float().mean(dim=1, keepdim=True)
+    v = torch.nn.functional.adaptive_avg_pool2d(grey, SIGNATURE_SIDE).flatten(1)
+    v = v - v.mean(dim=1, keepdim=True)
+    v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    return np.asarray(v.cpu().numpy(), dtype=np.float16)

@@ -9,7 +9,7 @@ all of them alike).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ class Features:
         return len(self.y)
 
 
-def read_splits(paths: list[str], ids: dict[str, Sequence[int]]) -> dict[str, Features]:
+def read_splits(paths: list[str], ids: Mapping[str, Sequence[int]]) -> dict[str, Features]:
     """The rows of each named split (by sample id) from the shards, in one pass over them.
 
     The features are held in memory once (rows x dim float32): the probe fits full-batch.

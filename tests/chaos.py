@@ -4,8 +4,9 @@ fault switches; fault tests start workers with ``--include tests.chaos`` and the
 * ``CHAOS_CRASH_SHARD=<start>-<end>``: the pool child that runs that extraction task kills
   itself (SIGKILL) as soon as the task counted its start, as an out-of-memory kill would,
   every time it is delivered (within the attempt limit: a start beyond it does no work).
-* ``CHAOS_CRASH_AFTER_CHECKPOINT=1``: the first fine-tuning task's pool child kills itself
-  right after its first checkpoint appears (as a preemption would); later deliveries run on.
+* ``CHAOS_CRASH_AFTER_CHECKPOINT=1``: the first training task's pool child (a node of a
+  fine-tuning run) kills itself right after the run's first checkpoint appears, as a
+  preemption would (its torchrun and ranks die with it); later deliveries run on.
 * ``CHAOS_SLOW_SHARD_S=<seconds>``: every extraction task sleeps this long first (keeps a task
   running while the test does something to it).
 """
@@ -39,7 +40,7 @@ def _inject(sender: Any = None, task_id: str = "", args: Any = (), kwargs: Any =
         delay = float(os.environ.get("CHAOS_SLOW_SHARD_S", "0") or 0)
         if delay:
             time.sleep(delay)
-    elif name == "featurefleet.finetune" and os.environ.get("CHAOS_CRASH_AFTER_CHECKPOINT"):
+    elif name == "featurefleet.train_node" and os.environ.get("CHAOS_CRASH_AFTER_CHECKPOINT"):
         plan = load_plan(args[0])
         marker = plan.job_dir / ".chaos-crashed"
         if marker.exists():

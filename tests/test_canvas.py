@@ -66,13 +66,21 @@ def errbacks(canvas: Any) -> set[str]:
 def test_probe_canvas_shape(app: Any, tmp_path: Path) -> None:
     plan, ref = plan_for(tmp_path)
     canvas = job_canvas(app, plan, ref)
-    extract, collect, sweep, train, evaluate = in_order(canvas)
+    extract, collect, quality, finish, sweep, train, evaluate = in_order(canvas)
     assert names(extract) == ["extract_shard"] * len(plan.shards) == ["extract_shard"] * 5
     for sig, shard in zip(extract, plan.shards, strict=True):
         assert sig.args == (ref.to_message(), shard.id)  # a reference and an id, no paths
         assert sig.options["queue"] == "ff.extract"
         assert sig.options["task_id"] == f"{JOB}.extract.{shard.id}"
     assert names(collect) == ["collect"] and collect[0].options["queue"] == "ff.train"
+    # the quality stage is on by default: its parts fan out before training; only the probe
+    # part (it runs the backbone) goes to the GPU queue
+    assert plan.quality is not None
+    parts = plan.quality.parts()
+    assert [s.kwargs["part"] for s in quality] == parts
+    assert {s.kwargs["part"]: s.options["queue"] for s in quality} == {
+        p: "ff.extract" if p == "probe" else "ff.train" for p in parts}
+    assert names(finish) == ["quality_finish"]
     assert names(sweep) == ["sweep_probe"] * 3  # probe.sweep_tasks
     assert [s.kwargs["index"] for s in sweep] == [0, 1, 2]
     assert names(train) == ["train_probe"] and names(evaluate) == ["evaluate"]
@@ -81,11 +89,27 @@ def test_probe_canvas_shape(app: Any, tmp_path: Path) -> None:
     ids = task_ids(canvas)
     assert ids == sorted({f"{JOB}.extract.{s.id}" for s in plan.shards}
                          | {f"{JOB}.{t}" for t in ("collect", "train", "evaluate", "on-error",
-                                                   "sweep.0", "sweep.1", "sweep.2")})
+                                                   "sweep.0", "sweep.1", "sweep.2",
+                                                   "quality.finish")}
+                         | {f"{JOB}.quality.{p}" for p in parts})
+
+
+def test_quality_kind_ends_with_its_report(app: Any, tmp_path: Path) -> None:
+    plan, ref = plan_for(tmp_path, kind="quality")
+    steps = in_order(job_canvas(app, plan, ref))
+    assert [names(s)[0] for s in steps] == ["extract_shard", "collect", "quality_part",
+                                            "quality_finish"]
+
+
+def test_quality_disabled_skips_its_chord(app: Any, tmp_path: Path) -> None:
+    plan, ref = plan_for(tmp_path, quality={"enabled": False})
+    assert plan.quality is None
+    steps = in_order(job_canvas(app, plan, ref))
+    assert "quality_part" not in {n for s in steps for n in names(s)}
 
 
 def test_fixed_l2_cached_shards_and_rounds(app: Any, tmp_path: Path) -> None:
-    plan, ref = plan_for(tmp_path, probe={"l2": 0.01})
+    plan, ref = plan_for(tmp_path, probe={"l2": 0.01}, quality={"enabled": False})
     cached = plan.model_copy(update={"shards": [s.model_copy(update={"cached": True})
                                                 for s in plan.shards]})
     canvas = job_canvas(app, cached, ref, round_=2)
@@ -99,11 +123,22 @@ def test_finetune_canvas(app: Any, tmp_path: Path) -> None:
     plan, ref = plan_for(tmp_path, strategy="finetune")
     assert plan.shards == []  # fine-tuning trains on the samples, not on cached features
     canvas = job_canvas(app, plan, ref)
-    steps = [sig for step in in_order(canvas) for sig in step]
-    assert names(steps) == ["finetune", "evaluate_finetune"]
-    assert all(t.options["queue"] == "ff.extract" for t in steps)
+    nodes, done, evaluate = in_order(canvas)
+    assert names(nodes) == ["train_node"] and nodes[0].options["queue"] == "ff.extract"
+    assert names(done) == ["train_done"] and names(evaluate) == ["evaluate_finetune"]
+    assert evaluate[0].options["queue"] == "ff.extract"
     assert errbacks(canvas) == {"featurefleet.fail_job"}
-    assert task_ids(canvas) == [f"{JOB}.evaluate", f"{JOB}.finetune", f"{JOB}.on-error"]
+    assert task_ids(canvas) == [f"{JOB}.evaluate", f"{JOB}.finetune.done.p0",
+                                f"{JOB}.finetune.p0.n0", f"{JOB}.on-error"]
+
+
+def test_pretrain_canvas_one_task_per_node(app: Any, tmp_path: Path) -> None:
+    plan, ref = plan_for(tmp_path, kind="pretrain", pretrain={"nodes": 2, "batch_size": 8})
+    nodes, done, finish = in_order(job_canvas(app, plan, ref))
+    assert names(nodes) == ["train_node", "train_node"]
+    assert [n.args[-2] for n in nodes] == [0, 1]  # slot
+    assert all(n.options["queue"] == "ff.extract" for n in nodes)
+    assert names(done) == ["train_done"] and names(finish) == ["finish_pretrain"]
 
 
 def test_task_ids_walk_nested_canvases(app: Any) -> None:

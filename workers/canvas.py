@@ -3,12 +3,15 @@
 A probe job is::
 
     chord(extract_shard per uncached shard) -> collect
+      -> chord(quality_part per part) -> quality_finish
       -> chord(sweep_probe per grid slice) -> train_probe -> evaluate
 
-(with a fixed L2 penalty the sweep chord is skipped: collect -> train_probe -> evaluate). An
-error callback marks the job FAILED. No task waits on another. A fine-tuning job is
-``finetune -> evaluate_finetune``, both on the GPU queue (the fine-tune task replaces itself
-with a continuation after each time slice, keeping the chain and the error callback).
+(with a fixed L2 penalty the sweep chord is skipped; with ``quality.enabled: false`` the
+quality chord; a ``kind: quality`` job ends with ``quality_finish``, which writes its report). An
+error callback marks the job FAILED. No task waits on another. Training runs (fine-tuning,
+pretraining) are ``chord(train_node per node, on the GPU queue) -> train_done``, followed by
+``evaluate_finetune`` or ``finish_pretrain``; after each time slice ``train_done`` replaces
+itself with the next slice's chord (the rest of the chain and the error callback follow).
 
 Messages carry the plan's reference (job id, path, sha256) and ids, never the plan or paths.
 The ids of a job's tasks are read off the canvas itself (:func:`task_ids`), so cancel revokes
@@ -36,14 +39,24 @@ def job_canvas(app: Celery, plan: Plan, ref: PlanRef, round_: int = 0) -> Any:
                          **kw)
 
     on_error = sig("fail_job", plan.job_id, tid="on-error")
-    if plan.strategy == "finetune":  # trains on the samples: one task on the GPU queue
-        return chain(sig("finetune", msg, tid="finetune", queue=EXTRACT_QUEUE),
+    if plan.kind == "pretrain":
+        return chain(training(app, plan, ref, "pretrain", 0, round_),
+                     sig("finish_pretrain", ref=msg, tid="finish")).on_error(on_error)
+    if plan.strategy == "finetune":  # trains on the samples, on the GPU queue
+        return chain(training(app, plan, ref, "finetune", 0, round_),
                      sig("evaluate_finetune", ref=msg, tid="evaluate",
                          queue=EXTRACT_QUEUE)).on_error(on_error)
     header = [sig("extract_shard", msg, s.id, tid=f"extract.{s.id}", queue=EXTRACT_QUEUE)
               for s in plan.shards if not s.cached]
     steps: list[Any] = [chord(group(header), sig("collect", ref=msg, tid="collect"))
                         if header else sig("collect", [], ref=msg, tid="collect")]
+    if plan.quality is not None:  # before training: quality.exclude may leave samples out
+        parts = [sig("quality_part", ref=msg, part=p, tid=f"quality.{p}",
+                     queue=EXTRACT_QUEUE if p == "probe" else TRAIN_QUEUE)
+                 for p in plan.quality.parts()]
+        steps.append(chord(group(parts), sig("quality_finish", ref=msg, tid="quality.finish")))
+    if plan.kind == "quality":
+        return chain(*steps).on_error(on_error)
     train = sig("train_probe", ref=msg, tid="train")
     if plan.sweep is not None:
         sweeps = [sig("sweep_probe", ref=msg, index=i, tid=f"sweep.{i}")
@@ -53,6 +66,19 @@ def job_canvas(app: Celery, plan: Plan, ref: PlanRef, round_: int = 0) -> Any:
         steps.append(train)
     steps.append(sig("evaluate", ref=msg, tid="evaluate"))
     return chain(*steps).on_error(on_error)
+
+
+def training(app: Celery, plan: Plan, ref: PlanRef, program: str, part: int,
+             round_: int = 0) -> Any:
+    """One time slice of a training run: a task per node (GPU queue), then ``train_done``."""
+    msg = ref.to_message()
+    nodes = plan.spec.pretrain.nodes if program == "pretrain" else plan.spec.finetune.nodes
+    header = [signature(app, plan.job_id, "train_node", msg, program, part, slot, round_,
+                        tid=f"{program}.p{part}.n{slot}", queue=EXTRACT_QUEUE, round_=round_)
+              for slot in range(nodes)]
+    body = signature(app, plan.job_id, "train_done", ref=msg, program=program, part=part,
+                     round_no=round_, tid=f"{program}.done.p{part}", round_=round_)
+    return chord(group(header), body)
 
 
 def signature(app: Celery, job_id: str, name: str, *args: Any, tid: str,

@@ -5,33 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+from pipeline.devices import visible_gpus as list_gpus
 from pipeline.errors import FeaturefleetError
 from workers.launcher import SHUTDOWN_GRACE_S, start_worker
 from workers.settings import EXTRACT_QUEUE, TRAIN_QUEUE
-
-
-def list_gpus() -> list[str]:
-    """GPU indices on this machine, found without initialising CUDA in this process
-    (a forked pool child could not use CUDA afterwards)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return [g.strip() for g in visible.split(",") if g.strip() and g.strip() != "-1"]
-    smi = shutil.which("nvidia-smi")
-    if smi:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            out = subprocess.run([smi, "--query-gpu=index", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=20, check=True)
-            return [line.strip() for line in out.stdout.splitlines() if line.strip()]
-    proc = Path("/proc/driver/nvidia/gpus")
-    return [str(i) for i in range(len(list(proc.iterdir())))] if proc.is_dir() else []
 
 
 def fleet_plan(gpus: str, cpu_workers: int, extract_workers: int,

@@ -17,12 +17,10 @@ from celery.signals import worker_ready
 from celery.utils.log import get_task_logger
 
 from pipeline.errors import RetryableError
-from pipeline.jobs import steps
+from pipeline.jobs import quality, steps, training
 from pipeline.jobs.broker import connect
 from pipeline.jobs.records import JobStore
-from pipeline.settings import get_settings
 from workers.app import app
-from workers.settings import EXTRACT_QUEUE
 
 log = get_task_logger(__name__)
 _jobs: JobStore | None = None
@@ -50,10 +48,10 @@ def ff_task(name: str) -> Callable[[Callable[..., Any]], Any]:
 def announce(sender: Any = None, **_: Any) -> None:
     """Record this worker's GPUs in Redis (``ff:fleet``) so ``strategy: auto`` knows the
     compute online. Read from the environment / nvidia-smi: the parent never touches CUDA."""
-    from workers.fleet import list_gpus
+    from pipeline.devices import visible_gpus
 
     name = getattr(sender, "hostname", None) or "?"
-    job_store().announce_worker(name, len(list_gpus()))
+    job_store().announce_worker(name, len(visible_gpus()))
 
 
 @ff_task("extract_shard")
@@ -95,23 +93,59 @@ def evaluate(self: Task, trained: dict[str, Any], ref: dict[str, Any]) -> dict[s
     return steps.run_evaluate(job_store(), ref, trained)
 
 
-@ff_task("finetune")
-def finetune(self: Task, ref: dict[str, Any], part: int = 0) -> Any:
-    """Fine-tune backbone + head (GPU queue), resuming from the job's last checkpoint."""
+@ff_task("quality_part")
+def quality_part(self: Task, collected: Any, ref: dict[str, Any], part: str) -> dict[str, Any]:
+    """One part of the data-quality stage (``neighbors.<b>``, ``fold.<f>``, ``curve.<i>``,
+    ``shift``, ``probe``: the last on the GPU queue, it runs the backbone)."""
+    return quality.run_part(job_store(), ref, part)
+
+
+@ff_task("quality_finish")
+def quality_finish(self: Task, parts: Any, ref: dict[str, Any]) -> dict[str, Any]:
+    """The data-quality stage's summary (chord body; retried until every part is recorded)."""
+    return quality.run_finish(job_store(), ref)
+
+
+@ff_task("train_node")
+def train_node(self: Task, ref: dict[str, Any], program: str, part: int, slot: int,
+               round_no: int = 0) -> dict[str, Any]:
+    """One node of a training run's time slice: torchrun with this node's ranks."""
 
     def progress(meta: dict[str, Any]) -> None:
-        # Flower's task page shows this meta: epoch, step, loss, val accuracy, images/s.
-        self.update_state(state="PROGRESS", meta={"job": ref.get("job_id"), **meta})
+        # Flower's task page shows this meta: epoch, step, loss, images/s, ranks.
+        self.update_state(state="PROGRESS", meta={"job": ref.get("job_id"), "program": program,
+                                                  "node": slot, **meta})
 
-    deadline = time.monotonic() + get_settings().finetune_slice
-    result = steps.run_finetune(job_store(), ref, part, deadline, progress)
-    if result.get("continue"):
-        log.info("job %s: fine-tuning continues in a new task (part %d)", ref.get("job_id"),
-                 part + 1)
-        raise self.replace(self.app.signature(
-            "featurefleet.finetune", args=(ref,), kwargs={"part": part + 1},
-            queue=EXTRACT_QUEUE))
-    return result
+    return training.run_node(job_store(), ref, program, part, slot, round_no, progress)
+
+
+@ff_task("train_done")
+def train_done(self: Task, results: Any, ref: dict[str, Any], program: str, part: int,
+               round_no: int = 0) -> Any:
+    """After a time slice: the run's summary, or the next slice (this task is replaced by its
+    chord; the rest of the job's chain follows it)."""
+    from pipeline.plan import PlanRef, load_plan
+    from workers.canvas import task_ids
+    from workers.canvas import training as training_canvas
+
+    found = [r for r in (results if isinstance(results, list) else [results])
+             if isinstance(r, dict)]
+    out = training.run_done(job_store(), ref, program, part, found)
+    if out.get("continue"):
+        plan = load_plan(ref)
+        canvas = training_canvas(self.app, plan, PlanRef(**ref), program, out["part"],
+                                 round_no)
+        job_store().add_task_ids(plan.job_id, task_ids(canvas))
+        log.info("job %s: %s continues in a new time slice (part %d)", plan.job_id, program,
+                 out["part"])
+        raise self.replace(canvas)
+    return out
+
+
+@ff_task("finish_pretrain")
+def finish_pretrain(self: Task, summary: dict[str, Any], ref: dict[str, Any]) -> Any:
+    """Write the pretraining report; the job's encoder becomes a backbone."""
+    return training.run_finish_pretrain(job_store(), ref, summary)
 
 
 @ff_task("evaluate_finetune")

@@ -74,6 +74,9 @@ class Backbone:
     weights: WeightsInfo
     model: torch.nn.Module  # maps a normalized NCHW batch to (N, feature_dim)
     feature_dim: int
+    # the pretrained classifier the features were cut from (features -> logits, on CPU), when
+    # the weights are a named pretrained set: how familiar an image looks to the pretraining
+    pretrained_head: torch.nn.Module | None = None
 
     @property
     def parameters(self) -> int:
@@ -95,6 +98,15 @@ def register(name: str) -> Callable[[Factory], Factory]:
         return fn
 
     return wrap
+
+
+PRETRAINED_HEAD = "ff_pretrained_head"  # set by a factory on the model, outside its modules
+
+
+def keep_pretrained_head(model: Any, head: Any) -> None:
+    """Keep ``head`` beside ``model`` without making it a submodule (not in its state dict,
+    not trained, not moved to the device)."""
+    model.__dict__[PRETRAINED_HEAD] = head.eval().requires_grad_(False)
 
 
 def register_fallback(fn: Callable[[str], Factory | None]) -> Callable[[str], Factory | None]:
@@ -139,8 +151,9 @@ def load_backbone(name: str, weights: str | None, device: str = "cpu") -> Backbo
     with torch.inference_mode():
         crop = info.preprocessing.crop
         dim = int(model(torch.zeros(1, 3, crop, crop)).shape[1])
+    head = model.__dict__.get(PRETRAINED_HEAD)
     model = model.to(device)
-    return Backbone(name=name, weights=info, model=model, feature_dim=dim)
+    return Backbone(name=name, weights=info, model=model, feature_dim=dim, pretrained_head=head)
 
 
 def _factory(name: str, weights: str | None) -> tuple[WeightsInfo, Callable[[], Any]]:

@@ -16,6 +16,7 @@ from pipeline.backbones import (
     WeightsInfo,
     apply_state_dict,
     file_sha256,
+    keep_pretrained_head,
     load_state_dict,
     register,
     register_fallback,
@@ -70,6 +71,8 @@ def _lite0(weights: str | None) -> tuple[WeightsInfo, Callable[[], Any]]:
         if path is not None:
             apply_state_dict(wrapper.net, load_state_dict(path, "efficientnet_lite0"), path,
                               "efficientnet_lite0")
+            if info.id == "IMAGENET1K_V1":
+                keep_pretrained_head(wrapper, wrapper.net._fc)
         return wrapper
 
     return info, build
@@ -135,7 +138,9 @@ def torchvision_factory(name: str, weights: str | None) -> tuple[WeightsInfo, Ca
                     f"({exc.__class__.__name__}: {str(exc)[:120]}); fix: on a machine without "
                     "internet put the weights file in $TORCH_HOME/hub/checkpoints or pass "
                     "backbone.weights=/path/to/state_dict.pth") from None
-        _drop_classifier(model, name)
+        head = _drop_classifier(model, name)
+        if local is None and wenum is not None:
+            keep_pretrained_head(model, head)
         if hasattr(model, "aux_logits"):
             model.aux_logits = False
         return model
@@ -154,8 +159,9 @@ def _preprocessing_of(wenum: Any) -> Preprocessing:
                          std=tuple(t.std), interpolation=str(interp))
 
 
-def _drop_classifier(model: Any, name: str) -> None:
-    """Replace the last Linear layer (the ImageNet classifier) by Identity: pooled features."""
+def _drop_classifier(model: Any, name: str) -> Any:
+    """Replace the last Linear layer (the ImageNet classifier) by Identity: pooled features.
+    Returns the classifier."""
     import torch
 
     last = None
@@ -170,4 +176,6 @@ def _drop_classifier(model: Any, name: str) -> None:
     *path, leaf = last.split(".")
     for part in path:
         parent = getattr(parent, part)
+    head = getattr(parent, leaf)
     setattr(parent, leaf, torch.nn.Identity())
+    return head

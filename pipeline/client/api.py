@@ -178,8 +178,9 @@ def record_fields(plan: Plan, ref: PlanRef, round_: int, ids: list[str],
             "shards_total": len(plan.shards), "shards_cached": len(plan.shards) - len(todo),
             "shards_done": 0, "images_total": sum(s.rows for s in plan.shards),
             "images_cached": sum(s.rows for s in plan.shards if s.cached),
-            "images_skipped": 0, "backbone": plan.backbone.name, "task_ids": ids,
-            "strategy": plan.strategy, "strategy_reason": plan.strategy_reason,
+            "images_skipped": 0, "backbone": plan.spec.backbone.name, "task_ids": ids,
+            "kind": plan.kind, "strategy": plan.strategy,
+            "strategy_reason": plan.strategy_reason,
             **({"compare_id": compare_id} if compare_id else {}), **fields}
 
 

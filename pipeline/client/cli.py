@@ -103,7 +103,10 @@ def _submit(args: argparse.Namespace) -> int:
     from pipeline.client.api import missing_consumers, submit
     from pipeline.spec import JobSpec
 
-    job = submit(JobSpec.from_file(args.spec), broker=args.broker)
+    spec = JobSpec.from_file(args.spec)
+    if args.verb in ("pretrain", "quality"):
+        spec = spec.replace(kind=args.verb)
+    job = submit(spec, broker=args.broker)
     print(job.id, flush=True)
     idle = missing_consumers(job, args.broker)
     if idle:
@@ -319,10 +322,10 @@ def _retry(args: argparse.Namespace) -> int:
 
 
 _VERBS = {"cache": _cache, "cancel": _cancel, "compare": _compare, "dashboard": _dashboard,
-          "demo": _demo,
-          "exporter": _exporter, "jobs": _jobs, "predict": _predict, "report": _report,
-          "retry": _retry, "status": _status, "submit": _submit, "watch": _watch,
-          "watchdog": _watchdog, "worker": _worker}
+          "demo": _demo, "exporter": _exporter, "jobs": _jobs, "predict": _predict,
+          "pretrain": _submit, "quality": _submit, "report": _report, "retry": _retry,
+          "status": _status, "submit": _submit, "watch": _watch, "watchdog": _watchdog,
+          "worker": _worker}
 
 if __name__ == "__main__":
     sys.exit(main())

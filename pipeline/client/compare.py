@@ -24,8 +24,15 @@ from pipeline.spec import STRATEGIES, JobSpec
 
 
 def parse_backbone(entry: str) -> tuple[str, str | None]:
-    """``name`` or ``name:weights`` (e.g. ``resnet18:random``, ``resnet50:IMAGENET1K_V2``)."""
-    name, _, weights = entry.strip().partition(":")
+    """``name`` or ``name:weights`` (e.g. ``resnet18:random``, ``resnet50:IMAGENET1K_V2``), or
+    ``job:<id>``: the encoder of a finished pretraining job (its own weights)."""
+    entry = entry.strip()
+    if entry.startswith("job:"):
+        if len(entry) == 4:
+            raise SpecError("compare.backbones", f"{entry!r} names no job",
+                            "write job:<id> with the id featurefleet pretrain printed")
+        return entry, None
+    name, _, weights = entry.partition(":")
     if not name:
         raise SpecError("compare.backbones", f"{entry!r} names no backbone",
                         "write name or name:weights, e.g. resnet18:random")
@@ -74,8 +81,8 @@ def compare(spec: JobSpec, backbones: list[str], strategies: list[str] | None = 
         SpecError: no backbones, an unknown strategy, or a child spec that does not validate
             (checked for every child before anything is enqueued).
     """
-    from pipeline.backbones import resolve_weights
     from pipeline.client.api import submit
+    from pipeline.planner import resolve_backbone
 
     strategies = strategies or ["probe"]
     if len(backbones) < 1:
@@ -89,11 +96,12 @@ def compare(spec: JobSpec, backbones: list[str], strategies: list[str] | None = 
     for entry in backbones:
         name, weights = parse_backbone(entry)
         for strategy in strategies:
+            label = name if weights is None else f"{name}:{weights}"
             children.append(spec.replace(
-                name=f"{spec.name}:{name}:{weights}:{strategy}", strategy=strategy,
+                name=f"{spec.name}:{label}:{strategy}", strategy=strategy,
                 backbone={"name": name, "weights": weights}))
-    for child in children:  # unknown names fail here, before any child is enqueued
-        resolve_weights(child.backbone.name, child.backbone.weights)
+    for child in children:  # unknown names and unfinished jobs fail before any is enqueued
+        resolve_backbone(child)
     out = Path(spec.output).expanduser().resolve() / "compare" / compare_id
     out.mkdir(parents=True, exist_ok=True)
     store = JobStore(connect(broker))

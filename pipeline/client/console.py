@@ -34,6 +34,8 @@ class ProgressLine:
 
 
 def format_progress(st: dict[str, Any]) -> str:
+    if st.get("kind") == "pretrain":
+        return _training_progress(st, "pretrain")
     if st.get("strategy") == "finetune":
         return _finetune_progress(st)
     total = int(st.get("images_total") or 0)
@@ -72,6 +74,42 @@ def _finetune_progress(st: dict[str, Any]) -> str:
             + (f"  resumed {resumes}x" if resumes else ""))
 
 
+def _training_progress(st: dict[str, Any], program: str) -> str:
+    p = st.get(program) or {}
+    epochs, steps = int(p.get("epochs") or 0), int(p.get("steps") or 0)
+    done = (int(p.get("epoch") or 1) - 1) * steps + int(p.get("step") or 0) if steps else 0
+    width = 24
+    fill = int(width * done / (epochs * steps)) if epochs and steps else 0
+    resumes = int(st.get("resumes") or 0)
+    return (f"[{'#' * fill}{'-' * (width - fill)}] {st.get('status', '?'):8} "
+            f"{st.get('stage', ''):8} epoch {p.get('epoch', 0)}/{epochs} step "
+            f"{p.get('step', 0)}/{steps}  loss {p.get('loss', '-')}  "
+            f"{p.get('images_per_s') or 0:.1f} img/s on {p.get('ranks', 1)} rank(s)"
+            + (f"  resumed {resumes}x" if resumes else ""))
+
+
+def pretrain_summary(rep: dict[str, Any]) -> str:
+    last = (rep["train"].get("history") or [{}])[-1]
+    rows = [("job", f"{rep['job_id']} ({rep['name']})"),
+            ("method", f"{rep['method']} on {rep['backbone']['arch']} "
+                       f"[{rep['backbone']['init']}] @{rep['backbone']['preprocessing']['crop']}"
+                       "px"),
+            ("data", f"{rep['data']['source']}: {rep['data']['samples_used']} images (labels "
+                     "unused)"),
+            ("final loss", str(last.get("loss", "-"))),
+            *([("kNN / probe top-1", f"{last['knn_top1']:.4f} / {last['probe_top1']:.4f} "
+                                     "(labeled evaluation samples)")]
+              if "knn_top1" in last else []),
+            ("ranks", f"{rep['train'].get('world_size', 1)} on {rep['train'].get('device')}"),
+            *[("resumed", f"{r['reason']} at epoch {r['epoch'] + 1} step {r['step']}")
+              for r in rep["train"].get("resumes", [])],
+            ("train", f"{rep['timings']['train_s']} s"),
+            ("backbone", f"{rep['backbone_name']}  (backbone: {{name: {rep['backbone_name']}}})"),
+            ("encoder", str(rep["encoder"]))]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
 def _finetune_rows(ft: dict[str, Any] | None) -> list[tuple[str, str]]:
     if not ft:
         return []
@@ -102,7 +140,24 @@ def _data_rows(data: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def quality_summary(rep: dict[str, Any]) -> str:
+    from pipeline.reports.quality import summary_lines
+
+    d = rep["data"]
+    head = [f"  job       {rep['job_id']} ({rep['name']})",
+            f"  backbone  {rep['backbone']['name']} [{rep['backbone']['weights_id']}] "
+            f"@{rep['backbone']['preprocessing']['crop']}px",
+            f"  data      {d['source']}: " + ", ".join(f"{k} {v}"
+                                                     for k, v in d["split_sizes"].items())]
+    return "\n".join(head + ["  " + line for line in summary_lines(rep["quality"],
+                                                                   d["class_names"])])
+
+
 def summary(rep: dict[str, Any]) -> str:
+    if rep.get("kind") == "pretrain":
+        return pretrain_summary(rep)
+    if rep.get("kind") == "quality":
+        return quality_summary(rep)
     m = rep["metrics"]
     t = rep["timings"]
     rows = [
@@ -137,7 +192,14 @@ def summary(rep: dict[str, Any]) -> str:
         ("total", f"{t['total_s']:.1f} s"),
     ]
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+    text = "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+    if rep.get("quality"):
+        from pipeline.reports.quality import summary_lines
+
+        text += "\n  data quality:\n" + "\n".join(
+            "    " + line for line in summary_lines(rep["quality"],
+                                                   rep["data"].get("class_names", [])))
+    return text
 
 
 

@@ -24,7 +24,7 @@ class KNNHead:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
-        return _knn_proba(_l2norm(features), self.reference.astype(np.float32), self.labels,
+        return _knn_proba(l2norm(features), self.reference.astype(np.float32), self.labels,
                           [self.k], self.n_classes)[self.k]
 
     def save(self, path: str | Path) -> None:
@@ -32,7 +32,7 @@ class KNNHead:
               {**self.meta, "k": self.k, "n_classes": self.n_classes})
 
 
-def _l2norm(x: np.ndarray) -> np.ndarray:
+def l2norm(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float32)
     return np.asarray(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
 
@@ -55,10 +55,10 @@ def fit_knn(x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray,
             n_classes: int) -> KNNHead:
     """Choose k on validation (reference = train), then use train+val as the reference."""
     ks = [k for k in KNN_KS if k <= len(x)] or [1]
-    probs = _knn_proba(_l2norm(xv), _l2norm(x), np.asarray(y), ks, n_classes)
+    probs = _knn_proba(l2norm(xv), l2norm(x), np.asarray(y), ks, n_classes)
     scores = {k: float((p.argmax(1) == yv).mean()) for k, p in probs.items()}
     best = max(ks, key=lambda k: (scores[k], -k))
-    ref = _l2norm(np.concatenate([x, xv])).astype(np.float16)
+    ref = l2norm(np.concatenate([x, xv])).astype(np.float16)
     return KNNHead(ref, np.concatenate([y, yv]).astype(np.int64), best, n_classes,
                    {"val_top1_by_k": scores, "val_top1": scores[best]})
 

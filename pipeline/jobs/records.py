@@ -2,8 +2,9 @@
 
 Keys (all small): ``ff:job:<id>`` (hash of fields), ``ff:job:<id>:shards`` (shard id -> JSON
 result), ``:progress`` (shard id -> samples done), ``:attempts`` (step -> starts), ``:sweep``
-(slice -> result), ``ff:jobs`` (sorted set of job ids by creation time), ``ff:metrics`` (fleet
-counters), ``ff:fleet`` (GPUs per worker), ``ff:cmp:<id>`` (comparisons).
+(slice -> result), ``:quality`` (part -> result), ``ff:jobs`` (sorted set of job ids by
+creation time), ``ff:metrics`` (fleet counters), ``ff:fleet`` (GPUs per worker),
+``ff:cmp:<id>`` (comparisons).
 
 Only :meth:`JobStore.create` creates a job record. Every other write is a Lua script that
 changes a record only if it exists, so a worker never re-creates a job whose record was lost
@@ -138,16 +139,25 @@ class JobStore:
         raw = self.r.hgetall(job_key(job_id) + ":shards")
         return {k: json.loads(v) for k, v in raw.items()}
 
-    def record_slice(self, job_id: str, index: int, result: dict[str, Any]) -> None:
-        """A sweep slice's curve, kept once (a slice run twice does not count twice)."""
-        key = job_key(job_id) + ":sweep"
+    def record_part(self, job_id: str, group: str, name: str, result: dict[str, Any]) -> None:
+        """One part of a fanned-out step (a sweep slice, a quality block...), kept once: a
+        part run twice does not count twice."""
+        key = f"{job_key(job_id)}:{group}"
         pipe = self.r.pipeline(transaction=False)
-        pipe.hsetnx(key, str(index), json.dumps(result))
+        pipe.hsetnx(key, name, json.dumps(result))
         pipe.expire(key, JOB_TTL_S)
         pipe.execute()
 
+    def parts(self, job_id: str, group: str) -> dict[str, dict[str, Any]]:
+        return {k if isinstance(k, str) else k.decode(): json.loads(v)
+                for k, v in self.r.hgetall(f"{job_key(job_id)}:{group}").items()}
+
+    def record_slice(self, job_id: str, index: int, result: dict[str, Any]) -> None:
+        """A sweep slice's curve, kept once (a slice run twice does not count twice)."""
+        self.record_part(job_id, "sweep", str(index), result)
+
     def slices(self, job_id: str) -> list[dict[str, Any]]:
-        return [json.loads(v) for v in self.r.hvals(job_key(job_id) + ":sweep")]
+        return list(self.parts(job_id, "sweep").values())
 
     def finish(self, job_id: str, status: str, **fields: Any) -> bool:
         """Move a job to a final status once (atomically); False when it already was final

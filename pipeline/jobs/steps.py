@@ -33,14 +33,14 @@ from pipeline.store.shards import ShardReader
 log = logging.getLogger(__name__)
 
 
-def _live(jobs: JobStore, plan: Plan, stage: str) -> None:
+def live(jobs: JobStore, plan: Plan, stage: str) -> None:
     """The job is still running: mark the stage (a final job stops here)."""
     before = jobs.mark_running(plan.job_id, stage)
     if before in FINAL:
         raise JobCancelled(f"job {plan.job_id} is {before}: nothing more to do")
 
 
-def _attempt(jobs: JobStore, plan: Plan, step: str, what: str) -> int:
+def count_attempt(jobs: JobStore, plan: Plan, step: str, what: str) -> int:
     """Count a start of ``step``; one started more than the limit is a poison task (it keeps
     killing its worker: out of memory, a crashing decoder), so it fails instead of looping."""
     attempts = jobs.attempt(plan.job_id, step)
@@ -69,7 +69,7 @@ def run_extract(jobs: JobStore, ref: Any, shard_id: str,
             return {"shard": shard.id, "cached": True, "rows": done.get("rows"),
                     "sha256": done.get("sha256")}
         raise JobCancelled(f"job {plan.job_id} is {before}; shard {shard.id} not extracted")
-    _attempt(jobs, plan, shard.id, f"shard {shard.id}")
+    count_attempt(jobs, plan, shard.id, f"shard {shard.id}")
 
     def progress(done: int, total: int) -> None:
         if jobs.shard_progress(plan.job_id, shard.id, done) == "CANCELLED":
@@ -97,7 +97,7 @@ def _extract(plan: Plan, shard: Any, progress: Callable[[int, int], None]) -> di
                 "sha256": files.sha256_of(shard.path), "cached": True, "seconds": 0.0,
                 "feature_dim": info.attrs.get("feature_dim"),
                 "parameters": info.attrs.get("parameters")}
-    source = _source(plan)
+    source = plan_source(plan)
     target = extract.Target(path=shard.path, key=plan.key, not_before=plan.created,
                             attrs={"dataset_fingerprint": plan.fingerprint,
                                    "shard_start": shard.start, "shard_end": shard.end})
@@ -105,7 +105,7 @@ def _extract(plan: Plan, shard: Any, progress: Callable[[int, int], None]) -> di
                                  plan.backbone, plan.spec.backbone, target, progress)
 
 
-def _source(plan: Plan) -> Any:
+def plan_source(plan: Plan) -> Any:
     """The plan's data, every decoded sample checked against its planned digest."""
     return checked_source(plan.spec.data, plan.n_samples, plan.class_names, plan.digests(),
                           plan.fingerprint_mode)
@@ -133,7 +133,7 @@ def shard_results(jobs: JobStore, plan: Plan) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _paths(jobs: JobStore, plan: Plan) -> list[str]:
+def shard_paths(jobs: JobStore, plan: Plan) -> list[str]:
     """Every shard's path, after checking each was extracted (or cached) and is valid."""
     recorded = set(jobs.shard_results(plan.job_id))
     for s in plan.shards:
@@ -147,10 +147,10 @@ def run_collect(jobs: JobStore, ref: Any) -> dict[str, Any]:
     """After extraction: every shard is recorded (or was cached and is unchanged), the
     writer-computed checksums go into the cache manifest, and the skip bound holds."""
     plan = load_plan(ref)
-    _live(jobs, plan, "train")
+    live(jobs, plan, "train")
     jobs.incr(plan.job_id, "collect_runs")  # the chord callback must run once per job
     jobs.update(plan.job_id, extract_finished=time.time())
-    _paths(jobs, plan)
+    shard_paths(jobs, plan)
     known = manifest.read_manifest(plan.shard_dir)
     for s in plan.shards:  # cached at planning: still the file the manifest vouches for?
         if s.cached and not manifest.trusted(s.path, plan.key, s.rows, known):
@@ -178,9 +178,24 @@ def run_collect(jobs: JobStore, ref: Any) -> dict[str, Any]:
     return {"shards": len(plan.shards), "skipped": len(skipped)}
 
 
+def quality_excluded(plan: Plan) -> set[int]:
+    """What ``quality.exclude`` leaves out of training and evaluation (empty when the stage
+    did not run or excludes nothing), from the stage's ``quality.json``."""
+    path = plan.job_dir / "quality.json"
+    if plan.quality is None or not plan.spec.quality.exclude or not path.is_file():
+        return set()
+    section = json.loads(path.read_text())
+    return {int(i) for ids in section.get("excluded", {}).values() for i in ids}
+
+
+def _kept(ids: list[int], out: set[int]) -> list[int]:
+    return [i for i in ids if i not in out] if out else ids
+
+
 def _features(jobs: JobStore, plan: Plan) -> dict[str, train.Features]:
-    feats = train.read_splits(_paths(jobs, plan), {"train": plan.splits.train,
-                                                   "val": plan.splits.val})
+    out = quality_excluded(plan)
+    feats = train.read_splits(shard_paths(jobs, plan), {
+        "train": _kept(plan.splits.train, out), "val": _kept(plan.splits.val, out)})
     train.require(feats, plan.job_id)
     return feats
 
@@ -190,7 +205,7 @@ def run_sweep(jobs: JobStore, ref: Any, index: int) -> dict[str, Any]:
     plan = load_plan(ref)
     if plan.sweep is None or not 0 <= int(index) < len(plan.sweep):
         raise JobError(f"job {plan.job_id} has no sweep slice {index!r}")
-    _live(jobs, plan, "sweep")
+    live(jobs, plan, "sweep")
     t0 = time.perf_counter()
     feats = _features(jobs, plan)
     curve = train.sweep_slice(feats["train"], feats["val"], len(plan.class_names),
@@ -207,7 +222,7 @@ def run_train(jobs: JobStore, ref: Any) -> dict[str, Any]:
         NotReady: the chord body ran before every sweep slice was recorded (retried).
     """
     plan = load_plan(ref)
-    _live(jobs, plan, "train")
+    live(jobs, plan, "train")
     sweep = None
     if plan.sweep is not None:
         slices = jobs.slices(plan.job_id)
@@ -237,9 +252,9 @@ def run_train(jobs: JobStore, ref: Any) -> dict[str, Any]:
 def run_evaluate(jobs: JobStore, ref: Any, trained: dict[str, Any]) -> dict[str, Any]:
     """Evaluate every head once on the test split; write the report; mark the job SUCCESS."""
     plan = load_plan(ref)
-    _live(jobs, plan, "evaluate")
+    live(jobs, plan, "evaluate")
     t0 = time.time()
-    reader = ShardReader(_paths(jobs, plan), np.asarray(plan.splits.test, np.int64))
+    reader = ShardReader(shard_paths(jobs, plan), np.asarray(plan.splits.test, np.int64))
     loaded = {name: load_head(info["path"]) for name, info in trained["heads"].items()}
     proba: dict[str, list[np.ndarray]] = {name: [] for name in loaded}
     labels, indices = [], []
@@ -251,65 +266,32 @@ def run_evaluate(jobs: JobStore, ref: Any, trained: dict[str, Any]) -> dict[str,
     y_all = np.concatenate(labels) if labels else np.zeros(0, np.int64)
     idx_all = np.concatenate(indices) if indices else np.zeros(0, np.int64)
     k = len(plan.class_names)
-    by_head = {name: evaluate.classification_metrics(
-        y_all, np.concatenate(p) if p else np.zeros((0, k)), plan.class_names)
-        for name, p in proba.items()}
+    p_all = {name: np.concatenate(p) if p else np.zeros((0, k)) for name, p in proba.items()}
+    keep = ~np.isin(idx_all, np.asarray(sorted(quality_excluded(plan)), np.int64))
+    by_head = {name: evaluate.classification_metrics(y_all[keep], p[keep], plan.class_names)
+               for name, p in p_all.items()}
     primary = trained["primary"]
-    ids = reader.sample_ids()
-    report.write_predictions(plan.job_dir, ids, idx_all, y_all,
-                             np.concatenate(proba[primary]) if proba[primary]
-                             else np.zeros((0, k)), plan.class_names)
+    ids = [sid for sid, kept in zip(reader.sample_ids(), keep, strict=True) if kept]
+    report.write_predictions(plan.job_dir, ids, idx_all[keep], y_all[keep],
+                             p_all[primary][keep], plan.class_names)
+    extra = {}
+    if plan.quality is not None and (plan.job_dir / "quality.json").is_file():
+        section = json.loads((plan.job_dir / "quality.json").read_text())
+        section["evaluation"] = report.with_and_without(
+            y_all, p_all[primary], idx_all, section, keep)
+        extra["quality"] = section
     rep = report.build_report(
         plan, jobs.get(plan.job_id), report.shard_rows(plan, shard_results(jobs, plan)),
         trained, by_head, time.time() - t0,
         used={"train": trained["train_samples"], "val": trained["val_samples"],
-              "test": len(y_all)})
-    return _succeed(jobs, plan, report.write_report(rep, plan.job_dir), by_head[primary])
+              "test": int(keep.sum())}, extra=extra)
+    return succeed(jobs, plan, report.write_report(rep, plan.job_dir), by_head[primary])
 
 
-def _succeed(jobs: JobStore, plan: Plan, path: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+def succeed(jobs: JobStore, plan: Plan, path: Path, metrics: dict[str, Any]) -> dict[str, Any]:
     jobs.finish(plan.job_id, "SUCCESS", report=str(path), top1=metrics["top1"], stage="done")
     settle(jobs, plan.job_id)  # the last job of a comparison writes its leaderboard
     return {"report": str(path), "top1": metrics["top1"]}
-
-
-def run_finetune(jobs: JobStore, ref: Any, part: int = 0, deadline: float | None = None,
-                 on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Fine-tune (one time slice of it: ``part``), resuming from the job's last checkpoint.
-
-    Returns the training summary, or ``{"continue": True}`` when the slice ran out of time
-    after checkpointing (the task then hands over to a fresh task, so no delivery outlives the
-    visibility timeout).
-
-    Raises:
-        JobCancelled: the job was cancelled (checked every step).
-        JobError: this slice's task keeps dying (started more than the attempt limit).
-    """
-    from pipeline import finetune
-
-    plan = load_plan(ref)
-    _live(jobs, plan, "finetune")
-    attempts = _attempt(jobs, plan, f"finetune.{part}", "fine-tuning")
-
-    def progress(p: dict[str, Any]) -> None:
-        jobs.update(plan.job_id, finetune=p)
-        if jobs.field(plan.job_id, "status") == "CANCELLED":
-            raise JobCancelled(f"job {plan.job_id} was cancelled during fine-tuning")
-        if on_progress is not None:
-            on_progress(p)
-
-    why = "redelivered after its worker was lost" if attempts > 1 else (
-        "continued in a new task (time slice)" if part else "")
-    source = _source(plan)
-    trained = finetune.run(source, plan.splits, plan.class_names, plan.backbone,
-                           plan.spec.finetune, seed=plan.spec.data.seed,
-                           out_dir=plan.job_dir / "finetune", job_id=plan.job_id,
-                           attempt=attempts, progress=progress, deadline=deadline,
-                           resume_reason=why, splits_file=plan.job_dir / "splits.json")
-    if not trained.get("continue"):
-        jobs.update(plan.job_id, train_seconds=trained["seconds"],
-                    resumes=len(trained["resumes"]))
-    return trained
 
 
 def run_evaluate_finetune(jobs: JobStore, ref: Any, trained: dict[str, Any]) -> dict[str, Any]:
@@ -317,9 +299,9 @@ def run_evaluate_finetune(jobs: JobStore, ref: Any, trained: dict[str, Any]) -> 
     from pipeline import finetune
 
     plan = load_plan(ref)
-    _live(jobs, plan, "evaluate")
+    live(jobs, plan, "evaluate")
     t0 = time.time()
-    source = _source(plan)
+    source = plan_source(plan)
     metrics, proba, ids = finetune.evaluate_test(source, plan.splits.test, plan.class_names,
                                                  trained["best"], plan.spec.finetune)
     skipped = metrics.pop("skipped_test")
@@ -335,7 +317,7 @@ def run_evaluate_finetune(jobs: JobStore, ref: Any, trained: dict[str, Any]) -> 
                                                       "val": trained["val_images"],
                                                       "test": len(ids)},
                               extra={"skipped": skipped})
-    return _succeed(jobs, plan, report.write_report(rep, plan.job_dir), metrics)
+    return succeed(jobs, plan, report.write_report(rep, plan.job_dir), metrics)
 
 
 def run_fail(jobs: JobStore, job_id: Any, task_id: str, error: str) -> None:

@@ -3,38 +3,18 @@ report and the comparison leaderboard. Self-contained: inline CSS and SVG, no sc
 
 from __future__ import annotations
 
-import functools
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pipeline.fsio import atomic_write_text
+from pipeline.reports import quality
 from pipeline.reports.plots import confusion_svg, f1_svg, sweep_svg
-
-TEMPLATES = Path(__file__).resolve().parent / "templates"
-
-
-@functools.lru_cache(maxsize=1)
-def environment() -> Any:
-    from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
-
-    return Environment(loader=FileSystemLoader(str(TEMPLATES)), undefined=StrictUndefined,
-                       autoescape=select_autoescape(["html", "j2"]), trim_blocks=True,
-                       lstrip_blocks=True)
-
-
-def render(template: str, **context: Any) -> str:
-    css = (TEMPLATES / "base.css").read_text()
-    return str(environment().get_template(template).render(css=css, **context))
+from pipeline.reports.templating import render
 
 
 def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-
-# Renderers of optional report sections (quality, pretraining...), each rep -> HTML or "".
-SECTIONS: list[Callable[[dict[str, Any]], str]] = []
 
 
 def render_report(rep: dict[str, Any]) -> str:
@@ -75,11 +55,12 @@ def render_report(rep: dict[str, Any]) -> str:
         finished=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rep["finished"])),
         sweep_svg=sweep_svg(rep.get("sweep")),
         confusion_svg=confusion_svg(m["confusion_matrix"], names),
-        f1_svg=f1_svg(m["per_class"]), sections=[s(rep) for s in SECTIONS])
+        f1_svg=f1_svg(m["per_class"]), sections=[quality.section_html(rep)])
 
 
 def write_report_html(rep: dict[str, Any], path: Path) -> Path:
-    return atomic_write_text(path, render_report(rep), fsync=False)
+    page = quality.page_html(rep) if rep.get("kind") == "quality" else render_report(rep)
+    return atomic_write_text(path, page, fsync=False)
 
 
 def render_leaderboard(board: dict[str, Any], columns: list[tuple[str, str]]) -> str:

@@ -100,3 +100,45 @@ def f1_svg(per_class: dict[str, dict[str, float]], w: int = 480) -> str:
         parts.append(f'<text x="{L + f1 * (w - L - 50) + 4:.1f}" y="{y + 12}">{f1:.3f}</text>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+COLOURS = ("#2b6cb0", "#dd6b20", "#38a169", "#805ad5")
+
+
+def curve_svg(series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str,
+              name: str, w: int = 480, h: int = 280) -> str:
+    """Line plot of one or more named series of (x, y) points, with a legend."""
+    points = [p for pts in series.values() for p in pts]
+    if not points:
+        return ""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(ys), max(ys)
+    if y1 - y0 < 1e-9:
+        y0, y1 = y0 - 0.5, y1 + 0.5
+    L, R, T, B = 55, 15, 15, 40
+
+    def sx(v: float) -> float:
+        return float(L + (v - x0) / ((x1 - x0) or 1) * (w - L - R))
+
+    def sy(v: float) -> float:
+        return float(T + (1 - (v - y0) / (y1 - y0)) * (h - T - B))
+
+    parts = [f'<svg id="{_esc(name)}" xmlns="http://www.w3.org/2000/svg" width="{w}" '
+             f'height="{h}" role="img" aria-label="{_esc(ylabel)}">',
+             f'<line x1="{L}" y1="{h - B}" x2="{w - R}" y2="{h - B}" stroke="#999"/>',
+             f'<line x1="{L}" y1="{T}" x2="{L}" y2="{h - B}" stroke="#999"/>']
+    for i in range(5):
+        v = y0 + (y1 - y0) * i / 4
+        parts.append(f'<text x="{L - 4}" y="{sy(v) + 4:.1f}" text-anchor="end">{v:.3g}</text>')
+    parts.append(f'<text x="{(L + w - R) / 2}" y="{h - 8}" text-anchor="middle">'
+                 f'{_esc(xlabel)}</text>')
+    for n, (label, pts) in enumerate(series.items()):
+        colour = COLOURS[n % len(COLOURS)]
+        line = " ".join(f"{sx(a):.1f},{sy(b):.1f}" for a, b in pts)
+        parts.append(f'<polyline points="{line}" fill="none" stroke="{colour}" '
+                     'stroke-width="2"/>')
+        parts.append(f'<text x="{w - R - 5}" y="{T + 12 + 14 * n}" text-anchor="end" '
+                     f'fill="{colour}">{_esc(label)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)

@@ -108,6 +108,21 @@ def build_report(plan: Plan, record: dict[str, Any], shards: list[dict[str, Any]
     return rep
 
 
+def with_and_without(y: np.ndarray, proba: np.ndarray, idx: np.ndarray,
+                     section: dict[str, Any], kept: np.ndarray) -> dict[str, Any]:
+    """Test top-1 of the primary head on every test sample, without the leaked ones, and on
+    what was evaluated (without what ``quality.exclude`` left out)."""
+    def top1(mask: np.ndarray) -> float | None:
+        return round(float((proba[mask].argmax(axis=1) == y[mask]).mean()), 5) \
+            if mask.any() else None
+
+    leaked = np.isin(idx, np.asarray(section.get("duplicates", {}).get("leaked", []),
+                                     np.int64))
+    return {"top1_all_test": top1(np.ones(len(y), bool)),
+            "top1_without_leaks": top1(~leaked), "leaked_test_samples": int(leaked.sum()),
+            "top1_evaluated": top1(kept), "excluded_test_samples": int((~kept).sum())}
+
+
 def write_report(rep: dict[str, Any], job_dir: Path) -> Path:
     """Write ``report.json`` and ``report.html`` atomically; return the JSON's path."""
     path = job_dir / "report.json"

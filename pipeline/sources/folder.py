@@ -1,4 +1,6 @@
-"""ImageFolder: ``root/<class>/<image>``, or ``root/{train,val,test}/<class>/<image>``."""
+"""Images in a folder: ``imagefolder`` (``root/<class>/<image>``, or
+``root/{train,val,test}/<class>/<image>``) and ``images`` (every image under ``root``, no
+labels: for pretraining)."""
 
 from __future__ import annotations
 
@@ -36,7 +38,46 @@ def file_stat(path: Path) -> bytes:
     return f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()
 
 
-class FolderSource(Source):
+class FileSource(Source):
+    """Images listed as files under a root folder."""
+
+    root: Path
+    files: list[str]
+
+    def raw(self, index: int) -> bytes:
+        return read_bytes(self.root / self.files[index])
+
+    def stat(self, index: int) -> bytes:
+        return file_stat(self.root / self.files[index])
+
+    def sample_id(self, index: int) -> str:
+        return self.files[index]
+
+    def load(self, indices: Sequence[int], min_size: int | None = None) -> Loaded:
+        return decode_files([self.root / self.files[i] for i in indices], indices, min_size)
+
+
+class ImagesSource(FileSource):
+    """Every image under ``root`` (recursively, hidden files left out), one class: unlabeled
+    data for pretraining."""
+
+    def __init__(self, root: Path) -> None:
+        if not root.is_dir():
+            raise DataError(f"image folder {str(root)!r} does not exist; fix: set data.path to a "
+                            "folder of images")
+        self.root = root
+        self.files = sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                            and not any(part.startswith(".") for part in
+                                        p.relative_to(root).parts))
+        if not self.files:
+            raise DataError(f"image folder {str(root)!r} holds no images; fix: add "
+                            f"{'/'.join(IMAGE_EXTENSIONS[:4])} files (any subfolders)")
+        self.labels = np.zeros(len(self.files), dtype=np.int64)
+        self.class_names = ["unlabeled"]
+
+
+class FolderSource(FileSource):
     """One subfolder per class, optionally inside train/ val/ test/ folders."""
 
     def __init__(self, root: Path) -> None:
@@ -75,12 +116,6 @@ class FolderSource(Source):
         self._split_of = np.asarray(split_of)
         self._split_dirs = split_dirs
 
-    def raw(self, index: int) -> bytes:
-        return read_bytes(self.root / self.files[index])
-
-    def stat(self, index: int) -> bytes:
-        return file_stat(self.root / self.files[index])
-
     def predefined_splits(self) -> dict[str, np.ndarray] | None:
         if not self._split_dirs:
             return None
@@ -90,13 +125,12 @@ class FolderSource(Source):
                             "but no train/ folder; fix: add root/train/<class>/...")
         return splits
 
-    def sample_id(self, index: int) -> str:
-        return self.files[index]
-
-    def load(self, indices: Sequence[int], min_size: int | None = None) -> Loaded:
-        return decode_files([self.root / self.files[i] for i in indices], indices, min_size)
-
 
 @register("imagefolder")
 def _imagefolder(spec: DataSpec) -> Source:
     return FolderSource(Path(str(spec.path)))
+
+
+@register("images")
+def _images(spec: DataSpec) -> Source:
+    return ImagesSource(Path(str(spec.path)))

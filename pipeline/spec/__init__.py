@@ -11,8 +11,11 @@ from pipeline.spec.model import (
     DataSpec,
     FinetuneSpec,
     JobSpec,
+    PretrainSpec,
     ProbeSpec,
+    QualitySpec,
 )
 
 __all__ = ["AUTO_BATCH", "DATA_SOURCES", "HEADS", "MAX_SPEC_BYTES", "STRATEGIES",
-           "BackboneSpec", "DataSpec", "FinetuneSpec", "JobSpec", "ProbeSpec"]
+           "BackboneSpec", "DataSpec", "FinetuneSpec", "JobSpec", "PretrainSpec",
+           "ProbeSpec", "QualitySpec"]

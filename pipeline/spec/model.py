@@ -20,87 +20,41 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
-    Strict,
-    ValidationError,
     field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
 from pipeline.errors import SpecError, short
-from pipeline.spec.validation import custom, parse_document, spec_error
+from pipeline.spec.fields import Float, Fraction01, Int, Section, Share, fix
+from pipeline.spec.validation import custom, parse_document
 
-DATA_SOURCES = ("digits", "imagefolder", "manifest", "npz", "hdf5", "torchvision", "webdataset")
+DATA_SOURCES = ("digits", "imagefolder", "images", "manifest", "npz", "hdf5", "torchvision",
+                "webdataset")
 STRATEGIES = ("probe", "finetune", "auto")
 HEADS = ("linear", "mlp", "knn")
 AUTO_BATCH = {"cuda": 512, "cpu": 32}  # batch_size: auto starts here (halved on out-of-memory)
 MAX_SPEC_BYTES = 1 << 20  # a job file larger than this is not a job file
 
 
-def _no_bool(value: Any) -> Any:
-    if isinstance(value, bool):
-        raise PydanticCustomError("ff", "{value} is not a number", {"value": short(value)})
-    return value
-
-
-def _fix(text: str) -> Any:
-    return {"fix": text}
-
-
-Int = Annotated[int, Strict()]
-Float = Annotated[float, BeforeValidator(_no_bool), Field(allow_inf_nan=False)]
-Fraction01 = Annotated[Float, Field(gt=0, lt=1)]
-
-
-class _Section(BaseModel):
-    """A spec section: frozen, unknown keys refused, errors mapped to :class:`SpecError`."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=False)
-    section: ClassVar[str] = ""
-
-    def __init__(self, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except ValidationError as exc:
-            raise spec_error(exc, type(self), self.section) from None
-
-    def replace(self, **changes: Any) -> Any:
-        """A copy with ``changes`` applied (nested sections merge dicts), validated again."""
-        return type(self)(**_merge(self.model_dump(), changes))
-
-
-def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in changes.items():
-        if isinstance(value, BaseModel):
-            value = value.model_dump()
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-class DataSpec(_Section):
+class DataSpec(Section):
     """Where the samples come from and how they are split and sharded."""
 
     section: ClassVar[str] = "data"
-    source: Literal["digits", "imagefolder", "manifest", "npz", "hdf5", "torchvision",
-                    "webdataset"] = "digits"
+    source: Literal["digits", "imagefolder", "images", "manifest", "npz", "hdf5",
+                    "torchvision", "webdataset"] = "digits"
     path: str | None = None  # folder, manifest (.csv/.jsonl), array file, or torchvision root
     name: str | None = None  # torchvision dataset class, e.g. CIFAR10 (source: torchvision)
     download: bool = False  # let torchvision download the dataset into path (needs internet)
-    test_fraction: Fraction01 = Field(0.3, json_schema_extra=_fix("use a fraction such as 0.3"))
-    seed: Int = Field(0, ge=0, lt=2**32, json_schema_extra=_fix("use a whole number 0..2**32-1"))
+    test_fraction: Fraction01 = Field(0.3, json_schema_extra=fix("use a fraction such as 0.3"))
+    seed: Int = Field(0, ge=0, lt=2**32, json_schema_extra=fix("use a whole number 0..2**32-1"))
     shard_size: Int = Field(512, gt=0, le=100_000,
-                            json_schema_extra=_fix("use e.g. 512 images per shard"))
+                            json_schema_extra=fix("use e.g. 512 images per shard"))
     limit: Int | None = Field(None, gt=0, le=10**9,
-                              json_schema_extra=_fix("omit it to use all samples"))
-    max_skipped_fraction: Float = Field(0.05, ge=0, le=1, json_schema_extra=_fix("use e.g. 0.05"))
+                              json_schema_extra=fix("omit it to use all samples"))
+    max_skipped_fraction: Float = Field(0.05, ge=0, le=1, json_schema_extra=fix("use e.g. 0.05"))
     # content: hash every sample's bytes at planning (finds exact duplicates, never reuses the
     # features of a rewritten file); stat: size + modification time only (faster on huge
     # remote data, blind to duplicates and to files rewritten with the same size and time)
@@ -128,19 +82,19 @@ def _device(value: Any) -> Any:
 
 
 Device = Annotated[str, BeforeValidator(_device),
-                   Field(json_schema_extra=_fix("use auto, cpu, cuda or cuda:N"))]
+                   Field(json_schema_extra=fix("use auto, cpu, cuda or cuda:N"))]
 
 
-class BackboneSpec(_Section):
+class BackboneSpec(Section):
     """The frozen pretrained network that turns samples into features."""
 
     section: ClassVar[str] = "backbone"
     name: str = Field("efficientnet_lite0", min_length=1, max_length=200,
-                      json_schema_extra=_fix("use e.g. efficientnet_lite0 or resnet50"))
+                      json_schema_extra=fix("use e.g. efficientnet_lite0 or resnet50"))
     weights: str | None = "DEFAULT"  # weights enum name (IMAGENET1K_V2), a local file, or random
-    image_size: Int | None = Field(None, json_schema_extra=_fix(
+    image_size: Int | None = Field(None, json_schema_extra=fix(
         "use 16..2048, e.g. 224, or omit it (small images are upsampled)"))
-    batch_size: Int | Literal["auto"] = Field(32, json_schema_extra=_fix(
+    batch_size: Int | Literal["auto"] = Field(32, json_schema_extra=fix(
         "use a whole number such as 32 (at most 8192), or auto"))
     feature_dtype: Literal["float16", "float32"] = "float16"
     device: Device = "auto"
@@ -170,7 +124,7 @@ class BackboneSpec(_Section):
         return int(self.batch_size)
 
 
-class ProbeSpec(_Section):
+class ProbeSpec(Section):
     """Classifiers on the cached features.
 
     The linear probe follows Kornblith et al. 2019: L2-regularised multinomial logistic
@@ -179,23 +133,23 @@ class ProbeSpec(_Section):
     """
 
     section: ClassVar[str] = "probe"
-    l2: Float | None = Field(None, ge=0, le=1e12, json_schema_extra=_fix(
+    l2: Float | None = Field(None, ge=0, le=1e12, json_schema_extra=fix(
         "use e.g. 0.001, or leave it out to sweep the grid"))
-    grid_points: Int = Field(45, gt=0, le=1000, json_schema_extra=_fix("use e.g. 45"))
-    grid_low: Float = Field(1e-6, gt=0, le=1e12, json_schema_extra=_fix("use e.g. 1e-6"))
-    grid_high: Float = Field(1e5, gt=0, le=1e12, json_schema_extra=_fix("use e.g. 1e5"))
-    val_fraction: Fraction01 = Field(0.2, json_schema_extra=_fix("use e.g. 0.2"))
-    sweep_tasks: Int = Field(3, gt=0, le=64, json_schema_extra=_fix("use e.g. 3 (at most 64)"))
-    max_iter: Int = Field(200, gt=0, le=100_000, json_schema_extra=_fix("use e.g. 200"))
+    grid_points: Int = Field(45, gt=0, le=1000, json_schema_extra=fix("use e.g. 45"))
+    grid_low: Float = Field(1e-6, gt=0, le=1e12, json_schema_extra=fix("use e.g. 1e-6"))
+    grid_high: Float = Field(1e5, gt=0, le=1e12, json_schema_extra=fix("use e.g. 1e5"))
+    val_fraction: Fraction01 = Field(0.2, json_schema_extra=fix("use e.g. 0.2"))
+    sweep_tasks: Int = Field(3, gt=0, le=64, json_schema_extra=fix("use e.g. 3 (at most 64)"))
+    max_iter: Int = Field(200, gt=0, le=100_000, json_schema_extra=fix("use e.g. 200"))
     heads: tuple[Literal["linear", "mlp", "knn"], ...] = Field(
         ("linear",), min_length=1, max_length=3,
-        json_schema_extra=_fix(f"use some of {', '.join(HEADS)}"))
-    mlp_hidden: Int = Field(512, gt=0, le=65536, json_schema_extra=_fix("use e.g. 512"))
-    mlp_dropout: Float = Field(0.5, ge=0, lt=1, json_schema_extra=_fix("use e.g. 0.5"))
-    mlp_epochs: Int = Field(100, gt=0, le=10_000, json_schema_extra=_fix("use e.g. 100"))
-    mlp_patience: Int = Field(10, gt=0, le=10_000, json_schema_extra=_fix("use e.g. 10"))
-    mlp_lr: Float = Field(1e-3, gt=0, le=10, json_schema_extra=_fix("use e.g. 1e-3"))
-    mlp_weight_decay: Float = Field(1e-4, ge=0, le=10, json_schema_extra=_fix("use e.g. 1e-4"))
+        json_schema_extra=fix(f"use some of {', '.join(HEADS)}"))
+    mlp_hidden: Int = Field(512, gt=0, le=65536, json_schema_extra=fix("use e.g. 512"))
+    mlp_dropout: Float = Field(0.5, ge=0, lt=1, json_schema_extra=fix("use e.g. 0.5"))
+    mlp_epochs: Int = Field(100, gt=0, le=10_000, json_schema_extra=fix("use e.g. 100"))
+    mlp_patience: Int = Field(10, gt=0, le=10_000, json_schema_extra=fix("use e.g. 10"))
+    mlp_lr: Float = Field(1e-3, gt=0, le=10, json_schema_extra=fix("use e.g. 1e-3"))
+    mlp_weight_decay: Float = Field(1e-4, ge=0, le=10, json_schema_extra=fix("use e.g. 1e-4"))
 
     @field_validator("heads", mode="before")
     @classmethod
@@ -210,7 +164,47 @@ class ProbeSpec(_Section):
         return self
 
 
-class FinetuneSpec(_Section):
+QUALITY_EXCLUDE = ("leaks", "duplicates", "label_issues", "outliers")
+
+
+class QualitySpec(Section):
+    """The data-quality stage of a probe job (and of ``featurefleet quality``), on the cached
+    features: duplicates and leaks across splits, label issues (confident learning on
+    out-of-fold probe predictions), outliers, a learning curve, and distribution shift.
+
+    ``exclude`` trains and evaluates without what was found (the report shows test top-1 with
+    and without). ``near_duplicate_threshold``: cosine similarity of features above which two
+    samples are near duplicates; by default calibrated per job on perturbed copies of its own
+    images (re-encoded, rescaled, cropped, brightened, noised).
+    """
+
+    section: ClassVar[str] = "quality"
+    enabled: bool = True
+    exclude: tuple[Literal["leaks", "duplicates", "label_issues", "outliers"], ...] = Field(
+        (), max_length=4, json_schema_extra=fix(f"use some of {', '.join(QUALITY_EXCLUDE)}"))
+    near_duplicate_threshold: Float | None = Field(None, gt=0, le=1, json_schema_extra=fix(
+        "use e.g. 0.97, or leave it out to calibrate it on the job's images"))
+    neighbors: Int = Field(10, ge=2, le=100, json_schema_extra=fix("use e.g. 10"))
+    block_rows: Int = Field(20_000, ge=100, le=10**7, json_schema_extra=fix(
+        "use e.g. 20000 (rows per neighbour-search task: memory ~ rows x dim x 4 bytes)"))
+    folds: Int = Field(5, ge=2, le=20, json_schema_extra=fix("use e.g. 5"))
+    curve_fractions: tuple[Share, ...] = Field(
+        (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0), min_length=1, max_length=20,
+        json_schema_extra=fix("use fractions of the training set, e.g. [0.1, 0.5, 1.0]"))
+    target_top1: tuple[Fraction01, ...] = Field(
+        (0.9, 0.95, 0.99), max_length=10, json_schema_extra=fix(
+            "use accuracies to ask 'how many labels per class reach it', e.g. [0.9, 0.95]"))
+    outlier_z: Float = Field(3.5, gt=0, le=100, json_schema_extra=fix(
+        "use e.g. 3.5 (robust z-score of the distance to the nearest neighbours)"))
+    max_listed: Int = Field(50, ge=1, le=10_000, json_schema_extra=fix("use e.g. 50"))
+
+    @field_validator("exclude", mode="before")
+    @classmethod
+    def _one(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class FinetuneSpec(Section):
     """End-to-end fine-tuning of backbone + a new linear head (``strategy: finetune``).
 
     The splits are the plan's (the probe's validation ids), so both strategies are selected
@@ -218,26 +212,69 @@ class FinetuneSpec(_Section):
     """
 
     section: ClassVar[str] = "finetune"
-    epochs: Int = Field(10, gt=0, le=10_000, json_schema_extra=_fix("use e.g. 10"))
-    batch_size: Int = Field(32, ge=2, le=8192, json_schema_extra=_fix(
+    epochs: Int = Field(10, gt=0, le=10_000, json_schema_extra=fix("use e.g. 10"))
+    batch_size: Int = Field(32, ge=2, le=8192, json_schema_extra=fix(
         "use at least 2 (batch norm needs two samples), e.g. 32"))
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: Float = Field(1e-3, gt=0, le=10, json_schema_extra=_fix("use e.g. 1e-3"))
-    backbone_lr_mult: Float = Field(1.0, ge=0, le=100, json_schema_extra=_fix(
+    lr: Float = Field(1e-3, gt=0, le=10, json_schema_extra=fix("use e.g. 1e-3"))
+    backbone_lr_mult: Float = Field(1.0, ge=0, le=100, json_schema_extra=fix(
         "use e.g. 0.1 (< 1: the pretrained layers move less than the head)"))
-    weight_decay: Float = Field(0.05, ge=0, le=10, json_schema_extra=_fix("use e.g. 0.05"))
-    warmup_fraction: Float = Field(0.1, ge=0, lt=1, json_schema_extra=_fix("use e.g. 0.1"))
-    label_smoothing: Float = Field(0.1, ge=0, lt=1, json_schema_extra=_fix("use e.g. 0.1"))
+    weight_decay: Float = Field(0.05, ge=0, le=10, json_schema_extra=fix("use e.g. 0.05"))
+    warmup_fraction: Float = Field(0.1, ge=0, lt=1, json_schema_extra=fix("use e.g. 0.1"))
+    label_smoothing: Float = Field(0.1, ge=0, lt=1, json_schema_extra=fix("use e.g. 0.1"))
     augment: bool = True  # random resized crop (+ flip) on training images
-    crop_scale_min: Float = Field(0.35, gt=0, le=1, json_schema_extra=_fix(
+    crop_scale_min: Float = Field(0.35, gt=0, le=1, json_schema_extra=fix(
         "use e.g. 0.08 (ImageNet style) to 0.5 (small objects)"))
     hflip: bool = True  # random horizontal flip (turn off for digits/text)
-    checkpoint_every_steps: Int = Field(0, ge=0, le=10**9, json_schema_extra=_fix(
+    checkpoint_every_steps: Int = Field(0, ge=0, le=10**9, json_schema_extra=fix(
         "use 0 (every epoch) or e.g. 100"))
     device: Device = "auto"  # auto | cpu | cuda | cuda:N (bf16 autocast + channels_last on CUDA)
+    nodes: Int = Field(1, gt=0, le=4096, json_schema_extra=fix(
+        "use the number of GPU worker processes to train on, e.g. 1 or 8"))
+    max_restarts: Int = Field(3, ge=0, le=100, json_schema_extra=fix("use e.g. 3"))
 
 
-class JobSpec(_Section):
+class PretrainSpec(Section):
+    """Pretraining an encoder on the data's images, labels unused (``kind: pretrain``).
+
+    ``autoencoder``: the encoder f (``backbone.name``, random or pretrained init) and a decoder
+    g trained to minimise ‖x − g(f(x))‖² (denoising with ``noise``, masked with
+    ``mask_fraction``). ``simclr``: two random views of each image pulled together and pushed
+    from every other view of the global batch (NT-Xent, gathered across ranks). The result is
+    a backbone: ``backbone: {name: job:<id>}``.
+    """
+
+    section: ClassVar[str] = "pretrain"
+    method: Literal["simclr", "autoencoder"] = "simclr"
+    epochs: Int = Field(50, gt=0, le=10_000, json_schema_extra=fix("use e.g. 50"))
+    batch_size: Int = Field(128, ge=4, le=65536, json_schema_extra=fix(
+        "use e.g. 128 (global: split across the ranks; SimCLR likes it large)"))
+    lr: Float = Field(1e-3, gt=0, le=10, json_schema_extra=fix("use e.g. 1e-3"))
+    weight_decay: Float = Field(1e-6, ge=0, le=10, json_schema_extra=fix("use e.g. 1e-6"))
+    warmup_fraction: Float = Field(0.05, ge=0, lt=1, json_schema_extra=fix("use e.g. 0.05"))
+    temperature: Float = Field(0.2, gt=0, le=10, json_schema_extra=fix("use e.g. 0.2"))
+    projection_dim: Int = Field(128, gt=0, le=8192, json_schema_extra=fix("use e.g. 128"))
+    crop_scale_min: Float = Field(0.3, gt=0, le=1, json_schema_extra=fix("use e.g. 0.2-0.5"))
+    hflip: bool = True  # turn off for digits and text-like images
+    color_jitter: Float = Field(0.4, ge=0, lt=1, json_schema_extra=fix("use e.g. 0.4"))
+    grayscale: Float = Field(0.2, ge=0, le=1, json_schema_extra=fix("use e.g. 0.2"))
+    noise: Float = Field(0.0, ge=0, le=10, json_schema_extra=fix(
+        "use e.g. 0.2 (denoising autoencoder), or 0"))
+    mask_fraction: Float = Field(0.0, ge=0, lt=1, json_schema_extra=fix(
+        "use e.g. 0.5 (masked autoencoder), or 0"))
+    nodes: Int = Field(1, gt=0, le=4096, json_schema_extra=fix(
+        "use the number of GPU worker processes to train on, e.g. 1 or 8"))
+    max_restarts: Int = Field(3, ge=0, le=100, json_schema_extra=fix("use e.g. 3"))
+    checkpoint_every_steps: Int = Field(0, ge=0, le=10**9, json_schema_extra=fix(
+        "use 0 (every epoch) or e.g. 100"))
+    eval_every_epochs: Int = Field(5, ge=0, le=10_000, json_schema_extra=fix(
+        "use e.g. 5, or 0 for no online evaluation"))
+    min_image_side: Int = Field(8, gt=0, le=4096, json_schema_extra=fix(
+        "use e.g. 8: smaller images are too small for random crops"))
+    device: Device = "auto"
+
+
+class JobSpec(Section):
     """A whole job: data, backbone, strategy and where the outputs go.
 
     Args:
@@ -264,15 +301,18 @@ class JobSpec(_Section):
     """
 
     name: str = Field("job", min_length=1, max_length=200,
-                      json_schema_extra=_fix("give the job a short name"))
+                      json_schema_extra=fix("give the job a short name"))
+    kind: Literal["classify", "pretrain", "quality"] = "classify"
     data: DataSpec = Field(default_factory=DataSpec)
     backbone: BackboneSpec = Field(default_factory=BackboneSpec)
     strategy: Literal["probe", "finetune", "auto"] = "probe"
     probe: ProbeSpec = Field(default_factory=ProbeSpec)
     finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
-    time_budget_s: Float | None = Field(None, gt=0, le=1e9, json_schema_extra=_fix(
+    pretrain: PretrainSpec = Field(default_factory=PretrainSpec)
+    quality: QualitySpec = Field(default_factory=QualitySpec)
+    time_budget_s: Float | None = Field(None, gt=0, le=1e9, json_schema_extra=fix(
         "use seconds, e.g. 3600, or leave it out"))
-    output: str = Field("featurefleet-out", min_length=1, json_schema_extra=_fix(
+    output: str = Field("featurefleet-out", min_length=1, json_schema_extra=fix(
         "set output to a folder, e.g. ./featurefleet-out"))
     store: str | None = None
 

@@ -29,7 +29,7 @@ import numpy as np
 from pipeline.errors import StoreError
 from pipeline.store import files
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: + signatures
 
 
 @dataclass
@@ -42,6 +42,9 @@ class ShardData:
     sample_ids: list[str]
     skipped: list[tuple[str, str]]
     attrs: dict[str, Any]
+    # per row: a 16x16 grey thumbnail of the model's input, centred and unit-length (float16):
+    # near duplicates that a backbone's features miss (noise, re-encoding) are found with it
+    signatures: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,8 @@ def write_shard(path: str | Path, data: ShardData, *, not_before: float | None =
                 # One chunk per shard-sized block of rows: written whole, read whole.
                 f.create_dataset("features", data=data.features,
                                  chunks=(max(1, min(n, 1024)), max(1, d)) if n else None)
+                if data.signatures is not None:
+                    f.create_dataset("signatures", data=data.signatures.astype(np.float16))
                 f.create_dataset("labels", data=data.labels.astype(np.int64))
                 f.create_dataset("indices", data=data.indices.astype(np.int64))
                 f.create_dataset("sample_ids", data=np.asarray(data.sample_ids, dtype=object),
@@ -217,11 +222,14 @@ class ShardReader:
 
     :meth:`chunks` streams ``(features float32, labels, indices)`` at most ``max_rows`` rows at
     a time, keeping only the rows whose sample index is in ``wanted`` when it is given;
-    :meth:`read` fills one preallocated array with them.
+    :meth:`read` fills one preallocated array with them. ``field``: the per-row array read as
+    "features" (``signatures`` for the image signatures).
     """
 
-    def __init__(self, paths: list[str], wanted: np.ndarray | None = None) -> None:
+    def __init__(self, paths: list[str], wanted: np.ndarray | None = None,
+                 field: str = "features") -> None:
         self.paths = list(paths)
+        self.field = field
         self.wanted = None if wanted is None else np.unique(np.asarray(wanted, np.int64))
         self.dim = 0
         self.rows = 0
@@ -229,7 +237,9 @@ class ShardReader:
         for p in self.paths:
             try:
                 with open_h5(p) as f:
-                    self.dim = int(f["features"].shape[1]) if f["features"].ndim == 2 else 0
+                    if field not in f:
+                        raise KeyError(f"no {field!r} dataset (written by an older version)")
+                    self.dim = int(f[field].shape[1]) if f[field].ndim == 2 else 0
                     if self.wanted is None:
                         self._masks.append(None)
                         self.rows += int(f["features"].shape[0])
@@ -250,7 +260,7 @@ class ShardReader:
                 n = int(f["features"].shape[0])
                 for s in range(0, n, max_rows):
                     e = min(n, s + max_rows)
-                    x = f["features"][s:e].astype(np.float32)
+                    x = f[self.field][s:e].astype(np.float32)
                     y, idx = f["labels"][s:e], f["indices"][s:e]
                     if mask is not None:
                         m = mask[s:e]

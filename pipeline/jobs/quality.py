@@ -1,0 +1,268 @@
+"""The job side of the data-quality stage: each part as a task step, and the summary.
+
+Parts (one task each, recorded once in ``ff:job:<id>:quality``; bulky results as files under
+``<job>/quality/``): ``neighbors.<b>`` (a block of query rows against every shard),
+``fold.<f>`` (out-of-fold probe predictions), ``curve.<i>`` (a learning-curve point),
+``shift`` (train-vs-test domain classifier), ``probe`` (GPU queue: threshold calibration and
+familiarity, with the backbone). ``finish`` combines them into ``<job>/quality.json`` (what
+``quality.exclude`` leaves out included) and, for ``kind: quality``, writes the report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import train
+from pipeline.devices import pick_device
+from pipeline.errors import JobError, NotReady, StoreError
+from pipeline.fsio import atomic_path, atomic_write_text
+from pipeline.jobs.records import JobStore
+from pipeline.jobs.steps import live, plan_source, shard_paths, shard_results, succeed
+from pipeline.plan import Plan, QualityPlan, load_plan
+from pipeline.quality import curve, labels, neighbors, probing, shift, summary
+from pipeline.reports import quality as quality_report
+from pipeline.reports import report
+from pipeline.store.shards import ShardReader
+
+FALLBACK_THRESHOLD = 0.98  # near-duplicate similarity when calibration was impossible
+SHIFT_ROWS = 20000  # samples per side for the domain classifier
+
+
+def _q(plan: Plan) -> QualityPlan:
+    if plan.quality is None:
+        raise JobError(f"job {plan.job_id} has no quality stage in its plan")
+    return plan.quality
+
+
+def _dir(plan: Plan) -> Path:
+    return plan.job_dir / "quality"
+
+
+def _record(jobs: JobStore, plan: Plan, part: str, t0: float, **result: Any) -> dict[str, Any]:
+    out = {"part": part, "seconds": round(time.perf_counter() - t0, 3), **result}
+    jobs.record_part(plan.job_id, "quality", part, out)
+    return out
+
+
+def run_neighbors(jobs: JobStore, ref: Any, block: int) -> dict[str, Any]:
+    """Nearest neighbours of one block of samples among all of them."""
+    plan = load_plan(ref)
+    q = _q(plan)
+    if not 0 <= int(block) < len(q.blocks):
+        raise JobError(f"job {plan.job_id} has no quality block {block!r}")
+    live(jobs, plan, "quality")
+    t0 = time.perf_counter()
+    start, end = q.blocks[int(block)]
+    ids = plan.extract_ids
+    paths, k = shard_paths(jobs, plan), plan.spec.quality.neighbors
+    nb = neighbors.search(paths, ids[start:end], ids, k)
+    with contextlib.suppress(StoreError):  # shards written before schema 3 have no signatures
+        nb = nb.with_signatures(neighbors.search(paths, ids[start:end], ids, k,
+                                                 field="signatures"))
+    neighbors.save(nb, str(_dir(plan) / f"neighbors-{int(block)}.npz"))
+    return _record(jobs, plan, f"neighbors.{int(block)}", t0, rows=len(nb.idx))
+
+
+def _labeled(jobs: JobStore, plan: Plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return ShardReader(shard_paths(jobs, plan), np.asarray(plan.extract_ids)).read()
+
+
+def run_fold(jobs: JobStore, ref: Any, fold: int) -> dict[str, Any]:
+    """Out-of-fold probe probabilities of one fold of every labeled sample."""
+    plan = load_plan(ref)
+    q = _q(plan)
+    live(jobs, plan, "quality")
+    t0 = time.perf_counter()
+    x, y, idx = _labeled(jobs, plan)
+    ok = np.isfinite(x).all(axis=1)
+    x, y, idx = x[ok], y[ok], idx[ok]
+    folds, _note = labels.fold_of(y, q.folds, plan.spec.data.seed)
+    mine = folds == int(fold)
+    proba = np.zeros((0, len(plan.class_names)), np.float32)
+    if len(np.unique(y)) >= 2 and mine.any():
+        proba = labels.out_of_fold(x, y, folds, int(fold), len(plan.class_names), q.l2,
+                                   plan.spec.probe.max_iter)
+    with atomic_path(_dir(plan) / f"fold-{int(fold)}.npz") as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, idx=idx[mine], y=y[mine], proba=proba)
+    return _record(jobs, plan, f"fold.{int(fold)}", t0, rows=int(mine.sum()))
+
+
+def run_curve(jobs: JobStore, ref: Any, index: int) -> dict[str, Any]:
+    """One learning-curve point: the probe on a fraction of train, scored on val."""
+    plan = load_plan(ref)
+    q = _q(plan)
+    live(jobs, plan, "quality")
+    t0 = time.perf_counter()
+    fraction = q.fractions[int(index)]
+    feats = train.read_splits(shard_paths(jobs, plan), {"train": plan.splits.train,
+                                                        "val": plan.splits.val})
+    tr, va = feats["train"], feats["val"]
+    tr_ok, va_ok = np.isfinite(tr.x).all(axis=1), np.isfinite(va.x).all(axis=1)
+    if len(np.unique(tr.y[tr_ok])) < 2 or not va_ok.any():
+        return _record(jobs, plan, f"curve.{int(index)}", t0, fraction=fraction,
+                       note="needs two classes in train and a validation split")
+    pt = curve.point(tr.x[tr_ok], tr.y[tr_ok], va.x[va_ok], va.y[va_ok],
+                     len(plan.class_names), fraction, plan.spec.data.seed, q.l2,
+                     plan.spec.probe.max_iter)
+    return _record(jobs, plan, f"curve.{int(index)}", t0, **pt)
+
+
+def run_shift(jobs: JobStore, ref: Any) -> dict[str, Any]:
+    """The train-vs-test domain classifier (at most SHIFT_ROWS samples per side)."""
+    plan = load_plan(ref)
+    live(jobs, plan, "quality")
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(plan.spec.data.seed)
+    pick = {name: sorted(rng.permutation(np.asarray(plan.splits.of(name), np.int64))
+                         [:SHIFT_ROWS].tolist()) for name in ("train", "test")}
+    feats = train.read_splits(shard_paths(jobs, plan), pick)
+    tr, te = feats["train"], feats["test"]
+    tr_ok, te_ok = np.isfinite(tr.x).all(axis=1), np.isfinite(te.x).all(axis=1)
+    result = shift.domain_auc(tr.x[tr_ok], tr.y[tr_ok], te.x[te_ok], te.y[te_ok],
+                              plan.spec.data.seed, max_rows=SHIFT_ROWS)
+    return _record(jobs, plan, "shift", t0, **result)
+
+
+def run_probe(jobs: JobStore, ref: Any) -> dict[str, Any]:
+    """With the backbone (GPU queue): calibrate the near-duplicate threshold, measure how
+    familiar the images look to its pretrained classifier."""
+    plan = load_plan(ref)
+    live(jobs, plan, "quality")
+    t0 = time.perf_counter()
+    from pipeline.backbones import Preprocessing
+
+    bb = plan.backbone
+    result = probing.probe_backbone(
+        plan_source(plan), plan.splits.train or plan.extract_ids, bb.name, bb.weights,
+        Preprocessing.from_dict(bb.preprocessing), pick_device(plan.spec.backbone.device),
+        bb.precision, plan.spec.data.seed)
+    return _record(jobs, plan, "probe", t0, **result)
+
+
+def run_part(jobs: JobStore, ref: Any, part: str) -> dict[str, Any]:
+    """Run the part a message names (``neighbors.3``, ``fold.0``, ``curve.2``, ``shift``,
+    ``probe``)."""
+    kind, _, index = str(part).partition(".")
+    if kind in ("neighbors", "fold", "curve") and index.isdigit():
+        step = {"neighbors": run_neighbors, "fold": run_fold, "curve": run_curve}[kind]
+        return step(jobs, ref, int(index))
+    if kind in ("shift", "probe") and not index:
+        return (run_shift if kind == "shift" else run_probe)(jobs, ref)
+    raise JobError(f"no quality part {str(part)[:40]!r}; fix: this message was not sent by "
+                   "featurefleet")
+
+
+def run_finish(jobs: JobStore, ref: Any) -> dict[str, Any]:
+    """Combine the parts into ``quality.json``; for ``kind: quality``, the report too.
+
+    Raises:
+        NotReady: the chord body ran before every part was recorded (retried).
+    """
+    plan = load_plan(ref)
+    q = _q(plan)
+    live(jobs, plan, "quality")
+    t0 = time.perf_counter()
+    parts = jobs.parts(plan.job_id, "quality")
+    missing = [p for p in q.parts() if p not in parts]
+    if missing:
+        raise NotReady(f"job {plan.job_id}: quality parts {missing[:5]} not recorded yet")
+    section = summarize(plan, parts)
+    source = plan_source(plan)
+    section["sample_ids"] = {str(i): source.sample_id(int(i))
+                             for i in quality_report.shown(section)}
+    thumbs = quality_report.thumbnails(source, quality_report.shown(section))
+    atomic_write_text(_dir(plan) / "thumbnails.json", json.dumps(thumbs))
+    section["thumbnails"] = str(_dir(plan) / "thumbnails.json")
+    section["seconds"] = round(time.perf_counter() - t0 + sum(
+        float(p.get("seconds", 0)) for p in parts.values()), 3)
+    atomic_write_text(plan.job_dir / "quality.json", json.dumps(section, indent=1))
+    jobs.update(plan.job_id, quality=json.dumps(quality_report.brief(section)))
+    if plan.kind != "quality":
+        return {"quality": str(plan.job_dir / "quality.json")}
+    rep = quality_report.build(plan, jobs.get(plan.job_id),
+                               report.shard_rows(plan, shard_results(jobs, plan)), section)
+    path = report.write_report(rep, plan.job_dir)
+    return succeed(jobs, plan, path, {"top1": section.get("label_issues", {}).get("oof_top1")})
+
+
+def summarize(plan: Plan, parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Every part into the report's section."""
+    q, spec = _q(plan), plan.spec.quality
+    d = _dir(plan)
+    nb = neighbors.load([str(d / f"neighbors-{b}.npz") for b in range(len(q.blocks))])
+    probe = {k: v for k, v in parts["probe"].items() if k not in ("part", "seconds")}
+    signals = ("features", "signatures")
+    if spec.near_duplicate_threshold is not None:
+        thresholds = {s: spec.near_duplicate_threshold for s in signals}
+        how = "quality.near_duplicate_threshold"
+    elif "features" in probe:
+        thresholds = {s: probe[s]["threshold"] for s in signals}
+        how = "calibrated on perturbed copies of the job's images"
+    else:
+        thresholds = {"features": FALLBACK_THRESHOLD, "signatures": FALLBACK_THRESHOLD}
+        how = f"default ({probe.get('note', 'not calibrated')})"
+    where = summary.split_of({n: plan.splits.of(n) for n in ("train", "val", "test")})
+    digests = plan.digests() if plan.fingerprint_mode == "content" else None
+    found = summary.pairs(nb, thresholds, digests)
+    y_of = np.full(plan.n_samples, -1, np.int64)
+    y_of[nb.idx] = nb.y
+    section: dict[str, Any] = {
+        "near_duplicate_threshold": {
+            **thresholds, "source": how, "calibration": {s: probe[s] for s in signals
+                                                         if s in probe},
+            "expected_copy_recall": probe.get("copy_recall"),
+            **({"note": "shards without image signatures: features only"}
+               if nb.sig_nbr is None else {})},
+        "duplicates": summary.duplicates(found, where, spec.max_listed),
+        "removed_at_planning": [e.model_dump() for e in plan.excluded][:spec.max_listed],
+        "removed_at_planning_count": len(plan.excluded),
+        "outliers": summary.outliers(nb, spec.outlier_z, where, y_of, spec.max_listed),
+        "label_issues": _label_issues(plan, d, spec.max_listed),
+        "learning_curve": _curve(q, parts, spec.target_top1),
+        "shift": {k: v for k, v in parts["shift"].items() if k not in ("part", "seconds")},
+        "balance": shift.balance({n: y_of[np.asarray(plan.splits.of(n), np.int64)]
+                                  for n in ("train", "val", "test")}, len(plan.class_names)),
+        "pretraining_domain": probe.get("familiarity", {"note": probe.get("note")}),
+        "nonfinite": {"count": len(nb.nonfinite),
+                      "indices": sorted(int(i) for i in nb.nonfinite)[:spec.max_listed]},
+    }
+    if len(nb.nonfinite):
+        section["nonfinite"]["note"] = (
+            f"{len(nb.nonfinite)} samples have NaN/inf features and were left out of the "
+            "quality analysis; fix: check the backbone's precision (fp16 overflow) and those "
+            "images")
+    section["excluded"] = summary.excluded(section, spec.exclude)
+    return section
+
+
+def _label_issues(plan: Plan, d: Path, limit: int) -> dict[str, Any]:
+    idx, y, proba = [], [], []
+    for f in range(_q(plan).folds):
+        with np.load(d / f"fold-{f}.npz", allow_pickle=False) as z:
+            if len(z["proba"]):
+                idx.append(z["idx"])
+                y.append(z["y"])
+                proba.append(z["proba"])
+    if not idx:
+        return {"note": "no out-of-fold predictions: the data has fewer than two classes "
+                        "with two labeled samples each"}
+    idx_a, y_a, p_a = np.concatenate(idx), np.concatenate(y), np.concatenate(proba)
+    if min(np.bincount(y_a)[np.unique(y_a)]) < 2 or len(y_a) < 10:
+        return {"note": f"{len(y_a)} labeled samples are too few for out-of-fold predictions"}
+    return labels.label_issues(y_a, p_a, idx_a, limit)
+
+
+def _curve(q: QualityPlan, parts: dict[str, dict[str, Any]],
+           targets: tuple[float, ...]) -> dict[str, Any]:
+    points = [parts[f"curve.{i}"] for i in range(len(q.fractions))]
+    good = [{k: p[k] for k in ("fraction", "samples", "per_class", "val_top1")}
+            for p in points if "val_top1" in p]
+    if not good:
+        return {"note": next((p["note"] for p in points if "note" in p), "no points")}
+    return {"points": good, "l2": q.l2, "fit": curve.fit(good, targets)}

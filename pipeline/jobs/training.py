@@ -1,0 +1,153 @@
+"""The job side of a data-parallel training run (``pretrain``, ``finetune``): one task per
+node starts torchrun and supervises it; the chord body collects the outcome.
+
+A run is cut into time slices (``FEATUREFLEET_FINETUNE_SLICE_S``, half the task time limit by
+default): past its deadline the program checkpoints and stops, and the next slice's tasks
+resume it, so no task outlives the visibility timeout. A single-node run whose task is
+delivered again (its worker lost) resumes from the checkpoint; a lost node of a multi-node
+run stops the run, and running the job again resumes it (pretraining checkpoints are kept by
+content, see :func:`run_dir`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pipeline.engine.launch import Node, argv, log_tail, supervise
+from pipeline.errors import JobCancelled, JobError
+from pipeline.fsio import atomic_write_text
+from pipeline.jobs.nodes import free_port, meet
+from pipeline.jobs.records import FINAL, JobStore
+from pipeline.plan import Plan, load_plan
+from pipeline.settings import get_settings
+
+PROGRAMS = ("pretrain", "finetune")
+
+
+def run_dir(plan: Plan, program: str) -> Path:
+    """Where a run keeps its checkpoints. Fine-tuning: the job's folder. Pretraining: a folder
+    named by everything that determines the encoder (data, samples, architecture, initial
+    weights, input size, method and its settings, seed), so running a failed or cancelled job
+    again resumes it, and running a finished one again reuses it."""
+    if program == "finetune":
+        return plan.job_dir / "finetune"
+    cfg = plan.spec.pretrain.model_dump(exclude={"nodes", "eval_every_epochs",
+                                                  "checkpoint_every_steps", "max_restarts",
+                                                  "device"})
+    parts = {"data": plan.fingerprint, "train": sorted(plan.splits.train + plan.splits.val),
+             "arch": plan.backbone.name, "weights": plan.backbone.weights_sha256,
+             "preprocessing": plan.backbone.preprocessing, "pretrain": cfg,
+             "seed": plan.spec.data.seed}
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+    return Path(plan.spec.output) / "pretrain" / key
+
+
+def _gpus_here() -> int:
+    from pipeline.devices import visible_gpus
+
+    return len(visible_gpus())
+
+
+def run_node(jobs: JobStore, ref: Any, program: str, part: int, slot: int, round_: int = 0,
+             on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """One node of time slice ``part``: start torchrun, supervise it, return rank 0's outcome
+    (``state``: done with ``summary``, or continue).
+
+    Raises:
+        JobCancelled: the job was cancelled (its ranks were stopped).
+        JobError: the run failed (the error quotes the end of the node's log), a node of a
+            multi-node run was lost, or the nodes did not all join.
+    """
+    from pipeline.jobs.steps import count_attempt, live
+
+    if program not in PROGRAMS:
+        raise JobError(f"unknown training program {program!r}")
+    plan = load_plan(ref)
+    cfg = plan.spec.pretrain if program == "pretrain" else plan.spec.finetune
+    live(jobs, plan, program)
+    attempts = count_attempt(jobs, plan, f"{program}.{part}.{slot}", f"{program} (node {slot})")
+    if attempts > 1 and cfg.nodes > 1:
+        raise JobError(f"node {slot} of the {cfg.nodes}-node {program} run was lost; fix: run "
+                       "the job again (featurefleet retry): it resumes from its last checkpoint")
+    out_dir = run_dir(plan, program)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    nproc = max(1, _gpus_here()) if cfg.device != "cpu" else 1
+    if cfg.nodes == 1:  # this machine alone: a private store on loopback
+        node = Node(1, nproc, f"127.0.0.1:{free_port('127.0.0.1')}", True,
+                    f"{plan.job_id}-{program}-{part}-{attempts}", cfg.max_restarts)
+        ranks_here = nproc
+    else:
+        meeting = meet(jobs, plan.job_id, program, part + 1000 * round_, slot, cfg.nodes, nproc)
+        node = Node(cfg.nodes, nproc, meeting.endpoint, meeting.is_host, meeting.run_id,
+                    cfg.max_restarts)
+        ranks_here = meeting.ranks_here
+    tag = f"p{part}-r{round_}-a{attempts if cfg.nodes == 1 else 1}"
+    status_file = out_dir / f"status-{tag}.json"
+    runfile = out_dir / f"run-{tag}-n{slot}.json"
+    atomic_write_text(runfile, json.dumps({
+        "program": program, "ref": ref, "part": part, "attempt": attempts,
+        "slice_s": get_settings().finetune_slice,
+        "device": cfg.device, "out_dir": str(out_dir), "status_file": str(status_file)}))
+    last = {"at": 0.0}
+
+    def tick() -> bool:  # every second: the job's progress to Flower, and cancel
+        if time.monotonic() - last["at"] < 1.0:
+            return False
+        last["at"] = time.monotonic()
+        st = jobs.get(plan.job_id)
+        if on_progress is not None and isinstance(st.get(program), dict):
+            on_progress(st[program])
+        return bool(st.get("status") in FINAL)
+
+    log = out_dir / f"node-{tag}-n{slot}.log"
+    code = supervise(argv(node, "pipeline.jobs.ranks", str(runfile)),
+                     {"FEATUREFLEET_RANKS_HERE": str(ranks_here)}, log, tick)
+    if code == -1:
+        raise JobCancelled(f"job {plan.job_id} was cancelled during {program}")
+    if code != 0:
+        raise JobError(f"{program} node {slot} failed (torchrun exit {code}): "
+                       f"{log_tail(log, 6)}; fix: read {log}")
+    deadline = time.monotonic() + 30  # rank 0 may run on another node: shared storage lags
+    while not status_file.is_file():
+        if time.monotonic() > deadline:
+            raise JobError(f"{program} node {slot}: rank 0 left no outcome at {status_file}; "
+                           "fix: workers need the job's output folder on shared storage")
+        time.sleep(0.5)
+    return {"part": part, "slot": slot, **json.loads(status_file.read_text())}
+
+
+def run_done(jobs: JobStore, ref: Any, program: str, part: int,
+             results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Collect a time slice's nodes: the summary when the run is done, else the next part."""
+    plan = load_plan(ref)
+    states = {r.get("state") for r in results}
+    if "cancelled" in states:
+        raise JobCancelled(f"job {plan.job_id} was cancelled during {program}")
+    if not results or states - {"done", "continue"}:
+        raise JobError(f"{program} part {part} of job {plan.job_id} ended with {states}")
+    if "continue" in states:
+        return {"continue": True, "part": part + 1}
+    summary = next(r["summary"] for r in results if r["summary"].get("history") is not None)
+    jobs.update(plan.job_id, train_seconds=summary.get("seconds"),
+                resumes=len(summary.get("resumes", [])))
+    return dict(summary)
+
+
+def run_finish_pretrain(jobs: JobStore, ref: Any, summary: dict[str, Any]) -> dict[str, Any]:
+    """Write the pretraining report and mark the job SUCCESS (its encoder is now usable as
+    ``backbone: {name: job:<id>}``)."""
+    from pipeline.jobs.steps import live
+    from pipeline.reports import pretrain
+
+    plan = load_plan(ref)
+    live(jobs, plan, "report")
+    rep = pretrain.build(plan, jobs.get(plan.job_id), summary)
+    path = pretrain.write(rep, plan.job_dir)
+    jobs.finish(plan.job_id, "SUCCESS", report=str(path), stage="done",
+                encoder=rep["encoder"])
+    return {"report": str(path), "encoder": rep["encoder"]}

@@ -1,0 +1,113 @@
+"""Nearest neighbours by cosine similarity, in bounded memory.
+
+A task takes one block of query rows (sample ids) and streams every shard against it in
+blocks of ``ref_rows``: faiss computes each block's top-k inner products of unit vectors, and
+the running top-k is merged with numpy. Memory is (query rows + ref_rows) × dim floats plus
+query rows × k results, whatever the size of the data set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.store.shards import ShardReader
+
+
+@dataclass
+class Neighbors:
+    """For each query sample (``idx``): its ``k`` nearest other samples and their cosine
+    similarities, most similar first (-1 / -inf where there are fewer than k others)."""
+
+    idx: np.ndarray  # (n,) sample indices of the query rows
+    y: np.ndarray  # (n,) their labels
+    nbr: np.ndarray  # (n, k) sample indices
+    sim: np.ndarray  # (n, k) float32
+    nonfinite: np.ndarray  # sample indices whose features are NaN/inf (left out)
+    # the same for the image signatures (aligned with idx; None: shards without signatures)
+    sig_nbr: np.ndarray | None = None
+    sig_sim: np.ndarray | None = None
+
+    def with_signatures(self, other: Neighbors) -> Neighbors:
+        """These neighbours plus ``other``'s (found on signatures), aligned by sample."""
+        pos = {int(i): r for r, i in enumerate(other.idx)}
+        k = other.nbr.shape[1]
+        nbr = np.full((len(self.idx), k), -1, np.int64)
+        sim = np.full((len(self.idx), k), -np.inf, np.float32)
+        for r, i in enumerate(self.idx.tolist()):
+            if i in pos:
+                nbr[r], sim[r] = other.nbr[pos[i]], other.sim[pos[i]]
+        return Neighbors(self.idx, self.y, self.nbr, self.sim, self.nonfinite, nbr, sim)
+
+
+def unit_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows scaled to unit length (a zero row stays zero), and the mask of finite rows."""
+    x = np.asarray(x, np.float32)
+    finite = np.isfinite(x).all(axis=1)
+    x = np.where(finite[:, None], x, 0.0).astype(np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12), finite
+
+
+def search(paths: list[str], query_ids: Sequence[int], reference_ids: Sequence[int], k: int,
+           ref_rows: int = 16384, field: str = "features") -> Neighbors:
+    """The ``k`` nearest neighbours of every query sample among the reference samples, by
+    the cosine of their ``field`` rows (``features`` or ``signatures``)."""
+    import faiss
+
+    qx, qy, qidx = ShardReader(paths, np.asarray(query_ids, np.int64), field).read()
+    q, q_ok = unit_rows(qx)
+    del qx
+    bad = [qidx[~q_ok]]
+    q, qy, qidx = np.ascontiguousarray(q[q_ok]), qy[q_ok], qidx[q_ok]
+    best_sim = np.full((len(qidx), k), -np.inf, np.float32)
+    best_nbr = np.full((len(qidx), k), -1, np.int64)
+    reader = ShardReader(paths, np.asarray(reference_ids, np.int64), field)
+    for rx, _ry, ridx in reader.chunks(max_rows=ref_rows):
+        r, r_ok = unit_rows(rx)
+        del rx
+        r, ridx = np.ascontiguousarray(r[r_ok]), ridx[r_ok]
+        if not len(ridx) or not len(qidx):
+            continue
+        kk = min(k + 1, len(ridx))  # +1: a query finds itself when it is a reference too
+        sim, pos = faiss.knn(q, r, kk, metric=faiss.METRIC_INNER_PRODUCT)
+        nbr = np.where(pos >= 0, ridx[np.clip(pos, 0, None)], -1)
+        sim = np.where(nbr == qidx[:, None], -np.inf, sim).astype(np.float32)  # not itself
+        all_sim = np.concatenate([best_sim, sim], axis=1)
+        all_nbr = np.concatenate([best_nbr, nbr], axis=1)
+        order = np.argsort(-all_sim, axis=1, kind="stable")[:, :k]
+        best_sim = np.take_along_axis(all_sim, order, axis=1)
+        best_nbr = np.take_along_axis(all_nbr, order, axis=1)
+    best_nbr[~np.isfinite(best_sim)] = -1
+    return Neighbors(idx=qidx, y=qy, nbr=best_nbr, sim=best_sim,
+                     nonfinite=np.concatenate(bad))
+
+
+def save(nb: Neighbors, path: str) -> None:
+    from pipeline.fsio import atomic_path
+
+    extra: dict[str, np.ndarray] = {}
+    if nb.sig_nbr is not None and nb.sig_sim is not None:
+        extra = {"sig_nbr": nb.sig_nbr, "sig_sim": nb.sig_sim}
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **{"idx": nb.idx, "y": nb.y, "nbr": nb.nbr, "sim": nb.sim,
+                        "nonfinite": nb.nonfinite, **extra})  # type: ignore[arg-type]
+
+
+def load(paths: Sequence[str]) -> Neighbors:
+    """Every block's neighbours as one table."""
+    parts = []
+    for p in paths:
+        with np.load(p, allow_pickle=False) as z:
+            parts.append({k: z[k] for k in z.files})
+    if not parts:
+        return Neighbors(np.zeros(0, np.int64), np.zeros(0, np.int64),
+                         np.zeros((0, 1), np.int64), np.zeros((0, 1), np.float32),
+                         np.zeros(0, np.int64))
+    sig = all("sig_nbr" in p for p in parts)
+    return Neighbors(*(np.concatenate([p[k] for p in parts])
+                       for k in ("idx", "y", "nbr", "sim", "nonfinite")),
+                     *((np.concatenate([p[k] for p in parts]) for k in ("sig_nbr", "sig_sim"))
+                       if sig else (None, None)))

@@ -1,0 +1,266 @@
+"""What the quality stage asks of the backbone itself, on a seeded sample of the job's images.
+
+**Near-duplicate thresholds, calibrated.** What counts as "near" depends on the backbone and
+the data: ImageNet features of a small synthetic image move more under sensor noise than
+between two different images of it, while those of photos barely move under re-encoding.
+Two signals are calibrated: the backbone's features and the image signatures (16 x 16 grey
+thumbnails, centred: their cosine is a correlation, blind to brightness and contrast).
+Sampled images are copied the ways copies arise in practice (:func:`near_copy`: JPEG
+re-encoding, downscaling and back, a slight off-centre crop, brightness, sensor noise; one or
+two of them). A signal's threshold keeps 95% of such copies above it (the 5th percentile of
+image-to-copy similarity), raised where needed so that at most 5% of the sampled images have
+a *distinct* nearest other above it, never above 0.995. A signal that then keeps fewer than
+half the copies cannot tell copies from distinct images in this data and is not used; a pair
+is a near duplicate when a used signal puts it at or above its threshold, and
+``copy_recall`` is the share of the calibration copies that rule finds.
+
+**Distance from the pretraining domain.** The primary measure is the divergence of the
+images' activation statistics from those the network saw in pretraining, which every
+BatchNorm layer keeps (running mean and variance): the mean over layers and channels of
+KL(data || pretraining) between per-channel Gaussians. Measured with EfficientNet-Lite0
+(ImageNet) at 128 px: photo crops of scikit-image's bundled photos 0.15, sklearn's digits
+0.62 (``docs/quality.md``); from ``FAR_KL`` the advice is to fine-tune or to pretrain on the
+user's own images. The pretrained classifier's mean maximum softmax probability (Hendrycks &
+Gimpel 2017) is reported beside it (0.59 and 0.36 there) and used for networks without
+BatchNorm. Both thresholds rest on these few measurements: read the number, not only the
+verdict.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from pipeline.backbones import Preprocessing
+from pipeline.devices import autocast_dtype, cached_backbone
+from pipeline.preprocess import preprocess, signatures
+from pipeline.sources import Source
+
+NEAR_KL, FAR_KL = 0.3, 0.45  # BatchNorm divergence: below NEAR_KL near, from FAR_KL far
+NEAR_MSP, FAR_MSP = 0.5, 0.3  # max-softmax probability: from NEAR_MSP near, below FAR_MSP far
+PERCENTILE = 5.0  # the threshold keeps ~95% of copies above it...
+DISTINCT_PERCENTILE = 95.0  # ...unless 5% of distinct images' nearest other would pass it
+MIN_RECALL = 0.5  # a signal that keeps fewer copies than this is not used
+MAX_THRESHOLD = 0.995
+
+
+def _pil(im: np.ndarray) -> Any:
+    from PIL import Image
+
+    return Image.fromarray(im)
+
+
+def near_copy(im: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One realistic near-duplicate of ``im`` (uint8 HxWx3): one or two random edits."""
+    from PIL import Image
+
+    h, w = im.shape[:2]
+
+    def jpeg(a: np.ndarray) -> np.ndarray:
+        buf = io.BytesIO()
+        _pil(a).save(buf, "JPEG", quality=int(rng.integers(60, 91)))
+        return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+
+    def rescale(a: np.ndarray) -> np.ndarray:
+        f = float(rng.uniform(0.5, 0.8))
+        small = _pil(a).resize((max(1, int(w * f)), max(1, int(h * f))),
+                               Image.Resampling.BILINEAR)
+        return np.asarray(small.resize((w, h), Image.Resampling.BILINEAR))
+
+    def crop(a: np.ndarray) -> np.ndarray:
+        keep = float(rng.uniform(0.9, 0.96))
+        ch, cw = max(1, int(h * keep)), max(1, int(w * keep))
+        top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        inner = a[top:top + ch, left:left + cw]
+        return np.asarray(_pil(inner).resize((w, h), Image.Resampling.BILINEAR))
+
+    def brightness(a: np.ndarray) -> np.ndarray:
+        f = float(rng.choice([rng.uniform(0.85, 0.95), rng.uniform(1.05, 1.15)]))
+        out: np.ndarray = np.clip(a.astype(np.float32) * f, 0, 255).astype(np.uint8)
+        return out
+
+    def noise(a: np.ndarray) -> np.ndarray:
+        return np.clip(a + rng.normal(0, 3.0, a.shape), 0, 255).astype(np.uint8)
+
+    edits = [jpeg, rescale, crop, brightness, noise]
+    out = im
+    for k in rng.choice(len(edits), size=int(rng.integers(1, 3)), replace=False):
+        out = edits[int(k)](out)
+    return out
+
+
+
+def _stats(v: np.ndarray) -> dict[str, float]:
+    return {q: round(float(np.percentile(v, p)), 5) for q, p in (("p5", 5), ("median", 50),
+                                                                  ("p95", 95))}
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    out: np.ndarray = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return out
+
+
+def calibrate(originals: np.ndarray, copies: np.ndarray,
+              n: int) -> tuple[dict[str, Any], np.ndarray]:
+    """One signal's threshold from the similarity of the first ``n`` originals to their
+    copies (``copies``: (copies per original x n) rows) and of every original to its nearest
+    *other* sampled original."""
+    unit = _unit(originals)
+    copy_sims = (_unit(copies).reshape(-1, n, unit.shape[1]) * unit[None, :n]).sum(axis=2)
+    copy_sims = copy_sims.ravel()
+    gram = unit @ unit.T
+    np.fill_diagonal(gram, -np.inf)
+    nearest_other = gram.max(axis=1)
+    by_recall = float(np.percentile(copy_sims, PERCENTILE))
+    by_distinct = float(np.percentile(nearest_other, DISTINCT_PERCENTILE))
+    threshold = min(MAX_THRESHOLD, max(by_recall, by_distinct))
+    recall = float((copy_sims >= threshold).mean())
+    used = recall >= MIN_RECALL
+    return {"threshold": round(threshold, 5) if used else None,
+            "copy_recall": round(recall, 4), "copy_similarity": _stats(copy_sims),
+            "nearest_other_similarity": _stats(nearest_other),
+            "distinct_above_threshold": round(float((nearest_other >= threshold).mean()), 4),
+            "raised_for_distinct_images": by_distinct > by_recall,
+            **({} if used else {"why_unused": (
+                f"only {recall:.0%} of copies score above {threshold:.4f}, the similarity that "
+                f"{100 - DISTINCT_PERCENTILE:g}% of distinct images reach: this signal cannot "
+                "tell copies from distinct images in this data")})}, copy_sims
+
+
+def probe_backbone(source: Source, ids: Sequence[int], name: str, weights: str | None,
+                   pre: Preprocessing, device: str, precision: str, seed: int,
+                   n_calibrate: int = 64, n_copies: int = 4,
+                   n_sample: int = 512) -> dict[str, Any]:
+    """Calibrate the near-duplicate thresholds (features, signatures) and measure how far
+    the images are from the pretraining domain, on ``n_sample`` sampled ``ids``."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    picked = sorted(rng.permutation(np.asarray(ids, np.int64))[:n_sample].tolist())
+    images = source.load(picked).images
+    if len(images) < 2:
+        return {"note": f"{len(images)} readable images sampled: too few to calibrate"}
+    bb = cached_backbone(name, weights, device)
+    amp = autocast_dtype(device, precision)
+    bn = BatchNormStats(bb.model)
+
+    def embed(batch: list[np.ndarray], stats: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        feats, sigs = [], []
+        bn.active = stats
+        with torch.inference_mode():
+            for s in range(0, len(batch), 64):
+                x = preprocess(batch[s:s + 64], pre, device)
+                sigs.append(signatures(x))
+                with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
+                    feats.append(bb.model(x).float().cpu().numpy())
+        bn.active = False
+        return np.concatenate(feats), np.concatenate(sigs).astype(np.float32)
+
+    try:
+        feats, sigs = embed(images, stats=True)
+        n = min(n_calibrate, len(images))
+        cf, cs = embed([near_copy(images[i], rng) for _ in range(n_copies) for i in range(n)])
+    finally:
+        bn.close()
+    out: dict[str, Any] = {"calibrated_on": n, "copies": n * n_copies, "sampled": len(images)}
+    (out["features"], f_sims), (out["signatures"], s_sims) = (calibrate(feats, cf, n),
+                                                              calibrate(sigs, cs, n))
+    caught = np.zeros(len(f_sims), bool)
+    for cal, sims in ((out["features"], f_sims), (out["signatures"], s_sims)):
+        if cal["threshold"] is not None:
+            caught |= sims >= cal["threshold"]
+    out["copy_recall"] = round(float(caught.mean()), 4)
+    out["familiarity"] = familiarity(bb.pretrained_head, feats, bn.divergence())
+    return out
+
+
+class BatchNormStats:
+    """Per-channel mean and variance of what reaches each BatchNorm layer, pooled over the
+    batches seen while ``active``, against the layer's running statistics (those of the
+    pretraining data)."""
+
+    def __init__(self, model: Any) -> None:
+        import torch
+
+        self.active = False
+        self.sums: dict[int, list[Any]] = {}
+        self.layers = [m for m in model.modules()
+                       if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                       and m.running_mean is not None]
+        self.hooks = [m.register_forward_hook(self._hook(k)) for k, m in enumerate(self.layers)]
+
+    def _hook(self, k: int) -> Callable[..., None]:
+        def hook(_m: Any, inputs: tuple[Any, ...], _out: Any) -> None:
+            if self.active:
+                x = inputs[0].detach().float()
+                dims = [d for d in range(x.dim()) if d != 1]
+                count = x.numel() // x.shape[1]
+                s = self.sums.setdefault(k, [0.0, 0.0, 0])
+                s[0] = s[0] + x.sum(dims).double().cpu()
+                s[1] = s[1] + (x * x).sum(dims).double().cpu()
+                s[2] += count
+        return hook
+
+    def divergence(self) -> float | None:
+        """Mean over layers and channels of KL(data || pretraining) between per-channel
+        Gaussians; None without BatchNorm layers."""
+        import torch
+
+        kls = []
+        for k, (s1, s2, count) in self.sums.items():
+            m = self.layers[k]
+            mu = s1 / count
+            var = (s2 / count - mu * mu).clamp_min(0) + m.eps
+            rm, rv = m.running_mean, m.running_var
+            if rm is None or rv is None:
+                continue
+            rm, rv = rm.double().cpu(), rv.double().cpu() + m.eps
+            kl = 0.5 * (torch.log(rv / var) + (var + (mu - rm) ** 2) / rv - 1)
+            kls.append(float(kl.mean()))
+        return round(float(np.mean(kls)), 4) if kls else None
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def familiarity(head: Any, feats: np.ndarray, bn_kl: float | None) -> dict[str, Any]:
+    """How far the images are from the pretraining data: the BatchNorm statistics'
+    divergence (primary, where the network has BatchNorm) and the pretrained classifier's
+    mean max-softmax probability."""
+    out: dict[str, Any] = {"samples": len(feats)}
+    if bn_kl is not None:
+        out["batchnorm_kl"] = bn_kl
+    if head is not None:
+        import torch
+
+        with torch.inference_mode():
+            p = torch.softmax(head.float()(torch.from_numpy(feats).float()), dim=1).numpy()
+        out["mean_max_probability"] = round(float(p.max(axis=1).mean()), 4)
+    if bn_kl is not None:
+        verdict = "far" if bn_kl >= FAR_KL else "near" if bn_kl < NEAR_KL else "moderate"
+        how = f"BatchNorm statistics' divergence {bn_kl:.3f}"
+    elif "mean_max_probability" in out:
+        msp = out["mean_max_probability"]
+        verdict = "far" if msp < FAR_MSP else "near" if msp >= NEAR_MSP else "moderate"
+        how = f"mean max-softmax probability {msp:.3f}"
+    else:
+        out["note"] = ("the backbone has neither BatchNorm statistics nor a pretrained "
+                       "classifier (e.g. a transformer from a weights file): distance from the "
+                       "pretraining domain is not measured")
+        return out
+    out["domain"] = verdict
+    out["measured_by"] = how
+    out["advice"] = {
+        "far": "the images look unlike the backbone's pretraining data: expect frozen "
+               "features to underperform; fine-tune (strategy: finetune), or pretrain an "
+               "encoder on your own images (kind: pretrain) and probe that",
+        "moderate": "the images are partly like the pretraining data: compare the probe with "
+                    "fine-tuning (featurefleet compare --strategies probe,finetune)",
+        "near": "the images look like the backbone's pretraining data: frozen features "
+                "should transfer well"}[verdict]
+    return out

@@ -1,0 +1,134 @@
+"""Duplicates, leaks and outliers from the neighbour lists, and every part of the stage
+combined into the report's ``quality`` section (with what ``quality.exclude`` leaves out).
+
+- **Near duplicates:** two samples whose features' cosine similarity is at least the
+  threshold (calibrated, or ``quality.near_duplicate_threshold``); **exact duplicates:** the
+  same content digest (those the planner removed are listed too).
+- **Leaks:** duplicate pairs (exact or near) across splits. The held-out member (test, else
+  val) is the leaked sample: ``exclude: [leaks]`` evaluates without it.
+- **Duplicates within a split:** groups of mutually near samples (connected components);
+  ``exclude: [duplicates]`` keeps the lowest-index member of each group.
+- **Outliers:** the mean cosine distance to a sample's nearest neighbours, as a robust
+  z-score (median and MAD over the data set); above ``quality.outlier_z`` a sample is far from
+  everything else: out of domain, corrupt, or a rare mode worth a look.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from pipeline.quality.neighbors import Neighbors
+
+HELD_OUT = {"test": 2, "val": 1, "train": 0}
+
+
+def split_of(splits: dict[str, list[int]]) -> dict[int, str]:
+    return {int(i): name for name, ids in splits.items() for i in ids}
+
+
+Pair = tuple[int, int, float, str]  # a < b, similarity, how found: exact|features|signatures
+
+
+def pairs(nb: Neighbors, thresholds: Mapping[str, float | None],
+          digests: np.ndarray | None) -> list[Pair]:
+    """Every unordered pair (a < b) with the same digest, or a similarity at or above the
+    threshold of a signal (``features``, ``signatures``; None: not used), once each."""
+    found: dict[tuple[int, int], tuple[float, str]] = {}
+    tables = {"features": (nb.nbr, nb.sim), "signatures": (nb.sig_nbr, nb.sig_sim)}
+    for signal, (nbr, sim) in tables.items():
+        t = thresholds.get(signal)
+        if t is None or nbr is None or sim is None:
+            continue
+        rows, cols = np.nonzero(sim >= t)
+        for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
+            a, b = int(nb.idx[r]), int(nbr[r, c])
+            if b < 0 or a == b:
+                continue
+            key = (min(a, b), max(a, b))
+            if key not in found or (found[key][1] != "exact" and sim[r, c] > found[key][0]):
+                found[key] = (float(sim[r, c]), signal)
+    if digests is not None and len(nb.idx):
+        rows = np.ascontiguousarray(digests[nb.idx])  # (n, bytes) uint8 -> one value per row
+        d = rows.view(f"S{rows.shape[-1]}").ravel() if rows.ndim == 2 else rows
+        order = np.argsort(d, kind="stable")
+        ds, ids = d[order], nb.idx[order]
+        for s in np.flatnonzero(ds[1:] == ds[:-1]):  # consecutive equal digests: chain them
+            a, b = int(ids[s]), int(ids[s + 1])
+            found[(min(a, b), max(a, b))] = (1.0, "exact")
+    return [(a, b, sim, how) for (a, b), (sim, how) in
+            sorted(found.items(), key=lambda kv: (kv[1][1] != "exact", -kv[1][0]))]
+
+
+def duplicates(found: list[Pair], where: dict[int, str], limit: int) -> dict[str, Any]:
+    """Leaks (cross-split pairs) and within-split duplicate groups."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    cross = [p for p in found if where.get(p[0]) != where.get(p[1])]
+    within = [p for p in found if where.get(p[0]) == where.get(p[1])]
+    leaked: dict[int, dict[str, Any]] = {}
+    for a, b, sim, how in cross:
+        held, twin = (a, b) if HELD_OUT[where[a]] > HELD_OUT[where[b]] else (b, a)
+        if held not in leaked or sim > leaked[held]["similarity"]:
+            leaked[held] = {"index": held, "split": where[held], "twin": twin,
+                            "twin_split": where[twin], "similarity": round(sim, 5),
+                            "found_by": how}
+    redundant: list[int] = []
+    groups = 0
+    if within:
+        nodes = sorted({i for a, b, _, _ in within for i in (a, b)})
+        pos = {n: k for k, n in enumerate(nodes)}
+        m = coo_matrix((np.ones(len(within)), ([pos[a] for a, *_ in within],
+                                               [pos[b] for _, b, *_ in within])),
+                       shape=(len(nodes), len(nodes)))
+        groups, comp = connected_components(m, directed=False)
+        first: dict[int, int] = {}
+        for n, c in zip(nodes, comp.tolist(), strict=True):
+            if c in first:
+                redundant.append(n)
+            else:
+                first[c] = n
+    def row(p: Pair) -> dict[str, Any]:
+        return {"a": p[0], "b": p[1], "split_a": where.get(p[0]), "split_b": where.get(p[1]),
+                "similarity": round(p[2], 5), "found_by": p[3]}
+
+    by = {how: sum(1 for p in found if p[3] == how) for how in ("exact", "features",
+                                                                "signatures")}
+    return {"pairs": len(found), "cross_split_pairs": len(cross),
+            "within_split_pairs": len(within), "within_split_groups": int(groups),
+            "found_by": by,
+            "leaked": sorted(leaked), "leaks": sorted(leaked.values(),
+                                                      key=lambda r: -r["similarity"])[:limit],
+            "redundant": sorted(redundant),
+            "top_pairs": [row(p) for p in (cross + within)[:limit]]}
+
+
+def outliers(nb: Neighbors, z_max: float, where: dict[int, str], labels: np.ndarray,
+             limit: int) -> dict[str, Any]:
+    if len(nb.idx) < 10:
+        return {"note": f"{len(nb.idx)} samples are too few to call any of them an outlier"}
+    sim = np.where(np.isfinite(nb.sim), nb.sim, np.nan)
+    dist = 1.0 - np.nanmean(sim, axis=1)
+    med = float(np.nanmedian(dist))
+    mad = float(np.nanmedian(np.abs(dist - med))) * 1.4826
+    z = (dist - med) / max(mad, 1e-6)
+    flagged = np.flatnonzero(z > z_max)
+    flagged = flagged[np.argsort(-z[flagged])]
+    return {"count": len(flagged), "z_threshold": z_max,
+            "median_distance": round(med, 5),
+            "all": [int(nb.idx[i]) for i in flagged],
+            "items": [{"index": int(nb.idx[i]), "split": where.get(int(nb.idx[i])),
+                       "label": int(labels[nb.idx[i]]), "distance": round(float(dist[i]), 5),
+                       "z": round(float(z[i]), 2)} for i in flagged[:limit]]}
+
+
+def excluded(section: dict[str, Any], categories: tuple[str, ...]) -> dict[str, list[int]]:
+    """Sample indices ``quality.exclude`` leaves out, by category."""
+    picks = {"leaks": section.get("duplicates", {}).get("leaked", []),
+             "duplicates": section.get("duplicates", {}).get("redundant", []),
+             "label_issues": section.get("label_issues", {}).get("all", []),
+             "outliers": section.get("outliers", {}).get("all", [])}
+    return {c: sorted(int(i) for i in picks[c]) for c in categories}

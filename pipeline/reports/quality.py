@@ -1,0 +1,165 @@
+"""The quality section of a report (``report.json`` → ``quality``; ``report.html``: thumbnails
+of leak pairs side by side, suspected label errors with given and suggested label, outliers,
+the learning curve, the shift numbers), the page of a ``kind: quality`` job, and the short
+summary ``featurefleet report`` prints."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.plan import Plan
+from pipeline.reports.plots import curve_svg
+from pipeline.reports.templating import fragment, render
+from pipeline.sources import Source
+
+SHOWN = 12  # thumbnails per kind of finding
+
+
+def shown(section: dict[str, Any]) -> list[int]:
+    """The samples whose thumbnails the page shows."""
+    ids: list[int] = []
+    for leak in section.get("duplicates", {}).get("leaks", [])[:SHOWN]:
+        ids += [leak["index"], leak["twin"]]
+    for e in section.get("removed_at_planning", [])[:SHOWN]:
+        ids += [e["index"]] + ([e["twin"]] if e.get("twin") is not None else [])
+    for pair in section.get("duplicates", {}).get("top_pairs", [])[:SHOWN]:
+        ids += [pair["a"], pair["b"]]
+    ids += [i["index"] for i in section.get("label_issues", {}).get("issues", [])[:SHOWN]]
+    ids += [i["index"] for i in section.get("outliers", {}).get("items", [])[:SHOWN]]
+    return sorted(set(ids))
+
+
+def thumbnails(source: Source, ids: list[int], side: int = 64) -> dict[str, str]:
+    """PNG data URIs of the samples (longest side ``side`` px); unreadable ones left out."""
+    from PIL import Image
+
+    out: dict[str, str] = {}
+    loaded = source.load(ids) if ids else None
+    for i, im in zip(loaded.indices if loaded else [], loaded.images if loaded else [],
+                     strict=True):
+        pic = Image.fromarray(im)
+        pic.thumbnail((side, side))
+        buf = io.BytesIO()
+        pic.save(buf, "PNG")
+        out[str(i)] = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return out
+
+
+def brief(section: dict[str, Any]) -> dict[str, Any]:
+    """The numbers a listing or the job record shows."""
+    dup = section.get("duplicates", {})
+    fit = section.get("learning_curve", {}).get("fit", {})
+    return {"leaks": len(dup.get("leaked", [])), "near_duplicate_pairs": dup.get("pairs", 0),
+            "label_issues": section.get("label_issues", {}).get("count"),
+            "outliers": section.get("outliers", {}).get("count"),
+            "shift_auc": section.get("shift", {}).get("auc"),
+            "domain": section.get("pretraining_domain", {}).get("domain"),
+            "more_data_pays_off": fit.get("more_data_pays_off"),
+            "excluded": sum(len(v) for v in section.get("excluded", {}).values())}
+
+
+def summary_lines(section: dict[str, Any], class_names: list[str]) -> list[str]:
+    """A few lines for the terminal."""
+    dup = section.get("duplicates", {})
+    thr = section.get("near_duplicate_threshold", {})
+    used = ", ".join(f"{s} ≥ {thr[s]}" for s in ("features", "signatures")
+                     if thr.get(s) is not None) or "exact copies only"
+    lines = [f"duplicates: {dup.get('pairs', 0)} pair(s) (cosine of {used}; "
+             f"{thr.get('source')}); {len(dup.get('leaked', []))} held-out sample(s) with a "
+             f"twin in another split; {section.get('removed_at_planning_count', 0)} exact "
+             "copies removed at planning"]
+    li = section.get("label_issues", {})
+    if "count" in li:
+        lines.append(f"label issues: {li['count']} of {li['checked']} labels look wrong "
+                     f"(out-of-fold top-1 {li['oof_top1']:.3f})")
+    elif "note" in li:
+        lines.append(f"label issues: {li['note']}")
+    out = section.get("outliers", {})
+    lines.append(f"outliers: {out['count']}" if "count" in out else
+                 f"outliers: {out.get('note')}")
+    lc = section.get("learning_curve", {})
+    fit = lc.get("fit", {})
+    if "advice" in fit:
+        lines.append(f"learning curve: {fit['advice']}")
+    elif lc.get("note") or fit.get("note"):
+        lines.append(f"learning curve: {lc.get('note') or fit.get('note')}")
+    sh = section.get("shift", {})
+    if "auc" in sh:
+        lines.append(f"train vs test: domain classifier AUC {sh['auc']:.3f} ({sh['shift']})")
+    dom = section.get("pretraining_domain", {})
+    if "domain" in dom:
+        lines.append(f"pretraining domain: {dom['domain']} ({dom['measured_by']}): "
+                     f"{dom['advice']}")
+    ev = section.get("evaluation")
+    if ev and ev.get("leaked_test_samples"):
+        lines.append(f"test top-1 {ev['top1_all_test']} with the {ev['leaked_test_samples']} "
+                     f"leaked test samples, {ev['top1_without_leaks']} without")
+    excluded = {k: len(v) for k, v in section.get("excluded", {}).items()}
+    if excluded:
+        lines.append("excluded by quality.exclude: " + ", ".join(
+            f"{n} {k}" for k, n in excluded.items()))
+    return lines
+
+
+def _name(names: list[str], c: Any) -> str:
+    return names[c] if isinstance(c, int) and 0 <= c < len(names) else str(c)
+
+
+def section_html(rep: dict[str, Any]) -> str:
+    """The quality section of a report page ("" when the job had no quality stage)."""
+    q = rep.get("quality")
+    if not q:
+        return ""
+    names = rep.get("data", {}).get("class_names", [])
+    thumbs_path = q.get("thumbnails")
+    thumbs = json.loads(Path(thumbs_path).read_text()) if thumbs_path and Path(
+        thumbs_path).is_file() else {}
+    ids = q.get("sample_ids", {})
+    lc = q.get("learning_curve", {})
+    pts = lc.get("points", [])
+    fit = lc.get("fit", {})
+    series = {"validation top-1": [(math.log10(p["per_class"]), p["val_top1"]) for p in pts]}
+    if "plateau" in fit and pts:
+        lo, hi = math.log10(pts[0]["per_class"]), math.log10(2 * pts[-1]["per_class"])
+        xs = [lo + (hi - lo) * i / 20 for i in range(21)]
+        series["power law"] = [(x, fit["plateau"] - fit["a"] * (10 ** x) ** -fit["b"])
+                               for x in xs]
+    return fragment(
+        "quality.html.j2", q=q, thumbs=thumbs, ids=ids, name=lambda c: _name(names, c),
+        curve=curve_svg(series, "log10 labeled samples per class", "top-1", "learning-curve")
+        if pts else "", lines=summary_lines(q, names),
+        curve_rows=[[p["fraction"], p["samples"], p["per_class"], p["val_top1"]] for p in pts])
+
+
+def build(plan: Plan, record: dict[str, Any], shards: list[dict[str, Any]],
+          section: dict[str, Any]) -> dict[str, Any]:
+    """The report of a ``kind: quality`` job."""
+    now = time.time()
+    created = float(record.get("created", now))
+    s = plan.splits
+    return {"schema": 1, "kind": "quality", "status": "SUCCESS", "job_id": plan.job_id,
+            "name": plan.spec.name, "quality": section,
+            "data": {"source": plan.spec.data.source, "samples": plan.n_samples,
+                     "split_sizes": {"train": len(s.train), "val": len(s.val),
+                                     "test": len(s.test)},
+                     "class_names": plan.class_names,
+                     "excluded": [e.model_dump() for e in plan.excluded]},
+            "backbone": {"name": plan.backbone.name, "weights_id": plan.backbone.weights_id,
+                         "weights_sha256": plan.backbone.weights_sha256,
+                         "preprocessing": plan.backbone.preprocessing},
+            "feature_store": {"key": plan.key, "dir": plan.shard_dir}, "shards": shards,
+            "timings": {"total_s": round(now - created, 3),
+                        "quality_s": section.get("seconds")},
+            "spec": plan.spec.to_dict(), "created": created, "finished": now}
+
+
+def page_html(rep: dict[str, Any]) -> str:
+    """The whole page of a ``kind: quality`` job."""
+    return render("quality_page.html.j2", rep=rep, section=section_html(rep),
+                  finished=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rep["finished"])))

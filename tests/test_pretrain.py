@@ -1,0 +1,172 @@
+"""Pretraining on the data-parallel engine: SimCLR and the autoencoder, two nodes meeting on
+loopback (gloo), a rank killed mid-run and resumed, the encoder used as a backbone."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import compare, submit
+from pipeline.engine.dist import Rank
+from pipeline.errors import BackboneError, DataError, SpecError
+from pipeline.planner import make_plan
+from pipeline.pretrain.models import decoder_plan
+from pipeline.pretrain.objectives import nt_xent
+from pipeline.spec import JobSpec
+from pipeline.store.shards import read_shard
+from tests.test_faults import cluster_env
+
+JOB = "0000000000e1"
+
+
+def pretrain_spec(out: Path, **pretrain: Any) -> JobSpec:
+    return JobSpec.from_dict({
+        "kind": "pretrain", "data": {"source": "digits", "limit": 400},
+        "backbone": {"name": "resnet18", "weights": "random", "image_size": 32},
+        "pretrain": {"method": "simclr", "epochs": 2, "batch_size": 32, "hflip": False,
+                     "eval_every_epochs": 1, **pretrain},
+        "output": str(out)})
+
+
+def test_nt_xent_matches_the_reference_formula() -> None:
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(6, 4), torch.randn(6, 4)
+    got = nt_xent(z1, z2, Rank(), temperature=0.5)
+    z = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1)
+    sim = (z @ z.T / 0.5).numpy()
+    losses = []
+    for i in range(12):
+        j = (i + 6) % 12
+        others = [k for k in range(12) if k != i]
+        losses.append(-sim[i, j] + np.log(np.exp(sim[i, others]).sum()))
+    assert float(got) == pytest.approx(float(np.mean(losses)), rel=1e-5)
+
+
+def test_decoder_reaches_the_input_size_or_says_why() -> None:
+    assert decoder_plan(32) == (4, 3) and decoder_plan(224) == (7, 5) and decoder_plan(96) == (6, 4)
+    with pytest.raises(SpecError, match=r"backbone.image_size.*100 px.*multiple of 8"):
+        decoder_plan(100)
+
+
+def _rank_pids(marker: str) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "pipeline.jobs.ranks" in cmd and marker in cmd and "torch.distributed" not in cmd:
+                found.append(int(pid))
+    return found
+
+
+@pytest.mark.integration
+@pytest.mark.faults
+def test_two_nodes_survive_a_killed_rank_and_the_encoder_is_a_backbone(tmp_path: Path) -> None:
+    spec = pretrain_spec(tmp_path / "out", nodes=2, epochs=3, checkpoint_every_steps=2)
+    with cluster_env(tmp_path, extract_workers=2) as c:
+        job = submit(spec, broker=c.broker)
+        checkpoints = list((tmp_path / "out" / "pretrain").glob("*/last.pt"))
+        deadline = time.monotonic() + 180
+        while not checkpoints:
+            assert time.monotonic() < deadline, job.status()
+            time.sleep(0.1)
+            checkpoints = list((tmp_path / "out" / "pretrain").glob("*/last.pt"))
+        victims = _rank_pids(str(tmp_path))
+        assert len(victims) == 2  # one rank on each node
+        os.kill(victims[1], signal.SIGKILL)  # as the OOM killer would
+        st = job.wait(timeout=400)
+        assert st["status"] == "SUCCESS", st.get("error")
+        rep = job.result()
+        # the encoder, as a backbone, compared with the same architecture untrained
+        board = compare(JobSpec.from_dict({
+            "data": {"source": "digits", "limit": 200, "shard_size": 100},
+            "backbone": {"image_size": 32}, "output": str(tmp_path / "out")}),
+            [f"job:{job.id}", "resnet18:random"], broker=c.broker).wait(timeout=400)
+    rows = {r["weights"]: r for r in board["rows"]}
+    assert set(rows) == {f"job:{job.id}", "random"}, rows
+    prep = json.loads(Path(rows[f"job:{job.id}"]["report"]).read_text())
+    train = rep["train"]
+    assert train["world_size"] == 2 and rep["kind"] == "pretrain" and rep["method"] == "simclr"
+    restarts = [r for r in train["resumes"] if "torchrun restarted" in r["reason"]]
+    assert restarts and restarts[0]["restart"] >= 1  # resumed, not started over
+    assert restarts[0]["global_step"] >= 2
+    assert [h["epoch"] for h in train["history"]] == [1, 2, 3]
+    assert train["global_step"] == 3 * train["steps_per_epoch"]
+    assert all(0 < h["knn_top1"] <= 1 and 0 < h["probe_top1"] <= 1 for h in train["history"])
+    html = Path(st["report"]).with_suffix(".html").read_text()
+    assert f"job:{job.id}" in html and "torchrun restarted" in html and 'id="loss"' in html
+    assert prep["backbone"]["weights_id"] == f"job:{job.id}"
+    assert prep["backbone"]["weights_sha256"] == rep["encoder_sha256"]  # in the content key
+    assert prep["backbone"]["preprocessing"]["crop"] == 32  # the pretraining's input size
+    shard = read_shard(prep["shards"][0]["path"])
+    assert shard.attrs["weights_sha256"] == rep["encoder_sha256"]
+    assert prep["metrics"]["top1"] > 0.3
+
+
+@pytest.mark.integration
+def test_autoencoder_on_unlabeled_images(cluster: Any, tmp_path: Path) -> None:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    for i in range(96):  # no class folders: unlabeled
+        sub = tmp_path / "imgs" / ("a" if i % 2 else "b" / Path(f"deep{i % 3}"))
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.kron(np.round(d.images[i] * 255 / 16).astype(np.uint8),
+                                np.ones((2, 2), np.uint8))).save(sub / f"{i}.png")
+    spec = JobSpec.from_dict({
+        "kind": "pretrain", "data": {"source": "images", "path": str(tmp_path / "imgs")},
+        "backbone": {"name": "resnet18", "weights": "random", "image_size": 32},
+        "pretrain": {"method": "autoencoder", "epochs": 2, "batch_size": 32, "noise": 0.1,
+                     "mask_fraction": 0.25},
+        "output": str(tmp_path / "out")})
+    job = submit(spec, broker=cluster.broker)
+    st = job.wait(timeout=300)
+    assert st["status"] == "SUCCESS", st.get("error")
+    rep = job.result()
+    assert rep["data"]["samples_used"] == 96 and rep["data"]["eval_test"] == 0
+    assert "knn_top1" not in rep["train"]["history"][-1]  # nothing labeled to evaluate on
+    grid = Image.open(rep["reconstructions"])
+    assert grid.size == (8 * 32, 2 * 32)
+    html = Path(st["report"]).with_suffix(".html").read_text()
+    assert 'id="reconstructions"' in html and "data:image/png;base64," in html
+
+
+def test_bad_pretraining_input_fails_before_anything_is_enqueued(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"holds no images.*fix:"):
+        make_plan(pretrain_spec(tmp_path).replace(data={"source": "images",
+                                                       "path": str(tmp_path / "empty")}), JOB)
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    for i in range(40):
+        Image.new("RGB", (4, 4), (i, 2 * i, 0)).save(tiny / f"{i}.png")
+    with pytest.raises(DataError, match=r"as small as 4 px.*too small for random crops.*fix:"):
+        make_plan(pretrain_spec(tmp_path).replace(data={"source": "images", "path": str(tiny)}),
+                  JOB)
+    with pytest.raises(SpecError, match=r"100 px cannot be decoded exactly"):
+        make_plan(pretrain_spec(tmp_path, method="autoencoder").replace(
+            backbone={"image_size": 100}), JOB)
+    with pytest.raises(DataError, match=r"fewer than one batch"):
+        make_plan(pretrain_spec(tmp_path, batch_size=1024).replace(data={"limit": 100}), JOB)
+    probe = JobSpec.from_dict({"backbone": {"name": "job:0123456789ab"},
+                               "output": str(tmp_path)})
+    with pytest.raises(BackboneError, match=r"no job '0123456789ab'.*fix:"):
+        make_plan(probe, JOB)
+    unfinished = make_plan(pretrain_spec(tmp_path), "0123456789ab")
+    unfinished.save()  # planned, never run
+    with pytest.raises(BackboneError, match=r"has not finished.*featurefleet watch"):
+        make_plan(probe, JOB)
+    (unfinished.job_dir / "report.json").write_text(json.dumps({"kind": "classify"}))
+    with pytest.raises(BackboneError, match=r"not a pretraining job"):
+        make_plan(probe, JOB)

@@ -1,0 +1,245 @@
+"""The data-quality stage: each computation on data whose answer is known (fast layer), then
+the whole stage through a real cluster on photos with planted problems (integration)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pipeline.quality import curve, labels, neighbors, planted, shift, summary
+from pipeline.quality.probing import calibrate, familiarity, near_copy
+from pipeline.store.shards import ShardData, write_shard
+
+
+def shards(tmp: Path, x: np.ndarray, y: np.ndarray, size: int = 64,
+           sigs: np.ndarray | None = None) -> list[str]:
+    paths = []
+    for s in range(0, len(x), size):
+        e = min(len(x), s + size)
+        p = tmp / f"{s}-{e}.h5"
+        write_shard(p, ShardData(features=x[s:e].astype(np.float16), labels=y[s:e],
+                                 indices=np.arange(s, e), sample_ids=[str(i) for i in
+                                                                      range(s, e)],
+                                 skipped=[], attrs={},
+                                 signatures=None if sigs is None else sigs[s:e]))
+        paths.append(str(p))
+    return paths
+
+
+def test_neighbors_match_brute_force_in_blocks_and_leave_out_nan(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 24)).astype(np.float32)
+    x[7] = np.nan
+    y = rng.integers(0, 3, 300)
+    paths = shards(tmp_path, x, y)
+    ids = list(range(300))
+    nb = neighbors.search(paths, ids[100:200], ids, k=5, ref_rows=70)  # 5 reference blocks
+    assert nb.nonfinite.tolist() == [] and len(nb.idx) == 100
+    whole = neighbors.search(paths, ids, ids, k=5)
+    assert whole.nonfinite.tolist() == [7] and 7 not in whole.idx and 7 not in whole.nbr
+    u = x.astype(np.float16).astype(np.float32)  # what the shard stores
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    gram = u @ u.T
+    np.fill_diagonal(gram, -np.inf)
+    gram[:, 7] = -np.inf
+    for r, i in enumerate(nb.idx.tolist()):
+        best = np.argsort(-gram[i])[:5]
+        assert nb.nbr[r].tolist() == best.tolist()
+        np.testing.assert_allclose(nb.sim[r], gram[i, best], atol=1e-4)
+
+
+def test_leaks_name_the_held_out_member_and_groups_keep_one(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(60, 16)).astype(np.float32)
+    x[50] = x[3] + 0.01 * rng.normal(size=16)  # train 3 ~ test 50: a leak
+    x[20] = x[10] * 1.5  # same direction, within train: a duplicate group
+    x[21] = x[10] * 0.7
+    y = np.zeros(60, np.int64)
+    nb = neighbors.search(shards(tmp_path, x, y), range(60), range(60), k=4)
+    where = {i: "test" if i >= 40 else "train" for i in range(60)}
+    found = summary.pairs(nb, {"features": 0.99, "signatures": None}, None)
+    assert {(a, b) for a, b, *_ in found} == {(3, 50), (10, 20), (10, 21), (20, 21)}
+    dup = summary.duplicates(found, where, limit=10)
+    assert dup["leaked"] == [50] and dup["leaks"][0]["twin"] == 3
+    assert dup["within_split_groups"] == 1 and dup["redundant"] == [20, 21]
+    assert summary.excluded({"duplicates": dup}, ("leaks", "duplicates")) == {
+        "leaks": [50], "duplicates": [20, 21]}
+    digests = np.zeros((60, 4), np.uint8)
+    digests[:, 0] = np.arange(60)
+    digests[33] = digests[44]  # same bytes, far apart in feature space is impossible, but
+    exact = summary.pairs(nb, {"features": None}, digests)  # digests alone still find them
+    assert [(a, b, how) for a, b, _, how in exact] == [(33, 44, "exact")]
+
+
+def test_outliers_are_the_samples_far_from_every_cluster(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    centers = rng.normal(size=(5, 32)) * 4
+    y = np.repeat(np.arange(5), 60)
+    x = (centers[y] + rng.normal(size=(300, 32))).astype(np.float32)
+    far = rng.normal(size=(3, 32)).astype(np.float32) * 4  # three images from nowhere
+    x = np.concatenate([x, far])
+    y = np.concatenate([y, [0, 1, 2]])
+    nb = neighbors.search(shards(tmp_path, x, y), range(303), range(303), k=10)
+    out = summary.outliers(nb, 3.5, {}, y, limit=10)
+    assert set(out["all"]) == {300, 301, 302}
+    small = tmp_path / "small"
+    small.mkdir()
+    few = neighbors.search(shards(small, x[:5], y[:5]), range(5), range(5), k=3)
+    assert "too few" in summary.outliers(few, 3.5, {}, y, 10)["note"]
+
+
+def test_label_issues_find_flipped_labels_with_the_true_one_suggested() -> None:
+    rng = np.random.default_rng(2)
+    centers = rng.normal(size=(4, 32)) * 3
+    y_true = np.repeat(np.arange(4), 100)
+    x = (centers[y_true] + rng.normal(size=(400, 32))).astype(np.float32)
+    y = y_true.copy()
+    flipped = rng.permutation(400)[:16]
+    y[flipped] = (y[flipped] + 1) % 4
+    folds, note = labels.fold_of(y, 5, seed=0)
+    assert note is None and set(folds.tolist()) == set(range(5))
+    proba = np.zeros((400, 4), np.float32)
+    for f in range(5):
+        proba[folds == f] = labels.out_of_fold(x, y, folds, f, 4, 1e-2, 200)
+    out = labels.label_issues(y, proba, np.arange(400), limit=50)
+    found = set(out["all"])
+    assert len(found & set(flipped.tolist())) >= 15 and len(found - set(flipped.tolist())) <= 2
+    assert all(i["suggested"] == y_true[i["index"]] for i in out["issues"]
+               if i["index"] in set(flipped.tolist()))
+    single = labels.label_issues(np.zeros(10, np.int64), np.ones((10, 1), np.float32),
+                                 np.arange(10), 5)
+    assert "single class" in single["note"]
+    fold, note = labels.fold_of(np.array([0, 0, 0, 1]), 5, 0)
+    assert fold[3] == -1 and "single labeled sample" in str(note)
+
+
+def test_learning_curve_nests_fits_and_says_when_it_cannot() -> None:
+    y = np.repeat(np.arange(5), 40)
+    small, big = curve.subset(y, 0.1, 3), curve.subset(y, 0.5, 3)
+    assert set(small) <= set(big) and len(small) == 20 and len(curve.subset(y, 0.001, 3)) == 5
+    pts = [{"per_class": n, "val_top1": 0.95 - 0.5 * n ** -0.7} for n in (1, 2, 5, 10, 20, 50)]
+    fit = curve.fit(pts, [0.9, 0.99])
+    assert abs(fit["plateau"] - 0.95) < 0.01 and fit["per_class_needed"]["0.99"] is None
+    assert 5 <= fit["per_class_needed"]["0.9"] <= 40  # the law gives 0.9 at ~18 per class
+    flat = curve.fit([{"per_class": n, "val_top1": 0.9} for n in (5, 10, 20, 40)], [0.95])
+    assert flat["more_data_pays_off"] is False
+    assert "at least 3" in curve.fit(pts[:2], [0.9])["note"]
+
+
+def test_domain_classifier_sees_a_shift_and_balance_counts() -> None:
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(300, 8)).astype(np.float32)
+    b = rng.normal(size=(300, 8)).astype(np.float32)
+    y = rng.integers(0, 3, 300)
+    same = shift.domain_auc(a, y, b, y, seed=0)
+    moved = shift.domain_auc(a, y, b + np.float32(1.0), y, seed=0)
+    assert same["auc"] < 0.6 and same["shift"] == "none"
+    assert moved["auc"] > 0.9 and moved["shift"] == "strong" and len(moved["per_class_auc"]) == 3
+    assert "too few" in shift.domain_auc(a[:3], y[:3], b, y, seed=0)["note"]
+    bal = shift.balance({"train": np.array([0] * 50 + [1] * 2), "test": np.array([0, 1])}, 3)
+    assert bal["imbalance_ratio"] == 25 and bal["classes_without_training_samples"] == [2]
+
+
+def test_calibration_keeps_copies_and_refuses_a_signal_that_cannot_tell() -> None:
+    rng = np.random.default_rng(4)
+    originals = rng.normal(size=(200, 64)).astype(np.float32)
+    copies = np.concatenate([originals[:50] + 0.05 * rng.normal(size=(50, 64))
+                             for _ in range(4)]).astype(np.float32)
+    good, sims = calibrate(originals, copies, 50)
+    assert good["threshold"] is not None and good["copy_recall"] >= 0.9 and len(sims) == 200
+    blurry = np.concatenate([originals[:50] + 3.0 * rng.normal(size=(50, 64))
+                             for _ in range(4)]).astype(np.float32)
+    bad, _ = calibrate(originals, blurry, 50)
+    assert bad["threshold"] is None and "cannot tell" in bad["why_unused"]
+    assert "not measured" in familiarity(None, originals, None)["note"]
+
+
+def test_planted_problems_are_where_plant_says() -> None:
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 255, (100, 24, 24, 3), dtype=np.uint8)
+    y = np.repeat(np.arange(4), 25)
+    p = planted.plant(images, y, 4, seed=0, exact=5, near=10, flip_fraction=0.05,
+                      ood_images=planted.photo_crops(3, 24))
+    assert len(p.images) == len(p.labels) == 118 and p.ood == [115, 116, 117]
+    assert all((p.images[a] == p.images[b]).all() for a, b in p.exact)
+    assert all(not (p.images[a] == p.images[b]).all() for a, b in p.near)
+    assert len(p.flipped) == 5 and all(p.labels[i] != p.true_labels[i] for i in p.flipped)
+    assert near_copy(images[0], rng).shape == images[0].shape
+    with pytest.raises(ValueError, match="at most"):
+        planted.plant(images, y, 4, exact=40, near=40)
+
+
+def photo_set(side: int, per_class: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.quality_planted import photos
+
+    return photos(side, per_class)
+
+
+@pytest.mark.integration
+def test_quality_job_finds_planted_problems_and_exclude_drops_leaks(
+        cluster: Any, tmp_path: Path) -> None:
+    """``featurefleet quality`` on photo crops with planted problems (real workers, real
+    ImageNet weights), then a probe job with ``quality.exclude: [leaks]``."""
+    from pipeline import submit
+    from pipeline.plan import read_plan
+    from pipeline.spec import JobSpec
+
+    images, y, names = photo_set(96, 50)
+    noise = np.random.default_rng(6).integers(0, 255, (4, 96, 96, 3), dtype=np.uint8)
+    blank = np.stack([np.full((96, 96, 3), v, np.uint8) for v in (0, 255)])
+    p = planted.plant(images, y, len(names), seed=0, exact=10, near=30, flip_fraction=0.04,
+                      ood_images=np.concatenate([blank, noise]))
+    data = tmp_path / "planted.npz"
+    np.savez(data, images=p.images, labels=p.labels, class_names=np.asarray(names))
+    spec = {"name": "planted", "data": {"source": "npz", "path": str(data), "shard_size": 256},
+            "backbone": {"name": "efficientnet_lite0", "image_size": 96},
+            "quality": {"curve_fractions": [0.1, 0.3, 1.0]},
+            "output": str(tmp_path / "out"), "store": str(tmp_path / "store")}
+    job_file = tmp_path / "job.json"
+    job_file.write_text(json.dumps(spec))
+    env_cmd = [sys.executable, "-m", "pipeline", "quality", str(job_file), "--wait",
+               "--broker", cluster.broker, "--timeout", "600"]
+    run = subprocess.run(env_cmd, capture_output=True, text=True, timeout=700)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "duplicates:" in run.stdout and "label issues:" in run.stdout
+    job_id = run.stdout.split()[0]
+    job_dir = tmp_path / "out" / "jobs" / job_id
+    section = json.loads((job_dir / "quality.json").read_text())
+    plan = read_plan(job_dir)
+    where = {int(i): n for n in ("train", "val", "test") for i in plan.splits.of(n)}
+    got = planted.score(p, section, where)
+    assert got["cross_split_pairs"] >= 10
+    # crops of one photo per class are alike by nature; the benchmark has the full numbers
+    assert got["cross_split_recall"] >= 0.8, got
+    assert got["precision_at_recall_0.5"] is not None and got["precision_at_recall_0.5"] >= 0.8
+    assert got["outliers_flagged"] == section["outliers"]["count"] == len(
+        section["outliers"]["all"])  # (how many planted ones: benchmarks/quality_planted.py)
+    lc = section["learning_curve"]
+    assert [pt["fraction"] for pt in lc["points"]] == [0.1, 0.3, 1.0]
+    assert section["pretraining_domain"]["domain"] in ("near", "moderate")
+    html = (job_dir / "report.html").read_text()
+    assert "data:image/png;base64," in html and 'id="learning-curve"' in html
+
+    leaked = section["duplicates"]["leaked"]
+    assert leaked, "the planted cross-split copies leak into val/test"
+    probe = submit(JobSpec.from_dict({**spec, "name": "planted-probe", "kind": "classify",
+                                      "probe": {"l2": 1e-3},
+                                      "quality": {"exclude": ["leaks"],
+                                                  "curve_fractions": [1.0]}}),
+                   broker=cluster.broker)
+    st = probe.wait(timeout=600)
+    assert st["status"] == "SUCCESS", st.get("error")
+    rep = probe.result()
+    ev = rep["quality"]["evaluation"]
+    test_leaks = [i for i in rep["quality"]["duplicates"]["leaked"] if where.get(i) == "test"]
+    assert ev["leaked_test_samples"] == len(test_leaks)
+    assert ev["excluded_test_samples"] == len(test_leaks)
+    assert rep["metrics"]["top1"] == pytest.approx(ev["top1_evaluated"], abs=1e-5)
+    assert ev["top1_evaluated"] == ev["top1_without_leaks"]
