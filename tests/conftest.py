@@ -52,9 +52,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
 
 
 def small_spec(out: Path, **data: Any) -> JobSpec:
-    """A fast real job: a stratified subset of digits at 32 px through EfficientNet-Lite0."""
+    """A fast real job: a stratified subset of digits at 32 px through EfficientNet-Lite0
+    (without the data-quality stage, which tests/test_quality.py runs: ``.replace(quality=
+    {"enabled": True})`` turns it back on)."""
     d = {"source": "digits", "limit": 300, "shard_size": 64, **data}
     return JobSpec.from_dict({"name": "test-digits", "data": d,
+                              "quality": {"enabled": False},
                               "backbone": {"name": "efficientnet_lite0", "image_size": 32},
                               "output": str(out), "store": str(out / "store")})
 

@@ -64,7 +64,7 @@ def errbacks(canvas: Any) -> set[str]:
 
 
 def test_probe_canvas_shape(app: Any, tmp_path: Path) -> None:
-    plan, ref = plan_for(tmp_path)
+    plan, ref = plan_for(tmp_path, quality={"enabled": True})
     canvas = job_canvas(app, plan, ref)
     extract, collect, quality, finish, sweep, train, evaluate = in_order(canvas)
     assert names(extract) == ["extract_shard"] * len(plan.shards) == ["extract_shard"] * 5
@@ -95,7 +95,7 @@ def test_probe_canvas_shape(app: Any, tmp_path: Path) -> None:
 
 
 def test_quality_kind_ends_with_its_report(app: Any, tmp_path: Path) -> None:
-    plan, ref = plan_for(tmp_path, kind="quality")
+    plan, ref = plan_for(tmp_path, kind="quality", quality={"enabled": True})
     steps = in_order(job_canvas(app, plan, ref))
     assert [names(s)[0] for s in steps] == ["extract_shard", "collect", "quality_part",
                                             "quality_finish"]
@@ -103,13 +103,13 @@ def test_quality_kind_ends_with_its_report(app: Any, tmp_path: Path) -> None:
 
 def test_quality_disabled_skips_its_chord(app: Any, tmp_path: Path) -> None:
     plan, ref = plan_for(tmp_path, quality={"enabled": False})
-    assert plan.quality is None
+    assert plan.quality is None  # (small_spec's default; a user's probe job has it on)
     steps = in_order(job_canvas(app, plan, ref))
     assert "quality_part" not in {n for s in steps for n in names(s)}
 
 
 def test_fixed_l2_cached_shards_and_rounds(app: Any, tmp_path: Path) -> None:
-    plan, ref = plan_for(tmp_path, probe={"l2": 0.01}, quality={"enabled": False})
+    plan, ref = plan_for(tmp_path, probe={"l2": 0.01})
     cached = plan.model_copy(update={"shards": [s.model_copy(update={"cached": True})
                                                 for s in plan.shards]})
     canvas = job_canvas(app, cached, ref, round_=2)

@@ -181,7 +181,7 @@ def test_5_error_in_the_chord_header_names_the_shard(tmp_path: Path) -> None:
         with pytest.raises(JobError, match="FAILED"):
             job.result()
         again = job.retry()  # the same spec on today's data: planned anew, shards reused
-        assert again.wait(timeout=300)["status"] == "SUCCESS"
+        assert again.wait(timeout=300)["status"] == "SUCCESS", again.status().get("error")
         assert again.status()["retry_of"] == job.id
     assert st["status"] == "FAILED"
     import re

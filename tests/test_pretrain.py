@@ -73,8 +73,12 @@ def _rank_pids(marker: str) -> list[int]:
 @pytest.mark.integration
 @pytest.mark.faults
 def test_two_nodes_survive_a_killed_rank_and_the_encoder_is_a_backbone(tmp_path: Path) -> None:
-    spec = pretrain_spec(tmp_path / "out", nodes=2, epochs=3, checkpoint_every_steps=2)
-    with cluster_env(tmp_path, extract_workers=2) as c:
+    spec = pretrain_spec(tmp_path / "out", nodes=2, epochs=3, checkpoint_every_steps=2,
+                         max_restarts=6)
+    # the two torchrun agents restart their ranks independently: a rank can connect to a peer
+    # that its agent is just restarting again; a short timeout lets the next round recover
+    with cluster_env(tmp_path, extract_workers=2,
+                     env={"FEATUREFLEET_DIST_TIMEOUT_S": "30"}) as c:
         job = submit(spec, broker=c.broker)
         checkpoints = list((tmp_path / "out" / "pretrain").glob("*/last.pt"))
         deadline = time.monotonic() + 180

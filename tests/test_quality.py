@@ -243,3 +243,42 @@ def test_quality_job_finds_planted_problems_and_exclude_drops_leaks(
     assert ev["excluded_test_samples"] == len(test_leaks)
     assert rep["metrics"]["top1"] == pytest.approx(ev["top1_evaluated"], abs=1e-5)
     assert ev["top1_evaluated"] == ev["top1_without_leaks"]
+
+
+def test_on_by_default_off_by_switch_and_bad_settings_named(tmp_path: Path) -> None:
+    from pipeline.errors import SpecError
+    from pipeline.planner import make_plan
+    from pipeline.spec import JobSpec
+
+    base = {"data": {"source": "digits", "limit": 200}, "output": str(tmp_path)}
+    plan = make_plan(JobSpec.from_dict(base), "00000000000a")
+    assert plan.quality is not None and "probe" in plan.quality.parts()
+    assert sum(p.startswith("fold.") for p in plan.quality.parts()) == 5
+    off = make_plan(JobSpec.from_dict({**base, "quality": {"enabled": False}}), "00000000000b")
+    assert off.quality is None
+    with pytest.raises(SpecError, match=r"quality\.exclude.*leaks"):
+        JobSpec.from_dict({**base, "quality": {"exclude": ["typos"]}})
+    with pytest.raises(SpecError, match=r"quality\.curve_fractions"):
+        JobSpec.from_dict({**base, "quality": {"curve_fractions": [0.0, 1.0]}})
+
+
+def test_a_section_made_of_notes_still_renders_and_summarizes() -> None:
+    """Tiny data: every part a note (or nothing found) -> a page and a summary, no error."""
+    from pipeline.reports.quality import section_html, summary_lines
+
+    notes: dict[str, Any] = {
+        "near_duplicate_threshold": {"features": None, "signatures": None, "source": "default"},
+        "duplicates": summary.duplicates([], {}, 10), "removed_at_planning": [],
+        "outliers": {"note": "5 samples are too few to call any of them an outlier"},
+        "label_issues": {"count": 0, "checked": 16, "issues": [], "all": [], "oof_top1": 0.5},
+        "learning_curve": {"note": "2 distinct training-set sizes: a curve needs at least 3"},
+        "shift": {"note": "3 training and 2 test samples are too few"},
+        "balance": shift.balance({"train": np.array([0, 1])}, 2),
+        "pretraining_domain": {"note": None}, "nonfinite": {"count": 0, "indices": []},
+        "excluded": {}}
+    for section in (notes, {**notes, "label_issues": {"note": "a single class"}},
+                    {"duplicates": {}}):
+        html = section_html({"quality": section, "data": {"class_names": ["a", "b"]}})
+        assert html.startswith('<section id="quality">') and "Data quality" in html
+        assert summary_lines(section, ["a", "b"])
+    assert section_html({"quality": {}}) == ""  # no stage, no section

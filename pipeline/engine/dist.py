@@ -104,8 +104,13 @@ def init(device: str = "auto") -> Rank:
     if world > 1:
         import torch.distributed as dist
 
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        if not dist.is_initialized():  # a peer lost mid-connect fails this rank in bounded time
+            from datetime import timedelta
+
+            from pipeline.settings import get_settings
+
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                                    timeout=timedelta(seconds=get_settings().dist_timeout_s))
     return Rank(rank=rank, world_size=world, local_rank=local, device=device,
                 restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
 
