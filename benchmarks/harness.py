@@ -235,14 +235,19 @@ def run(model_name: str = "efficientnet_lite0", batch: int = 32, crop: int = 224
         images: int = 1024, shard_size: int = 256, seconds: float = 4.0, rounds: int = 5,
         loader_workers: int = 2, device: str = "cpu", precision: str = "bf16",
         use_compile: bool = False, weights: str = "DEFAULT",
-        gflops_per_image: float | None = None, peak_tflops: float | None = None
-        ) -> dict[str, Any]:
+        gflops_per_image: float | None = None, peak_tflops: float | None = None,
+        data: str = "digits", photo_size: str = "500x375") -> dict[str, Any]:
     import torch
 
     gpu = device.startswith("cuda")
     with tempfile.TemporaryDirectory(prefix="ff-bench-") as tmp:
         work = Path(tmp)
-        folder = make_image_folder(work / "images", images)
+        if data == "photos":  # real-photo JPEGs: decoding is a real share of the cost
+            from benchmarks.photos import make_photo_folder, parse_size
+
+            folder = make_photo_folder(work / "images", images, parse_size(photo_size))
+        else:
+            folder = make_image_folder(work / "images", images)
         pipe = bench_pipeline(folder, work, model_name, batch, crop, shard_size, device,
                               precision, use_compile, weights, rounds, seconds)
         bare = pipe["bare_images_per_s"]
@@ -260,6 +265,7 @@ def run(model_name: str = "efficientnet_lite0", batch: int = 32, crop: int = 224
                "mfu_pipeline": round(pipe["images_per_s"] * gflops_per_image
                                      / (peak_tflops * 1e3), 4)}
     return {
+        "data": data if data != "photos" else f"photos {photo_size}",
         "model": model_name, "weights": weights, "batch": batch, "crop": crop,
         "images": images, "threads": torch.get_num_threads(), "device": device,
         "precision": precision if gpu else "fp32", "compiled": use_compile, **mfu,
@@ -299,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="model GFLOP per image, for model FLOP utilisation (ResNet-50: 8.2)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's dense peak TFLOP/s at this precision (H200 bf16: 989)")
+    p.add_argument("--data", default="digits", choices=["digits", "photos"],
+                   help="32 px digits JPEGs, or real-photo JPEGs (benchmarks/photos.py)")
+    p.add_argument("--photo-size", default="500x375",
+                   help="with --data photos: WIDTHxHEIGHT, e.g. 500x375 or 4000x3000")
     p.add_argument("--json", default=None, help="also write the JSON here")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
@@ -306,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     r = run(args.model, args.batch, args.crop, args.images, args.shard_size, args.seconds,
             rounds=args.rounds, device=args.device, precision=args.precision,
             use_compile=args.compile, weights=args.weights, gflops_per_image=args.gflops,
-            peak_tflops=args.peak_tflops)
+            peak_tflops=args.peak_tflops, data=args.data, photo_size=args.photo_size)
     rounds = ", ".join(f"{x['ratio']:.3f}" for x in r["rounds"])
     rows = [
         ("bare forward", f"{r['bare_forward_img_s']:.1f} img/s"),
@@ -327,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['mfu_bare']:.1%} / {r['mfu_pipeline']:.1%}"))
     print(f"{r['model']} @{r['crop']}px, batch {r['batch']}, {r['threads']} threads, "
           f"{r['device']} {r['precision']}{' compiled' if r['compiled'] else ''}, "
-          f"{r['images']} images")
+          f"{r['images']} images ({r['data']})")
     for k, v in rows:
         print(f"  {k:<40} {v}")
     print(json.dumps(r))

@@ -44,7 +44,8 @@ def make_photo_folder(root: Path, n: int, size: tuple[int, int] = (500, 375),
         top, left = int(rng.integers(0, ph_h - ch + 1)), int(rng.integers(0, ph_w - cw + 1))
         crop = Image.fromarray(np.ascontiguousarray(ph[top:top + ch, left:left + cw, :3]))
         big = np.asarray(crop.resize((w, h), Image.Resampling.BICUBIC), np.float32)
-        big = np.clip(big + rng.normal(0, noise, big.shape), 0, 255).astype(np.uint8)
+        big += rng.standard_normal(big.shape, dtype=np.float32) * np.float32(noise)
+        big = np.clip(big, 0, 255).astype(np.uint8)
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(big).save(folder / f"{i:05d}.jpg", quality=quality)

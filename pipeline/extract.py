@@ -50,6 +50,12 @@ class Target:
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
+def decode_min_side(pre: Preprocessing, mode: str) -> int | None:
+    """The smallest image side decoding must keep (``decode: scaled``): the resize's shorter
+    side, so the network's input is never upsampled from a reduced decode; None: full."""
+    return pre.resize if mode == "scaled" else None
+
+
 def extract_shard(source: Source, indices: Sequence[int], backbone: BackboneInfo,
                   run: BackboneSpec, target: Target,
                   progress: Progress | None = None) -> dict[str, Any]:
@@ -90,7 +96,8 @@ def extract_shard(source: Source, indices: Sequence[int], backbone: BackboneInfo
     buffer = None
     total = len(indices)
     with torch.inference_mode():
-        for loaded in decoded(source, indices, batch_size, decode_threads(device)):
+        for loaded in decoded(source, indices, batch_size, decode_threads(device),
+                              min_size=decode_min_side(pre, run.decode)):
             skipped.extend((source.sample_id(i), why) for i, why in loaded.failures)
             if loaded.images:
                 tm = time.perf_counter()
@@ -127,6 +134,7 @@ def extract_shard(source: Source, indices: Sequence[int], backbone: BackboneInfo
             "model_seconds": round(t_model, 3),
             "images_per_s": round(len(kept_arr) / seconds, 2) if seconds else None,
             "device": device, "threads": torch.get_num_threads(), "batch": batch_size,
+            "decode": run.decode,
             "forward_batch": fitted_batch(fits_key), "precision": str(amp or "fp32"),
             "compiled": run.compile, "feature_dim": bb.feature_dim,
             "parameters": bb.parameters}

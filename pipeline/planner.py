@@ -40,6 +40,7 @@ def content_key(spec: JobSpec, fingerprint: str, weights: backbones.WeightsInfo,
         "layer": "penultimate-pooled",
         "dtype": spec.backbone.feature_dtype,
         "precision": spec.backbone.precision,  # CUDA autocast changes the features
+        "decode": spec.backbone.decode,  # DCT-scaled JPEG decoding changes the pixels
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 

@@ -32,12 +32,17 @@ class Classifier:
     class_names: list[str]
     device: str = "cpu"
     batch_size: int = 32
+    decode: str = "full"  # as the training features were decoded (``backbone.decode``)
+
+    @property
+    def _min_side(self) -> int | None:
+        return self.preprocessing.resize if self.decode == "scaled" else None
 
     def _run(self, images: Sequence[Any], net: Any, width: int) -> np.ndarray:
         """``net`` over the images in batches (same preprocessing as training) -> rows."""
         import torch
 
-        arrays = [_as_rgb(im) for im in images]
+        arrays = [_as_rgb(im, self._min_side) for im in images]
         out = []
         with torch.inference_mode():
             for i in range(0, len(arrays), self.batch_size):
@@ -62,7 +67,7 @@ class Classifier:
         results: list[dict[str, Any]] = [{} for _ in images]
         for n, image in enumerate(images):
             try:
-                arrays.append((n, _as_rgb(image)))
+                arrays.append((n, _as_rgb(image, self._min_side)))
             except FeaturefleetError as exc:
                 results[n] = {"label": None, "probability": None, "top": [], "error": str(exc)}
         proba = self.predict_proba([a for _, a in arrays]) if arrays else np.zeros((0, 0))
@@ -120,13 +125,14 @@ def load_classifier(path: str | Path, device: str = "auto") -> Classifier:
     return Classifier(
         head=head, backbone=meta["backbone"], weights=meta.get("weights"),
         preprocessing=Preprocessing.from_dict(pre),
-        class_names=list(meta["class_names"]), device=pick_device(device))
+        class_names=list(meta["class_names"]), device=pick_device(device),
+        decode=str(meta.get("decode", "full")))
 
 
-def _as_rgb(image: Any) -> np.ndarray:
+def _as_rgb(image: Any, min_side: int | None = None) -> np.ndarray:
     if isinstance(image, (str, Path)):
         try:
-            return decode_image(image)
+            return decode_image(image, min_side)
         except Exception as exc:
             raise FeaturefleetError(f"cannot read image {str(image)!r} ({reason(exc)}); fix: "
                                     "pass a readable image file") from None

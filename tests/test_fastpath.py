@@ -107,3 +107,34 @@ def test_preprocess_reuses_its_buffer_and_matches_torchvision() -> None:
         ref = TF.center_crop(TF.resize(x, 256, antialias=True), 224).float() / 255
         ref = TF.normalize(ref, IMAGENET_MEAN, IMAGENET_STD)
         assert (ref - ours).abs().max() <= 2 / 255 / min(IMAGENET_STD) + 1e-5
+
+
+def test_scaled_jpeg_decode_keeps_the_resize_and_the_network_input(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A 12 MP-class photo decoded at a DCT scale: never below the resize's shorter side,
+    nearly the same network input as a full decode, and part of the features' content key."""
+    from pathlib import Path
+
+    from benchmarks.photos import make_photo_folder
+    from pipeline.backbones import resolve_weights
+    from pipeline.extract import decode_min_side
+    from pipeline.planner import content_key
+    from pipeline.preprocess import preprocess
+    from pipeline.sources.decode import decode_image
+
+    folder = make_photo_folder(Path(tmp_path) / "ph", 3, (2400, 1800))
+    pre = resolve_weights("efficientnet_lite0", "DEFAULT").preprocessing  # resize 256 -> 224
+    assert decode_min_side(pre, "full") is None
+    side = decode_min_side(pre, "scaled")
+    for f in sorted(folder.rglob("*.jpg")):
+        raw = f.read_bytes()
+        full, scaled = decode_image(raw), decode_image(raw, side)
+        assert full.shape == (1800, 2400, 3)
+        assert scaled.shape == (450, 600, 3)  # 1/4: the largest scale keeping >= 256 px
+        a, b = (preprocess([im], pre, "cpu") for im in (full, scaled))
+        assert float((a - b).abs().mean()) < 0.05  # normalized units (1/255 ~ 0.017)
+    weights = resolve_weights("efficientnet_lite0", "DEFAULT")
+    keys = {mode: content_key(JobSpec.from_dict({"backbone": {"decode": mode}}), "fp", weights,
+                              pre, [0, 1]) for mode in ("scaled", "full")}
+    assert keys["scaled"] != keys["full"]
+    with pytest.raises(SpecError, match=r"backbone\.decode"):
+        JobSpec.from_dict({"backbone": {"decode": "fast"}})

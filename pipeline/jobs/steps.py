@@ -239,7 +239,7 @@ def run_train(jobs: JobStore, ref: Any) -> dict[str, Any]:
             "weights_id": plan.backbone.weights_id,
             "weights_sha256": plan.backbone.weights_sha256,
             "preprocessing": plan.backbone.preprocessing, "class_names": plan.class_names,
-            "job_id": plan.job_id}
+            "decode": plan.spec.backbone.decode, "job_id": plan.job_id}
     trained = train.fit_heads(feats["train"], feats["val"], len(plan.class_names),
                               plan.spec.probe, l2, meta, plan.job_dir, plan.spec.data.seed)
     atomic_write_text(plan.job_dir / "splits.json", json.dumps(

@@ -134,14 +134,14 @@ def calibrate(originals: np.ndarray, copies: np.ndarray,
 def probe_backbone(source: Source, ids: Sequence[int], name: str, weights: str | None,
                    pre: Preprocessing, device: str, precision: str, seed: int,
                    n_calibrate: int = 64, n_copies: int = 4,
-                   n_sample: int = 512) -> dict[str, Any]:
+                   n_sample: int = 512, min_size: int | None = None) -> dict[str, Any]:
     """Calibrate the near-duplicate thresholds (features, signatures) and measure how far
     the images are from the pretraining domain, on ``n_sample`` sampled ``ids``."""
     import torch
 
     rng = np.random.default_rng(seed)
     picked = sorted(rng.permutation(np.asarray(ids, np.int64))[:n_sample].tolist())
-    images = source.load(picked).images
+    images = source.load(picked, min_size).images  # decoded as the features were
     if len(images) < 2:
         return {"note": f"{len(images)} readable images sampled: too few to calibrate"}
     bb = cached_backbone(name, weights, device)

@@ -30,6 +30,7 @@ def shard_rows(plan: Plan, results: dict[str, dict[str, Any]]) -> list[dict[str,
                      "cached": bool(s.cached or r.get("cached")), "seconds": r.get("seconds"),
                      "images_per_s": r.get("images_per_s"), "device": r.get("device"),
                      "threads": r.get("threads"), "model_seconds": r.get("model_seconds"),
+                     "decode": r.get("decode"),
                      "started_at": r.get("started_at"),
                      "finished_at": r.get("finished_at"), "skipped": r.get("skipped", [])})
     return rows
