@@ -32,14 +32,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def redis_stats(url: str) -> tuple[int, float]:
-    """(total commands processed, Redis CPU seconds user+sys)."""
+def redis_stats(url: str) -> tuple[dict[str, int], float]:
+    """(calls per command, Redis CPU seconds user+sys)."""
     import redis
 
     r = redis.Redis.from_url(url)
     info = r.info("all")
-    calls = sum(int(v["calls"]) for k, v in info.items()
-                if k.startswith("cmdstat_") and isinstance(v, dict))
+    calls = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items()
+             if k.startswith("cmdstat_") and isinstance(v, dict)}
     r.close()
     return calls, float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
@@ -49,6 +49,7 @@ def run_job(url: str, out: Path, shards: int) -> dict[str, Any]:
     from pipeline.spec import JobSpec
 
     rng = np.random.default_rng(shards)
+    out.mkdir(parents=True, exist_ok=True)
     data = out / f"tiny-{shards}.npz"
     images = rng.integers(0, 255, (shards, 8, 8), dtype=np.uint8)  # distinct: no duplicates
     np.savez(data, images=images, labels=np.arange(shards) % 10)
@@ -76,7 +77,11 @@ def run_job(url: str, out: Path, shards: int) -> dict[str, Any]:
             "tasks_per_s": round(len(rows) / max(1e-9, last - first), 1),
             "tail_after_last_shard_s": round(t_done - last, 2),
             "job_wall_s": round(t_done - t0, 2),
-            "redis_commands_per_task": round((calls1 - calls0) / shards, 1),
+            "redis_commands_per_task": round(
+                (sum(calls1.values()) - sum(calls0.values())) / shards, 1),
+            "top_commands_per_task": dict(sorted(
+                ((k, round((v - calls0.get(k, 0)) / shards, 2)) for k, v in calls1.items()),
+                key=lambda kv: -kv[1])[:8]),
             "redis_cpu_ms_per_task": round((cpu1 - cpu0) * 1000 / shards, 3)}
 
 
