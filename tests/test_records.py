@@ -27,6 +27,7 @@ def test_writes_never_recreate_a_lost_record(jobs: JobStore) -> None:
     without status or expiry behind."""
     for write in (lambda: jobs.update(JOB, stage="x"), lambda: jobs.incr(JOB, "n"),
                   lambda: jobs.mark_running(JOB, "extract"),
+                  lambda: jobs.start(JOB, "extract", "0-4"),
                   lambda: jobs.shard_progress(JOB, "0-4", 2),
                   lambda: jobs.record_shard(JOB, {"shard": "0-4", "rows": 4}, 4)):
         with pytest.raises(JobLost, match=rf"job {JOB}'s record is gone.*fix: featurefleet retry"):
@@ -48,6 +49,19 @@ def test_mark_running_and_finish_once(jobs: JobStore) -> None:
     assert jobs.mark_running(JOB, "evaluate") == "CANCELLED"
     st = jobs.get(JOB)
     assert st["status"] == "CANCELLED" and st["error"] == "by user" and st["stage"] == "train"
+
+
+def test_start_marks_running_and_counts_the_attempt_in_one_call(jobs: JobStore) -> None:
+    jobs.create(JOB, {})
+    assert jobs.start(JOB, "extract", "0-4") == ("PENDING", 1)
+    assert jobs.start(JOB, "extract", "0-4") == ("RUNNING", 2)
+    assert jobs.start(JOB, "extract", "4-8") == ("RUNNING", 1)
+    assert jobs.attempt(JOB, "0-4") == 3  # the same counter as attempt()
+    assert jobs.field(JOB, "stage") == "extract" and jobs.field(JOB, "started")
+    assert 0 < jobs.r.ttl(f"ff:job:{JOB}:attempts") <= JOB_TTL_S
+    jobs.finish(JOB, "CANCELLED")
+    assert jobs.start(JOB, "extract", "0-4") == ("CANCELLED", 4)  # final stays final
+    assert jobs.get(JOB)["status"] == "CANCELLED"
 
 
 def test_a_shard_is_counted_once_and_progress_is_set_not_added(jobs: JobStore) -> None:

@@ -98,6 +98,19 @@ class JobStore:
             raise self._lost(job_id)
         return str(_dec(before))
 
+    def start(self, job_id: str, stage: str, step: str) -> tuple[str, int]:
+        """:meth:`mark_running` and :meth:`attempt` in one round trip (a shard task's start:
+        the coordinator's per-task cost). Returns (status before, attempts of ``step``).
+
+        Raises:
+            JobLost: the record does not exist.
+        """
+        before, attempts = self._eval(_START, [job_key(job_id), job_key(job_id) + ":attempts"],
+                                      [_enc(time.time()), _enc(stage), step, JOB_TTL_S])
+        if before == "":
+            raise self._lost(job_id)
+        return str(_dec(before)), int(attempts)
+
     def attempt(self, job_id: str, step: str) -> int:
         """Count one more start of a step's task; returns the count (1 on the first)."""
         key = job_key(job_id) + ":attempts"
@@ -262,6 +275,19 @@ redis.call('HSET', KEYS[1], 'activity', ARGV[1])
 if {_FINAL_LUA}[before] then return before end
 redis.call('HSET', KEYS[1], 'status', '"RUNNING"', 'stage', ARGV[2])
 return before
+"""
+
+_START = f"""
+local before = redis.call('HGET', KEYS[1], 'status')
+if not before then return {{'', 0}} end
+redis.call('HSETNX', KEYS[1], 'started', ARGV[1])
+redis.call('HSET', KEYS[1], 'activity', ARGV[1])
+local attempts = redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+if not {_FINAL_LUA}[before] then
+  redis.call('HSET', KEYS[1], 'status', '"RUNNING"', 'stage', ARGV[2])
+end
+return {{before, attempts}}
 """
 
 _PROGRESS = """

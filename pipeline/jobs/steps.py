@@ -43,7 +43,10 @@ def live(jobs: JobStore, plan: Plan, stage: str) -> None:
 def count_attempt(jobs: JobStore, plan: Plan, step: str, what: str) -> int:
     """Count a start of ``step``; one started more than the limit is a poison task (it keeps
     killing its worker: out of memory, a crashing decoder), so it fails instead of looping."""
-    attempts = jobs.attempt(plan.job_id, step)
+    return check_attempts(plan, jobs.attempt(plan.job_id, step), what)
+
+
+def check_attempts(plan: Plan, attempts: int, what: str) -> int:
     limit = get_settings().max_attempts
     if attempts > limit:
         raise JobError(f"{what} of job {plan.job_id} was started {attempts - 1} times and its "
@@ -62,14 +65,14 @@ def run_extract(jobs: JobStore, ref: Any, shard_id: str,
     """
     plan = load_plan(ref)
     shard = plan.shard(shard_id)
-    before = jobs.mark_running(plan.job_id, "extract")
+    before, attempts = jobs.start(plan.job_id, "extract", shard.id)  # one round trip
     if before in FINAL:
         done = jobs.shard_results(plan.job_id).get(shard.id)
         if done is not None:  # delivered again after the job ended: nothing to change
             return {"shard": shard.id, "cached": True, "rows": done.get("rows"),
                     "sha256": done.get("sha256")}
         raise JobCancelled(f"job {plan.job_id} is {before}; shard {shard.id} not extracted")
-    count_attempt(jobs, plan, shard.id, f"shard {shard.id}")
+    check_attempts(plan, attempts, f"shard {shard.id}")
 
     def progress(done: int, total: int) -> None:
         if jobs.shard_progress(plan.job_id, shard.id, done) == "CANCELLED":
