@@ -56,7 +56,7 @@ def task(kind: str, paths: list[str], rows: int, classes: int, block: int,
         neighbors.search(paths, ids[:block], ids, 10, field="signatures")
         info = f"{len(nb.idx)} query rows x {rows}"
     else:
-        x, y, _ = ShardReader(paths, ids).read()
+        x, y, _ = ShardReader(paths, ids).read(np.float16)  # as the quality tasks read
         if kind == "fold":
             folds, _ = labels.fold_of(y, 5, 0)
             p = labels.out_of_fold(x, y, folds, 0, classes, 1e-3, 200)

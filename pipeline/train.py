@@ -34,13 +34,15 @@ class Features:
         return len(self.y)
 
 
-def read_splits(paths: list[str], ids: Mapping[str, Sequence[int]]) -> dict[str, Features]:
+def read_splits(paths: list[str], ids: Mapping[str, Sequence[int]],
+                dtype: Any = np.float32) -> dict[str, Features]:
     """The rows of each named split (by sample id) from the shards, in one pass over them.
 
-    The features are held in memory once (rows x dim float32): the probe fits full-batch.
+    The features are held in memory once (rows x dim ``dtype``; float16 is the stored dtype
+    and half the memory): the probe fits full-batch.
     """
     wanted = np.unique(np.concatenate([np.asarray(v, np.int64) for v in ids.values()]))
-    x, y, idx = ShardReader(paths, wanted).read()
+    x, y, idx = ShardReader(paths, wanted).read(dtype)
     out = {}
     for name, members in ids.items():
         m = np.isin(idx, np.asarray(members, np.int64))

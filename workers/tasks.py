@@ -55,8 +55,10 @@ def announce(sender: Any = None, **_: Any) -> None:
 
 
 @ff_task("extract_shard")
-def extract_shard(self: Task, ref: dict[str, Any], shard_id: str) -> dict[str, Any]:
-    """Run the frozen backbone over one shard and write its HDF5 file."""
+def extract_shard(self: Task, ref: dict[str, Any], shard_id: str) -> None:
+    """Run the frozen backbone over one shard and write its HDF5 file. Returns nothing: the
+    result is in the job record, and the chord hands every header's return value to
+    ``collect`` in one message (10,000 shards' dicts were 1.3 MB; 10,000 nulls are 60 kB)."""
     started = time.perf_counter()
 
     def progress(done: int, total: int) -> None:
@@ -66,7 +68,7 @@ def extract_shard(self: Task, ref: dict[str, Any], shard_id: str) -> dict[str, A
             "job": ref.get("job_id"), "shard": shard_id, "done": done, "total": total,
             "percent": round(100 * done / max(total, 1)), "images_per_s": round(rate, 1)})
 
-    return steps.run_extract(job_store(), ref, shard_id, progress)
+    steps.run_extract(job_store(), ref, shard_id, progress)
 
 
 @ff_task("collect")

@@ -78,10 +78,32 @@ def load_head(path: str | Path) -> Any:
     return _LOADERS[kind](arrays, meta)
 
 
+CHUNK_ROWS = 8192  # rows standardized at a time: no temporary as large as the data
+
+
 def standardize_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature mean and scale of ``x`` (float32); constant features get scale 1, since
-    they carry nothing and must not be divided by zero."""
-    mean = x.mean(axis=0)
-    scale = x.std(axis=0)
+    """Per-feature mean and scale of ``x`` (any float dtype; accumulated in float64, in row
+    chunks); constant features get scale 1, since they carry nothing and must not be divided
+    by zero."""
+    n = max(1, len(x))
+    total = np.zeros(x.shape[1], np.float64)
+    for s in range(0, len(x), CHUNK_ROWS):
+        total += x[s:s + CHUNK_ROWS].sum(axis=0, dtype=np.float64)
+    mean = total / n
+    sq = np.zeros(x.shape[1], np.float64)
+    for s in range(0, len(x), CHUNK_ROWS):
+        d = x[s:s + CHUNK_ROWS].astype(np.float64) - mean
+        sq += (d * d).sum(axis=0)
+    scale = np.sqrt(sq / n)
     scale[scale < 1e-6] = 1.0
     return mean.astype(np.float32), scale.astype(np.float32)
+
+
+def standardized(x: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``(x - mean) / scale`` as a new float32 array, written in row chunks (``x`` may be
+    float16: only the result is full-size float32)."""
+    out = np.empty(x.shape, np.float32)
+    for s in range(0, len(x), CHUNK_ROWS):
+        np.subtract(x[s:s + CHUNK_ROWS], mean, out=out[s:s + CHUNK_ROWS], dtype=np.float32)
+        out[s:s + CHUNK_ROWS] /= scale
+    return out

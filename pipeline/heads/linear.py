@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.heads import register, save_head, standardize_stats
+from pipeline.heads import register, save_head, standardize_stats, standardized
 
 
 @dataclass
@@ -62,9 +62,10 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, n_classes: int, l2: floa
     """Fit the probe. ``labels`` are class indices in ``[0, n_classes)``."""
     import torch
 
-    x = np.asarray(features, dtype=np.float32)
+    x = np.asarray(features)
+    x = x if x.dtype in (np.float16, np.float32) else x.astype(np.float32)
     mean, scale = standardize_stats(x)
-    xt = torch.from_numpy((x - mean) / scale)
+    xt = torch.from_numpy(standardized(x, mean, scale))
     yt = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     w = torch.zeros(n_classes, x.shape[1], requires_grad=True)
     b = torch.zeros(n_classes, requires_grad=True)
