@@ -78,7 +78,7 @@ def load_head(path: str | Path) -> Any:
     return _LOADERS[kind](arrays, meta)
 
 
-CHUNK_ROWS = 8192  # rows standardized at a time: no temporary as large as the data
+CHUNK_ROWS = 2048  # rows standardized at a time: no temporary as large as the data
 
 
 def standardize_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -69,6 +69,14 @@ def run_neighbors(jobs: JobStore, ref: Any, block: int) -> dict[str, Any]:
     return _record(jobs, plan, f"neighbors.{int(block)}", t0, rows=len(nb.idx))
 
 
+def finite_rows(x: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """Which rows are all finite (checked in chunks: no temporary as large as ``x``)."""
+    ok = np.ones(len(x), bool)
+    for s in range(0, len(x), chunk):
+        ok[s:s + chunk] = np.isfinite(x[s:s + chunk]).all(axis=1)
+    return ok
+
+
 def _labeled(jobs: JobStore, plan: Plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     # float16, as stored: half the memory of the widest task (100k x 1280: 256 MB)
     return ShardReader(shard_paths(jobs, plan), np.asarray(plan.extract_ids)).read(np.float16)
@@ -81,8 +89,9 @@ def run_fold(jobs: JobStore, ref: Any, fold: int) -> dict[str, Any]:
     live(jobs, plan, "quality")
     t0 = time.perf_counter()
     x, y, idx = _labeled(jobs, plan)
-    ok = np.isfinite(x).all(axis=1)
-    x, y, idx = x[ok], y[ok], idx[ok]
+    ok = finite_rows(x)
+    if not ok.all():  # (no copy of the whole table when every row is finite)
+        x, y, idx = x[ok], y[ok], idx[ok]
     folds, _note = labels.fold_of(y, q.folds, plan.spec.data.seed)
     mine = folds == int(fold)
     proba = np.zeros((0, len(plan.class_names)), np.float32)
@@ -104,11 +113,12 @@ def run_curve(jobs: JobStore, ref: Any, index: int) -> dict[str, Any]:
     feats = train.read_splits(shard_paths(jobs, plan), {"train": plan.splits.train,
                                                         "val": plan.splits.val}, np.float16)
     tr, va = feats["train"], feats["val"]
-    tr_ok, va_ok = np.isfinite(tr.x).all(axis=1), np.isfinite(va.x).all(axis=1)
+    tr_ok, va_ok = finite_rows(tr.x), finite_rows(va.x)
     if len(np.unique(tr.y[tr_ok])) < 2 or not va_ok.any():
         return _record(jobs, plan, f"curve.{int(index)}", t0, fraction=fraction,
                        note="needs two classes in train and a validation split")
-    pt = curve.point(tr.x[tr_ok], tr.y[tr_ok], va.x[va_ok], va.y[va_ok],
+    tr_x = tr.x if tr_ok.all() else tr.x[tr_ok]  # copy only when some rows are not finite
+    pt = curve.point(tr_x, tr.y[tr_ok], va.x[va_ok], va.y[va_ok],
                      len(plan.class_names), fraction, plan.spec.data.seed, q.l2,
                      plan.spec.probe.max_iter)
     return _record(jobs, plan, f"curve.{int(index)}", t0, **pt)

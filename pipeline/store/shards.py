@@ -251,8 +251,8 @@ class ShardReader:
                 raise StoreError(f"shard {p!r} is unreadable ({exc}); fix: delete it and rerun "
                                  "the job, or run featurefleet cache verify") from None
 
-    def chunks(self, max_rows: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray,
-                                                             np.ndarray]]:
+    def chunks(self, max_rows: int = 65536, dtype: Any = np.float32
+               ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         for p, mask in zip(self.paths, self._masks, strict=True):
             if mask is not None and not mask.any():
                 continue
@@ -260,7 +260,7 @@ class ShardReader:
                 n = int(f["features"].shape[0])
                 for s in range(0, n, max_rows):
                     e = min(n, s + max_rows)
-                    x = f[self.field][s:e].astype(np.float32)
+                    x = f[self.field][s:e].astype(dtype, copy=False)
                     y, idx = f["labels"][s:e], f["indices"][s:e]
                     if mask is not None:
                         m = mask[s:e]
@@ -285,7 +285,7 @@ class ShardReader:
         y = np.empty(self.rows, np.int64)
         idx = np.empty(self.rows, np.int64)
         at = 0
-        for fx, fy, fi in self.chunks():
+        for fx, fy, fi in self.chunks(16384, dtype):  # small chunks: a small temporary
             x[at: at + len(fy)], y[at: at + len(fy)], idx[at: at + len(fy)] = fx, fy, fi
             at += len(fy)
         return x, y, idx
