@@ -55,16 +55,20 @@ def task(kind: str, paths: list[str], rows: int, classes: int, block: int,
         nb = neighbors.search(paths, ids[:block], ids, 10)
         neighbors.search(paths, ids[:block], ids, 10, field="signatures")
         info = f"{len(nb.idx)} query rows x {rows}"
+    elif kind == "curve":  # as run_curve reads: train and val, each its own array
+        from pipeline.train import read_splits
+
+        cut = int(rows * 0.8)
+        s = read_splits(paths, {"train": ids[:cut], "val": ids[cut:]}, np.float16)
+        tr, va = s["train"], s["val"]
+        pt = curve.point(tr.x, tr.y, va.x, va.y, classes, 1.0, 0, 1e-3, 200)
+        info = f"{pt['samples']} training rows, val top-1 {pt['val_top1']}"
     else:
         x, y, _ = ShardReader(paths, ids).read(np.float16)  # as the quality tasks read
         if kind == "fold":
             folds, _ = labels.fold_of(y, 5, 0)
             p = labels.out_of_fold(x, y, folds, 0, classes, 1e-3, 200)
             info = f"fit on {int((folds != 0).sum())}, predicted {len(p)}"
-        elif kind == "curve":
-            cut = int(rows * 0.8)
-            pt = curve.point(x[:cut], y[:cut], x[cut:], y[cut:], classes, 1.0, 0, 1e-3, 200)
-            info = f"{pt['samples']} training rows, val top-1 {pt['val_top1']}"
         else:
             half = rows // 2
             r = shift.domain_auc(x[:half], y[:half], x[half:], y[half:], 0)

@@ -36,17 +36,15 @@ class Features:
 
 def read_splits(paths: list[str], ids: Mapping[str, Sequence[int]],
                 dtype: Any = np.float32) -> dict[str, Features]:
-    """The rows of each named split (by sample id) from the shards, in one pass over them.
+    """The rows of each named split (by sample id) from the shards, one pass per split.
 
-    The features are held in memory once (rows x dim ``dtype``; float16 is the stored dtype
-    and half the memory): the probe fits full-batch.
+    Each split's features are held in memory once, in their own array (rows x dim
+    ``dtype``; float16 is the stored dtype and half the memory): the probe fits full-batch.
     """
-    wanted = np.unique(np.concatenate([np.asarray(v, np.int64) for v in ids.values()]))
-    x, y, idx = ShardReader(paths, wanted).read(dtype)
     out = {}
     for name, members in ids.items():
-        m = np.isin(idx, np.asarray(members, np.int64))
-        out[name] = Features(x[m], y[m], idx[m])
+        x, y, idx = ShardReader(paths, np.asarray(members, np.int64)).read(dtype)
+        out[name] = Features(x, y, idx)
     return out
 
 
