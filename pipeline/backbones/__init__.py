@@ -171,6 +171,11 @@ def _factory(name: str, weights: str | None) -> tuple[WeightsInfo, Callable[[], 
 @functools.lru_cache(maxsize=64)
 def file_sha256(path: str) -> str:
     """sha256 of a file (cached per process: weights files do not change under a worker)."""
+    return sha256_of(path)
+
+
+def sha256_of(path: str | Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks (not cached: for a file just written)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

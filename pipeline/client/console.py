@@ -37,7 +37,7 @@ def format_progress(st: dict[str, Any]) -> str:
     if st.get("kind") == "pretrain":
         return _training_progress(st, "pretrain")
     if st.get("strategy") == "finetune":
-        return _finetune_progress(st)
+        return _training_progress(st, "finetune")
     total = int(st.get("images_total") or 0)
     done = min(int(st.get("images_done") or 0), total)
     width = 24
@@ -59,21 +59,6 @@ def format_progress(st: dict[str, Any]) -> str:
             f"(+{st.get('shards_cached', 0)} cached)  images {done}/{total}{rate}{eta}{fails}")
 
 
-def _finetune_progress(st: dict[str, Any]) -> str:
-    p = st.get("finetune") or {}
-    epochs, steps = int(p.get("epochs") or 0), int(p.get("steps") or 0)
-    done = (int(p.get("epoch") or 1) - 1) * steps + int(p.get("step") or 0) if steps else 0
-    width = 24
-    fill = int(width * done / (epochs * steps)) if epochs and steps else 0
-    val = p.get("val_top1")
-    resumes = int(st.get("resumes") or 0)
-    return (f"[{'#' * fill}{'-' * (width - fill)}] {st.get('status', '?'):8} "
-            f"{st.get('stage', ''):8} epoch {p.get('epoch', 0)}/{epochs} step "
-            f"{p.get('step', 0)}/{steps}  loss {p.get('loss', '-')}  val top-1 "
-            f"{'-' if val is None else f'{val:.3f}'}  {p.get('images_per_s') or 0:.1f} img/s"
-            + (f"  resumed {resumes}x" if resumes else ""))
-
-
 def _training_progress(st: dict[str, Any], program: str) -> str:
     p = st.get(program) or {}
     epochs, steps = int(p.get("epochs") or 0), int(p.get("steps") or 0)
@@ -81,10 +66,13 @@ def _training_progress(st: dict[str, Any], program: str) -> str:
     width = 24
     fill = int(width * done / (epochs * steps)) if epochs and steps else 0
     resumes = int(st.get("resumes") or 0)
+    val = p.get("val_top1")  # fine-tuning validates every epoch; pretraining has its kNN
     return (f"[{'#' * fill}{'-' * (width - fill)}] {st.get('status', '?'):8} "
             f"{st.get('stage', ''):8} epoch {p.get('epoch', 0)}/{epochs} step "
             f"{p.get('step', 0)}/{steps}  loss {p.get('loss', '-')}  "
-            f"{p.get('images_per_s') or 0:.1f} img/s on {p.get('ranks', 1)} rank(s)"
+            + ("" if program == "pretrain" else
+               f"val top-1 {'-' if val is None else f'{val:.3f}'}  ")
+            + f"{p.get('images_per_s') or 0:.1f} img/s on {p.get('ranks', 1)} rank(s)"
             + (f"  resumed {resumes}x" if resumes else ""))
 
 

@@ -43,19 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --gpus on a machine without GPUs: CPU extraction workers")
     p.add_argument("--loglevel", default="INFO")
 
-    p = sub.add_parser("pretrain", help="pretrain an encoder on a job file's images (labels "
-                       "unused); its result is backbone job:<id>")
-    _add_broker(p)
-    p.add_argument("spec", help="job spec file (.yaml/.yml/.json); kind is set to pretrain")
-    p.add_argument("--wait", action="store_true", help="wait and print the summary")
-    p.add_argument("--timeout", type=float, default=None, help="seconds to wait with --wait")
-
-    p = sub.add_parser("quality", help="check a job file's data: duplicates and leaks, label "
-                       "issues, outliers, a learning curve, shift (report, no classifier)")
-    _add_broker(p)
-    p.add_argument("spec", help="job spec file (.yaml/.yml/.json); kind is set to quality")
-    p.add_argument("--wait", action="store_true", help="wait and print the summary")
-    p.add_argument("--timeout", type=float, default=None, help="seconds to wait with --wait")
+    for kind, text in (("pretrain", "pretrain an encoder on a job file's images (labels "
+                                    "unused); its result is backbone job:<id>"),
+                       ("quality", "check a job file's data: duplicates and leaks, label "
+                                   "issues, outliers, a learning curve, shift (report, no "
+                                   "classifier)")):
+        p = sub.add_parser(kind, help=text)
+        _add_broker(p)
+        p.add_argument("spec", help=f"job spec file (.yaml/.yml/.json); kind is set to {kind}")
+        p.add_argument("--wait", action="store_true", help="wait and print the summary")
+        p.add_argument("--timeout", type=float, default=None,
+                       help="seconds to wait with --wait")
 
     p = sub.add_parser("submit", help="enqueue a job from a YAML/JSON spec; print its id")
     _add_broker(p)

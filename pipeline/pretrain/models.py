@@ -4,10 +4,10 @@ file any backbone name can load."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
+from pipeline.backbones import sha256_of
 from pipeline.errors import BackboneError, SpecError
 from pipeline.fsio import atomic_path
 
@@ -80,11 +80,7 @@ def export_encoder(encoder: Any, arch: str, path: Path) -> str:
     state = full_state_dict(arch, encoder)
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_of(path)
 
 
 def full_state_dict(arch: str, encoder: Any) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Callable
 from typing import Any
 
 
@@ -44,6 +45,24 @@ def confusion_svg(cm: list[list[int]], names: list[str], size: int = 420) -> str
     return "".join(parts)
 
 
+Scale = Callable[[float], float]
+
+
+def _axes(xr: tuple[float, float], yr: tuple[float, float], size: tuple[int, int],
+          margins: tuple[int, int, int, int]) -> tuple[Scale, Scale]:
+    """Data -> pixel maps for a plot of ``size`` (w, h) with margins (left, right, top,
+    bottom); y grows upwards."""
+    (x0, x1), (y0, y1), (w, h), (left, right, top, bottom) = xr, yr, size, margins
+
+    def sx(v: float) -> float:
+        return float(left + (v - x0) / ((x1 - x0) or 1) * (w - left - right))
+
+    def sy(v: float) -> float:
+        return float(top + (1 - (v - y0) / ((y1 - y0) or 1)) * (h - top - bottom))
+
+    return sx, sy
+
+
 def sweep_svg(sweep: dict[str, Any] | None, w: int = 480, h: int = 300) -> str:
     if not sweep or not sweep.get("curve"):
         return '<p class="muted">fixed L2 penalty: no sweep</p>'
@@ -56,13 +75,7 @@ def sweep_svg(sweep: dict[str, Any] | None, w: int = 480, h: int = 300) -> str:
     if y1 - y0 < 1e-6:
         y0, y1 = y0 - 0.05, y1 + 0.05
     L, R, T, B = 50, 15, 15, 40
-
-    def sx(v: float) -> float:
-        return float(L + (v - x0) / ((x1 - x0) or 1) * (w - L - R))
-
-    def sy(v: float) -> float:
-        return float(T + (1 - (v - y0) / (y1 - y0)) * (h - T - B))
-
+    sx, sy = _axes((x0, x1), (y0, y1), (w, h), (L, R, T, B))
     line = " ".join(f"{sx(a):.1f},{sy(b):.1f}" for a, b in zip(lx, ys, strict=True))
     parts = [f'<svg id="sweep" xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
              'role="img" aria-label="regularization sweep">',
@@ -117,13 +130,7 @@ def curve_svg(series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel:
     if y1 - y0 < 1e-9:
         y0, y1 = y0 - 0.5, y1 + 0.5
     L, R, T, B = 55, 15, 15, 40
-
-    def sx(v: float) -> float:
-        return float(L + (v - x0) / ((x1 - x0) or 1) * (w - L - R))
-
-    def sy(v: float) -> float:
-        return float(T + (1 - (v - y0) / (y1 - y0)) * (h - T - B))
-
+    sx, sy = _axes((x0, x1), (y0, y1), (w, h), (L, R, T, B))
     parts = [f'<svg id="{_esc(name)}" xmlns="http://www.w3.org/2000/svg" width="{w}" '
              f'height="{h}" role="img" aria-label="{_esc(ylabel)}">',
              f'<line x1="{L}" y1="{h - B}" x2="{w - R}" y2="{h - B}" stroke="#999"/>',
