@@ -224,6 +224,9 @@ def make_plan(spec: JobSpec, job_id: str, gpus: int | Callable[[], int] = 0,
     labeled = len(np.unique(source.labels)) >= 2
     if spec.kind != "classify" and not labeled:  # unlabeled: every sample is "train"
         keep = np.setdiff1d(np.arange(len(source)), [e.index for e in excluded])
+        if spec.data.limit is not None and spec.data.limit < len(keep):  # a seeded subset
+            rng = np.random.default_rng(spec.data.seed)
+            keep = np.sort(rng.permutation(keep)[:spec.data.limit])
         split = {"train": keep, "val": np.zeros(0, np.int64), "test": np.zeros(0, np.int64)}
     else:
         split = splits.compute_splits(

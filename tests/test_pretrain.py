@@ -155,6 +155,13 @@ def test_bad_pretraining_input_fails_before_anything_is_enqueued(tmp_path: Path)
     tiny.mkdir()
     for i in range(40):
         Image.new("RGB", (4, 4), (i, 2 * i, 0)).save(tiny / f"{i}.png")
+    unlabeled = tmp_path / "unlabeled"
+    unlabeled.mkdir()
+    for i in range(50):
+        Image.new("RGB", (32, 32), (i, 3 * i, 100)).save(unlabeled / f"{i}.png")
+    subset = make_plan(pretrain_spec(tmp_path).replace(
+        data={"source": "images", "path": str(unlabeled), "limit": 40}), JOB)
+    assert len(subset.splits.train) == 40 and not subset.splits.val  # data.limit holds
     with pytest.raises(DataError, match=r"as small as 4 px.*too small for random crops.*fix:"):
         make_plan(pretrain_spec(tmp_path).replace(data={"source": "images", "path": str(tiny)}),
                   JOB)
