@@ -76,9 +76,10 @@ def test_two_nodes_survive_a_killed_rank_and_the_encoder_is_a_backbone(tmp_path:
     spec = pretrain_spec(tmp_path / "out", nodes=2, epochs=3, checkpoint_every_steps=2,
                          max_restarts=6)
     # the two torchrun agents restart their ranks independently: a rank can connect to a peer
-    # that its agent is just restarting again; a short timeout lets the next round recover
+    # that its agent is just restarting again; a bounded timeout lets the next round recover
+    # (long enough for rank 0's evaluation on a loaded machine)
     with cluster_env(tmp_path, extract_workers=2,
-                     env={"FEATUREFLEET_DIST_TIMEOUT_S": "30"}) as c:
+                     env={"FEATUREFLEET_DIST_TIMEOUT_S": "120"}) as c:
         job = submit(spec, broker=c.broker)
         checkpoints = list((tmp_path / "out" / "pretrain").glob("*/last.pt"))
         deadline = time.monotonic() + 180
@@ -102,9 +103,12 @@ def test_two_nodes_survive_a_killed_rank_and_the_encoder_is_a_backbone(tmp_path:
     prep = json.loads(Path(rows[f"job:{job.id}"]["report"]).read_text())
     train = rep["train"]
     assert train["world_size"] == 2 and rep["kind"] == "pretrain" and rep["method"] == "simclr"
-    restarts = [r for r in train["resumes"] if "torchrun restarted" in r["reason"]]
-    assert restarts and restarts[0]["restart"] >= 1  # resumed, not started over
-    assert restarts[0]["global_step"] >= 2
+    # resumed from the checkpoint, not started over: torchrun restarted the ranks or, when its
+    # restarts ran out (the agents' race above), the node's task was delivered again
+    resumed = [r for r in train["resumes"] if "torchrun restarted" in r["reason"]
+               or "redelivered" in r["reason"]]
+    assert resumed, train["resumes"]
+    assert resumed[0]["global_step"] >= 2
     assert [h["epoch"] for h in train["history"]] == [1, 2, 3]
     assert train["global_step"] == 3 * train["steps_per_epoch"]
     assert all(0 < h["knn_top1"] <= 1 and 0 < h["probe_top1"] <= 1 for h in train["history"])
