@@ -33,14 +33,12 @@ def _patch() -> None:
     from pipeline import extract
     from pipeline.backbones import Backbone, resolve_weights
 
-    real = extract.cached_backbone
 
     def fake(name: str, weights: str | None, device: str, compile_: bool = False) -> Any:
         info = resolve_weights(name, weights)  # the planned identity (a file hash, no model)
         return Backbone(name=name, weights=info, model=_SleepingNet(), feature_dim=8)
 
     extract.cached_backbone = fake
-    extract._real_cached_backbone = real  # type: ignore[attr-defined]
 
 
 @worker_init.connect
