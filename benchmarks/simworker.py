@@ -33,7 +33,6 @@ def _patch() -> None:
     from pipeline import extract
     from pipeline.backbones import Backbone, resolve_weights
 
-
     def fake(name: str, weights: str | None, device: str, compile_: bool = False) -> Any:
         info = resolve_weights(name, weights)  # the planned identity (a file hash, no model)
         return Backbone(name=name, weights=info, model=_SleepingNet(), feature_dim=8)
