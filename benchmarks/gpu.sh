@@ -9,9 +9,17 @@ OUT=${1:-${OUT:-bench-gpu}}
 mkdir -p "$OUT"
 PY=${PYTHON:-.venv/bin/python}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-"$PY" -m pipeline.bench --model resnet50 --weights random --device cuda --precision bf16 \
+"$PY" benchmarks/bench.py --model resnet50 --weights random --device cuda --precision bf16 \
     --batch 256 --crop 224 --images 16384 --shard-size 4096 --seconds 5 --rounds 3 \
     --gflops 8.2 --peak-tflops 989 --json "$OUT/resnet50-bf16.json" | tee "$OUT/resnet50-bf16.txt"
+# real-photo JPEGs (issue #16): 12 MP phone-camera photos, decoded on the GPU (nvJPEG, batched,
+# resized there: decode auto) vs on the CPU cores (DCT-scaled libjpeg: decode scaled)
+for DEC in auto scaled; do
+  "$PY" benchmarks/bench.py --model resnet50 --weights random --device cuda --precision bf16 \
+      --batch 256 --crop 224 --images 2048 --shard-size 1024 --seconds 5 --rounds 2 \
+      --data photos --photo-size 4000x3000 --decode "$DEC" --gflops 8.2 --peak-tflops 989 \
+      --json "$OUT/photos-12mp-$DEC.json" | tee "$OUT/photos-12mp-$DEC.txt"
+done
 # the auto batch size / OOM halving and fine-tuning paths on CUDA, briefly
 "$PY" -m pytest -q -m gpu tests/ | tee "$OUT/pytest-gpu.txt"
 # pretraining (issue #18): ResNet-18 SimCLR, bf16 autocast, DDP over every GPU of this machine

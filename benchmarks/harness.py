@@ -115,7 +115,7 @@ def bench_plain_loop(model_name: str, folder: Path, batch: int, crop: int,
 def bench_pipeline(folder: Path, workdir: Path, model_name: str, batch: int, crop: int,
                    shard_size: int, device: str = "cpu", precision: str = "bf16",
                    use_compile: bool = False, weights: str = "DEFAULT", rounds: int = 5,
-                   bare_seconds: float = 4.0) -> dict[str, Any]:
+                   bare_seconds: float = 4.0, decode: str = "auto") -> dict[str, Any]:
     """One extraction worker; ``rounds`` measured jobs, each between two bare-forward runs.
 
     A job's throughput is counted from submit until every shard is stored. This machine's speed
@@ -136,7 +136,8 @@ def bench_pipeline(folder: Path, workdir: Path, model_name: str, batch: int, cro
                                                    test_fraction=0.5, shard_size=shard_size),
                        backbone=BackboneSpec(name=model_name, batch_size=batch,
                                              image_size=crop, device=device, weights=weights,
-                                             precision=precision, compile=use_compile),
+                                             precision=precision, compile=use_compile,
+                                             decode=decode),
                        output=str(workdir / "out"))
         # Warm-up job (model load, first-call costs), then the measured jobs on fresh stores.
         warm = submit(spec.replace(data={"limit": batch * 2}), broker=cluster.broker)
@@ -236,7 +237,8 @@ def run(model_name: str = "efficientnet_lite0", batch: int = 32, crop: int = 224
         loader_workers: int = 2, device: str = "cpu", precision: str = "bf16",
         use_compile: bool = False, weights: str = "DEFAULT",
         gflops_per_image: float | None = None, peak_tflops: float | None = None,
-        data: str = "digits", photo_size: str = "500x375") -> dict[str, Any]:
+        data: str = "digits", photo_size: str = "500x375",
+        decode: str = "auto") -> dict[str, Any]:
     import torch
 
     gpu = device.startswith("cuda")
@@ -249,7 +251,7 @@ def run(model_name: str = "efficientnet_lite0", batch: int = 32, crop: int = 224
         else:
             folder = make_image_folder(work / "images", images)
         pipe = bench_pipeline(folder, work, model_name, batch, crop, shard_size, device,
-                              precision, use_compile, weights, rounds, seconds)
+                              precision, use_compile, weights, rounds, seconds, decode)
         bare = pipe["bare_images_per_s"]
         plain = plain_loop_subprocess(model_name, folder, batch, crop, loader_workers, device,
                                       weights)
@@ -266,7 +268,7 @@ def run(model_name: str = "efficientnet_lite0", batch: int = 32, crop: int = 224
                                      / (peak_tflops * 1e3), 4)}
     return {
         "data": data if data != "photos" else f"photos {photo_size}",
-        "model": model_name, "weights": weights, "batch": batch, "crop": crop,
+        "model": model_name, "weights": weights, "batch": batch, "crop": crop, "decode": decode,
         "images": images, "threads": torch.get_num_threads(), "device": device,
         "precision": precision if gpu else "fp32", "compiled": use_compile, **mfu,
         "bare_forward_img_s": round(bare, 2),
@@ -283,6 +285,12 @@ def run(model_name: str = "efficientnet_lite0", batch: int = 32, crop: int = 224
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return report(args, argv)
+
+
+def parser() -> Any:
+    """The command line of ``featurefleet bench`` (also checked against benchmarks/gpu.sh)."""
     import argparse
 
     p = argparse.ArgumentParser(prog="featurefleet bench", description=__doc__.split("\n")[0])
@@ -309,14 +317,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="32 px digits JPEGs, or real-photo JPEGs (benchmarks/photos.py)")
     p.add_argument("--photo-size", default="500x375",
                    help="with --data photos: WIDTHxHEIGHT, e.g. 500x375 or 4000x3000")
+    p.add_argument("--decode", default="auto", choices=["auto", "scaled", "full"],
+                   help="backbone.decode: auto (nvJPEG on CUDA, else scaled), scaled, full")
     p.add_argument("--json", default=None, help="also write the JSON here")
+    return p
+
+
+def report(args: Any, argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = p.parse_args(argv)
     _ensure_allocator_env(argv)
     r = run(args.model, args.batch, args.crop, args.images, args.shard_size, args.seconds,
             rounds=args.rounds, device=args.device, precision=args.precision,
             use_compile=args.compile, weights=args.weights, gflops_per_image=args.gflops,
-            peak_tflops=args.peak_tflops, data=args.data, photo_size=args.photo_size)
+            peak_tflops=args.peak_tflops, data=args.data, photo_size=args.photo_size,
+            decode=args.decode)
     rounds = ", ".join(f"{x['ratio']:.3f}" for x in r["rounds"])
     rows = [
         ("bare forward", f"{r['bare_forward_img_s']:.1f} img/s"),
@@ -337,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['mfu_bare']:.1%} / {r['mfu_pipeline']:.1%}"))
     print(f"{r['model']} @{r['crop']}px, batch {r['batch']}, {r['threads']} threads, "
           f"{r['device']} {r['precision']}{' compiled' if r['compiled'] else ''}, "
-          f"{r['images']} images ({r['data']})")
+          f"{r['images']} images ({r['data']}, decode {r['decode']})")
     for k, v in rows:
         print(f"  {k:<40} {v}")
     print(json.dumps(r))

@@ -119,8 +119,9 @@ def decode_threads(device: str) -> int:
 
 
 def decoded(source: Source, indices: Sequence[int], batch_size: int, threads: int,
-            min_size: int | None = None) -> Iterator[Loaded]:
-    """Yield decoded batches, with up to ``threads`` batches decoded ahead in threads.
+            min_size: int | None = None, encoded: bool = False) -> Iterator[Loaded]:
+    """Yield decoded batches, with up to ``threads`` batches decoded ahead in threads
+    (``encoded``: JPEGs read but left for :func:`decoded_on` to decode on the GPU).
 
     Only decoding runs in the threads: torch ops called from a helper thread start their own
     OpenMP team, which fights the forward pass's team for the cores. Resizing runs in the
@@ -128,8 +129,10 @@ def decoded(source: Source, indices: Sequence[int], batch_size: int, threads: in
     """
     chunks = [list(indices[i: i + batch_size]) for i in range(0, len(indices), batch_size)]
 
+    load = source.load_encoded if encoded else source.load
+
     def work(chunk: list[int]) -> Loaded:
-        return source.load([int(i) for i in chunk], min_size)
+        return load([int(i) for i in chunk], min_size)
 
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ff-decode") as pool:
         pending: list[Future[Loaded]] = []
@@ -139,3 +142,16 @@ def decoded(source: Source, indices: Sequence[int], batch_size: int, threads: in
                 yield pending.pop(0).result()
         for fut in pending:
             yield fut.result()
+
+
+def decoded_on(device: str, loaded: Loaded, min_size: int | None = None) -> Loaded:
+    """``loaded`` with its undecoded JPEGs decoded on ``device`` in one batched call (HWC
+    uint8 tensors there); what no decoder can read becomes a recorded failure."""
+    from pipeline.sources.decode import decode_on_device
+
+    images, failures = decode_on_device(loaded.images, device, min_size)
+    bad = {k for k, _ in failures}
+    keep = [k for k in range(len(loaded.indices)) if k not in bad]
+    return Loaded(indices=[loaded.indices[k] for k in keep], images=images,
+                  failures=[*loaded.failures, *((loaded.indices[k], why) for k, why in failures)],
+                  digests=[loaded.digests[k] for k in keep])

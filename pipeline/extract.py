@@ -16,12 +16,18 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.backbones import Preprocessing
+from pipeline.backbones import (
+    AnyPreprocessing,
+    Preprocessing,
+    preprocessing_from_dict,
+    use_preprocessing,
+)
 from pipeline.devices import (
     autocast_dtype,
     cached_backbone,
     decode_threads,
     decoded,
+    decoded_on,
     fitted_batch,
     forward_halving,
     pick_device,
@@ -50,10 +56,12 @@ class Target:
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
-def decode_min_side(pre: Preprocessing, mode: str) -> int | None:
-    """The smallest image side decoding must keep (``decode: scaled``): the resize's shorter
-    side, so the network's input is never upsampled from a reduced decode; None: full."""
-    return pre.resize if mode == "scaled" else None
+def decode_min_side(pre: AnyPreprocessing, mode: str) -> int | None:
+    """The smallest image side decoding must keep (``decode: scaled``, and ``auto`` on the
+    CPU): the resize's shorter
+    side, so the network's input is never upsampled from a reduced decode; None: full (and
+    for texts)."""
+    return pre.resize if mode in ("scaled", "auto") and isinstance(pre, Preprocessing) else None
 
 
 def extract_shard(source: Source, indices: Sequence[int], backbone: BackboneInfo,
@@ -78,10 +86,14 @@ def extract_shard(source: Source, indices: Sequence[int], backbone: BackboneInfo
         raise BackboneError(f"this worker's {backbone.name} weights ({bb.weights.sha256[:12]}) "
                             f"differ from the planned ones ({backbone.weights_sha256[:12]}); "
                             "fix: install the same weights on every worker")
-    pre = Preprocessing.from_dict(backbone.preprocessing)
+    pre = preprocessing_from_dict(backbone.preprocessing)
+    use_preprocessing(bb.model, pre)
+    text = pre.modality == "text"
+    if text:  # batches of similar length: less padding (rows keep their sample indices)
+        indices = sorted(indices, key=source.text_length)
     out_dtype = np.float16 if backbone.feature_dtype == "float16" else np.float32
     amp = autocast_dtype(device, backbone.precision)
-    fits_key = (backbone.name, device, pre.crop)
+    fits_key = (backbone.name, device, pre.input_size)
     batch_size = run.batch_for(device)
 
     def forward(x: Any) -> Any:
@@ -92,16 +104,24 @@ def extract_shard(source: Source, indices: Sequence[int], backbone: BackboneInfo
     sigs: list[np.ndarray] = []
     kept: list[int] = []
     skipped: list[tuple[str, str]] = []
-    done, t_model, reported = 0, 0.0, 0.0
+    done, t_model, reported, truncated = 0, 0.0, 0.0, 0
     buffer = None
     total = len(indices)
+    on_device = run.decode == "auto" and device.startswith("cuda") and not text
+    min_size = decode_min_side(pre, run.decode)
+    decoder = "text" if text else "nvjpeg" if on_device else (
+        f"cpu-{'scaled' if min_size else 'full'}")
     with torch.inference_mode():
         for loaded in decoded(source, indices, batch_size, decode_threads(device),
-                              min_size=decode_min_side(pre, run.decode)):
+                              min_size=min_size, encoded=on_device):
+            if on_device and loaded.images:  # one batched nvJPEG call, resized on the GPU
+                loaded = decoded_on(device, loaded, min_size)
             skipped.extend((source.sample_id(i), why) for i, why in loaded.failures)
             if loaded.images:
                 tm = time.perf_counter()
                 batch = buffer = preprocess(loaded.images, pre, device, out=buffer)
+                if text:
+                    truncated += getattr(bb.model, "truncated")(batch)  # noqa: B009 (mypy)
                 out = forward_halving(forward, batch, fits_key)
                 feats.append(out.float().cpu().numpy().astype(out_dtype))
                 sigs.append(signatures(batch))
@@ -114,10 +134,14 @@ def extract_shard(source: Source, indices: Sequence[int], backbone: BackboneInfo
                 reported = time.perf_counter()
     features = np.concatenate(feats) if feats else np.zeros((0, bb.feature_dim), out_dtype)
     kept_arr = np.asarray(kept, dtype=np.int64)
+    order = np.argsort(kept_arr, kind="stable")  # rows in sample order, however batched
+    features, kept_arr = features[order], kept_arr[order]
+    sigs = [np.concatenate(sigs)[order]] if sigs else sigs
     attrs = {"key": target.key, "backbone": backbone.name, "weights_id": backbone.weights_id,
              "weights_sha256": backbone.weights_sha256, "preprocessing": pre.to_dict(),
              "layer": "penultimate-pooled", "feature_dtype": backbone.feature_dtype,
-             "feature_dim": bb.feature_dim, "parameters": bb.parameters, **target.attrs}
+             "feature_dim": bb.feature_dim, "parameters": bb.parameters, "modality": pre.modality,
+             "truncated": truncated, **target.attrs}
     written = shards.write_shard(target.path, shards.ShardData(
         features=features, labels=source.labels[kept_arr] if len(kept_arr) else kept_arr,
         indices=kept_arr, sample_ids=[source.sample_id(int(i)) for i in kept_arr],
@@ -134,7 +158,8 @@ def extract_shard(source: Source, indices: Sequence[int], backbone: BackboneInfo
             "model_seconds": round(t_model, 3),
             "images_per_s": round(len(kept_arr) / seconds, 2) if seconds else None,
             "device": device, "threads": torch.get_num_threads(), "batch": batch_size,
-            "decode": run.decode,
+            "decode": run.decode, "decoder": decoder, "modality": pre.modality,
+            "truncated": truncated,
             "forward_batch": fitted_batch(fits_key), "precision": str(amp or "fp32"),
             "compiled": run.compile, "feature_dim": bb.feature_dim,
             "parameters": bb.parameters}

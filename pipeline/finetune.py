@@ -41,11 +41,15 @@ Progress = Callable[[dict[str, Any]], None]
 CHECKPOINT_SCHEMA = 1
 
 
-def build_network(name: str, weights: str | None, n_classes: int, device: str) -> Any:
-    """Backbone + a new linear head as one trainable ``torch.nn.Module`` (and the backbone)."""
+def build_network(name: str, weights: str | None, n_classes: int, device: str,
+                  pre: backbones.AnyPreprocessing | None = None) -> Any:
+    """Backbone + a new linear head as one trainable ``torch.nn.Module`` (and the backbone);
+    ``pre``: the job's preprocessing (a text encoder's token limit)."""
     import torch
 
     bb = backbones.load_backbone(name, weights, "cpu")
+    if pre is not None:
+        backbones.use_preprocessing(bb.model, pre)
 
     class FinetuneNet(torch.nn.Module):
         def __init__(self) -> None:
@@ -136,9 +140,9 @@ def run(rank: Rank, source: Source, splits: Splits, class_names: list[str],
     device = rank.device
     n_classes = len(class_names)
     torch.manual_seed(seed)
-    net, _bb = build_network(backbone.name, backbone.weights, n_classes, device)
+    pre = backbones.preprocessing_from_dict(backbone.preprocessing)
+    net, _bb = build_network(backbone.name, backbone.weights, n_classes, device, pre)
     model = rank.wrap(net)
-    pre = backbones.Preprocessing.from_dict(backbone.preprocessing)
     head_params = list(net.head.parameters())
     body_params = list(net.backbone.parameters())
     groups = [{"params": body_params, "lr": ft.lr * ft.backbone_lr_mult},
@@ -280,7 +284,8 @@ def load_network(best: str | Path, device: str = "cpu") -> tuple[Any, dict[str, 
 
     raw = torch.load(best, map_location="cpu", weights_only=True)
     meta = json.loads(raw["meta"])
-    net, _ = build_network(meta["backbone"], backbones.RANDOM, meta["n_classes"], device)
+    net, _ = build_network(meta["backbone"], backbones.RANDOM, meta["n_classes"], device,
+                           backbones.preprocessing_from_dict(meta["preprocessing"]))
     net.load_state_dict(raw["model"])
     return net.eval(), meta
 
@@ -291,7 +296,7 @@ def evaluate_test(source: Source, test_ids: Sequence[int], class_names: list[str
     per-sample probabilities and the sample indices evaluated."""
     device = pick_device(ft.device)
     net, meta = load_network(best, device)
-    pre = backbones.Preprocessing.from_dict(meta["preprocessing"])
+    pre = backbones.preprocessing_from_dict(meta["preprocessing"])
     proba, y, ids, skipped = predict_proba(net, source, test_ids, pre, device, ft.batch_size)
     metrics = evaluate.classification_metrics(y, proba, class_names)
     return {**metrics, "skipped_test": [{"id": i, "reason": r} for i, r in skipped]}, proba, ids

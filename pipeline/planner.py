@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import backbones, splits
-from pipeline.errors import BackboneError, DataError
+from pipeline.errors import BackboneError, DataError, SpecError
 from pipeline.heads.linear import l2_grid
 from pipeline.plan import JOB_ID, BackboneInfo, Exclusion, Plan, QualityPlan, Shard, Splits
 from pipeline.sources import DIGEST_BYTES, Source, digests, open_source
@@ -26,7 +27,7 @@ from pipeline.strategy import choose
 
 
 def content_key(spec: JobSpec, fingerprint: str, weights: backbones.WeightsInfo,
-                pre: backbones.Preprocessing, extract_ids: list[int]) -> str:
+                pre: backbones.AnyPreprocessing, extract_ids: list[int]) -> str:
     """Hash of everything that determines the stored features (not the split: the same
     features serve any split of the same samples)."""
     parts = {
@@ -154,6 +155,57 @@ def resolve_backbone(spec: JobSpec) -> tuple[str, str | None, backbones.WeightsI
     return arch, encoder, backbones.WeightsInfo(name, rep["encoder_sha256"], pre)
 
 
+def modality_checks(source: Source, spec: JobSpec,
+                    pre: backbones.AnyPreprocessing) -> backbones.AnyPreprocessing:
+    """The backbone reads the data's modality; the input size the spec asks for.
+
+    Raises:
+        SpecError: images with a text backbone or texts with an image one; a size option of
+            the other modality; pretraining on texts.
+    """
+    b = spec.backbone
+    if source.modality != pre.modality:
+        fix = ("backbone.name: all-minilm-l6-v2 (or hf:<encoder folder>)"
+               if source.modality == "text" else "an image backbone such as efficientnet_lite0")
+        raise SpecError("backbone.name", f"the data is {source.modality} but backbone "
+                        f"{b.name!r} reads {pre.modality}", f"use {fix}")
+    if isinstance(pre, backbones.TextPreprocessing):
+        if b.image_size is not None:
+            raise SpecError("backbone.image_size", "image_size is for images; this job's data "
+                            "is text", "set backbone.max_length (tokens) instead")
+        if spec.kind == "pretrain":
+            raise SpecError("kind", "pretraining runs on images; this job's data is text",
+                            "fine-tune the text encoder with labels (strategy: finetune)")
+        return pre.scaled_to(b.max_length)
+    if b.max_length is not None:
+        raise SpecError("backbone.max_length", "max_length is for text backbones; this job's "
+                        "data is images", "set backbone.image_size instead")
+    return pre.scaled_to(b.image_size)
+
+
+def dropped_rows(source: Source) -> list[str]:
+    """A warning for rows a source left out before planning (texts without a label)."""
+    dropped: list[tuple[str, str]] = getattr(source, "dropped", [])
+    if not dropped:
+        return []
+    shown = ", ".join(f"{i} ({why})" for i, why in dropped[:5])
+    return [f"{len(dropped)} row(s) left out before planning, e.g. {shown}"]
+
+
+TRANSFORMER_LR = 1e-4  # above this an encoder's fine-tuning usually forgets its pretraining
+
+
+def text_finetune_lr(spec: JobSpec, pre: backbones.AnyPreprocessing) -> list[str]:
+    """A warning when a text encoder would be fine-tuned at an image-style learning rate."""
+    ft = spec.finetune
+    lr = ft.lr * ft.backbone_lr_mult
+    if pre.modality != "text" or spec.strategy == "probe" or lr <= TRANSFORMER_LR:
+        return []
+    return [f"fine-tuning the text encoder at learning rate {lr:g} (finetune.lr x "
+            f"backbone_lr_mult); transformers are usually fine-tuned at 2e-5..1e-4: set e.g. "
+            f"finetune.backbone_lr_mult: {2e-5 / ft.lr:.3g}"]
+
+
 def pretrain_checks(source: Source, spec: JobSpec, crop: int, samples: int) -> None:
     """What pretraining needs from the data and the networks, checked before enqueueing
     (``samples``: how many the encoder trains on, after the limit and exclusions).
@@ -235,9 +287,10 @@ def make_plan(spec: JobSpec, job_id: str, gpus: int | Callable[[], int] = 0,
             limit=spec.data.limit, exclude=[e.index for e in excluded])
     warnings = unseen_classes(source, split, spec.data) if labeled else []
     arch, arch_weights, weights = resolve_backbone(spec)
-    pre = weights.preprocessing.scaled_to(spec.backbone.image_size)
+    pre = modality_checks(source, spec, weights.preprocessing)
+    warnings += dropped_rows(source) + text_finetune_lr(spec, pre)
     if pretraining:
-        pretrain_checks(source, spec, pre.crop, len(split["train"]) + len(split["val"]))
+        pretrain_checks(source, spec, pre.input_size, len(split["train"]) + len(split["val"]))
     fingerprint = data_fingerprint(source, digest, mode)
     if spec.strategy == "auto" and callable(gpus) and spec.kind == "classify":
         gpus = gpus()
@@ -246,11 +299,13 @@ def make_plan(spec: JobSpec, job_id: str, gpus: int | Callable[[], int] = 0,
                                      "labels unused") if pretraining else (
             "data quality: the stage runs on the cached features")
     else:
-        strategy, reason = choose(spec, len(split["train"]), len(source.class_names), pre.crop,
-                                  gpus if isinstance(gpus, int) else 0)
+        strategy, reason = choose(spec, len(split["train"]), len(source.class_names),
+                                  pre.input_size, gpus if isinstance(gpus, int) else 0,
+                                  "tokens" if pre.modality == "text" else "px")
     extract_ids = sorted({int(i) for v in split.values() for i in v})
     key = content_key(spec, fingerprint, weights, pre, extract_ids)
-    shard_dir = files.join(spec.store_dir, arch, key[:20])
+    shard_dir = files.join(spec.store_dir, re.sub(r"[^A-Za-z0-9_.-]+", "_", arch).strip("_."),
+                           key[:20])
     shards: list[Shard] = []
     quality = quality_plan(spec, len(extract_ids)) if (
         spec.kind == "quality" or (spec.kind == "classify" and strategy == "probe"

@@ -1,7 +1,7 @@
 """Using a trained head: backbone + head on new images.
 
 ``load_classifier(path).predict(images)`` in Python, ``featurefleet predict MODEL IMAGES...`` on
-the command line.
+the command line; a classifier trained on texts takes strings (``--text``, ``--text-file``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.backbones import Preprocessing
+from pipeline.backbones import (
+    AnyPreprocessing,
+    Preprocessing,
+    preprocessing_from_dict,
+    use_preprocessing,
+)
 from pipeline.devices import cached_backbone, pick_device
 from pipeline.errors import FeaturefleetError
 from pipeline.heads import load_head
@@ -28,7 +33,7 @@ class Classifier:
     head: Any
     backbone: str
     weights: str | None
-    preprocessing: Preprocessing
+    preprocessing: AnyPreprocessing
     class_names: list[str]
     device: str = "cpu"
     batch_size: int = 32
@@ -36,13 +41,25 @@ class Classifier:
 
     @property
     def _min_side(self) -> int | None:
-        return self.preprocessing.resize if self.decode == "scaled" else None
+        pre = self.preprocessing
+        scaled = self.decode in ("scaled", "auto")
+        return pre.resize if scaled and isinstance(pre, Preprocessing) else None
+
+    @property
+    def modality(self) -> str:
+        """``image`` or ``text``: what ``predict`` takes (paths/arrays, or strings)."""
+        return self.preprocessing.modality
+
+    def _input(self, sample: Any) -> Any:
+        if self.modality == "text":
+            return _as_text(sample)
+        return _as_rgb(sample, self._min_side)
 
     def _run(self, images: Sequence[Any], net: Any, width: int) -> np.ndarray:
         """``net`` over the images in batches (same preprocessing as training) -> rows."""
         import torch
 
-        arrays = [_as_rgb(im, self._min_side) for im in images]
+        arrays = [self._input(im) for im in images]
         out = []
         with torch.inference_mode():
             for i in range(0, len(arrays), self.batch_size):
@@ -53,6 +70,7 @@ class Classifier:
 
     def features(self, images: Sequence[Any]) -> np.ndarray:
         bb = cached_backbone(self.backbone, self.weights, self.device)
+        use_preprocessing(bb.model, self.preprocessing)
         return self._run(images, bb.model, bb.feature_dim)
 
     def predict_proba(self, images: Sequence[Any]) -> np.ndarray:
@@ -67,7 +85,7 @@ class Classifier:
         results: list[dict[str, Any]] = [{} for _ in images]
         for n, image in enumerate(images):
             try:
-                arrays.append((n, _as_rgb(image, self._min_side)))
+                arrays.append((n, self._input(image)))
             except FeaturefleetError as exc:
                 results[n] = {"label": None, "probability": None, "top": [], "error": str(exc)}
         proba = self.predict_proba([a for _, a in arrays]) if arrays else np.zeros((0, 0))
@@ -114,7 +132,7 @@ def load_classifier(path: str | Path, device: str = "auto") -> Classifier:
         net, meta = load_network(p, dev)
         return FinetunedClassifier(head=None, backbone=meta["backbone"],
                                    weights=meta.get("weights"),
-                                   preprocessing=Preprocessing.from_dict(meta["preprocessing"]),
+                                   preprocessing=preprocessing_from_dict(meta["preprocessing"]),
                                    class_names=list(meta["class_names"]), device=dev, net=net)
     if not p.is_file():
         raise FeaturefleetError(f"no trained head at {str(path)!r}; fix: pass a job folder "
@@ -124,9 +142,26 @@ def load_classifier(path: str | Path, device: str = "auto") -> Classifier:
     pre = meta["preprocessing"]
     return Classifier(
         head=head, backbone=meta["backbone"], weights=meta.get("weights"),
-        preprocessing=Preprocessing.from_dict(pre),
+        preprocessing=preprocessing_from_dict(pre),
         class_names=list(meta["class_names"]), device=pick_device(device),
         decode=str(meta.get("decode", "full")))
+
+
+def _as_text(text: Any) -> str:
+    if isinstance(text, bytes):
+        from pipeline.sources.decode import decode_text
+
+        try:
+            return decode_text(text)
+        except ValueError as exc:
+            raise FeaturefleetError(f"cannot use {text[:40]!r} as text ({exc}); fix: pass "
+                                    "UTF-8 text") from None
+    if not isinstance(text, str):
+        raise FeaturefleetError(f"this classifier reads texts, got a {type(text).__name__}; "
+                                "fix: pass strings (featurefleet predict MODEL --text ...)")
+    if not text.strip():
+        raise FeaturefleetError("cannot classify an empty text; fix: pass some words")
+    return text.strip()
 
 
 def _as_rgb(image: Any, min_side: int | None = None) -> np.ndarray:

@@ -13,12 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.backbones import Preprocessing
+from pipeline.backbones import AnyPreprocessing, Preprocessing
 
 
-def preprocess(images: list[np.ndarray], pre: Preprocessing, device: str,
+def preprocess(images: list[Any], pre: AnyPreprocessing, device: str,
                out: Any | None = None) -> Any:
-    """RGB uint8 images -> normalized float NCHW (channels_last) batch.
+    """RGB uint8 images (HWC arrays, or HWC tensors decoded on the device) -> normalized float
+    NCHW (channels_last) batch.
 
     Resize the shorter side to ``pre.resize`` and center-crop ``pre.crop``. Small images are
     upsampled, never zero-padded; downsampling is antialiased. Resizing runs on uint8 in
@@ -26,7 +27,10 @@ def preprocess(images: list[np.ndarray], pre: Preprocessing, device: str,
     batch when the images share a size; conversion to float and normalization are one pass
     that writes into ``out`` (a batch this function returned before for the same device,
     reused so that no batch allocates a fresh 19 MB tensor) when it is given and large enough.
+    Texts pass through: a text backbone tokenises them itself.
     """
+    if not isinstance(pre, Preprocessing):
+        return list(images)
     import torch
     import torch.nn.functional as F
 
@@ -47,14 +51,18 @@ def preprocess(images: list[np.ndarray], pre: Preprocessing, device: str,
         top, left = (nh - crop) // 2, (nw - crop) // 2
         return y[..., top: top + crop, left: left + crop]
 
-    def upload(array: np.ndarray) -> torch.Tensor:
+    def upload(array: np.ndarray | torch.Tensor) -> torch.Tensor:
+        if isinstance(array, torch.Tensor):  # decoded on the device already
+            return array.to(device)
         t = torch.from_numpy(array)
         if device.startswith("cuda"):  # page-locked host memory: an asynchronous copy
             return t.pin_memory().to(device, non_blocking=True)
         return t
 
-    if len({im.shape for im in images}) == 1:
-        normalize(resize_crop(upload(np.stack(images))), pre, out=dest)
+    if len({tuple(im.shape) for im in images}) == 1:
+        stacked = torch.stack([upload(im) for im in images]) if any(
+            isinstance(im, torch.Tensor) for im in images) else upload(np.stack(images))
+        normalize(resize_crop(stacked), pre, out=dest)
     else:
         for i, im in enumerate(images):
             normalize(resize_crop(upload(im[None])), pre, out=dest[i: i + 1])
@@ -84,11 +92,14 @@ def _affine(mean: tuple[float, ...], std: tuple[float, ...], device: str) -> tup
             (-torch.tensor(mean, device=device) * 255.0 / s).view(1, 3, 1, 1))
 
 
-def augment(images: list[np.ndarray], pre: Preprocessing, device: str,
+def augment(images: list[Any], pre: AnyPreprocessing, device: str,
             gen: Any, scale_min: float, hflip: bool, jitter: float = 0.0,
             grayscale: float = 0.0) -> Any:
     """Random resized crop (+ flip, + colour jitter of strength ``jitter``, + grey with
-    probability ``grayscale``) of uint8 HWC images -> normalized NCHW float batch."""
+    probability ``grayscale``) of uint8 HWC images -> normalized NCHW float batch. Texts pass
+    through unchanged (the encoder's dropout is their regulariser)."""
+    if not isinstance(pre, Preprocessing):
+        return list(images)
     import torch
     from torchvision.ops import roi_align
 
@@ -167,10 +178,13 @@ SIGNATURE_SIDE = 16
 
 
 def signatures(x: Any) -> np.ndarray:
-    """Each image of a normalized NCHW batch as a 16 x 16 grey thumbnail, centred and scaled
+    """Each sample's signature (a batch of texts: :func:`text_signatures`). Each image of a
+    normalized NCHW batch as a 16 x 16 grey thumbnail, centred and scaled
     to unit length (float16, N x 256): the cosine of two signatures is the correlation of the
     thumbnails, unchanged by brightness and contrast and barely by noise, re-encoding or
     rescaling: near duplicates a backbone's features can miss."""
+    if isinstance(x, list):
+        return text_signatures(x)
     import torch
 
     grey = x.float().mean(dim=1, keepdim=True)
@@ -178,3 +192,20 @@ def signatures(x: Any) -> np.ndarray:
     v = v - v.mean(dim=1, keepdim=True)
     v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-6)
     return np.asarray(v.cpu().numpy(), dtype=np.float16)
+
+
+def text_signatures(texts: list[str]) -> np.ndarray:
+    """Each text's character 3-grams (lower-cased, spaces collapsed) hashed into as many bins
+    as an image signature has pixels, scaled to unit length (float16): the cosine of two
+    signatures is high for texts that share most of their wording (a copy with a changed
+    word or two), whatever the encoder makes of them."""
+    import zlib
+
+    dim = SIGNATURE_SIDE ** 2
+    out = np.zeros((len(texts), dim), np.float32)
+    for row, text in enumerate(texts):
+        t = " ".join(text.lower().split())
+        for i in range(max(1, len(t) - 2)):
+            out[row, zlib.crc32(t[i:i + 3].encode("utf-8", "surrogateescape")) % dim] += 1
+    out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-6)
+    return out.astype(np.float16)

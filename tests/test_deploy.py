@@ -162,3 +162,36 @@ def test_every_featurefleet_variable_in_deploy_is_read_by_the_code() -> None:
     used = {m for f in DEPLOY.rglob("*") if f.is_file()
             for m in re.findall(r"FEATUREFLEET_[A-Z_]+", f.read_text())}
     assert used and used <= known, used - known
+
+
+def test_gpu_script_commands_exist_and_parse() -> None:
+    """benchmarks/gpu.sh runs only on a lent GPU machine: every command it starts must exist
+    and every flag it passes must parse, or the one GPU run would be lost to a typo."""
+    import importlib.util
+    import re
+
+    from benchmarks.harness import parser
+
+    root = Path(__file__).resolve().parent.parent
+    script = (root / "benchmarks" / "gpu.sh").read_text().replace("\\\n", " ")
+    bench_runs = scripts = 0
+    for line in script.splitlines():
+        line = line.split("|")[0].strip()
+        if not line.startswith('"$PY"'):
+            continue
+        words = shlex.split(line.replace('"$PY"', "python").replace("$DEC", "auto"))
+        if words[1] == "-m":
+            assert importlib.util.find_spec(words[2]) is not None, words[2]
+        py = next((n for n, w in enumerate(words) if w.endswith(".py")), None)
+        if py is None:
+            continue
+        path, args = root / words[py], words[py + 1:]
+        assert path.is_file(), words[py]
+        scripts += 1
+        if words[py] == "benchmarks/bench.py":
+            parser().parse_args(args)  # SystemExit on an unknown flag or value
+            bench_runs += 1
+        else:
+            for flag in re.findall(r"(--[a-z-]+)", " ".join(args)):
+                assert f'"{flag}"' in path.read_text(), (words[py], flag)
+    assert bench_runs == 2 and scripts == 3  # ResNet-50; 12 MP photos (a loop); SimCLR

@@ -138,3 +138,64 @@ def test_scaled_jpeg_decode_keeps_the_resize_and_the_network_input(tmp_path) -> 
     assert keys["scaled"] != keys["full"]
     with pytest.raises(SpecError, match=r"backbone\.decode"):
         JobSpec.from_dict({"backbone": {"decode": "fast"}})
+
+
+def test_device_jpeg_decode_path_on_cpu(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The GPU decoding path (``decode: auto`` on a CUDA worker), run on the CPU: JPEGs come
+    back undecoded (header checked), one batched ``decode_jpeg`` call decodes them, EXIF
+    orientation is applied as Pillow does, a broken JPEG falls back and is then a recorded
+    failure, a PNG passes through decoded; the network input equals a full CPU decode's."""
+    import io
+    from pathlib import Path
+
+    import torch
+    from PIL import Image
+
+    from benchmarks.photos import make_photo_folder
+    from pipeline.backbones import resolve_weights
+    from pipeline.extract import decode_min_side
+    from pipeline.preprocess import preprocess
+    from pipeline.sources.decode import Encoded, decode_image, decode_on_device
+    from pipeline.sources.folder import decode_files
+
+    folder = make_photo_folder(Path(tmp_path) / "ph", 2, (640, 480))
+    files = sorted(folder.rglob("*.jpg"))
+    rotated = Path(tmp_path) / "rotated.jpg"  # EXIF orientation 6: shown turned 90° clockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.open(files[0]).save(rotated, "JPEG", quality=90, exif=exif)
+    broken = Path(tmp_path) / "broken.jpg"
+    broken.write_bytes(files[1].read_bytes()[:400])
+    png = Path(tmp_path) / "small.png"
+    Image.fromarray(np.full((40, 60, 3), 200, np.uint8)).save(png)
+    paths = [*files, rotated, broken, png]
+    loaded = decode_files(paths, list(range(len(paths))), None, encoded=True)
+    assert [type(im).__name__ for im in loaded.images] == ["Encoded"] * 3 + ["ndarray"]
+    assert [i for i, _ in loaded.failures] == [3]  # no readable header: skipped at reading
+    assert loaded.images[2].orientation == 6 and isinstance(loaded.images[0], Encoded)
+    garbage = Encoded(b"\xff\xd8\xff" + b"\x00" * 64)  # a header-shaped lie: fails the batch
+    batch = [*loaded.images[:3], garbage, loaded.images[3]]
+    images, failures = decode_on_device(batch, "cpu")
+    assert [k for k, _ in failures] == [3] and len(images) == 4
+    assert tuple(images[2].shape) == (640, 480, 3)  # turned like Pillow's exif_transpose
+    pre = resolve_weights("efficientnet_lite0", "DEFAULT").preprocessing
+    for got, path in zip(images, [files[0], files[1], rotated, png], strict=True):
+        ref = decode_image(path.read_bytes())
+        assert tuple(got.shape) == ref.shape
+        a, b = preprocess([got], pre, "cpu"), preprocess([ref], pre, "cpu")
+        assert float((a - b).abs().max()) < 0.1, path  # the same decoder, to rounding
+    mixed = preprocess(images, pre, "cpu")  # tensors and arrays in one batch
+    assert mixed.shape == (4, 3, 224, 224) and torch.isfinite(mixed).all()
+    assert decode_min_side(pre, "auto") == decode_min_side(pre, "scaled") == pre.resize
+    buf = io.BytesIO()
+    Image.open(files[0]).convert("CMYK").save(buf, "JPEG")
+    assert not isinstance(decode_files([_write(tmp_path, buf.getvalue())], [0], None,
+                                       encoded=True).images[0], Encoded)
+
+
+def _write(tmp_path, data: bytes):  # type: ignore[no-untyped-def]
+    from pathlib import Path
+
+    p = Path(tmp_path) / "cmyk.jpg"
+    p.write_bytes(data)
+    return p

@@ -12,6 +12,7 @@ process and its result cached there.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import importlib
@@ -56,6 +57,79 @@ class Preprocessing:
         return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean),
                 "std": list(self.std), "interpolation": self.interpolation}
 
+    modality = "image"
+
+    @property
+    def input_size(self) -> int:
+        return self.crop
+
+    def describe(self) -> str:
+        return f"{self.crop} px"
+
+
+@dataclass(frozen=True)
+class TextPreprocessing:
+    """How texts become the network's input: the tokenizer (its files' sha256), the longest
+    token sequence (longer texts are truncated and counted), pooling and normalisation."""
+
+    max_length: int
+    tokenizer_sha256: str
+    model_max_length: int  # the encoder's position limit: max_length never exceeds it
+    pooling: str = "mean"
+    normalize: bool = True
+    modality = "text"
+
+    @property
+    def input_size(self) -> int:
+        return self.max_length
+
+    def describe(self) -> str:
+        return f"{self.max_length} tokens"
+
+    def scaled_to(self, max_length: int | None) -> TextPreprocessing:
+        """The same recipe with another token limit (at most the encoder's).
+
+        Raises:
+            BackboneError: a limit above the encoder's position limit.
+        """
+        if max_length is None or max_length == self.max_length:
+            return self
+        if max_length > self.model_max_length:
+            raise BackboneError(f"backbone.max_length {max_length} is above this encoder's "
+                                f"limit of {self.model_max_length} tokens; fix: use at most "
+                                f"{self.model_max_length}")
+        return dataclasses.replace(self, max_length=max_length)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TextPreprocessing:
+        return cls(max_length=int(raw["max_length"]), tokenizer_sha256=raw["tokenizer_sha256"],
+                   model_max_length=int(raw["model_max_length"]),
+                   pooling=raw.get("pooling", "mean"), normalize=bool(raw.get("normalize")))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"modality": "text", "max_length": self.max_length,
+                "tokenizer_sha256": self.tokenizer_sha256,
+                "model_max_length": self.model_max_length, "pooling": self.pooling,
+                "normalize": self.normalize}
+
+
+AnyPreprocessing = Preprocessing | TextPreprocessing
+
+
+def use_preprocessing(model: Any, pre: AnyPreprocessing) -> Any:
+    """Make a (cached, possibly compiled) model read its input as ``pre`` says: a text
+    encoder tokenises at the job's ``max_length``. Returns the model."""
+    if isinstance(pre, TextPreprocessing):
+        getattr(model, "_orig_mod", model).max_length = pre.max_length
+    return model
+
+
+def preprocessing_from_dict(raw: dict[str, Any]) -> AnyPreprocessing:
+    """The saved recipe of either modality (plans, shards, heads and checkpoints carry it)."""
+    if raw.get("modality") == "text":
+        return TextPreprocessing.from_dict(raw)
+    return Preprocessing.from_dict(raw)
+
 
 @dataclass(frozen=True)
 class WeightsInfo:
@@ -63,7 +137,7 @@ class WeightsInfo:
 
     id: str
     sha256: str
-    preprocessing: Preprocessing
+    preprocessing: AnyPreprocessing
 
 
 @dataclass
@@ -72,7 +146,7 @@ class Backbone:
 
     name: str
     weights: WeightsInfo
-    model: torch.nn.Module  # maps a normalized NCHW batch to (N, feature_dim)
+    model: torch.nn.Module  # a normalized NCHW batch (or a list of texts) -> (N, feature_dim)
     feature_dim: int
     # the pretrained classifier the features were cut from (features -> logits, on CPU), when
     # the weights are a named pretrained set: how familiar an image looks to the pretraining
@@ -87,7 +161,7 @@ Factory = Callable[[str | None], tuple[WeightsInfo, Callable[[], Any]]]
 # name -> (resolve weights info, build model). torchvision models are resolved dynamically.
 _REGISTRY: dict[str, Factory] = {}
 _FALLBACKS: list[Callable[[str], Factory | None]] = []  # name -> factory (torchvision names)
-_MODULES = ("vision",)
+_MODULES = ("text", "vision")  # text first: its resolver claims hf: names before torchvision's
 
 
 def register(name: str) -> Callable[[Factory], Factory]:
@@ -148,9 +222,11 @@ def load_backbone(name: str, weights: str | None, device: str = "cpu") -> Backbo
     info, build = _factory(name, weights)
     model = build()
     model.eval().requires_grad_(False)
+    pre = info.preprocessing
     with torch.inference_mode():
-        crop = info.preprocessing.crop
-        dim = int(model(torch.zeros(1, 3, crop, crop)).shape[1])
+        probe: Any = ["a"] if pre.modality == "text" else torch.zeros(1, 3, pre.input_size,
+                                                                      pre.input_size)
+        dim = int(model(probe).shape[1])
     head = model.__dict__.get(PRETRAINED_HEAD)
     model = model.to(device)
     return Backbone(name=name, weights=info, model=model, feature_dim=dim, pretrained_head=head)

@@ -58,13 +58,22 @@ def _demo(args: argparse.Namespace) -> int:
         data=DataSpec(source="digits", shard_size=args.shard_size, limit=args.limit),
         backbone=BackboneSpec(name="efficientnet_lite0", image_size=args.image_size),
         output=str(out), store=str(out / "store"))
+    what = "sklearn digits, efficientnet_lite0 (ImageNet), linear probe"
+    if args.data == "text":
+        from pipeline.client.debian import write_debian_csv
+
+        csv_path = write_debian_csv(out / "debian-packages.csv", per_class=200)
+        spec = spec.replace(name="demo-debian-minilm", data={
+            "source": "text", "path": str(csv_path)}, backbone={
+            "name": "all-minilm-l6-v2", "image_size": None, "max_length": 128})
+        what = (f"Debian package descriptions by section ({csv_path.name}), all-MiniLM-L6-v2, "
+                "linear probe")
     _interruptible()
     print(f"featurefleet demo: starting a private Redis and {args.extract_workers} extraction + "
           f"1 training worker process (logs in {out / 'cluster' / 'logs'})", flush=True)
     with local_cluster(out / "cluster", extract_workers=args.extract_workers) as cluster:
         job = submit(spec, broker=cluster.broker)
-        print(f"submitted job {job.id}: sklearn digits, efficientnet_lite0 (ImageNet), linear "
-              "probe", flush=True)
+        print(f"submitted job {job.id}: {what}", flush=True)
         st = job.wait(timeout=args.timeout, on_progress=ProgressLine())
         if st["status"] != "SUCCESS":
             print(f"featurefleet: error: job {job.id} {st['status']}: {st.get('error')}",
@@ -212,23 +221,46 @@ def _jobs(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from pipeline.predict import load_classifier
 
+    texts = list(args.text)
+    if args.text_file:
+        lines = sys.stdin.read() if args.text_file == "-" else _read_lines(args.text_file)
+        texts += [line for line in lines.splitlines() if line.strip()]
+    inputs = texts or args.images
+    if not inputs or (texts and args.images):
+        raise FeaturefleetError("give image files, or texts with --text/--text-file (not both)"
+                                "; fix: featurefleet predict MODEL cat.jpg, or featurefleet "
+                                "predict MODEL --text 'some words'")
     clf = load_classifier(args.model)
-    results = clf.predict(args.images, top=args.top)
+    if (clf.modality == "text") != bool(texts):
+        raise FeaturefleetError(f"this classifier reads {clf.modality}s; fix: pass "
+                                + ("--text or --text-file" if clf.modality == "text"
+                                   else "image files"))
+    results = clf.predict(inputs, top=args.top)
     failed = [r for r in results if r.get("error")]
+    what = "text" if texts else "image"
     if args.json:
-        print(json.dumps([{"image": i, **r} for i, r in zip(args.images, results, strict=True)],
+        print(json.dumps([{what: i, **r} for i, r in zip(inputs, results, strict=True)],
                          indent=2))
     else:
-        for image, r in zip(args.images, results, strict=True):
+        for item, r in zip(inputs, results, strict=True):
             if r.get("error"):
                 print(f"featurefleet: error: {r['error']}", file=sys.stderr)
                 continue
             top = "  ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"])
-            print(f"{image}: {r['label']} ({r['probability']:.3f})   top: {top}")
+            shown = item if len(item) <= 60 else item[:57] + "..."
+            print(f"{shown}: {r['label']} ({r['probability']:.3f})   top: {top}")
     if failed:
-        print(f"featurefleet: {len(failed)} of {len(results)} image(s) could not be read",
-              file=sys.stderr)
+        print(f"featurefleet: {len(failed)} of {len(results)} {what}(s) could not be "
+              f"{'used' if texts else 'read'}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _read_lines(path: str) -> str:
+    try:
+        return open(path, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FeaturefleetError(f"cannot read texts from {path!r} ({type(exc).__name__}); fix: "
+                                "pass a UTF-8 file with one text per line") from None
 
 
 def _cache(args: argparse.Namespace) -> int:

@@ -80,8 +80,8 @@ def pretrain_summary(rep: dict[str, Any]) -> str:
     last = (rep["train"].get("history") or [{}])[-1]
     rows = [("job", f"{rep['job_id']} ({rep['name']})"),
             ("method", f"{rep['method']} on {rep['backbone']['arch']} "
-                       f"[{rep['backbone']['init']}] @{rep['backbone']['preprocessing']['crop']}"
-                       "px"),
+                       f"[{rep['backbone']['init']}] "
+                       f"@{input_size(rep['backbone']['preprocessing'])}"),
             ("data", f"{rep['data']['source']}: {rep['data']['samples_used']} images (labels "
                      "unused)"),
             ("final loss", str(last.get("loss", "-"))),
@@ -124,8 +124,20 @@ def _data_rows(data: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("excluded", f"{len(excluded)} at planning ("
                                  + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
                                  + ")"))
+    if data.get("truncated"):
+        rows.append(("truncated", f"{data['truncated']} text(s) longer than the token limit "
+                                  "were cut to it"))
     rows += [("warning", w) for w in data.get("warnings", [])]
     return rows
+
+
+def _is_text(rep: dict[str, Any]) -> bool:
+    return bool(rep["backbone"]["preprocessing"].get("modality") == "text")
+
+
+def input_size(pre: dict[str, Any]) -> str:
+    """``224px`` for an image backbone, ``128 tokens`` for a text one."""
+    return f"{pre['max_length']} tokens" if pre.get("modality") == "text" else f"{pre['crop']}px"
 
 
 def quality_summary(rep: dict[str, Any]) -> str:
@@ -134,7 +146,7 @@ def quality_summary(rep: dict[str, Any]) -> str:
     d = rep["data"]
     head = [f"  job       {rep['job_id']} ({rep['name']})",
             f"  backbone  {rep['backbone']['name']} [{rep['backbone']['weights_id']}] "
-            f"@{rep['backbone']['preprocessing']['crop']}px",
+            f"@{input_size(rep['backbone']['preprocessing'])}",
             f"  data      {d['source']}: " + ", ".join(f"{k} {v}"
                                                      for k, v in d["split_sizes"].items())]
     return "\n".join(head + ["  " + line for line in summary_lines(rep["quality"],
@@ -151,7 +163,7 @@ def summary(rep: dict[str, Any]) -> str:
     rows = [
         ("job", f"{rep['job_id']} ({rep['name']})"),
         ("backbone", f"{rep['backbone']['name']} [{rep['backbone']['weights_id']}] "
-                     f"@{rep['backbone']['preprocessing']['crop']}px"),
+                     f"@{input_size(rep['backbone']['preprocessing'])}"),
         ("data", f"{rep['data']['source']}: " + ", ".join(
             f"{k} {v}" for k, v in rep["data"].get("split_used",
                                                    rep["data"]["split_sizes"]).items())),
@@ -174,7 +186,8 @@ def summary(rep: dict[str, Any]) -> str:
         ("shards", f"{len(rep['shards'])} "
                    f"({sum(1 for s in rep['shards'] if s['cached'])} from cache)"),
         ("extraction", f"{t['extract_s']:.1f} s"
-                       + (f", {t['extract_images_per_s']} img/s per task"
+                       + (f", {t['extract_images_per_s']} "
+                          f"{'texts' if _is_text(rep) else 'img'}/s per task"
                           if t["extract_images_per_s"] else "")),
         ("train / evaluate", f"{t['train_s']} s / {t['evaluate_s']} s"),
         ("total", f"{t['total_s']:.1f} s"),

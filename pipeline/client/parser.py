@@ -20,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run a whole job on this machine (private Redis + workers)")
     p.add_argument("--output", default="featurefleet-demo", help="folder for outputs and store")
+    p.add_argument("--data", choices=["digits", "text"], default="digits",
+                   help="digits (images, EfficientNet-Lite0) or text (the Debian package "
+                        "index's descriptions by section, all-MiniLM-L6-v2)")
     p.add_argument("--image-size", type=int, default=None,
                    help="input size (default: the weights' own, 224 for efficientnet_lite0)")
     p.add_argument("--shard-size", type=int, default=300, help="images per extraction task")
@@ -95,9 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extract-workers", type=int, default=2,
                    help="with --local: extraction worker processes")
 
-    p = sub.add_parser("predict", help="classify images with a trained head")
+    p = sub.add_parser("predict", help="classify images (or texts) with a trained head")
     p.add_argument("model", help="a job folder (<output>/jobs/<id>) or a head .pt file")
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="*", help="image files")
+    p.add_argument("--text", action="append", default=[],
+                   help="a text to classify (repeat it for several)")
+    p.add_argument("--text-file", default=None,
+                   help="a UTF-8 file with one text per line ('-': standard input)")
     p.add_argument("--top", type=int, default=3, help="show the top k classes")
     p.add_argument("--json", action="store_true", help="print JSON")
 

@@ -146,16 +146,15 @@ def run_probe(jobs: JobStore, ref: Any) -> dict[str, Any]:
     plan = load_plan(ref)
     live(jobs, plan, "quality")
     t0 = time.perf_counter()
-    from pipeline.backbones import Preprocessing
+    from pipeline.backbones import preprocessing_from_dict
     from pipeline.extract import decode_min_side
 
     bb = plan.backbone
+    pre = preprocessing_from_dict(bb.preprocessing)
     result = probing.probe_backbone(
         plan_source(plan), plan.splits.train or plan.extract_ids, bb.name, bb.weights,
-        Preprocessing.from_dict(bb.preprocessing), pick_device(plan.spec.backbone.device),
-        bb.precision, plan.spec.data.seed,
-        min_size=decode_min_side(Preprocessing.from_dict(bb.preprocessing),
-                                 plan.spec.backbone.decode))
+        pre, pick_device(plan.spec.backbone.device), bb.precision, plan.spec.data.seed,
+        min_size=decode_min_side(pre, plan.spec.backbone.decode))
     return _record(jobs, plan, "probe", t0, **result)
 
 

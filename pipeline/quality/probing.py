@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.backbones import Preprocessing
+from pipeline.backbones import AnyPreprocessing, use_preprocessing
 from pipeline.devices import autocast_dtype, cached_backbone
 from pipeline.preprocess import preprocess, signatures
 from pipeline.sources import Source
@@ -53,8 +53,11 @@ def _pil(im: np.ndarray) -> Any:
     return Image.fromarray(im)
 
 
-def near_copy(im: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One realistic near-duplicate of ``im`` (uint8 HxWx3): one or two random edits."""
+def near_copy(im: Any, rng: np.random.Generator) -> Any:
+    """One realistic near-duplicate of ``im`` (uint8 HxWx3, or a text): one or two random
+    edits."""
+    if isinstance(im, str):
+        return near_copy_text(im, rng)
     from PIL import Image
 
     h, w = im.shape[:2]
@@ -90,6 +93,28 @@ def near_copy(im: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     for k in rng.choice(len(edits), size=int(rng.integers(1, 3)), replace=False):
         out = edits[int(k)](out)
     return out
+
+
+def near_copy_text(text: str, rng: np.random.Generator) -> str:
+    """A near-duplicate text: one or two edits of the kind copies pick up (a word dropped,
+    repeated or swapped with its neighbour, a word's case changed, punctuation or spacing)."""
+    words = text.split()
+    for _ in range(int(rng.integers(1, 3))):
+        if len(words) < 2:
+            return text + "."
+        i = int(rng.integers(0, len(words) - 1))
+        kind = int(rng.integers(0, 5))
+        if kind == 0:
+            del words[i]
+        elif kind == 1:
+            words.insert(i, words[i])
+        elif kind == 2:
+            words[i], words[i + 1] = words[i + 1], words[i]
+        elif kind == 3:
+            words[i] = words[i].upper() if words[i].islower() else words[i].lower()
+        else:
+            words[i] = words[i] + ("," if rng.random() < 0.5 else " -")
+    return " ".join(words)
 
 
 
@@ -132,7 +157,7 @@ def calibrate(originals: np.ndarray, copies: np.ndarray,
 
 
 def probe_backbone(source: Source, ids: Sequence[int], name: str, weights: str | None,
-                   pre: Preprocessing, device: str, precision: str, seed: int,
+                   pre: AnyPreprocessing, device: str, precision: str, seed: int,
                    n_calibrate: int = 64, n_copies: int = 4,
                    n_sample: int = 512, min_size: int | None = None) -> dict[str, Any]:
     """Calibrate the near-duplicate thresholds (features, signatures) and measure how far
@@ -145,10 +170,11 @@ def probe_backbone(source: Source, ids: Sequence[int], name: str, weights: str |
     if len(images) < 2:
         return {"note": f"{len(images)} readable images sampled: too few to calibrate"}
     bb = cached_backbone(name, weights, device)
+    use_preprocessing(bb.model, pre)
     amp = autocast_dtype(device, precision)
     bn = BatchNormStats(bb.model)
 
-    def embed(batch: list[np.ndarray], stats: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def embed(batch: list[Any], stats: bool = False) -> tuple[np.ndarray, np.ndarray]:
         feats, sigs = [], []
         bn.active = stats
         with torch.inference_mode():

@@ -49,7 +49,9 @@ def row(job: dict[str, Any]) -> dict[str, Any]:
             "balanced_accuracy": m["balanced_accuracy"], "macro_f1": m["macro_f1"],
             **speed, "train_s": t.get("train_s"), "total_s": t.get("total_s"),
             "feature_dim": rep["backbone"].get("feature_dim"), "parameters": params,
-            "image_size": rep["backbone"]["preprocessing"]["crop"], "report": job["report"]}
+            "image_size": rep["backbone"]["preprocessing"].get("crop"),
+            "max_length": rep["backbone"]["preprocessing"].get("max_length"),
+            "report": job["report"]}
 
 
 def leaderboard(compare_id: str, children: list[dict[str, Any]]) -> dict[str, Any]:

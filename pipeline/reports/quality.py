@@ -35,14 +35,21 @@ def shown(section: dict[str, Any]) -> list[int]:
     return sorted(set(ids))
 
 
+SNIPPET = 160  # characters of a text shown where an image would be a thumbnail
+
+
 def thumbnails(source: Source, ids: list[int], side: int = 64) -> dict[str, str]:
-    """PNG data URIs of the samples (longest side ``side`` px); unreadable ones left out."""
+    """PNG data URIs of the samples (longest side ``side`` px), or a text's first
+    characters; unreadable ones left out."""
     from PIL import Image
 
     out: dict[str, str] = {}
     loaded = source.load(ids) if ids else None
     for i, im in zip(loaded.indices if loaded else [], loaded.images if loaded else [],
                      strict=True):
+        if isinstance(im, str):  # a text: its first words (the page escapes them)
+            out[str(i)] = im[:SNIPPET] + ("…" if len(im) > SNIPPET else "")
+            continue
         pic = Image.fromarray(im)
         pic.thumbnail((side, side))
         buf = io.BytesIO()

@@ -30,7 +30,8 @@ def shard_rows(plan: Plan, results: dict[str, dict[str, Any]]) -> list[dict[str,
                      "cached": bool(s.cached or r.get("cached")), "seconds": r.get("seconds"),
                      "images_per_s": r.get("images_per_s"), "device": r.get("device"),
                      "threads": r.get("threads"), "model_seconds": r.get("model_seconds"),
-                     "decode": r.get("decode"),
+                     "decode": r.get("decode"), "decoder": r.get("decoder"),
+                     "truncated": r.get("truncated"),
                      "started_at": r.get("started_at"),
                      "finished_at": r.get("finished_at"), "skipped": r.get("skipped", [])})
     return rows
@@ -92,7 +93,9 @@ def build_report(plan: Plan, record: dict[str, Any], shards: list[dict[str, Any]
         "heads": {name: {**trained["heads"][name], "metrics": m} for name, m in by_head.items()},
         "sweep": trained.get("sweep"),
         "train": {k: v for k, v in trained.items() if k not in ("heads", "sweep")},
-        "data": data_section(plan, skipped, used),
+        "data": {**data_section(plan, skipped, used),
+                 # texts longer than the token limit (cut), counted by the extracting tasks
+                 "truncated": sum(s.get("truncated") or 0 for s in shards)},
         "backbone": {"name": plan.backbone.name, "weights_id": plan.backbone.weights_id,
                      "weights_sha256": plan.backbone.weights_sha256,
                      "preprocessing": plan.backbone.preprocessing,

@@ -44,7 +44,7 @@ class Loaded:
     of the bytes each decoded sample came from (aligned with ``indices``)."""
 
     indices: list[int] = field(default_factory=list)
-    images: list[Any] = field(default_factory=list)  # np.ndarray (H, W, 3) uint8 per image
+    images: list[Any] = field(default_factory=list)  # (H, W, 3) uint8 per image, or a str
     failures: list[tuple[int, str]] = field(default_factory=list)
     digests: list[bytes] = field(default_factory=list)
 
@@ -76,6 +76,10 @@ class Source:
         Sources held in memory stamp the bytes themselves."""
         return self.raw(index)
 
+    def text_length(self, index: int) -> int:
+        """A cheap size of a text sample (extraction batches texts of similar length)."""
+        return 0
+
     def digest_table(self, mode: str) -> np.ndarray | None:
         """Every sample's digest when the source already computed them (a tar read whole to
         be indexed), else None."""
@@ -85,6 +89,11 @@ class Source:
         """Decode the samples at ``indices``; ``min_size``: the smallest side the consumer
         needs (a JPEG may be decoded at a reduced scale, never below it)."""
         raise NotImplementedError
+
+    def load_encoded(self, indices: Sequence[int], min_size: int | None = None) -> Loaded:
+        """As :meth:`load`, but JPEG files come back undecoded (``decode.Encoded``, header
+        checked) for a batched decode on the GPU; sources without files decode as usual."""
+        return self.load(indices, min_size)
 
 
 def digests(source: Source, indices: Sequence[int], mode: str = "content",
@@ -128,6 +137,9 @@ class Verified(Source):
     def sample_id(self, index: int) -> str:
         return self.inner.sample_id(index)
 
+    def text_length(self, index: int) -> int:
+        return self.inner.text_length(index)
+
     def raw(self, index: int) -> bytes:
         return self.inner.raw(index)
 
@@ -135,7 +147,12 @@ class Verified(Source):
         return self.inner.stat(index)
 
     def load(self, indices: Sequence[int], min_size: int | None = None) -> Loaded:
-        out = self.inner.load(indices, min_size)
+        return self._checked(self.inner.load(indices, min_size))
+
+    def load_encoded(self, indices: Sequence[int], min_size: int | None = None) -> Loaded:
+        return self._checked(self.inner.load_encoded(indices, min_size))
+
+    def _checked(self, out: Loaded) -> Loaded:
         if self.mode == "content":
             got = out.digests
         else:
@@ -151,7 +168,7 @@ class Verified(Source):
 Factory = Callable[[DataSpec], Source]
 _SOURCES: dict[str, Factory] = {}
 # Modules that register sources when imported (imported on first use, not at import time).
-_MODULES = ("arrays", "folder", "manifest", "tv", "webdataset")
+_MODULES = ("arrays", "folder", "manifest", "text", "tv", "webdataset")
 
 
 def register(name: str) -> Callable[[Factory], Factory]:

@@ -167,3 +167,111 @@ def to_rgb_uint8(array: np.ndarray) -> np.ndarray:
         alpha = a[:, :, 3:4].astype(np.float32) / 255.0
         a = (a[:, :, :3] * alpha + 255.0 * (1 - alpha)).round().astype(np.uint8)
     return np.ascontiguousarray(a)
+
+
+MAX_TEXT_BYTES = 1 << 20  # a "text" larger than this is not a document to classify
+SNIFF_BYTES = 8192
+
+
+def decode_text(raw: bytes) -> str:
+    """One sample's text from its bytes.
+
+    Raises:
+        ValueError: binary data, invalid UTF-8, too large, or nothing but whitespace.
+    """
+    if b"\0" in raw[:SNIFF_BYTES]:
+        raise ValueError("binary data, not text (NUL bytes)")
+    if len(raw) > MAX_TEXT_BYTES:
+        raise ValueError(f"{len(raw)} bytes, larger than {MAX_TEXT_BYTES} (not one text)")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not valid UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 4]!r})"
+                         ) from None
+    if not text.strip():
+        raise ValueError("empty text")
+    return text.strip()
+
+
+class Encoded:
+    """A JPEG's bytes, header checked against the pixel limit, left for the device to decode
+    (``orientation``: its EXIF orientation, applied after decoding)."""
+
+    __slots__ = ("orientation", "raw")
+
+    def __init__(self, raw: bytes, orientation: int = 1) -> None:
+        self.raw, self.orientation = raw, orientation
+
+
+def encoded_or_decoded(raw: bytes, min_size: int | None = None) -> Any:
+    """A JPEG as :class:`Encoded` (for a batched device decode); any other image decoded here.
+
+    Raises:
+        ImageTooLarge: the header claims more than :data:`MAX_PIXELS` pixels.
+        ValueError, OSError: not a readable image.
+    """
+    if raw[:3] != JPEG_MAGIC:
+        return decode_image(raw, min_size)
+    with _open(raw) as im:
+        _check_size(im.size)
+        if im.mode not in ("RGB", "L"):  # CMYK and friends: the CPU path converts them
+            return decode_image(raw, min_size)
+        return Encoded(raw, int(im.getexif().get(0x0112, 1) or 1))
+
+
+def _oriented(chw: Any, orientation: int) -> Any:
+    """EXIF orientation (1-8) applied to a CHW tensor, as Pillow's ``exif_transpose``."""
+    import torch
+
+    if orientation in (2, 4):
+        return torch.flip(chw, dims=[2 if orientation == 2 else 1])
+    if orientation == 3:
+        return torch.rot90(chw, 2, dims=(1, 2))
+    if orientation in (5, 7):
+        t = chw.transpose(1, 2)
+        return t if orientation == 5 else torch.rot90(t, 2, dims=(1, 2))
+    if orientation in (6, 8):
+        return torch.rot90(chw, -1 if orientation == 6 else 1, dims=(1, 2))
+    return chw
+
+
+def decode_on_device(images: list[Any], device: str,
+                     min_size: int | None = None) -> tuple[list[Any], list[tuple[int, str]]]:
+    """Decode every :class:`Encoded` item of ``images`` in one batched call on ``device``
+    (nvJPEG on CUDA; libjpeg-turbo through the same call on CPU) into HWC uint8 tensors there;
+    already-decoded arrays pass through. A batch that fails is decoded one by one, a JPEG the
+    device cannot decode falls back to the CPU decoder, and one nobody can decode is returned
+    as (position, reason) and left out.
+
+    Returns:
+        the decoded images (in order, failures left out) and the failures.
+    """
+    import torch
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_jpeg as tv_decode
+
+    at = [k for k, im in enumerate(images) if isinstance(im, Encoded)]
+    if not at:
+        return list(images), []
+    bufs = [torch.frombuffer(bytearray(images[k].raw), dtype=torch.uint8) for k in at]
+    try:
+        chws = list(tv_decode(bufs, mode=ImageReadMode.RGB, device=device))
+    except Exception:  # one bad file fails the batch: decode them one at a time
+        chws = []
+        for buf in bufs:
+            try:
+                chws.append(tv_decode(buf, mode=ImageReadMode.RGB, device=device))
+            except Exception:
+                chws.append(None)
+    out: list[Any] = list(images)
+    failures: list[tuple[int, str]] = []
+    for k, chw in zip(at, chws, strict=True):
+        if chw is not None:
+            out[k] = _oriented(chw, images[k].orientation).permute(1, 2, 0)
+            continue
+        try:  # the CPU decoder, with its reasons
+            out[k] = decode_image(images[k].raw, min_size)
+        except Exception as exc:
+            failures.append((k, reason(exc)))
+            out[k] = None
+    return [im for im in out if im is not None], failures

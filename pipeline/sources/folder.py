@@ -12,19 +12,26 @@ import numpy as np
 
 from pipeline.errors import DataError
 from pipeline.sources import SPLIT_NAMES, Loaded, Source, digest_of, failure, register
-from pipeline.sources.decode import IMAGE_EXTENSIONS, decode_image, read_bytes
+from pipeline.sources.decode import (
+    IMAGE_EXTENSIONS,
+    decode_image,
+    encoded_or_decoded,
+    read_bytes,
+)
 from pipeline.spec import DataSpec
 
 
 def decode_files(paths: Sequence[Path], indices: Sequence[int],
-                 min_size: int | None = None) -> Loaded:
+                 min_size: int | None = None, encoded: bool = False) -> Loaded:
     """Decode image files; an unreadable one becomes a recorded failure, not an exception.
-    Each decoded image's digest is of the very bytes it was decoded from."""
+    Each decoded image's digest is of the very bytes it was decoded from. ``encoded``: JPEGs
+    stay undecoded (for the device)."""
     out = Loaded()
+    decode = encoded_or_decoded if encoded else decode_image
     for path, i in zip(paths, indices, strict=True):
         try:
             raw = read_bytes(path)
-            out.images.append(decode_image(raw, min_size))
+            out.images.append(decode(raw, min_size))
             out.indices.append(int(i))
             out.digests.append(digest_of(raw))
         except Exception as exc:  # a bad file is data, not a crash
@@ -55,6 +62,10 @@ class FileSource(Source):
 
     def load(self, indices: Sequence[int], min_size: int | None = None) -> Loaded:
         return decode_files([self.root / self.files[i] for i in indices], indices, min_size)
+
+    def load_encoded(self, indices: Sequence[int], min_size: int | None = None) -> Loaded:
+        return decode_files([self.root / self.files[i] for i in indices], indices, min_size,
+                            encoded=True)
 
 
 class ImagesSource(FileSource):

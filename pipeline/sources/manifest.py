@@ -148,6 +148,9 @@ class ManifestSource(Source):
     def load(self, indices: Sequence[int], min_size: int | None = None) -> Loaded:
         return decode_files([self.files[i] for i in indices], indices, min_size)
 
+    def load_encoded(self, indices: Sequence[int], min_size: int | None = None) -> Loaded:
+        return decode_files([self.files[i] for i in indices], indices, min_size, encoded=True)
+
 
 @register("manifest")
 def _manifest(spec: DataSpec) -> Source:

@@ -27,7 +27,12 @@ from pipeline.sources import (
     failure,
     register,
 )
-from pipeline.sources.decode import IMAGE_EXTENSIONS, decode_image
+from pipeline.sources.decode import (
+    IMAGE_EXTENSIONS,
+    decode_image,
+    decode_text,
+    encoded_or_decoded,
+)
 from pipeline.spec import DataSpec
 
 MAX_TARS = 100_000
@@ -35,7 +40,13 @@ LABEL_EXTENSIONS = ("cls", "label", "txt")
 
 
 class TarSource(Source):
-    def __init__(self, pattern: str) -> None:
+    """``modality: text``: the sample is ``<key>.txt`` and the label ``<key>.cls``/``.label``."""
+
+    def __init__(self, pattern: str, modality: str = "image") -> None:
+        self.modality = modality
+        text = modality == "text"
+        sample_ext = {".txt"} if text else set(IMAGE_EXTENSIONS)
+        label_ext = tuple(e for e in LABEL_EXTENSIONS if not (text and e == "txt"))
         self.urls = expand_tars(pattern)
         self.members: list[tuple[int, str, int, int]] = []  # (tar, name, offset, size)
         self._digests: list[bytes] = []  # of each member's bytes, read while indexing
@@ -52,11 +63,11 @@ class TarSource(Source):
                         key = m.name[: len(m.name) - len(base)] + base.split(".", 1)[0]
                         ext = base.split(".", 1)[1].lower() if "." in base else ""
                         g = groups.setdefault(key, {})
-                        if "." + ext in IMAGE_EXTENSIONS:
+                        if "." + ext in sample_ext:
                             g["image"] = (m.name, m.offset_data, m.size)
                             f = tf.extractfile(m)
                             g["digest"] = digest_of(f.read() if f else b"")
-                        elif ext in LABEL_EXTENSIONS and m.size <= 4096:
+                        elif ext in label_ext and m.size <= 4096:
                             f = tf.extractfile(m)
                             g["label"] = f.read().decode(errors="replace").strip() if f else ""
             except (tarfile.TarError, OSError, EOFError) as exc:
@@ -70,8 +81,9 @@ class TarSource(Source):
                     raw_labels.append(g["label"])
                     splits.append(split)
         if not self.members:
-            raise DataError(f"no image+label samples in {pattern!r}; fix: store each sample as "
-                            "<key>.jpg (or .png) with <key>.cls holding its label")
+            member = "<key>.txt" if text else "<key>.jpg (or .png)"
+            raise DataError(f"no {modality}+label samples in {pattern!r}; fix: store each "
+                            f"sample as {member} with <key>.cls holding its label")
         self.class_names, self.labels = class_index(raw_labels)
         self._splits = np.asarray(splits)
 
@@ -102,8 +114,13 @@ class TarSource(Source):
         fh.seek(offset)
         return bytes(fh.read(size))
 
-    def load(self, indices: Sequence[int], min_size: int | None = None) -> Loaded:
+    def load_encoded(self, indices: Sequence[int], min_size: int | None = None) -> Loaded:
+        return self.load(indices, min_size, encoded=True)
+
+    def load(self, indices: Sequence[int], min_size: int | None = None,
+             encoded: bool = False) -> Loaded:
         out = Loaded()
+        image = encoded_or_decoded if encoded else decode_image
         by_tar: dict[int, list[int]] = {}
         for i in indices:
             by_tar.setdefault(self.members[i][0], []).append(int(i))
@@ -112,7 +129,8 @@ class TarSource(Source):
                 for i in sorted(idx, key=lambda j: self.members[j][2]):
                     try:
                         raw = self.read_member(fh, i)
-                        out.images.append(decode_image(raw, min_size))
+                        out.images.append(decode_text(raw) if self.modality == "text"
+                                          else image(raw, min_size))
                         out.indices.append(i)
                         out.digests.append(digest_of(raw))
                     except Exception as exc:

@@ -31,8 +31,8 @@ from pipeline.errors import SpecError, short
 from pipeline.spec.fields import Float, Fraction01, Int, Section, Share, fix
 from pipeline.spec.validation import custom, parse_document
 
-DATA_SOURCES = ("digits", "imagefolder", "images", "manifest", "npz", "hdf5", "torchvision",
-                "webdataset")
+DATA_SOURCES = ("digits", "imagefolder", "images", "manifest", "npz", "hdf5", "text",
+                "torchvision", "webdataset")
 STRATEGIES = ("probe", "finetune", "auto")
 HEADS = ("linear", "mlp", "knn")
 AUTO_BATCH = {"cuda": 512, "cpu": 32}  # batch_size: auto starts here (halved on out-of-memory)
@@ -43,11 +43,15 @@ class DataSpec(Section):
     """Where the samples come from and how they are split and sharded."""
 
     section: ClassVar[str] = "data"
-    source: Literal["digits", "imagefolder", "images", "manifest", "npz", "hdf5",
+    source: Literal["digits", "imagefolder", "images", "manifest", "npz", "hdf5", "text",
                     "torchvision", "webdataset"] = "digits"
     path: str | None = None  # folder, manifest (.csv/.jsonl), array file, or torchvision root
     name: str | None = None  # torchvision dataset class, e.g. CIFAR10 (source: torchvision)
     download: bool = False  # let torchvision download the dataset into path (needs internet)
+    # source: text, a table's columns (the split column is used when the table has it)
+    text_column: str = Field("text", min_length=1, max_length=200)
+    label_column: str = Field("label", min_length=1, max_length=200)
+    split_column: str = Field("split", min_length=1, max_length=200)
     test_fraction: Fraction01 = Field(0.3, json_schema_extra=fix("use a fraction such as 0.3"))
     seed: Int = Field(0, ge=0, lt=2**32, json_schema_extra=fix("use a whole number 0..2**32-1"))
     shard_size: Int = Field(512, gt=0, le=100_000,
@@ -94,6 +98,8 @@ class BackboneSpec(Section):
     weights: str | None = "DEFAULT"  # weights enum name (IMAGENET1K_V2), a local file, or random
     image_size: Int | None = Field(None, json_schema_extra=fix(
         "use 16..2048, e.g. 224, or omit it (small images are upsampled)"))
+    max_length: Int | None = Field(None, gt=0, le=8192, json_schema_extra=fix(
+        "use e.g. 128 or 256 tokens (text backbones), or omit it for the model's own"))
     batch_size: Int | Literal["auto"] = Field(32, json_schema_extra=fix(
         "use a whole number such as 32 (at most 8192), or auto"))
     feature_dtype: Literal["float16", "float32"] = "float16"
@@ -102,8 +108,10 @@ class BackboneSpec(Section):
     compile: bool = False  # torch.compile the backbone (once per worker process)
     # scaled: a JPEG larger than the network needs is decoded at 1/2, 1/4 or 1/8 scale in the
     # DCT domain (libjpeg), never below the resize's shorter side: a 12 MP photo costs ~25 ms
-    # instead of ~200; full: every pixel decoded, then resized (the features differ slightly)
-    decode: Literal["scaled", "full"] = "scaled"
+    # instead of ~200; full: every pixel decoded, then resized (the features differ slightly);
+    # auto: on CUDA workers JPEGs are decoded on the GPU (nvJPEG, batched) and resized there,
+    # elsewhere (and other formats) as scaled; each shard records the decoder that ran
+    decode: Literal["auto", "scaled", "full"] = "auto"
 
     @field_validator("image_size")
     @classmethod
@@ -341,13 +349,18 @@ class JobSpec(Section):
 
     def resolved(self) -> JobSpec:
         """The same spec with every local path made absolute (workers may run elsewhere)."""
-        changes: dict[str, Any] = {"output": _absolute(self.output),
+        name = self.backbone.name
+        local = name.startswith("hf:") and Path(name[3:]).expanduser().exists()
+        changes: dict[str, Any] = {"backbone": {"name": "hf:" + _absolute(name[3:])}} if local \
+            else {}
+        changes |= {"output": _absolute(self.output),
                                    "store": self.store_dir if "://" in self.store_dir
                                    else _absolute(self.store_dir)}
         if self.data.path and "://" not in self.data.path:
             changes["data"] = {"path": _absolute(self.data.path)}
         if self.backbone.weights and _looks_like_path(self.backbone.weights):
-            changes["backbone"] = {"weights": _absolute(self.backbone.weights)}
+            changes["backbone"] = {**changes.get("backbone", {}),
+                                   "weights": _absolute(self.backbone.weights)}
         return self.replace(**changes)  # type: ignore[no-any-return]
 
     def to_dict(self) -> dict[str, Any]:

@@ -38,7 +38,8 @@ def ls(root: str | Path) -> list[dict[str, Any]]:
             "rows": sum(e.get("rows", 0) for e in m["shards"].values()),
             "bytes": sum(f.stat().st_size for f in shard_files),
             "source": (m.get("data") or {}).get("source"),
-            "weights": m.get("weights_id"), "crop": (m.get("preprocessing") or {}).get("crop"),
+            "weights": m.get("weights_id"), "crop": (m.get("preprocessing") or {}).get("crop")
+            or (m.get("preprocessing") or {}).get("max_length"),
             "updated": m.get("updated"),
         })
     return out
