@@ -247,7 +247,12 @@ def run(model_name: str = "efficientnet_lite0", batch: int = 32, crop: int = 224
         if data == "photos":  # real-photo JPEGs: decoding is a real share of the cost
             from benchmarks.photos import make_photo_folder, parse_size
 
-            folder = make_photo_folder(work / "images", images, parse_size(photo_size))
+            keep = os.environ.get("FEATUREFLEET_BENCH_PHOTOS")  # reuse generated photos
+            folder = Path(keep) / f"{photo_size}-{images}" if keep else work / "images"
+            done = folder.parent / f".{folder.name}.done"  # beside it: not a class folder
+            if not done.is_file():
+                make_photo_folder(folder, images, parse_size(photo_size))
+                done.touch()
         else:
             folder = make_image_folder(work / "images", images)
         pipe = bench_pipeline(folder, work, model_name, batch, crop, shard_size, device,

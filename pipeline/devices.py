@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -132,7 +133,10 @@ def decoded(source: Source, indices: Sequence[int], batch_size: int, threads: in
     load = source.load_encoded if encoded else source.load
 
     def work(chunk: list[int]) -> Loaded:
-        return load([int(i) for i in chunk], min_size)
+        t0 = time.thread_time()
+        out = load([int(i) for i in chunk], min_size)
+        out.cpu_seconds = time.thread_time() - t0
+        return out
 
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ff-decode") as pool:
         pending: list[Future[Loaded]] = []
@@ -142,6 +146,73 @@ def decoded(source: Source, indices: Sequence[int], batch_size: int, threads: in
                 yield pending.pop(0).result()
         for fut in pending:
             yield fut.result()
+
+
+# Forward-pass threads that won the trial of :class:`CoreSplit`, per worker process and key.
+_SPLITS: dict[tuple[Any, ...], int] = {}
+
+
+class CoreSplit:
+    """The CPU cores split between decoding and the forward pass, by measurement.
+
+    On a CPU worker, a forward pass on every core fights the decoding thread for a core:
+    each slows the other (12 MP JPEGs: ~30 ms of decoding per image). When decoding costs a
+    real share of a batch's time, the next batches run the forward pass on every core and
+    then on one fewer (decoding keeps a core to itself), ``TRIAL`` batches each, and the
+    faster keeps running — for this shard and, remembered per ``key``, for the next ones.
+    Cheap decoding (small images) never triggers the trial.
+    """
+
+    TRIAL = 3
+    DECODE_SHARE = 0.15  # decode CPU time per image over batch time per image to try it
+
+    def __init__(self, device: str, key: tuple[Any, ...]) -> None:
+        import torch
+
+        self.torch, self.key = torch, key
+        self.start = torch.get_num_threads()
+        self.active = device == "cpu" and self.start >= 2
+        self.trial: list[int] = []  # thread counts to try, in order
+        self.rates: dict[int, list[float]] = {}  # threads -> [images, seconds]
+        self.last = time.perf_counter()
+        self.batches = 0
+        if self.active and key in _SPLITS:
+            torch.set_num_threads(_SPLITS[key])
+            self.active = False
+
+    @property
+    def threads(self) -> int:
+        return int(self.torch.get_num_threads())
+
+    def step(self, images: int, decode_cpu_s: float, now: float | None = None) -> None:
+        """After each batch: its images and the CPU seconds its decoding took (``now``: the
+        clock, for tests)."""
+        now = time.perf_counter() if now is None else now
+        wall, self.last = now - self.last, now
+        self.batches += 1
+        if not self.active or self.batches == 1 or images == 0:  # the first includes start-up
+            return
+        if not self.trial:
+            if decode_cpu_s / images < self.DECODE_SHARE * wall / images:
+                _SPLITS[self.key] = self.start  # decoding is cheap: every core computes
+                self.active = False
+                return
+            self.trial = [self.start] * self.TRIAL + [self.start - 1] * self.TRIAL
+            return
+        rate = self.rates.setdefault(self.threads, [0.0, 0.0])
+        rate[0] += images
+        rate[1] += wall
+        self.trial.pop(0)
+        if self.trial:
+            self.torch.set_num_threads(self.trial[0])
+            return
+        best = max(self.rates, key=lambda t: self.rates[t][0] / max(self.rates[t][1], 1e-9))
+        _SPLITS[self.key] = best
+        self.torch.set_num_threads(best)
+        self.active = False
+
+    def restore(self) -> None:
+        self.torch.set_num_threads(self.start)
 
 
 def decoded_on(device: str, loaded: Loaded, min_size: int | None = None) -> Loaded:
@@ -154,4 +225,4 @@ def decoded_on(device: str, loaded: Loaded, min_size: int | None = None) -> Load
     keep = [k for k in range(len(loaded.indices)) if k not in bad]
     return Loaded(indices=[loaded.indices[k] for k in keep], images=images,
                   failures=[*loaded.failures, *((loaded.indices[k], why) for k, why in failures)],
-                  digests=[loaded.digests[k] for k in keep])
+                  digests=[loaded.digests[k] for k in keep], cpu_seconds=loaded.cpu_seconds)

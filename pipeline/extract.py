@@ -23,6 +23,7 @@ from pipeline.backbones import (
     use_preprocessing,
 )
 from pipeline.devices import (
+    CoreSplit,
     autocast_dtype,
     cached_backbone,
     decode_threads,
@@ -111,27 +112,33 @@ def extract_shard(source: Source, indices: Sequence[int], backbone: BackboneInfo
     min_size = decode_min_side(pre, run.decode)
     decoder = "text" if text else "nvjpeg" if on_device else (
         f"cpu-{'scaled' if min_size else 'full'}")
-    with torch.inference_mode():
-        for loaded in decoded(source, indices, batch_size, decode_threads(device),
-                              min_size=min_size, encoded=on_device):
-            if on_device and loaded.images:  # one batched nvJPEG call, resized on the GPU
-                loaded = decoded_on(device, loaded, min_size)
-            skipped.extend((source.sample_id(i), why) for i, why in loaded.failures)
-            if loaded.images:
-                tm = time.perf_counter()
-                batch = buffer = preprocess(loaded.images, pre, device, out=buffer)
-                if text:
-                    truncated += getattr(bb.model, "truncated")(batch)  # noqa: B009 (mypy)
-                out = forward_halving(forward, batch, fits_key)
-                feats.append(out.float().cpu().numpy().astype(out_dtype))
-                sigs.append(signatures(batch))
-                kept.extend(loaded.indices)
-                t_model += time.perf_counter() - tm
-            done += len(loaded.indices) + len(loaded.failures)
-            if progress is not None and (reported == 0 or done == total
-                                         or time.perf_counter() - reported >= PROGRESS_EVERY_S):
-                progress(done, total)  # Redis round trips: not after every batch
-                reported = time.perf_counter()
+    split = CoreSplit(device, (backbone.name, pre.input_size, source.kind, decoder))
+    try:
+        with torch.inference_mode():
+            for loaded in decoded(source, indices, batch_size, decode_threads(device),
+                                  min_size=min_size, encoded=on_device):
+                if on_device and loaded.images:  # one batched nvJPEG call, resized on the GPU
+                    loaded = decoded_on(device, loaded, min_size)
+                skipped.extend((source.sample_id(i), why) for i, why in loaded.failures)
+                if loaded.images:
+                    tm = time.perf_counter()
+                    batch = buffer = preprocess(loaded.images, pre, device, out=buffer)
+                    if text:
+                        truncated += getattr(bb.model, "truncated")(batch)  # noqa: B009 (mypy)
+                    out = forward_halving(forward, batch, fits_key)
+                    feats.append(out.float().cpu().numpy().astype(out_dtype))
+                    sigs.append(signatures(batch))
+                    kept.extend(loaded.indices)
+                    t_model += time.perf_counter() - tm
+                done += len(loaded.indices) + len(loaded.failures)
+                if progress is not None and (reported == 0 or done == total
+                                             or time.perf_counter() - reported >= PROGRESS_EVERY_S):
+                    progress(done, total)  # Redis round trips: not after every batch
+                    reported = time.perf_counter()
+                split.step(len(loaded.indices), loaded.cpu_seconds)
+    finally:
+        forward_threads = split.threads
+        split.restore()
     features = np.concatenate(feats) if feats else np.zeros((0, bb.feature_dim), out_dtype)
     kept_arr = np.asarray(kept, dtype=np.int64)
     order = np.argsort(kept_arr, kind="stable")  # rows in sample order, however batched
@@ -157,7 +164,7 @@ def extract_shard(source: Source, indices: Sequence[int], backbone: BackboneInfo
             "seconds": round(seconds, 3), "finished_at": started_at + seconds,
             "model_seconds": round(t_model, 3),
             "images_per_s": round(len(kept_arr) / seconds, 2) if seconds else None,
-            "device": device, "threads": torch.get_num_threads(), "batch": batch_size,
+            "device": device, "threads": forward_threads, "batch": batch_size,
             "decode": run.decode, "decoder": decoder, "modality": pre.modality,
             "truncated": truncated,
             "forward_batch": fitted_batch(fits_key), "precision": str(amp or "fp32"),

@@ -199,3 +199,35 @@ def _write(tmp_path, data: bytes):  # type: ignore[no-untyped-def]
     p = Path(tmp_path) / "cmyk.jpg"
     p.write_bytes(data)
     return p
+
+
+def test_core_split_keeps_the_faster_thread_count() -> None:
+    """Expensive decoding: the forward pass is tried on all cores and on one fewer, and the
+    faster is kept (and remembered per key); cheap decoding never starts a trial."""
+    from pipeline.devices import _SPLITS, CoreSplit
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        split = CoreSplit("cpu", ("test-model", 224, "photos", "cpu-scaled"))
+        clock = split.last
+        walls = {2: 1.6, 1: 1.0}  # seconds per 32-image batch with 2 or 1 forward threads
+        for _ in range(1 + 1 + 2 * CoreSplit.TRIAL):
+            clock += walls[split.threads]
+            split.step(32, decode_cpu_s=0.9, now=clock)  # ~28 ms of decoding per image
+        assert split.threads == 1 and not split.active
+        assert _SPLITS[("test-model", 224, "photos", "cpu-scaled")] == 1
+        split.restore()
+        assert torch.get_num_threads() == 2
+        again = CoreSplit("cpu", ("test-model", 224, "photos", "cpu-scaled"))
+        assert again.threads == 1 and not again.active  # remembered: no second trial
+        again.restore()
+        cheap = CoreSplit("cpu", ("test-model", 224, "digits", "cpu-scaled"))
+        clock = cheap.last
+        for _ in range(3):
+            clock += 0.5
+            cheap.step(32, decode_cpu_s=0.003, now=clock)
+        assert cheap.threads == 2 and not cheap.active and not cheap.trial
+        assert CoreSplit("cuda", ("m", 1, "k", "nvjpeg")).active is False
+    finally:
+        torch.set_num_threads(before)

@@ -47,6 +47,7 @@ class Loaded:
     images: list[Any] = field(default_factory=list)  # (H, W, 3) uint8 per image, or a str
     failures: list[tuple[int, str]] = field(default_factory=list)
     digests: list[bytes] = field(default_factory=list)
+    cpu_seconds: float = 0.0  # CPU time the decoding thread spent on them
 
 
 class Source:
