@@ -216,7 +216,7 @@ def summarize(plan: Plan, parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
         how = "quality.near_duplicate_threshold"
     elif "features" in probe:
         thresholds = {s: probe[s]["threshold"] for s in signals}
-        how = "calibrated on perturbed copies of the job's images"
+        how = "calibrated on perturbed copies of the job's samples"
     else:
         thresholds = {"features": FALLBACK_THRESHOLD, "signatures": FALLBACK_THRESHOLD}
         how = f"default ({probe.get('note', 'not calibrated')})"
