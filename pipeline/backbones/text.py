@@ -43,10 +43,6 @@ _NOT_ENCODERS = ("CausalLM", "LMHeadModel", "ForConditionalGeneration", "ForSeq2
 CHARS_PER_TOKEN_CAP = 24
 
 
-def is_text_backbone(name: str) -> bool:
-    return name == DEFAULT_TEXT or name.startswith(HF_PREFIX)
-
-
 @register(DEFAULT_TEXT)
 def _minilm(weights: str | None) -> tuple[WeightsInfo, Callable[[], Any]]:
     try:

@@ -247,7 +247,7 @@ def _predict(args: argparse.Namespace) -> int:
                 print(f"featurefleet: error: {r['error']}", file=sys.stderr)
                 continue
             top = "  ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"])
-            shown = item if len(item) <= 60 else item[:57] + "..."
+            shown = item if not texts or len(item) <= 60 else item[:57] + "..."
             print(f"{shown}: {r['label']} ({r['probability']:.3f})   top: {top}")
     if failed:
         print(f"featurefleet: {len(failed)} of {len(results)} {what}(s) could not be "
