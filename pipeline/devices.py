@@ -164,7 +164,7 @@ class CoreSplit:
     """
 
     TRIAL = 3
-    DECODE_SHARE = 0.15  # decode CPU time per image over batch time per image to try it
+    DECODE_SHARE = 0.15  # a batch's decoding CPU time over its wall time: above it, try it
 
     def __init__(self, device: str, key: tuple[Any, ...]) -> None:
         import torch
@@ -193,7 +193,7 @@ class CoreSplit:
         if not self.active or self.batches == 1 or images == 0:  # the first includes start-up
             return
         if not self.trial:
-            if decode_cpu_s / images < self.DECODE_SHARE * wall / images:
+            if decode_cpu_s < self.DECODE_SHARE * wall:
                 _SPLITS[self.key] = self.start  # decoding is cheap: every core computes
                 self.active = False
                 return

@@ -167,7 +167,7 @@ def folder_factory(folder: Path, model_id: str,
             raise BackboneError(f"backbone {name!r}: cannot load the encoder in "
                                 f"{str(folder)!r} ({type(exc).__name__}: {str(exc)[:160]}); "
                                 "fix: pass a folder saved with save_pretrained") from None
-        return TextEncoder.build(model, tokenizer, pre)
+        return _encoder_class()(model, tokenizer, pre)
 
     return info, build
 
@@ -218,11 +218,3 @@ def _encoder_class() -> Any:
             return emb
 
     return TextEncoder
-
-
-class TextEncoder:
-    """Builds the torch module (torch is imported only when a model is built)."""
-
-    @staticmethod
-    def build(transformer: Any, tokenizer: Any, pre: TextPreprocessing) -> Any:
-        return _encoder_class()(transformer, tokenizer, pre)
