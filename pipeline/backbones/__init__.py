@@ -63,9 +63,6 @@ class Preprocessing:
     def input_size(self) -> int:
         return self.crop
 
-    def describe(self) -> str:
-        return f"{self.crop} px"
-
 
 @dataclass(frozen=True)
 class TextPreprocessing:
@@ -82,9 +79,6 @@ class TextPreprocessing:
     @property
     def input_size(self) -> int:
         return self.max_length
-
-    def describe(self) -> str:
-        return f"{self.max_length} tokens"
 
     def scaled_to(self, max_length: int | None) -> TextPreprocessing:
         """The same recipe with another token limit (at most the encoder's).
