@@ -31,10 +31,11 @@ import numpy as np
 from pipeline import finetune
 from pipeline.backbones import load_backbone, resolve_weights
 from pipeline.engine import dist
+from pipeline.engine.loop import Slice
 from pipeline.errors import BackboneError
 from pipeline.heads import knn, linear
 from pipeline.plan import BackboneInfo, Splits
-from pipeline.pretrain.train import Data, Run, features, run
+from pipeline.pretrain.train import Data, Encoder, features, run
 from pipeline.sources.arrays import ArraySource
 from pipeline.spec import FinetuneSpec, PretrainSpec
 
@@ -144,7 +145,7 @@ def pretrain(method: str, epochs: int, src: ArraySource, train: list[int], test:
                        lr=1e-3, eval_every_epochs=max(1, epochs // 4), **options)
     t0 = time.time()
     summary = run(dist.init("cpu"), Data(src, train, eval_train=train, eval_test=test), cfg,
-                  Run(out / method, arch, "random", pre, seed=0))
+                  Encoder(arch, "random", pre, seed=0), Slice(out / method))
     summary["wall_s"] = round(time.time() - t0, 1)
     return str(summary["encoder"]), summary
 
@@ -162,7 +163,7 @@ def finetuned(src: ArraySource, train: list[int], test: list[int], arch: str, we
     ft = FinetuneSpec(epochs=epochs, batch_size=batch, lr=1e-3, hflip=False,
                       crop_scale_min=0.6, device="cpu")
     res = finetune.run(dist.init("cpu"), src, Splits(train=train, val=train, test=test),
-                       src.class_names, info, ft, seed=0, out_dir=out, job_id="benchmark")
+                       src.class_names, info, ft, seed=0, how=Slice(out))
     metrics, _, _ = finetune.evaluate_test(src, test, src.class_names, res["best"], ft)
     return float(metrics["top1"])
 

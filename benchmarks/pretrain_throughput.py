@@ -20,7 +20,8 @@ from sklearn.datasets import load_digits
 
 from pipeline.backbones import resolve_weights
 from pipeline.engine import dist
-from pipeline.pretrain.train import Data, Run, run
+from pipeline.engine.loop import Slice
+from pipeline.pretrain.train import Data, Encoder, run
 from pipeline.sources.arrays import ArraySource
 from pipeline.spec import PretrainSpec
 
@@ -46,7 +47,8 @@ def main() -> None:
     rank = dist.init("auto")
     out = Path(args.out or tempfile.mkdtemp(prefix="ff-pretrain-bench-"))
     t0 = time.time()
-    summary = run(rank, Data(src, train), cfg, Run(out, args.arch, "random", pre, seed=0))
+    summary = run(rank, Data(src, train), cfg, Encoder(args.arch, "random", pre, seed=0),
+                  Slice(out))
     result = {"arch": args.arch, "method": args.method, "image_size": args.image_size,
               "batch_size": args.batch_size, "world_size": rank.world_size,
               "device": rank.device, "wall_s": round(time.time() - t0, 1),

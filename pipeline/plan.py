@@ -158,6 +158,26 @@ class Plan(_Frozen):
         return Path(self.spec.output) / "jobs" / self.job_id
 
     @property
+    def program(self) -> Literal["pretrain", "finetune"] | None:
+        """The one decision of which training program the job runs on the engine (None: a
+        probe or quality job, which trains heads on features)."""
+        if self.kind == "pretrain":
+            return "pretrain"
+        return "finetune" if self.strategy == "finetune" and self.kind == "classify" else None
+
+    @property
+    def training(self) -> Any:
+        """The spec section of the job's training program (``pretrain`` or ``finetune``).
+
+        Raises:
+            JobError: the job runs no training program.
+        """
+        if self.program is None:
+            raise JobError(f"job {self.job_id} runs no training program (strategy "
+                           f"{self.strategy}, kind {self.kind})")
+        return self.spec.pretrain if self.program == "pretrain" else self.spec.finetune
+
+    @property
     def path(self) -> Path:
         return self.job_dir / "plan.json"
 

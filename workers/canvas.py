@@ -39,11 +39,11 @@ def job_canvas(app: Celery, plan: Plan, ref: PlanRef, round_: int = 0) -> Any:
                          **kw)
 
     on_error = sig("fail_job", plan.job_id, tid="on-error")
-    if plan.kind == "pretrain":
-        return chain(training(app, plan, ref, "pretrain", 0, round_),
+    if plan.program == "pretrain":
+        return chain(training(app, plan, ref, 0, round_),
                      sig("finish_pretrain", ref=msg, tid="finish")).on_error(on_error)
-    if plan.strategy == "finetune":  # trains on the samples, on the GPU queue
-        return chain(training(app, plan, ref, "finetune", 0, round_),
+    if plan.program == "finetune":  # trains on the samples, on the GPU queue
+        return chain(training(app, plan, ref, 0, round_),
                      sig("evaluate_finetune", ref=msg, tid="evaluate",
                          queue=EXTRACT_QUEUE)).on_error(on_error)
     header = [sig("extract_shard", msg, s.id, tid=f"extract.{s.id}", queue=EXTRACT_QUEUE)
@@ -68,11 +68,11 @@ def job_canvas(app: Celery, plan: Plan, ref: PlanRef, round_: int = 0) -> Any:
     return chain(*steps).on_error(on_error)
 
 
-def training(app: Celery, plan: Plan, ref: PlanRef, program: str, part: int,
-             round_: int = 0) -> Any:
-    """One time slice of a training run: a task per node (GPU queue), then ``train_done``."""
+def training(app: Celery, plan: Plan, ref: PlanRef, part: int, round_: int = 0) -> Any:
+    """One time slice of the job's training run (``plan.program``): a task per node (GPU
+    queue), then ``train_done``."""
     msg = ref.to_message()
-    nodes = plan.spec.pretrain.nodes if program == "pretrain" else plan.spec.finetune.nodes
+    program, nodes = plan.program, plan.training.nodes
     header = [signature(app, plan.job_id, "train_node", msg, program, part, slot, round_,
                         tid=f"{program}.p{part}.n{slot}", queue=EXTRACT_QUEUE, round_=round_)
               for slot in range(nodes)]

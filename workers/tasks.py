@@ -135,8 +135,7 @@ def train_done(self: Task, results: Any, ref: dict[str, Any], program: str, part
     out = training.run_done(job_store(), ref, program, part, found)
     if out.get("continue"):
         plan = load_plan(ref)
-        canvas = training_canvas(self.app, plan, PlanRef(**ref), program, out["part"],
-                                 round_no)
+        canvas = training_canvas(self.app, plan, PlanRef(**ref), out["part"], round_no)
         job_store().add_task_ids(plan.job_id, task_ids(canvas))
         log.info("job %s: %s continues in a new time slice (part %d)", plan.job_id, program,
                  out["part"])

@@ -47,16 +47,16 @@ class Rank:
 
         return torch.cat(all_gather(x), dim=0)
 
-    def any(self, flag: bool) -> bool:
-        """True on every rank when ``flag`` is true on any (to stop together)."""
+    def agree(self, *flags: bool) -> tuple[bool, ...]:
+        """Each flag, true on every rank when it is true on any (one all-reduce for all)."""
         if not self.distributed:
-            return flag
+            return tuple(flags)
         import torch
         import torch.distributed as dist
 
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        t = torch.tensor([1.0 if f else 0.0 for f in flags], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
+        return tuple(bool(v > 0) for v in t.tolist())
 
     def mean(self, value: float) -> float:
         """The mean of ``value`` over the ranks."""
@@ -122,10 +122,12 @@ def _local_world(world: int) -> int:
                                                                         world)))
 
 
-def resume_reason(rank: Rank, attempt: int, part: int) -> str:
+def resume_reason(rank: Rank, attempt: int, part: int, relaunch: int = 0) -> str:
     """Why a run is resuming from its checkpoint (for the report)."""
     if rank.restart:
         return f"a rank failed: torchrun restarted every rank (restart {rank.restart})"
+    if relaunch:
+        return f"torchrun was lost: the node task started it again (relaunch {relaunch})"
     if attempt > 1:
         return "redelivered after its worker was lost"
     return "continued in a new task (time slice)" if part else "restarted"

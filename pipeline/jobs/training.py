@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
 from pipeline.engine.launch import Node, argv, log_tail, supervise
 from pipeline.errors import JobCancelled, JobError
 from pipeline.fsio import atomic_write_text
@@ -25,8 +27,6 @@ from pipeline.jobs.nodes import free_port, meet
 from pipeline.jobs.records import FINAL, JobStore
 from pipeline.plan import Plan, load_plan
 from pipeline.settings import get_settings
-
-PROGRAMS = ("pretrain", "finetune")
 
 
 def run_dir(plan: Plan, program: str) -> Path:
@@ -58,17 +58,23 @@ def run_node(jobs: JobStore, ref: Any, program: str, part: int, slot: int, round
     """One node of time slice ``part``: start torchrun, supervise it, return rank 0's outcome
     (``state``: done with ``summary``, or continue).
 
+    torchrun restarts failed ranks itself (``max_restarts``); when torchrun itself is lost (its
+    agent killed, or it gave up after the run had checkpointed again), this task starts it
+    again, at most ``max_restarts`` times, and the ranks resume from the last checkpoint; each
+    such relaunch is a resume in the report.
+
     Raises:
         JobCancelled: the job was cancelled (its ranks were stopped).
-        JobError: the run failed (the error quotes the end of the node's log), a node of a
+        JobError: the run failed (a rank's error, or the end of the node's log), a node of a
             multi-node run was lost, or the nodes did not all join.
     """
     from pipeline.jobs.steps import count_attempt, live
 
-    if program not in PROGRAMS:
-        raise JobError(f"unknown training program {program!r}")
     plan = load_plan(ref)
-    cfg = plan.spec.pretrain if program == "pretrain" else plan.spec.finetune
+    if program != plan.program:
+        raise JobError(f"job {plan.job_id} runs {plan.program!r}, not {program!r}; fix: send "
+                       "tasks built by workers.canvas")
+    cfg = plan.training
     live(jobs, plan, program)
     attempts = count_attempt(jobs, plan, f"{program}.{part}.{slot}", f"{program} (node {slot})")
     if attempts > 1 and cfg.nodes > 1:
@@ -77,22 +83,12 @@ def run_node(jobs: JobStore, ref: Any, program: str, part: int, slot: int, round
     out_dir = run_dir(plan, program)
     out_dir.mkdir(parents=True, exist_ok=True)
     nproc = max(1, _gpus_here()) if cfg.device != "cpu" else 1
-    if cfg.nodes == 1:  # this machine alone: a private store on loopback
-        node = Node(1, nproc, f"127.0.0.1:{free_port('127.0.0.1')}", True,
-                    f"{plan.job_id}-{program}-{part}-{attempts}", cfg.max_restarts)
-        ranks_here = nproc
-    else:
+    meeting = None
+    if cfg.nodes > 1:
         meeting = meet(jobs, plan.job_id, program, part + 1000 * round_, slot, cfg.nodes, nproc)
-        node = Node(cfg.nodes, nproc, meeting.endpoint, meeting.is_host, meeting.run_id,
-                    cfg.max_restarts)
-        ranks_here = meeting.ranks_here
     tag = f"p{part}-r{round_}-a{attempts if cfg.nodes == 1 else 1}"
     status_file = out_dir / f"status-{tag}.json"
-    runfile = out_dir / f"run-{tag}-n{slot}.json"
-    atomic_write_text(runfile, json.dumps({
-        "program": program, "ref": ref, "part": part, "attempt": attempts,
-        "slice_s": get_settings().finetune_slice,
-        "device": cfg.device, "out_dir": str(out_dir), "status_file": str(status_file)}))
+    log = out_dir / f"node-{tag}-n{slot}.log"
     last = {"at": 0.0}
 
     def tick() -> bool:  # every second: the job's progress to Flower, and cancel
@@ -104,21 +100,84 @@ def run_node(jobs: JobStore, ref: Any, program: str, part: int, slot: int, round
             on_progress(st[program])
         return bool(st.get("status") in FINAL)
 
-    log = out_dir / f"node-{tag}-n{slot}.log"
-    code = supervise(argv(node, "pipeline.jobs.ranks", str(runfile)),
-                     {"FEATUREFLEET_RANKS_HERE": str(ranks_here)}, log, tick)
-    if code == -1:
-        raise JobCancelled(f"job {plan.job_id} was cancelled during {program}")
-    if code != 0:
-        raise JobError(f"{program} node {slot} failed (torchrun exit {code}): "
-                       f"{log_tail(log, 6)}; fix: read {log}")
+    relaunch = 0
+    while True:
+        if meeting is None:  # this machine alone: a private store on loopback
+            node = Node(1, nproc, f"127.0.0.1:{free_port('127.0.0.1')}", True,
+                        f"{plan.job_id}-{program}-{part}-{attempts}-{relaunch}",
+                        cfg.max_restarts)
+        else:
+            node = Node(cfg.nodes, nproc, meeting.endpoint, meeting.is_host, meeting.run_id,
+                        cfg.max_restarts)
+        runfile = out_dir / f"run-{tag}-n{slot}.json"
+        atomic_write_text(runfile, RunFile(
+            ref=ref, part=part, attempt=attempts, relaunch=relaunch,
+            slice_s=get_settings().finetune_slice, device=cfg.device, out_dir=str(out_dir),
+            status_file=str(status_file)).model_dump_json())
+        before = _checkpoint_mtime(out_dir)
+        code = supervise(argv(node, "pipeline.jobs.ranks", str(runfile)),
+                         {"FEATUREFLEET_RANKS_HERE": str(meeting.ranks_here if meeting
+                                                         else nproc)}, log, tick)
+        if code == -1:
+            raise JobCancelled(f"job {plan.job_id} was cancelled during {program}")
+        if code == 0:
+            break
+        failed = _rank_error(status_file)
+        if failed is not None:  # a rank's own error (bad data, a batch that cannot fit)
+            raise JobError(f"{program}: {failed}")
+        # torchrun lost (killed: a negative status) or given up after new checkpoints: the
+        # run is resumable from last.pt; a run that never checkpointed again is not retried
+        progressed = _checkpoint_mtime(out_dir) not in (None, before)
+        if relaunch >= cfg.max_restarts or not (code < 0 or progressed) \
+                or _checkpoint_mtime(out_dir) is None:
+            raise JobError(f"{program} node {slot} failed (torchrun exit {code}, relaunched "
+                           f"{relaunch} time(s)): {log_tail(log, 6)}; fix: read {log}")
+        relaunch += 1
+        jobs.update(plan.job_id, relaunches=relaunch)
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "job %s: %s node %d lost its torchrun (exit %d): relaunch %d of %d from the last "
+            "checkpoint", plan.job_id, program, slot, code, relaunch, cfg.max_restarts)
     deadline = time.monotonic() + 30  # rank 0 may run on another node: shared storage lags
     while not status_file.is_file():
         if time.monotonic() > deadline:
             raise JobError(f"{program} node {slot}: rank 0 left no outcome at {status_file}; "
                            "fix: workers need the job's output folder on shared storage")
         time.sleep(0.5)
-    return {"part": part, "slot": slot, **json.loads(status_file.read_text())}
+    outcome = json.loads(status_file.read_text())
+    if outcome.get("state") == "error":
+        raise JobError(f"{program}: {outcome.get('error')}")
+    return {"part": part, "slot": slot, **outcome}
+
+
+class RunFile(BaseModel):
+    """What a node task tells its ranks (``python -m pipeline.jobs.ranks <run file>``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    ref: dict[str, str]
+    part: int
+    attempt: int
+    relaunch: int = 0
+    slice_s: float | None
+    device: str
+    out_dir: str
+    status_file: str
+
+
+def _checkpoint_mtime(out_dir: Path) -> float | None:
+    try:
+        return (out_dir / "last.pt").stat().st_mtime_ns / 1e9
+    except OSError:
+        return None
+
+
+def _rank_error(status_file: Path) -> str | None:
+    try:
+        outcome = json.loads(status_file.read_text())
+    except (OSError, ValueError):
+        return None
+    return str(outcome.get("error")) if outcome.get("state") == "error" else None
 
 
 def run_done(jobs: JobStore, ref: Any, program: str, part: int,
