@@ -7,6 +7,9 @@ fault switches; fault tests start workers with ``--include tests.chaos`` and the
 * ``CHAOS_CRASH_AFTER_CHECKPOINT=1``: the first training task's pool child (a node of a
   fine-tuning run) kills itself right after the run's first checkpoint appears, as a
   preemption would (its torchrun and ranks die with it); later deliveries run on.
+* ``CHAOS_KILL_AGENT_AFTER_CHECKPOINT=1``: the first training node task SIGKILLs its torchrun
+  agent and the agent's ranks (their process group) right after the run's first checkpoint
+  appears, leaving the task's own process alive (an operator's ``kill -9``, an agent OOM).
 * ``CHAOS_SLOW_SHARD_S=<seconds>``: every extraction task sleeps this long first (keeps a task
   running while the test does something to it).
 """
@@ -47,6 +50,16 @@ def _inject(sender: Any = None, task_id: str = "", args: Any = (), kwargs: Any =
             return
         marker.touch()
         _watch_then_kill(plan.job_dir / "finetune" / "last.pt")
+    elif name == "featurefleet.train_node" and os.environ.get(
+            "CHAOS_KILL_AGENT_AFTER_CHECKPOINT"):
+        from pipeline.jobs.training import run_dir
+
+        plan = load_plan(args[0])
+        marker = plan.job_dir / ".chaos-agent-killed"
+        if marker.exists():
+            return
+        marker.touch()
+        _watch_then_kill(run_dir(plan, str(plan.program)) / "last.pt", _kill_agent)
 
 
 def _kill_after_start_counted(job_id: str, shard: str) -> None:
@@ -68,12 +81,25 @@ def _kill_after_start_counted(job_id: str, shard: str) -> None:
     threading.Thread(target=watch, daemon=True, name="chaos").start()
 
 
-def _watch_then_kill(checkpoint: Path) -> None:
-    """Kill this process as soon as the checkpoint file exists (written atomically)."""
+def _kill_agent() -> None:
+    """SIGKILL this process's torchrun children and their ranks (each its own session)."""
+    for child in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (child / "stat").read_text().rsplit(")", 1)[1].split()
+            cmd = (child / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat[1]) == os.getpid() and b"torch.distributed.run" in cmd:
+            os.killpg(int(child.name), signal.SIGKILL)
+
+
+def _watch_then_kill(checkpoint: Path, kill: Any = _kill_self) -> None:
+    """Kill (this process, by default) as soon as the checkpoint file exists (written
+    atomically)."""
 
     def watch() -> None:
         while not checkpoint.exists():
             time.sleep(0.005)
-        _kill_self()
+        kill()
 
     threading.Thread(target=watch, daemon=True, name="chaos").start()

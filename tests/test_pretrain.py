@@ -95,6 +95,28 @@ def test_two_nodes_train_and_the_encoder_is_a_backbone(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.faults
+def test_a_killed_torchrun_agent_is_relaunched_and_the_run_resumes(tmp_path: Path) -> None:
+    """SIGKILL of the node's torchrun agent and its rank after the first checkpoint, the
+    node task's process alive: the task starts torchrun again, the ranks resume from the
+    checkpoint, every step runs once, the relaunch is in the report."""
+    spec = pretrain_spec(tmp_path / "out", epochs=3, checkpoint_every_steps=3)
+    with cluster_env(tmp_path, env={"CHAOS_KILL_AGENT_AFTER_CHECKPOINT": "1"}) as c:
+        job = submit(spec, broker=c.broker)
+        st = job.wait(timeout=400)
+        assert st["status"] == "SUCCESS", st.get("error")
+        rep = job.result()
+    train = rep["train"]
+    lost = [r for r in train["resumes"] if r["reason"].startswith("torchrun was lost")]
+    assert len(lost) == 1 and lost[0]["relaunch"] == 1, train["resumes"]
+    assert (lost[0]["epoch"], lost[0]["step"]) != (0, 0)  # from the checkpoint, not step 0
+    assert [h["epoch"] for h in train["history"]] == [1, 2, 3]
+    assert all(h["loss"] > 0 and h["images_per_s"] > 0 for h in train["history"])
+    assert train["global_step"] == 3 * train["steps_per_epoch"]
+    assert st["relaunches"] == 1
+
+
+@pytest.mark.integration
 def test_autoencoder_on_unlabeled_images(cluster: Any, tmp_path: Path) -> None:
     from sklearn.datasets import load_digits
 
@@ -157,3 +179,17 @@ def test_bad_pretraining_input_fails_before_anything_is_enqueued(tmp_path: Path)
     (unfinished.job_dir / "report.json").write_text(json.dumps({"kind": "classify"}))
     with pytest.raises(BackboneError, match=r"not a pretraining job"):
         make_plan(probe, JOB)
+
+
+@pytest.mark.integration
+def test_more_nodes_than_gpu_workers_is_refused_at_submit(cluster: Any, tmp_path: Path) -> None:
+    """One worker process consumes the GPU queue: a 2-node run cannot be hosted; refused
+    before anything is enqueued, with the count and the fix (nothing waits for minutes)."""
+    with pytest.raises(SpecError, match=r"'pretrain.nodes': 2 nodes, but 1 worker process.*"
+                                        r"fix: start 1 more.*at most 1"):
+        submit(pretrain_spec(tmp_path / "out", nodes=2), broker=cluster.broker)
+    ft = JobSpec.from_dict({"data": {"source": "digits", "limit": 100}, "strategy": "finetune",
+                            "finetune": {"nodes": 3}, "output": str(tmp_path / "out")})
+    with pytest.raises(SpecError, match=r"'finetune.nodes': 3 nodes, but 1 worker"):
+        submit(ft, broker=cluster.broker)
+    assert not list((tmp_path / "out" / "jobs").glob("*/plan.json"))  # nothing enqueued

@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import BrokerError, JobError
+from pipeline.errors import BrokerError, JobError, SpecError
 from pipeline.jobs.broker import broker_url, connect, redact
 from pipeline.jobs.compare import settle
 from pipeline.jobs.records import FINAL, JobStore
@@ -131,6 +131,7 @@ def submit(spec: JobSpec, broker: str | None = None, compare_id: str | None = No
     plan = make_plan(spec, job_id, lambda: fleet_gpus(JobStore(connect(broker)), broker))
     check_plan(plan)
     jobs = JobStore(connect(broker))
+    check_nodes(plan, broker)
     check_writable(plan.job_dir)
     check_writable(plan.shard_dir)
     ref = plan.save()
@@ -205,6 +206,26 @@ def recover(job_dir: str | Path, broker: str | None = None) -> Job:
                   sha256=hashlib.sha256(text.encode()).hexdigest())
     dispatch(jobs, plan, ref, broker, round_=1, recovered=time.time())
     return Job(plan.job_id, broker)
+
+
+def check_nodes(plan: Plan, broker: str | None = None) -> None:
+    """A multi-node training run needs that many worker processes on the GPU queue, online
+    now (each node is one task holding one of them for the whole run).
+
+    Raises:
+        SpecError: ``nodes`` is above the worker processes that consume ``ff.extract``.
+    """
+    from workers.settings import EXTRACT_QUEUE
+
+    if plan.program is None or plan.training.nodes <= 1:
+        return
+    nodes = plan.training.nodes
+    online = len(queue_consumers(broker).get(EXTRACT_QUEUE, []))
+    if nodes > online:
+        raise SpecError(f"{plan.program}.nodes", f"{nodes} nodes, but {online} worker "
+                        f"process(es) consume the GPU queue ({EXTRACT_QUEUE}) now",
+                        f"start {nodes - online} more (featurefleet worker --gpus all on each "
+                        f"GPU machine), or set {plan.program}.nodes to at most {max(1, online)}")
 
 
 def fleet_gpus(jobs: JobStore, broker: str | None = None, timeout: float = 1.0) -> int:

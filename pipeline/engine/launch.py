@@ -31,6 +31,7 @@ class Node:
     run_id: str  # the rendezvous id: one per run and time slice
     max_restarts: int = 3
     join_timeout_s: float = 600.0
+    local_addr: str | None = None  # the address the other nodes reach this one at
     env: dict[str, str] = field(default_factory=dict)
 
 
@@ -41,6 +42,7 @@ def argv(node: Node, module: str, *args: str) -> list[str]:
             f"--nproc-per-node={node.nproc}", "--rdzv-backend=c10d",
             f"--rdzv-endpoint={node.endpoint}", f"--rdzv-id={node.run_id}",
             f"--rdzv-conf={conf}", f"--max-restarts={node.max_restarts}",
+            *([f"--local-addr={node.local_addr}"] if node.local_addr else []),
             "--monitor-interval=0.5", "-m", module, *args]
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +24,7 @@ from pydantic import BaseModel, ConfigDict
 from pipeline.engine.launch import Node, argv, log_tail, supervise
 from pipeline.errors import JobCancelled, JobError
 from pipeline.fsio import atomic_write_text
-from pipeline.jobs.nodes import free_port, meet
+from pipeline.jobs.nodes import Meeting, free_port, interface_of, meet
 from pipeline.jobs.records import FINAL, JobStore
 from pipeline.plan import Plan, load_plan
 from pipeline.settings import get_settings
@@ -108,7 +109,7 @@ def run_node(jobs: JobStore, ref: Any, program: str, part: int, slot: int, round
                         cfg.max_restarts)
         else:
             node = Node(cfg.nodes, nproc, meeting.endpoint, meeting.is_host, meeting.run_id,
-                        cfg.max_restarts)
+                        cfg.max_restarts, local_addr=meeting.address)
         runfile = out_dir / f"run-{tag}-n{slot}.json"
         atomic_write_text(runfile, RunFile(
             ref=ref, part=part, attempt=attempts, relaunch=relaunch,
@@ -116,8 +117,7 @@ def run_node(jobs: JobStore, ref: Any, program: str, part: int, slot: int, round
             status_file=str(status_file)).model_dump_json())
         before = _checkpoint_mtime(out_dir)
         code = supervise(argv(node, "pipeline.jobs.ranks", str(runfile)),
-                         {"FEATUREFLEET_RANKS_HERE": str(meeting.ranks_here if meeting
-                                                         else nproc)}, log, tick)
+                         _rank_env(meeting, nproc), log, tick)
         if code == -1:
             raise JobCancelled(f"job {plan.job_id} was cancelled during {program}")
         if code == 0:
@@ -163,6 +163,19 @@ class RunFile(BaseModel):
     device: str
     out_dir: str
     status_file: str
+
+
+def _rank_env(meeting: Meeting | None, nproc: int) -> dict[str, str]:
+    """The ranks' environment: how many ranks share this machine; across hosts, the network
+    interface gloo/NCCL use (the one the other nodes reach; unless the operator chose one)."""
+    env = {"FEATUREFLEET_RANKS_HERE": str(meeting.ranks_here if meeting else nproc)}
+    if meeting is not None:
+        iface = interface_of(meeting.address)
+        if iface is not None:
+            for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+                if not os.environ.get(var):
+                    env[var] = iface
+    return env
 
 
 def _checkpoint_mtime(out_dir: Path) -> float | None:
