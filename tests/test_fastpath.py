@@ -68,6 +68,7 @@ def test_batch_size_auto_and_precision() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.integration  # compiling takes minutes on 2 cores: not in the fast layer
 def test_compiled_backbone_gives_the_same_features() -> None:
     eager = extract.cached_backbone("resnet18", "random", "cpu")
     compiled = extract.cached_backbone("resnet18", "random", "cpu", True)

@@ -122,8 +122,11 @@ def _local_world(world: int) -> int:
                                                                         world)))
 
 
-def resume_reason(rank: Rank, attempt: int, part: int, relaunch: int = 0) -> str:
+def resume_reason(rank: Rank, attempt: int, part: int, relaunch: int = 0,
+                  regroup: int = 0) -> str:
     """Why a run is resuming from its checkpoint (for the report)."""
+    if regroup:
+        return f"a node or rank was lost: every node regrouped (generation {regroup})"
     if rank.restart:
         return f"a rank failed: torchrun restarted every rank (restart {rank.restart})"
     if relaunch:

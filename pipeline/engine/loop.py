@@ -105,6 +105,7 @@ class Slice:
     attempt: int = 1  # starts of this slice's task (> 1: delivered again)
     part: int = 0  # time slice
     relaunch: int = 0  # times the node task started torchrun again after losing it
+    regroup: int = 0  # the multi-node meeting's generation (> 0: the nodes met again)
     slice_s: float | None = None
     should_stop: Callable[[], bool] = lambda: False
     progress: Progress | None = None
@@ -194,9 +195,9 @@ def run(rank: Rank, program: Program, train: Sequence[int], cfg: LoopConfig, how
         rec = json.loads(ckpt["state"])
         program.extra = rec.pop("program", program.extra)
         rec["resumes"].append({"reason": resume_reason(rank, how.attempt, how.part,
-                                                       how.relaunch),
+                                                       how.relaunch, how.regroup),
                                "attempt": how.attempt, "restart": rank.restart,
-                               "relaunch": how.relaunch,
+                               "relaunch": how.relaunch, "regroup": how.regroup,
                                "part": how.part, "epoch": rec["epoch"], "step": rec["step"],
                                "global_step": rec["global_step"], "at": time.time()})
 

@@ -1,9 +1,12 @@
 """Nodes of a data-parallel run meet through Redis before torchrun's rendezvous.
 
 Each node task registers itself; the first to register serves the c10d store and publishes
-its address; every node waits until all have joined (so a run that cannot gather its nodes
-says so at once instead of timing out inside torchrun), and learns how many ranks share its
-machine (they share its cores on CPU).
+its address (the one that reaches the broker, so the other hosts reach it too); every node
+waits until all have joined (so a run that cannot gather its nodes says so at once instead of
+timing out inside torchrun), and learns how many ranks share its machine (they share its
+cores on CPU). A meeting has a generation: when a node is lost (its task delivered again) or
+its torchrun fails, the run regroups (:func:`regroup`): every node stops its torchrun and
+meets again in the next generation, with a new store host and run id.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class Meeting:
     ranks_here: int
     run_id: str
     address: str  # this node's, as the others reach it
+    gen: int = 0  # the meeting's generation (one per regroup of the run)
 
 
 def my_address(r: Any = None) -> str:
@@ -72,14 +76,44 @@ def free_port(address: str) -> int:
         return int(s.getsockname()[1])
 
 
+_BUMP = """
+local c = tonumber(redis.call('get', KEYS[1]) or '0')
+local mine = tonumber(ARGV[1])
+if c <= mine then
+  redis.call('set', KEYS[1], mine + 1, 'EX', tonumber(ARGV[2]))
+  return mine + 1
+end
+return c
+"""
+
+
+def generation_key(job_id: str, program: str, part: int) -> str:
+    return f"{job_key(job_id)}:meet:{program}:{part}:gen"
+
+
+def generation(jobs: JobStore, job_id: str, program: str, part: int) -> int:
+    """The run's current meeting generation (0 until some node regrouped it)."""
+    return int(jobs.r.get(generation_key(job_id, program, part)) or 0)
+
+
+def regroup(jobs: JobStore, job_id: str, program: str, part: int, seen: int) -> int:
+    """Start the next generation after ``seen`` (once, however many nodes ask): every node
+    stops its torchrun and meets again there. The store-side round barrier of a multi-node
+    run: no torchrun agent restarts ranks on its own, so no rank can meet a peer of an older
+    round."""
+    return int(jobs.r.eval(_BUMP, 1, generation_key(job_id, program, part), seen, JOB_TTL_S))
+
+
 def meet(jobs: JobStore, job_id: str, program: str, part: int, slot: int, nnodes: int,
-         nproc: int, timeout_s: float = 300.0) -> Meeting:
-    """Join the run's meeting as ``slot``; return where the c10d store is.
+         nproc: int, timeout_s: float = 300.0, gen: int = 0) -> Meeting:
+    """Join the run's meeting (generation ``gen``) as ``slot``; return where the c10d store
+    is.
 
     Raises:
         JobError: not every node joined within ``timeout_s``.
+        JobCancelled: the job ended while waiting.
     """
-    key = f"{job_key(job_id)}:meet:{program}:{part}"
+    key = f"{job_key(job_id)}:meet:{program}:{part}:g{gen}"
     address = my_address(jobs.r)
     host = socket.gethostname()
     pipe = jobs.r.pipeline()
@@ -97,6 +131,9 @@ def meet(jobs: JobStore, job_id: str, program: str, part: int, slot: int, nnodes
         status = jobs.field(job_id, "status")
         if status in FINAL:  # a node that failed waiting failed the job: stop at once
             raise JobCancelled(f"job {job_id} is {status}: node {slot} stops waiting")
+        if generation(jobs, job_id, program, part) > gen:  # regrouped again meanwhile
+            return meet(jobs, job_id, program, part, slot, nnodes, nproc, timeout_s,
+                        generation(jobs, job_id, program, part))
         if len(nodes) != shown:  # the reason is visible in featurefleet status
             shown = len(nodes)
             jobs.update(job_id, stage=f"{program}: waiting for nodes ({shown} of {nnodes} "
@@ -110,4 +147,66 @@ def meet(jobs: JobStore, job_id: str, program: str, part: int, slot: int, nnodes
     here = sum(int(json.loads(v)["nproc"]) for v in nodes.values()
                if json.loads(v)["host"] == host)
     return Meeting(endpoint=endpoint, is_host=is_host, ranks_here=here,
-                   run_id=f"{job_id}-{program}-{part}", address=address)
+                   run_id=f"{job_id}-{program}-{part}-g{gen}", address=address, gen=gen)
+
+
+_RENEW = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('expire', KEYS[1], tonumber(ARGV[2]))
+end
+return 0
+"""
+_RELEASE = """
+if ARGV[2] ~= '' then redis.call('set', KEYS[2], ARGV[2], 'EX', tonumber(ARGV[3])) end
+if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('del', KEYS[1]) end
+return 1
+"""
+
+
+class Lease:
+    """The one live execution of a node task.
+
+    Redis delivers a message again once it has been unacknowledged longer than the visibility
+    timeout, even while its first delivery still runs (a node that waits for a lost peer does);
+    and a lost host's task comes back the same way. The running execution holds a lease it
+    renews every second; a second delivery that finds it alive follows: it waits, and returns
+    the holder's outcome when the holder finishes, or takes over when the lease expires (its
+    holder died with its host)."""
+
+    TTL_S = 20
+
+    def __init__(self, jobs: JobStore, job_id: str, name: str) -> None:
+        self.r = jobs.r
+        self.key = f"{job_key(job_id)}:lease:{name}"
+        self.outcome_key = f"{job_key(job_id)}:outcome:{name}"
+        self.token = os.urandom(8).hex()
+
+    def acquire(self) -> bool:
+        return bool(self.r.set(self.key, self.token, nx=True, ex=self.TTL_S))
+
+    def renew(self) -> bool:
+        """Extend the lease; False when another execution holds it now."""
+        return bool(self.r.eval(_RENEW, 1, self.key, self.token, self.TTL_S))
+
+    def release(self, outcome: dict[str, Any] | None = None) -> None:
+        """Give the lease up, leaving ``outcome`` for a follower."""
+        self.r.eval(_RELEASE, 2, self.key, self.outcome_key, self.token,
+                    json.dumps(outcome) if outcome is not None else "", JOB_TTL_S)
+
+    def follow(self, stop: Any) -> dict[str, Any] | None:
+        """Wait while another execution holds the lease: its outcome when it finished, None
+        when this execution took the lease over (the holder died).
+
+        Raises:
+            JobCancelled: ``stop()`` turned true (the job ended).
+        """
+        while True:
+            done = self.r.get(self.outcome_key)
+            if done is not None:
+                return dict(json.loads(done))
+            if self.acquire():
+                return None
+            if stop():
+                raise JobCancelled("the job ended while a second delivery of a node task "
+                                   "waited for the first")
+            time.sleep(1.0)

@@ -49,7 +49,7 @@ def main(argv: list[str]) -> int:
 
     how = Slice(out_dir=Path(run.out_dir), attempt=run.attempt, part=run.part,
                 slice_s=run.slice_s, should_stop=should_stop, progress=progress,
-                relaunch=run.relaunch)
+                relaunch=run.relaunch, regroup=run.regroup)
     try:
         result = (_pretrain if program == "pretrain" else _finetune)(rank, plan, how)
     except FeaturefleetError as exc:  # the run's own error: no restart will mend it

@@ -3,16 +3,18 @@ node starts torchrun and supervises it; the chord body collects the outcome.
 
 A run is cut into time slices (``FEATUREFLEET_FINETUNE_SLICE_S``, half the task time limit by
 default): past its deadline the program checkpoints and stops, and the next slice's tasks
-resume it, so no task outlives the visibility timeout. A single-node run whose task is
-delivered again (its worker lost) resumes from the checkpoint; a lost node of a multi-node
-run stops the run, and running the job again resumes it (pretraining checkpoints are kept by
-content, see :func:`run_dir`).
+resume it, so no task normally outlives the visibility timeout. A node task delivered again
+(its worker or host lost) resumes from the checkpoint; in a multi-node run every node then
+meets again (a new generation of the meeting) and resumes together. A run that fails anyway
+resumes when the job is run again (pretraining checkpoints are kept by content, see
+:func:`run_dir`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -24,7 +26,15 @@ from pydantic import BaseModel, ConfigDict
 from pipeline.engine.launch import Node, argv, log_tail, supervise
 from pipeline.errors import JobCancelled, JobError
 from pipeline.fsio import atomic_write_text
-from pipeline.jobs.nodes import Meeting, free_port, interface_of, meet
+from pipeline.jobs.nodes import (
+    Lease,
+    Meeting,
+    free_port,
+    generation,
+    interface_of,
+    meet,
+    regroup,
+)
 from pipeline.jobs.records import FINAL, JobStore
 from pipeline.plan import Plan, load_plan
 from pipeline.settings import get_settings
@@ -59,65 +69,121 @@ def run_node(jobs: JobStore, ref: Any, program: str, part: int, slot: int, round
     """One node of time slice ``part``: start torchrun, supervise it, return rank 0's outcome
     (``state``: done with ``summary``, or continue).
 
-    torchrun restarts failed ranks itself (``max_restarts``); when torchrun itself is lost (its
-    agent killed, or it gave up after the run had checkpointed again), this task starts it
-    again, at most ``max_restarts`` times, and the ranks resume from the last checkpoint; each
-    such relaunch is a resume in the report.
+    One node, one live execution: a second delivery of the task (the visibility timeout
+    passed while this one runs, or its host was lost) follows the first through a lease
+    (:class:`~pipeline.jobs.nodes.Lease`) and returns its outcome, or takes over when the first
+    died. On one node, torchrun restarts failed ranks itself (``max_restarts``); when torchrun
+    itself is lost (its agent killed, or it gave up after the run checkpointed again) this
+    task starts it again, at most ``max_restarts`` times. Across nodes no agent restarts
+    ranks on its own: a failed torchrun, or a node task that came back, regroups every node
+    (:func:`~pipeline.jobs.nodes.regroup`), at most ``max_restarts`` times. Each way, the ranks
+    resume from the last checkpoint and the report lists the resume.
 
     Raises:
         JobCancelled: the job was cancelled (its ranks were stopped).
-        JobError: the run failed (a rank's error, or the end of the node's log), a node of a
-            multi-node run was lost, or the nodes did not all join.
+        JobError: the run failed (a rank's error, or the end of the node's log), it regrouped
+            or relaunched more than ``max_restarts`` times, or the nodes did not all join.
     """
-    from pipeline.jobs.steps import count_attempt, live
+    from pipeline.jobs.steps import live
 
     plan = load_plan(ref)
     if program != plan.program:
         raise JobError(f"job {plan.job_id} runs {plan.program!r}, not {program!r}; fix: send "
                        "tasks built by workers.canvas")
-    cfg = plan.training
     live(jobs, plan, program)
+    lease = Lease(jobs, plan.job_id, f"{program}.{part}.{round_}.{slot}")
+    taken_over = False
+    if not lease.acquire():  # delivered again while the first delivery still runs
+        outcome = lease.follow(lambda: jobs.field(plan.job_id, "status") in FINAL)
+        if outcome is not None:
+            return outcome
+        taken_over = True  # the holder died (its host lost): this delivery goes on
+    try:
+        result = _run_node(jobs, plan, ref, program, part, slot, round_, on_progress, lease,
+                           taken_over)
+    except BaseException:
+        lease.release()
+        raise
+    lease.release(result)
+    return result
+
+
+def _run_node(jobs: JobStore, plan: Plan, ref: Any, program: str, part: int, slot: int,
+              round_: int, on_progress: Callable[[dict[str, Any]], None] | None,
+              lease: Lease, taken_over: bool) -> dict[str, Any]:
+    from pipeline.jobs.steps import count_attempt
+
+    cfg = plan.training
     attempts = count_attempt(jobs, plan, f"{program}.{part}.{slot}", f"{program} (node {slot})")
-    if attempts > 1 and cfg.nodes > 1:
-        raise JobError(f"node {slot} of the {cfg.nodes}-node {program} run was lost; fix: run "
-                       "the job again (featurefleet retry): it resumes from its last checkpoint")
     out_dir = run_dir(plan, program)
     out_dir.mkdir(parents=True, exist_ok=True)
     nproc = max(1, _gpus_here()) if cfg.device != "cpu" else 1
-    meeting = None
-    if cfg.nodes > 1:
-        meeting = meet(jobs, plan.job_id, program, part + 1000 * round_, slot, cfg.nodes, nproc)
-    tag = f"p{part}-r{round_}-a{attempts if cfg.nodes == 1 else 1}"
+    multi = cfg.nodes > 1
+    mkey = part + 1000 * round_  # the meetings of this slice (and watchdog round)
+    gen = generation(jobs, plan.job_id, program, mkey) if multi else 0
+    if multi and (attempts > 1 or taken_over):  # this node was lost, its task came back
+        gen = regroup(jobs, plan.job_id, program, mkey, gen)
+    tag = f"p{part}-r{round_}-a{1 if multi else attempts}"
     status_file = out_dir / f"status-{tag}.json"
     log = out_dir / f"node-{tag}-n{slot}.log"
     last = {"at": 0.0}
+    why = {"stop": ""}
 
-    def tick() -> bool:  # every second: the job's progress to Flower, and cancel
+    def tick() -> bool:  # every second: the job's progress to Flower, cancel, regroup
         if time.monotonic() - last["at"] < 1.0:
             return False
         last["at"] = time.monotonic()
+        if not lease.renew():
+            why["stop"] = "lease"
+            return True
         st = jobs.get(plan.job_id)
         if on_progress is not None and isinstance(st.get(program), dict):
             on_progress(st[program])
-        return bool(st.get("status") in FINAL)
+        if st.get("status") in FINAL:
+            why["stop"] = "final"
+        elif multi and generation(jobs, plan.job_id, program, mkey) > gen:
+            why["stop"] = "regroup"
+        return bool(why["stop"])
 
     relaunch = 0
     while True:
-        if meeting is None:  # this machine alone: a private store on loopback
+        if multi:  # a run that keeps losing nodes ends in bounded time
+            if gen > cfg.max_restarts:
+                raise JobError(f"the {cfg.nodes}-node {program} run regrouped {gen} times "
+                               f"(a node or its torchrun lost each time; "
+                               f"{program}.max_restarts is {cfg.max_restarts}): "
+                               f"{log_tail(log, 4)}; fix: check the workers' hosts and "
+                               "network, then featurefleet retry (it resumes)")
+            timeout = 300.0 if gen == 0 else max(300.0, get_settings().visibility + 60.0)
+            meeting: Meeting | None = meet(jobs, plan.job_id, program, mkey, slot,
+                                           cfg.nodes, nproc, timeout, gen)
+            assert meeting is not None
+            gen = meeting.gen
+            if meeting.is_host:
+                jobs.update(plan.job_id, rendezvous=meeting.endpoint, regroups=gen)
+            # torchrun restarts no rank by itself: a failure regroups every node together
+            node = Node(cfg.nodes, nproc, meeting.endpoint, meeting.is_host, meeting.run_id,
+                        0, local_addr=meeting.address)
+        else:  # this machine alone: a private store on loopback
+            meeting = None
             node = Node(1, nproc, f"127.0.0.1:{free_port('127.0.0.1')}", True,
                         f"{plan.job_id}-{program}-{part}-{attempts}-{relaunch}",
                         cfg.max_restarts)
-        else:
-            node = Node(cfg.nodes, nproc, meeting.endpoint, meeting.is_host, meeting.run_id,
-                        cfg.max_restarts, local_addr=meeting.address)
         runfile = out_dir / f"run-{tag}-n{slot}.json"
         atomic_write_text(runfile, RunFile(
-            ref=ref, part=part, attempt=attempts, relaunch=relaunch,
+            ref=ref, part=part, attempt=attempts, relaunch=relaunch, regroup=gen,
             slice_s=get_settings().finetune_slice, device=cfg.device, out_dir=str(out_dir),
             status_file=str(status_file)).model_dump_json())
         before = _checkpoint_mtime(out_dir)
+        why["stop"] = ""
         code = supervise(argv(node, "pipeline.jobs.ranks", str(runfile)),
                          _rank_env(meeting, nproc), log, tick)
+        if code == -1 and why["stop"] == "regroup":
+            gen = generation(jobs, plan.job_id, program, mkey)
+            continue
+        if code == -1 and why["stop"] == "lease":
+            raise JobError(f"{program} node {slot}: another delivery of this node's task took "
+                           "it over (this worker stopped renewing its lease: it was stalled)")
         if code == -1:
             raise JobCancelled(f"job {plan.job_id} was cancelled during {program}")
         if code == 0:
@@ -125,6 +191,9 @@ def run_node(jobs: JobStore, ref: Any, program: str, part: int, slot: int, round
         failed = _rank_error(status_file)
         if failed is not None:  # a rank's own error (bad data, a batch that cannot fit)
             raise JobError(f"{program}: {failed}")
+        if multi:  # a peer lost, or this node's torchrun: every node meets again
+            gen = regroup(jobs, plan.job_id, program, mkey, gen)
+            continue
         # torchrun lost (killed: a negative status) or given up after new checkpoints: the
         # run is resumable from last.pt; a run that never checkpointed again is not retried
         progressed = _checkpoint_mtime(out_dir) not in (None, before)
@@ -134,8 +203,6 @@ def run_node(jobs: JobStore, ref: Any, program: str, part: int, slot: int, round
                            f"{relaunch} time(s)): {log_tail(log, 6)}; fix: read {log}")
         relaunch += 1
         jobs.update(plan.job_id, relaunches=relaunch)
-        import logging
-
         logging.getLogger(__name__).warning(
             "job %s: %s node %d lost its torchrun (exit %d): relaunch %d of %d from the last "
             "checkpoint", plan.job_id, program, slot, code, relaunch, cfg.max_restarts)
@@ -159,6 +226,7 @@ class RunFile(BaseModel):
     part: int
     attempt: int
     relaunch: int = 0
+    regroup: int = 0
     slice_s: float | None
     device: str
     out_dir: str
