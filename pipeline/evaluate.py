@@ -16,16 +16,17 @@ def classification_metrics(labels: np.ndarray, proba: np.ndarray,
     k = len(class_names)
     pred = proba.argmax(axis=1)
     n = len(y)
-    conf = np.zeros((k, k), dtype=np.int64)
-    np.add.at(conf, (y, pred), 1)
-    tp = np.diag(conf).astype(float)
-    support = conf.sum(axis=1)
-    predicted = conf.sum(axis=0)
+    # counts per (true, predicted) pair that occurs: bounded by the samples, never k x k
+    pairs, counts = np.unique(np.stack([y, pred]), axis=1, return_counts=True) \
+        if n else (np.zeros((2, 0), np.int64), np.zeros(0, np.int64))
+    tp = np.bincount(y[pred == y], minlength=k).astype(float)
+    support = np.bincount(y, minlength=k)
+    predicted = np.bincount(pred, minlength=k)
     precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
     recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k),
                    where=(precision + recall) > 0)
-    top5 = np.argsort(-proba, axis=1)[:, : min(5, k)]
+    top5 = np.argpartition(-proba, 4, axis=1)[:, :5] if k > 5 else np.argsort(-proba, axis=1)
     present = support > 0
     conf_pred = proba.max(axis=1)
     correct = pred == y
@@ -47,5 +48,27 @@ def classification_metrics(labels: np.ndarray, proba: np.ndarray,
         "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]),
                              "f1": float(f1[i]), "support": int(support[i])}
                       for i, name in enumerate(class_names)},
-        "confusion_matrix": conf.tolist(),
+        **confusion(pairs, counts, class_names),
     }
+
+
+MAX_DENSE_CLASSES = 50  # above this the report keeps the most frequent confusions only
+TOP_CONFUSIONS = 50
+
+
+def confusion(pairs: np.ndarray, counts: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+    """The confusion matrix (``confusion_matrix``, rows true, columns predicted) up to
+    :data:`MAX_DENSE_CLASSES` classes, and always ``confusion_top``: the most frequent
+    confusions (true, predicted, count), so a report stays small at any class count."""
+    k = len(class_names)
+    off = pairs[0] != pairs[1]
+    order = np.argsort(-counts[off], kind="stable")[:TOP_CONFUSIONS]
+    out: dict[str, Any] = {"confusion_top": [
+        {"true": class_names[int(t)], "predicted": class_names[int(p)], "count": int(c)}
+        for t, p, c in zip(pairs[0][off][order], pairs[1][off][order], counts[off][order],
+                           strict=True)]}
+    if k <= MAX_DENSE_CLASSES:
+        conf = np.zeros((k, k), dtype=np.int64)
+        conf[pairs[0], pairs[1]] = counts
+        out["confusion_matrix"] = conf.tolist()
+    return out

@@ -29,6 +29,7 @@ from pipeline.devices import decode_threads, decoded, pick_device
 from pipeline.engine import loop
 from pipeline.engine.dist import Rank
 from pipeline.fsio import atomic_path, atomic_write_text
+from pipeline.heads import load_tensors
 from pipeline.plan import BackboneInfo, Splits
 from pipeline.preprocess import augment, preprocess
 from pipeline.sources import Source
@@ -193,9 +194,8 @@ def run(rank: Rank, source: Source, splits: Splits, class_names: list[str],
 
 def load_network(best: str | Path, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
     """The fine-tuned network from ``best.pt`` (safe load), in eval mode, and its metadata."""
-    import torch
-
-    raw = torch.load(best, map_location="cpu", weights_only=True)
+    raw = load_tensors(best, "fine-tuned network (best.pt)", "pass the folder of a finished "
+                       "fine-tuning job, or its finetune/best.pt")
     meta = json.loads(raw["meta"])
     net, _ = build_network(meta["backbone"], backbones.RANDOM, meta["n_classes"], device,
                            backbones.preprocessing_from_dict(meta["preprocessing"]))

@@ -63,3 +63,4 @@ def atomic_write_bytes(path: str | Path, data: bytes, fsync: bool = True) -> Pat
 def atomic_write_text(path: str | Path, text: str, fsync: bool = True) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     return atomic_write_bytes(path, text.encode(), fsync)
+

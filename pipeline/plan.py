@@ -309,13 +309,38 @@ def _checked(text: str, sha256: str, roots: str) -> Plan:
 
 
 def read_plan(job_dir: str | Path) -> Plan:
-    """A job's plan from its folder (client side: retry, recovery, the watchdog)."""
+    """A job's plan from its folder (client side: retry, recovery, the watchdog).
+
+    Raises:
+        JobError: no plan there, or not a readable featurefleet plan.
+    """
     path = Path(job_dir) / "plan.json"
     try:
-        return Plan.model_validate_json(path.read_text())
+        return Plan.model_validate_json(path.read_bytes())
     except OSError as exc:
         raise JobError(f"no readable plan at {str(path)!r} ({exc.strerror}); fix: pass the "
                        "job's folder (<output>/jobs/<id>)") from None
+    except ValueError as exc:  # pydantic's ValidationError: broken JSON, a changed schema
+        raise JobError(f"{str(path)!r} is not a featurefleet plan ({short(str(exc), 120)}); "
+                       "fix: pass the folder of a job planned by this version of featurefleet "
+                       "(<output>/jobs/<id>), or submit its spec again") from None
+
+
+def read_spec(job_dir: str | Path) -> JobSpec:
+    """A job's spec from its folder (``spec.json``).
+
+    Raises:
+        JobError: missing or not a spec.
+    """
+    path = Path(job_dir) / "spec.json"
+    try:
+        return JobSpec.from_dict(json.loads(path.read_bytes()))
+    except OSError as exc:
+        raise JobError(f"no readable spec at {str(path)!r} ({exc.strerror}); fix: submit the "
+                       "job's YAML again") from None
+    except (ValueError, SpecError) as exc:
+        raise JobError(f"{str(path)!r} is not a job spec ({short(str(exc), 120)}); fix: "
+                       "submit the job's YAML again") from None
 
 
 def check_paths(targets: list[tuple[str, str]]) -> None:

@@ -142,7 +142,14 @@ def resolve_backbone(spec: JobSpec) -> tuple[str, str | None, backbones.WeightsI
     if not report.is_file():
         raise BackboneError(f"backbone {name!r}: pretraining job {job_id} has not finished; "
                             f"fix: wait for it (featurefleet watch {job_id})")
-    rep = json.loads(report.read_text())
+    try:
+        rep = json.loads(report.read_bytes())
+    except (OSError, ValueError):
+        rep = None
+    if not isinstance(rep, dict):
+        raise BackboneError(f"backbone {name!r}: {str(report)!r} is not a readable report "
+                            f"(broken JSON); fix: run the pretraining job again, or name its "
+                            "encoder file with backbone.weights: /path/to/encoder.pt")
     if rep.get("kind") != "pretrain" or not rep.get("encoder"):
         raise BackboneError(f"backbone {name!r}: job {job_id} is not a pretraining job; fix: "
                             "name a job submitted with kind: pretrain")
@@ -150,9 +157,32 @@ def resolve_backbone(spec: JobSpec) -> tuple[str, str | None, backbones.WeightsI
     if not Path(encoder).is_file() or backbones.file_sha256(encoder) != rep["encoder_sha256"]:
         raise BackboneError(f"backbone {name!r}: the encoder {encoder!r} is missing or changed "
                             "since its job wrote it; fix: run the pretraining job again")
-    arch = str(rep["backbone"]["arch"])
-    pre = backbones.Preprocessing.from_dict(rep["backbone"]["preprocessing"])
+    try:
+        arch = str(rep["backbone"]["arch"])
+        pre = backbones.Preprocessing.from_dict(rep["backbone"]["preprocessing"])
+    except (KeyError, TypeError, ValueError):
+        raise BackboneError(f"backbone {name!r}: {str(report)!r} lacks the encoder's "
+                            "architecture or preprocessing; fix: run the pretraining job "
+                            "again") from None
     return arch, encoder, backbones.WeightsInfo(name, rep["encoder_sha256"], pre)
+
+
+def finetune_checks(spec: JobSpec, n_train: int) -> None:
+    """Fine-tuning can train: one global batch fits the training split, with at least two
+    samples for every node (BatchNorm in train mode needs two).
+
+    Raises:
+        DataError: the batch is larger than the training split, or too small for the nodes.
+    """
+    ft = spec.finetune
+    if n_train < ft.batch_size:
+        raise DataError(f"{n_train} training samples are fewer than one batch "
+                        f"(finetune.batch_size {ft.batch_size}); fix: lower finetune.batch_size "
+                        f"to at most {max(2, n_train)}, or add data")
+    if ft.batch_size // ft.nodes < 2:
+        raise DataError(f"finetune.batch_size {ft.batch_size} leaves fewer than 2 samples for "
+                        f"each of finetune.nodes {ft.nodes}; fix: raise finetune.batch_size to "
+                        f"at least {2 * ft.nodes}, or lower finetune.nodes")
 
 
 def modality_checks(source: Source, spec: JobSpec,
@@ -302,6 +332,8 @@ def make_plan(spec: JobSpec, job_id: str, gpus: int | Callable[[], int] = 0,
         strategy, reason = choose(spec, len(split["train"]), len(source.class_names),
                                   pre.input_size, gpus if isinstance(gpus, int) else 0,
                                   "tokens" if pre.modality == "text" else "px")
+    if strategy == "finetune":
+        finetune_checks(spec, len(split["train"]))
     extract_ids = sorted({int(i) for v in split.values() for i in v})
     key = content_key(spec, fingerprint, weights, pre, extract_ids)
     shard_dir = files.join(spec.store_dir, re.sub(r"[^A-Za-z0-9_.-]+", "_", arch).strip("_."),

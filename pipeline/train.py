@@ -40,10 +40,19 @@ def read_splits(paths: list[str], ids: Mapping[str, Sequence[int]],
 
     Each split's features are held in memory once, in their own array (rows x dim
     ``dtype``; float16 is the stored dtype and half the memory): the probe fits full-batch.
+
+    Raises:
+        JobError: a row that is not finite (NaN/inf): no head can be fitted on it.
     """
     out = {}
     for name, members in ids.items():
         x, y, idx = ShardReader(paths, np.asarray(members, np.int64)).read(dtype)
+        bad = np.flatnonzero(~np.isfinite(x).all(axis=1)) if x.size else np.zeros(0, np.int64)
+        if len(bad):
+            raise JobError(f"{len(bad)} of {len(x)} {name} feature rows are not finite (NaN or "
+                           f"inf; e.g. sample index {int(idx[bad[0]])}); fix: the backbone "
+                           "overflowed or the data holds NaN (float arrays): use "
+                           "backbone.precision bf16 or fp32, and check the data's values")
         out[name] = Features(x, y, idx)
     return out
 

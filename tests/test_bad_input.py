@@ -353,3 +353,221 @@ def test_a_decompression_bomb_is_a_recorded_skip(tmp_path: Path) -> None:
     assert "over the 150 MP limit" in reasons["a/bomb.jpg"]
     assert "a/bomb.png" in reasons  # refused before decoding, whichever check speaks first
     assert len(loaded.images) == 3
+
+
+# --- round 3: the surfaces added since round 2 (issue 26) --------------------------------
+
+def _texts(t: Path, rows: list[tuple[str, str]], name: str = "t.csv") -> str:
+    import csv
+
+    with open(t / name, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["text", "label"])
+        w.writerows(rows)
+    return str(t / name)
+
+
+def _parquet(t: Path, table: dict) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(table), t / "t.parquet")
+    return str(t / "t.parquet")
+
+
+def _latin1_label(t: Path) -> str:
+    (t / "t.csv").write_bytes(b"text,label\n" + b"".join(
+        b"some words %d,%s\n" % (i, b"caf\xe9" if i % 2 else b"tea") for i in range(8)))
+    return str(t / "t.csv")
+
+
+def _job_with_broken_report(t: Path) -> dict:
+    d = t / "out" / "jobs" / "0123456789ab"
+    d.mkdir(parents=True)
+    (d / "plan.json").write_text("{}")
+    (d / "report.json").write_text("{not json")
+    return _spec(t, {}, backbone={"name": "job:0123456789ab"})
+
+
+def _symlinked_text(t: Path) -> str:
+    for c in ("a", "b"):
+        (t / "txt" / c).mkdir(parents=True)
+        for i in range(3):
+            (t / "txt" / c / f"{i}.txt").write_text(f"{c} text {i}")
+    (t / "txt" / "a" / "leak.txt").symlink_to("/etc/passwd")
+    return str(t / "txt")
+
+
+def _symlinked_image(t: Path) -> str:
+    root = _folder(t / "f")
+    _img(t / "outside.png")
+    (root / "a" / "link.png").symlink_to(t / "outside.png")
+    return str(root)
+
+
+ROUND3: dict[str, tuple[Callable[[Path], dict], str]] = {
+    "label not UTF-8": (lambda t: _spec(t, {"source": "text", "path": _latin1_label(t)},
+                                        backbone={"name": "all-MiniLM-L6-v2"}), "not valid UTF-8"),
+    "NUL byte in a manifest path": (lambda t: _spec(t, {"source": "manifest", "path": _manifest(
+        t, "path,label\nimgs/a/0.png\0x,a\nimgs/b/1.png,b\n")}), "NUL byte"),
+    "job backbone whose report is not JSON": (_job_with_broken_report, "not a readable report"),
+    "int32 images above 255": (lambda t: _spec(t, {"source": "npz", "path": _npz(
+        t, images=np.full((4, 6, 6), 4000, np.int32), labels=np.array([0, 1, 0, 1]))}),
+        "outside 0..255"),
+    "float images above 255": (lambda t: _spec(t, {"source": "npz", "path": _npz(
+        t, images=np.full((4, 6, 6), 300.0, np.float32), labels=np.array([0, 1, 0, 1]))}),
+        "outside 0..255"),
+    "negative pixels": (lambda t: _spec(t, {"source": "npz", "path": _npz(
+        t, images=np.full((4, 6, 6), -3, np.int16), labels=np.array([0, 1, 0, 1]))}),
+        "outside 0..255"),
+    "Parquet list<string> text column": (lambda t: _spec(t, {"source": "text", "path": _parquet(
+        t, {"text": [["a", "b"], ["c"]] * 4, "label": ["x", "y"] * 4})},
+        backbone={"name": "all-MiniLM-L6-v2"}), "not texts or labels"),
+    "Parquet that decodes past the limit": (lambda t: _spec(t, {"source": "text",
+                                                                "path": _parquet(
+        t, {"text": ["a" * 1000] * 600_000, "label": ["x", "y"] * 300_000})},
+        backbone={"name": "all-MiniLM-L6-v2"}), "decodes to"),
+    "text folder with a link out": (lambda t: _spec(t, {"source": "text",
+                                                        "path": _symlinked_text(t)},
+                                                    backbone={"name": "all-MiniLM-L6-v2"}),
+                                    "leads outside the data folder"),
+    "image folder with a link out": (lambda t: _spec(t, {"source": "imagefolder",
+                                                         "path": _symlinked_image(t)}),
+                                     "leads outside the data folder"),
+    "finetune batch larger than the training set": (lambda t: _spec(
+        t, {"limit": 60}, strategy="finetune", finetune={"batch_size": 512}),
+        "fewer than one batch (finetune.batch_size 512)"),
+    "memory:// store": (lambda t: _spec(t, {}, store="memory://features"),
+                        "lives in one process's memory"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROUND3))
+def test_round3_bad_input_is_a_clear_error(case: str, tmp_path: Path) -> None:
+    build, words = ROUND3[case]
+    raw = build(tmp_path)
+    with pytest.raises(FeaturefleetError) as info:
+        make_plan(JobSpec.from_dict(raw), "00000000000d")
+    msg = str(info.value)
+    assert words in msg, msg
+    assert "fix:" in msg and "\n" not in msg and "Traceback" not in msg
+
+
+def test_spec_files_that_say_nothing_or_repeat_a_key_are_refused(tmp_path: Path) -> None:
+    for name, text, words in [("empty.yaml", "", "is empty"),
+                              ("comments.yaml", "# todo\n\n", "is empty"),
+                              ("twice.yaml", "data:\n  limit: 10\n  limit: 20\n",
+                               "'limit': given twice"),
+                              ("twice.json", '{"name": "a", "name": "b"}', "'name': given twice")]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(FeaturefleetError, match=words) as info:
+            JobSpec.from_file(tmp_path / name)
+        assert "fix:" in str(info.value)
+    with pytest.raises(FeaturefleetError, match=r"did you mean 'shard_size'"):
+        JobSpec.from_dict({"data": {"shard_sise": 64}})
+
+
+def test_decoded_bombs_and_silent_corruption_are_recorded_skips(tmp_path: Path) -> None:
+    """Bound what is decoded: a 3 GiB text member of a small gzip tar is skipped (never read
+    whole), a JPEG whose data ends early is skipped, masks (bool) are black and white, a text
+    column holding a list is never the repr of a list, __MACOSX is not a class."""
+    import gzip
+    import io
+    import tarfile
+
+    from pipeline.sources.decode import MAX_TEXT_BYTES
+    from pipeline.sources.webdataset import TarSource
+
+    path = tmp_path / "bomb.tar"
+    with tarfile.open(path, "w") as tf:
+        for i, (text, label) in enumerate([("hello there", "a"), ("general kenobi", "b")]):
+            for ext, data in (("txt", text.encode()), ("cls", label.encode())):
+                info = tarfile.TarInfo(f"{i}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+        info = tarfile.TarInfo("2.txt")
+        info.size = 16 * MAX_TEXT_BYTES
+        tf.addfile(info, io.BytesIO(bytes(info.size)))
+        info = tarfile.TarInfo("2.cls")
+        info.size = 1
+        tf.addfile(info, io.BytesIO(b"a"))
+    src = TarSource(str(path), modality="text")
+    loaded = src.load(range(len(src)))
+    assert sorted(loaded.images) == ["general kenobi", "hello there"]
+    assert [why for _, why in loaded.failures] == [
+        f"ValueError: tar member of {16 * MAX_TEXT_BYTES} bytes, over the {MAX_TEXT_BYTES}"
+        "-byte limit of one sample (not read)"]
+    # a gzip tar (3 MB can hold a 3 GiB member): refused before anything is decompressed
+    with open(path, "rb") as fh, gzip.open(tmp_path / "bomb.tar.gz", "wb", 1) as gz:
+        gz.write(fh.read())
+    with pytest.raises(FeaturefleetError, match=r"gzip-compressed.*fix: store uncompressed"):
+        TarSource(str(tmp_path / "bomb.tar.gz"), modality="text")
+    # a JPEG cut short: skipped, not grey rows
+    root = _folder(tmp_path / "f")
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)).save(
+        buf, format="JPEG")
+    (root / "a" / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) * 2 // 3])
+    (root / "a" / "whole.jpg").write_bytes(buf.getvalue())
+    (root / "__MACOSX" / "a").mkdir(parents=True)
+    _img(root / "__MACOSX" / "a" / "._0.png")
+    src = open_source(DataSpec(source="imagefolder", path=str(root)))
+    assert src.class_names == ["a", "b"]
+    loaded = src.load(range(len(src)))
+    failed = {src.sample_id(i): why for i, why in loaded.failures}
+    assert list(failed) == ["a/cut.jpg"] and "truncated JPEG" in failed["a/cut.jpg"]
+    from pipeline.sources.decode import to_rgb_uint8
+
+    mask = to_rgb_uint8(np.array([[True, False]]))
+    assert mask[0, 0].tolist() == [255, 255, 255] and mask[0, 1].tolist() == [0, 0, 0]
+    from pipeline.sources.text import table_source
+
+    (tmp_path / "t.jsonl").write_text("\n".join(
+        ['{"text": ["a", "list"], "label": "x"}'] + [f'{{"text": "t{i}", "label": "{"xy"[i % 2]}"}}'
+                                                    for i in range(4)]))
+    table = table_source(tmp_path / "t.jsonl", DataSpec(source="text",
+                                                        path=str(tmp_path / "t.jsonl")))
+    assert "['a', 'list']" not in table.texts and table.dropped[0][0] == "line 1"
+
+
+class _Evil:
+    """Pickled into a "head": the safe loader must refuse it (never run it)."""
+
+
+def test_predict_inputs_end_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import sys
+
+    from pipeline.client.cli import main
+    from pipeline.predict import load_classifier
+
+    with pytest.raises(SystemExit) as info:  # argparse: usage + one line, exit 2
+        main(["predict", str(tmp_path), "--top", "0", "x.jpg"])
+    assert info.value.code == 2 and "--top: 0 must be at least 1" in capsys.readouterr().err
+    torch.save({"kind": "linear", "meta": "{}", "x": _Evil()}, tmp_path / "head.pt")
+    with pytest.raises(FeaturefleetError, match=r"not a featurefleet head file that loads "
+                                                r"safely \(UnpicklingError.*fix:"):
+        load_classifier(tmp_path / "head.pt")
+    assert main(["predict", str(tmp_path / "head.pt"), "a.jpg"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("featurefleet: error:") and "Traceback" not in err
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\x00\x01binary\xff")))
+    assert main(["predict", str(tmp_path / "head.pt"), "--text-file", "-"]) == 2
+    assert "standard input is binary data" in capsys.readouterr().err
+
+
+def test_features_that_are_not_finite_stop_training_with_the_fix(tmp_path: Path) -> None:
+    from pipeline.store import shards
+    from pipeline.train import read_splits
+
+    x = np.ones((6, 4), np.float16)
+    x[2, 1] = np.inf  # float16 overflow: what a fp16 backbone can produce
+    path = tmp_path / shards.shard_name(0, 6)
+    shards.write_shard(path, shards.ShardData(
+        features=x, labels=np.array([0, 1] * 3), indices=np.arange(6),
+        sample_ids=[f"s{i}" for i in range(6)], skipped=[], attrs={"key": "k"}))
+    assert len(read_splits([str(path)], {"train": [0, 1]})["train"]) == 2
+    with pytest.raises(FeaturefleetError, match=r"1 of 6 train feature rows are not finite "
+                                                r"\(NaN or inf; e.g. sample index 2\).*fix:"):
+        read_splits([str(path)], {"train": list(range(6))})

@@ -97,3 +97,37 @@ def test_ece_on_hand_made_cases() -> None:
     p2 = np.array([[0.9, 0.1], [0.2, 0.8], [0.1, 0.9]])
     m = classification_metrics(np.array([0, 0, 1]), p2, names)
     assert m["macro_f1"] == pytest.approx(2 / 3)
+
+
+def test_reports_stay_small_at_any_class_count(tmp_path: Path) -> None:
+    """3,000 classes: no k x k matrix anywhere (metrics, JSON, page); the most frequent
+    confusions agree with an independent count; the per-class bars are bounded; predictions
+    whose labels look like spreadsheet formulas are written as text."""
+    import collections
+    import json
+
+    from pipeline.reports.plots import confusion_svg, f1_svg
+    from pipeline.reports.report import write_predictions
+
+    rng = np.random.default_rng(0)
+    k, n = 3000, 6000
+    names = [f"c{i}" for i in range(k)]
+    y = rng.integers(0, k, n)
+    pred = np.where(rng.random(n) < 0.5, y, rng.integers(0, 20, n))  # errors pile on 20
+    proba = np.full((n, k), 1e-6, np.float32)
+    proba[np.arange(n), pred] = 1.0
+    m = classification_metrics(y, proba, names)
+    assert "confusion_matrix" not in m and len(m["confusion_top"]) == 50
+    want = collections.Counter((int(a), int(b)) for a, b in zip(y, pred, strict=True) if a != b)
+    top = [(names.index(c["true"]), names.index(c["predicted"]), c["count"])
+           for c in m["confusion_top"]]
+    assert sorted(c for _, _, c in top) == sorted(want.values())[-50:]
+    assert all(want[(t, p)] == c for t, p, c in top)
+    assert m["top1"] == pytest.approx(float((pred == y).mean()))
+    assert len(json.dumps(m)) < 1_000_000
+    assert confusion_svg(m.get("confusion_matrix"), names) == ""
+    assert f1_svg(m["per_class"]).count("<rect") == 40
+    path = write_predictions(tmp_path, ["=HYPERLINK(x)", "ok"], np.array([0, 1]),
+                             np.array([0, 1]), np.eye(2, dtype=np.float32), ["+1", "@b"])
+    rows = path.read_text().splitlines()
+    assert rows[1].startswith("'=HYPERLINK(x),0,'+1,'+1,") and ",'@b,'@b," in rows[2]

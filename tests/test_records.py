@@ -22,6 +22,17 @@ def test_create_update_and_read(jobs: JobStore) -> None:
     assert [j["id"] for j in jobs.recent()] == [JOB]
 
 
+def test_a_record_is_never_created_twice(jobs: JobStore) -> None:
+    """Recovery of a job that still has its record (or a copy of a finished job's plan) must
+    not wipe the record's history: create refuses, the record stays as it was."""
+    jobs.create(JOB, {"name": "n"})
+    jobs.finish(JOB, "SUCCESS", report="/r.json")
+    with pytest.raises(JobError, match=rf"job {JOB} already has a record \(status SUCCESS\)"):
+        jobs.create(JOB, {"name": "other"})
+    st = jobs.get(JOB)
+    assert st["status"] == "SUCCESS" and st["name"] == "n" and st["report"] == "/r.json"
+
+
 def test_writes_never_recreate_a_lost_record(jobs: JobStore) -> None:
     """Redis restarted without its data: a worker's write raises JobLost and leaves no hash
     without status or expiry behind."""

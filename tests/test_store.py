@@ -145,3 +145,31 @@ def test_manifest_records_only_what_writers_reported(tmp_path: Path) -> None:
         f["features"][0, 0] = 99
     assert not manifest.trusted(path, "k1", 11, manifest.read_manifest(tmp_path))
     assert manifest.read_manifest(tmp_path)["shards"][path.name]["sha256"] == written.sha256
+
+
+def test_a_full_disk_fails_cleanly_and_leaves_no_debris(tmp_path: Path) -> None:
+    """A real full disk (a 256 KiB tmpfs, where root may mount one): the write fails with the
+    fix, nothing half-written is visible, no temp file stays; once space is back, the retry
+    writes the shard and sweeps the debris a killed writer left beside it."""
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        path = mnt / "key" / shards.shard_name(0, 20000)
+        with pytest.raises(StoreError, match=r"cannot write shard .*free space"):
+            shards.write_shard(path, _data(n=20000, d=64))
+        assert not path.exists() and not list(path.parent.glob(".*.tmp"))
+        # debris of a writer killed mid-write (its process is gone) and a live writer's file
+        dead = path.with_name(f".{path.name}.{files._WRITER}-999999999.0123abcd.tmp")
+        live = path.with_name(f".{path.name}.{files._WRITER}-{os.getpid()}.4567abcd.tmp")
+        dead.write_bytes(b"x")
+        live.write_bytes(b"y")
+        shards.write_shard(path, _data(n=100, d=8))
+        assert shards.inspect(path, "k1") is not None
+        assert not dead.exists() and live.exists()  # a live writer's file is never touched
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

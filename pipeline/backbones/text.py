@@ -159,10 +159,18 @@ def folder_factory(folder: Path, model_id: str,
                                 "transformers") from None
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            if tokenizer.pad_token is None:  # decoder-only models (GPT-2): pad with their end
+                if tokenizer.eos_token is None and tokenizer.unk_token is None:
+                    raise BackboneError(f"backbone {name!r}: its tokenizer has no padding, "
+                                        "end or unknown token to pad a batch with; fix: save "
+                                        "the tokenizer with a pad_token")
+                tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
             if random_init:
                 model = AutoModel.from_config(AutoConfig.from_pretrained(str(folder)))
             else:
                 model = AutoModel.from_pretrained(str(folder))
+        except BackboneError:
+            raise
         except Exception as exc:
             raise BackboneError(f"backbone {name!r}: cannot load the encoder in "
                                 f"{str(folder)!r} ({type(exc).__name__}: {str(exc)[:160]}); "

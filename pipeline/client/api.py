@@ -16,7 +16,7 @@ from pipeline.errors import BrokerError, JobError, SpecError
 from pipeline.jobs.broker import broker_url, connect, redact
 from pipeline.jobs.compare import settle
 from pipeline.jobs.records import FINAL, JobStore
-from pipeline.plan import Plan, PlanRef, check_job_id, check_plan, read_plan
+from pipeline.plan import Plan, PlanRef, check_job_id, check_plan, read_plan, read_spec
 from pipeline.spec import JobSpec
 
 
@@ -94,7 +94,7 @@ class Job:
     def retry(self) -> Job:
         """Submit the job's spec again: valid shards are reused, so only what failed runs."""
         st = self.status()
-        spec = JobSpec.from_dict(json.loads((Path(st["job_dir"]) / "spec.json").read_text()))
+        spec = read_spec(Path(st["job_dir"]))
         job = submit(spec, broker=self.broker)
         job.jobs.update(job.id, retry_of=self.id)
         return job
@@ -185,27 +185,58 @@ def record_fields(plan: Plan, ref: PlanRef, round_: int, ids: list[str],
             **({"compare_id": compare_id} if compare_id else {}), **fields}
 
 
-def recover(job_dir: str | Path, broker: str | None = None) -> Job:
+def recover(job_dir: str | Path, broker: str | None = None,
+            expect_id: str | None = None) -> Job:
     """Bring back a job whose record was lost (Redis restarted without its data), from the
     plan on shared storage: its record is made again and its canvas sent again; shards that
-    were finished are reused by their tasks.
+    were finished are reused by their tasks. Everything is checked before anything is sent.
 
     Raises:
-        JobError: the folder holds no plan, or the job's record still exists.
+        JobError: the folder holds no readable plan, another job's plan (``expect_id``), a
+            copy of a plan, a finished job, or the job's record still exists.
+        SpecError: the plan writes outside $FEATUREFLEET_ALLOWED_ROOTS.
     """
-    plan = read_plan(job_dir)
     jobs = JobStore(connect(broker))
+    plan, ref = recoverable(jobs, Path(job_dir), expect_id)
+    dispatch(jobs, plan, ref, broker, round_=1, recovered=time.time())
+    return Job(plan.job_id, broker)
+
+
+def recoverable(jobs: JobStore, job_dir: Path, expect_id: str | None = None
+                ) -> tuple[Plan, PlanRef]:
+    """The plan of a job that may be recovered from ``job_dir``, and its reference.
+
+    Raises:
+        JobError: not recoverable (the message says why and what to do instead).
+        SpecError: the plan writes outside $FEATUREFLEET_ALLOWED_ROOTS.
+    """
+    import hashlib
+
+    plan = read_plan(job_dir)
+    if expect_id is not None and plan.job_id != expect_id:
+        raise JobError(f"{str(job_dir)!r} holds job {plan.job_id}, not {expect_id}; nothing "
+                       f"was sent; fix: pass <output>/jobs/{expect_id}")
+    try:
+        same = plan.path.resolve() == (Path(job_dir) / "plan.json").resolve()
+    except OSError:
+        same = False
+    if not same:
+        raise JobError(f"{str(job_dir)!r} holds a copy of job {plan.job_id}'s plan (its own "
+                       f"folder is {str(plan.job_dir)!r}); nothing was sent; fix: recover "
+                       "from the job's own folder")
+    check_plan(plan)  # the client's allowed roots hold for recovered jobs too
+    if (plan.job_dir / "report.json").exists():
+        raise JobError(f"job {plan.job_id} finished: its report is "
+                       f"{str(plan.job_dir / 'report.json')!r}; nothing was sent (a finished "
+                       f"job is never run again); fix: featurefleet submit "
+                       f"{str(plan.job_dir / 'spec.json')!r} for a new run")
     if jobs.exists(plan.job_id):
         raise JobError(f"job {plan.job_id} still has its record (status "
                        f"{jobs.field(plan.job_id, 'status')}); fix: featurefleet retry "
                        f"{plan.job_id} submits it again")
     text = plan.path.read_text()
-    import hashlib
-
-    ref = PlanRef(job_id=plan.job_id, path=str(plan.path),
-                  sha256=hashlib.sha256(text.encode()).hexdigest())
-    dispatch(jobs, plan, ref, broker, round_=1, recovered=time.time())
-    return Job(plan.job_id, broker)
+    return plan, PlanRef(job_id=plan.job_id, path=str(plan.path),
+                         sha256=hashlib.sha256(text.encode()).hexdigest())
 
 
 def check_nodes(plan: Plan, broker: str | None = None) -> None:

@@ -218,12 +218,29 @@ def _jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stdin_text() -> str:
+    """Standard input as UTF-8 text (one text a line).
+
+    Raises:
+        FeaturefleetError: binary or not UTF-8.
+    """
+    raw = sys.stdin.buffer.read(64 << 20)
+    if b"\0" in raw[:8192]:
+        raise FeaturefleetError("standard input is binary data, not text; fix: pipe UTF-8 "
+                                "text, one text a line (--text-file -)")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise FeaturefleetError(f"standard input is not UTF-8 (byte {exc.start}); fix: "
+                                "convert it, e.g. iconv -t UTF-8") from None
+
+
 def _predict(args: argparse.Namespace) -> int:
     from pipeline.predict import load_classifier
 
     texts = list(args.text)
     if args.text_file:
-        lines = sys.stdin.read() if args.text_file == "-" else _read_lines(args.text_file)
+        lines = _stdin_text() if args.text_file == "-" else _read_lines(args.text_file)
         texts += [line for line in lines.splitlines() if line.strip()]
     inputs = texts or args.images
     if not inputs or (texts and args.images):
@@ -344,9 +361,7 @@ def _retry(args: argparse.Namespace) -> int:
     from pipeline.client.api import Job, recover
 
     if args.job_dir:
-        job = recover(args.job_dir, args.broker)
-        if job.id != args.job_id:
-            raise FeaturefleetError(f"{args.job_dir!r} holds job {job.id}, not {args.job_id}")
+        job = recover(args.job_dir, args.broker, expect_id=args.job_id)
         print(f"recovered {job.id}")
         return 0
     print(Job(args.job_id, args.broker).retry().id)

@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a text to classify (repeat it for several)")
     p.add_argument("--text-file", default=None,
                    help="a UTF-8 file with one text per line ('-': standard input)")
-    p.add_argument("--top", type=int, default=3, help="show the top k classes")
+    p.add_argument("--top", type=positive_int, default=3, help="show the top k classes")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("cache", help="inspect, verify and clean the feature store")
@@ -146,3 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_broker(p)
     p.add_argument("-n", type=int, default=20, help="how many")
     return parser
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (argparse prints the error and the usage)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; use e.g. 3") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1; use e.g. 3")
+    return value

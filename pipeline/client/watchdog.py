@@ -17,15 +17,18 @@ Run it as ``featurefleet watchdog`` next to the workers (one per broker is enoug
 
 from __future__ import annotations
 
-import hashlib
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import FeaturefleetError
 from pipeline.jobs.broker import broker_url, connect
 from pipeline.jobs.records import FINAL, JobStore
 from pipeline.plan import JOB_ID, PlanRef, read_plan
 from pipeline.settings import get_settings
+
+log = logging.getLogger(__name__)
 
 
 def _job_tasks_pending(r: Any, job_id: str, queues: tuple[str, ...]) -> bool:
@@ -85,15 +88,18 @@ def lost_jobs(jobs: JobStore, folders: list[Path]) -> list[Path]:
 
 
 def recover_lost(jobs: JobStore, folders: list[Path], broker: str) -> list[str]:
-    """Re-create the record of every lost job under ``folders`` and send its canvas again."""
-    from pipeline.client.api import dispatch
+    """Re-create the record of every lost job under ``folders`` and send its canvas again
+    (a folder that cannot be recovered, e.g. a copy of a finished job's plan, is skipped and
+    logged; nothing of it is sent)."""
+    from pipeline.client.api import dispatch, recoverable
 
     recovered = []
     for d in lost_jobs(jobs, folders):
-        plan = read_plan(d)
-        text = plan.path.read_text()
-        ref = PlanRef(job_id=plan.job_id, path=str(plan.path),
-                      sha256=hashlib.sha256(text.encode()).hexdigest())
+        try:
+            plan, ref = recoverable(jobs, d, expect_id=d.name)
+        except FeaturefleetError as exc:
+            log.warning("watchdog: not recovering %s: %s", d, exc)
+            continue
         dispatch(jobs, plan, ref, broker, round_=1, recovered=time.time())
         recovered.append(plan.job_id)
     return recovered

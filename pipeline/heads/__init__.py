@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from pipeline.errors import FeaturefleetError, short
 from pipeline.fsio import atomic_path
 
 
@@ -66,15 +67,20 @@ def load_head(path: str | Path) -> Any:
     Raises:
         ValueError: an unknown head kind.
     """
-    import torch
-
     kinds()
-    raw = torch.load(path, map_location="cpu", weights_only=True)
+    raw = load_tensors(path, "featurefleet head file", "pass a head.pt written by a "
+                       "featurefleet job (or the job's folder)")
     kind = raw.get("kind", "linear")
-    meta = json.loads(raw["meta"])
+    try:
+        meta = json.loads(raw["meta"])
+    except (KeyError, TypeError, ValueError):
+        raise FeaturefleetError(f"{str(path)!r} is a torch file but not a featurefleet head "
+                                "(no metadata); fix: pass a head.pt written by a featurefleet "
+                                "job") from None
     arrays = {k: v.numpy() for k, v in raw.items() if k not in ("kind", "meta")}
     if kind not in _LOADERS:
-        raise ValueError(f"unknown head kind {kind!r} in {path}")
+        raise FeaturefleetError(f"unknown head kind {short(kind)} in {str(path)!r}; fix: pass a "
+                                "head.pt written by this version of featurefleet")
     return _LOADERS[kind](arrays, meta)
 
 
@@ -107,3 +113,27 @@ def standardized(x: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarr
         np.subtract(x[s:s + CHUNK_ROWS], mean, out=out[s:s + CHUNK_ROWS], dtype=np.float32)
         out[s:s + CHUNK_ROWS] /= scale
     return out
+
+
+def load_tensors(path: str | Path, what: str, fix: str) -> dict[str, Any]:
+    """A file written with ``torch.save`` of a dict, loaded safely (``weights_only=True``:
+    a pickle that would run code is refused, not executed).
+
+    Raises:
+        FeaturefleetError: missing, unreadable, not a dict, or refused by the safe loader
+            (the message names ``what`` the file should be and the ``fix``).
+    """
+    import torch
+
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FeaturefleetError(f"no {what} at {str(path)!r}; fix: {fix}") from None
+    except Exception as exc:  # UnpicklingError (a pickle torch refuses to run), zip errors...
+        first = (str(exc).strip().splitlines() or [""])[0][:120]
+        raise FeaturefleetError(f"{str(path)!r} is not a {what} that loads safely "
+                                f"({type(exc).__name__}: {first}); fix: {fix}") from None
+    if not isinstance(raw, dict):
+        raise FeaturefleetError(f"{str(path)!r} holds a {type(raw).__name__}, not a {what}; "
+                                f"fix: {fix}")
+    return raw

@@ -52,16 +52,21 @@ class JobStore:
     # --- one job ---------------------------------------------------------------------------
 
     def create(self, job_id: str, fields: dict[str, Any]) -> None:
+        """Create a job's record; an existing record is never replaced (its history would be
+        lost: a recovery of a job that still has one, or a finished one, is refused here too).
+
+        Raises:
+            JobError: the job already has a record.
+        """
         now = time.time()
-        key = job_key(job_id)
-        pipe = self.r.pipeline()
-        pipe.delete(key)
-        pipe.hset(key, mapping={k: _enc(v) for k, v in
-                                {"status": "PENDING", "created": now, "activity": now,
-                                 **fields}.items()})
-        pipe.expire(key, JOB_TTL_S)
-        pipe.zadd("ff:jobs", {job_id: now})
-        pipe.execute()
+        flat = [x for kv in ((k, _enc(v)) for k, v in
+                             {"status": "PENDING", "created": now, "activity": now,
+                              **fields}.items()) for x in kv]
+        if not self._eval(_CREATE, [job_key(job_id), "ff:jobs"],
+                          [JOB_TTL_S, job_id, now, *flat]):
+            raise JobError(f"job {job_id} already has a record (status "
+                           f"{self.field(job_id, 'status')}); nothing was changed; fix: "
+                           f"featurefleet status {job_id}")
 
     def exists(self, job_id: str) -> bool:
         return bool(self.r.exists(job_key(job_id)))
@@ -256,6 +261,13 @@ class JobStore:
 
 _FINAL_LUA = "({" + ", ".join(f"['{json.dumps(s)}']=true" for s in FINAL) + "})"
 
+_CREATE = """
+if redis.call('exists', KEYS[1]) == 1 then return 0 end
+redis.call('hset', KEYS[1], unpack(ARGV, 4))
+redis.call('expire', KEYS[1], tonumber(ARGV[1]))
+redis.call('zadd', KEYS[2], tonumber(ARGV[3]), ARGV[2])
+return 1
+"""
 _UPDATE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end

@@ -54,7 +54,10 @@ def render_report(rep: dict[str, Any]) -> str:
         warnings=data.get("warnings", []),
         finished=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rep["finished"])),
         sweep_svg=sweep_svg(rep.get("sweep")),
-        confusion_svg=confusion_svg(m["confusion_matrix"], names),
+        confusion_svg=confusion_svg(m.get("confusion_matrix"), names),
+        confusions=[[c["true"], c["predicted"], c["count"]]
+                    for c in m.get("confusion_top", [])[:20]],
+        n_classes=len(names),
         f1_svg=f1_svg(m["per_class"]), sections=[quality.section_html(rep)])
 
 

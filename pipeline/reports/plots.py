@@ -13,7 +13,11 @@ def _esc(v: Any) -> str:
     return html.escape(str(v))
 
 
-def confusion_svg(cm: list[list[int]], names: list[str], size: int = 420) -> str:
+def confusion_svg(cm: list[list[int]] | None, names: list[str], size: int = 420) -> str:
+    """The confusion matrix as a heat map ("" when the report holds none: too many classes,
+    the page shows the most frequent confusions instead)."""
+    if not cm:
+        return ""
     k = len(cm)
     if k == 0:
         return ""
@@ -98,8 +102,14 @@ def sweep_svg(sweep: dict[str, Any] | None, w: int = 480, h: int = 300) -> str:
     return "".join(parts)
 
 
+MAX_BARS = 40  # per-class bars drawn: above it, the lowest and highest F1 only
+
+
 def f1_svg(per_class: dict[str, dict[str, float]], w: int = 480) -> str:
     names = list(per_class)
+    if len(names) > MAX_BARS:  # a page stays small at any class count
+        ranked = sorted(names, key=lambda n: per_class[n]["f1"])
+        names = ranked[:MAX_BARS // 2] + ranked[-(MAX_BARS // 2):]
     bar, gap, L = 16, 4, 70
     h = len(names) * (bar + gap) + 30
     parts = [f'<svg id="f1" xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '

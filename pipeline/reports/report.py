@@ -135,6 +135,12 @@ def write_report(rep: dict[str, Any], job_dir: Path) -> Path:
     return path
 
 
+def csv_cell(text: str) -> str:
+    """A text cell a spreadsheet shows as text: one starting with ``= + - @``, a tab or a
+    carriage return (a formula to Excel or LibreOffice: CSV injection) gets a leading ``'``."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
 def write_predictions(job_dir: Path, sample_ids: Sequence[str], indices: np.ndarray,
                       labels: np.ndarray, proba: np.ndarray, class_names: list[str],
                       name: str = "predictions.csv") -> Path:
@@ -144,6 +150,6 @@ def write_predictions(job_dir: Path, sample_ids: Sequence[str], indices: np.ndar
     w.writerow(["sample_id", "index", "label", "predicted", "probability"])
     pred = proba.argmax(axis=1) if len(proba) else np.zeros(0, np.int64)
     for sid, i, y, p, row in zip(sample_ids, indices, labels, pred, proba, strict=True):
-        w.writerow([sid, int(i), class_names[int(y)], class_names[int(p)],
-                    f"{float(row[int(p)]):.6f}"])
+        w.writerow([csv_cell(sid), int(i), csv_cell(class_names[int(y)]),
+                    csv_cell(class_names[int(p)]), f"{float(row[int(p)]):.6f}"])
     return atomic_write_text(job_dir / name, buf.getvalue(), fsync=False)

@@ -19,9 +19,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,9 +35,69 @@ SPLIT_NAMES = ("train", "val", "test")
 DIGEST_BYTES = 16
 
 
+# The one rule for what a source materialises: bound what is *decoded*, not what is on disk
+# (a 3 MB gzip tar can hold a 3 GiB member, a 224 KB Parquet file 2 GB of strings). One sample
+# larger than this is a recorded skip, read no further; a table larger than MAX_TABLE_BYTES
+# decoded is refused before it is decoded.
+MAX_SAMPLE_BYTES = 256 << 20  # an image file (a 150 MP PNG is ~100 MB) or a text (1 MiB)
+MAX_TABLE_BYTES = 512 << 20  # a text table, decoded (larger: split it, or use .tar shards)
+
+
+IGNORED_NAMES = frozenset({"__MACOSX", "__pycache__", "Thumbs.db", "desktop.ini"})
+
+
+def visible(name: str) -> bool:
+    """Not hidden (``.``), not an OS's debris (``__MACOSX`` of a zip made on a Mac...)."""
+    return not name.startswith(".") and name not in IGNORED_NAMES
+
+
+def subfolders(base: Path) -> list[Path]:
+    """The visible subfolders of ``base`` (class or split folders), sorted."""
+    return sorted(p for p in base.iterdir() if p.is_dir() and visible(p.name))
+
+
+def files_under(root: Path, base: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """Files under ``base`` (recursively, sorted) whose name ends with one of ``suffixes``;
+    hidden files and folders and OS debris left out. A file that is (or sits behind) a link
+    leading outside ``root`` is refused: a data folder never reads what it does not hold.
+
+    Raises:
+        DataError: a link out of ``root``, naming it.
+    """
+    top = root.resolve()
+    out = []
+    for dirpath, dirs, names in os.walk(base):
+        dirs[:] = sorted(d for d in dirs if visible(d))
+        for name in sorted(names):
+            if not visible(name) or not name.lower().endswith(suffixes):
+                continue
+            path = Path(dirpath) / name
+            if not path.resolve().is_relative_to(top):
+                raise DataError(f"{str(path)!r} leads outside the data folder {str(root)!r} "
+                                f"(a link to {str(path.resolve())!r}); fix: copy the file into "
+                                "the folder, or remove the link")
+            out.append(path)
+    return out
+
+
 def digest_of(data: bytes) -> bytes:
     """A sample's 16-byte digest (BLAKE2b: fast, and collisions are not a concern)."""
     return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
+
+
+def digest_stream(fh: Any, limit: int, chunk: int = 1 << 20) -> bytes:
+    """:func:`digest_of` of what ``fh`` yields, read in chunks (bounded memory); at most
+    ``limit`` bytes are read (a larger sample is a skip at extraction: its digest is never
+    compared)."""
+    h = hashlib.blake2b(digest_size=DIGEST_BYTES)
+    left = limit
+    while left > 0:
+        block = fh.read(min(chunk, left))
+        if not block:
+            break
+        h.update(block)
+        left -= len(block)
+    return h.digest()
 
 
 @dataclass
@@ -232,8 +294,21 @@ def checked_source(spec: DataSpec, n_samples: int, class_names: list[str],
 
 
 def class_index(raw_labels: Sequence[str]) -> tuple[list[str], np.ndarray]:
-    """Class names (numeric labels keep their numeric order) and each sample's class index."""
+    """Class names (numeric labels keep their numeric order) and each sample's class index.
+
+    Raises:
+        DataError: a label that is not valid UTF-8 (undecodable bytes in a table cell or a
+            folder name): it could not be written to the report or the head.
+    """
     names = set(raw_labels)
+    for name in names:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = name.encode("utf-8", errors="backslashreplace").decode()
+            raise DataError(f"label {shown[:80]!r} is not valid UTF-8; fix: re-encode the "
+                            "data's labels (table cells or class folder names) as UTF-8"
+                            ) from None
     numeric = all(c.isdigit() for c in names)
     ordered = sorted(names, key=int) if numeric else sorted(names)
     index = {c: i for i, c in enumerate(ordered)}

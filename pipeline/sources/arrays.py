@@ -120,6 +120,13 @@ def array_source(path: Path, arrays: dict[str, np.ndarray], kind: str, how: str)
         bad = int(np.flatnonzero(~np.isfinite(images.reshape(len(images), -1)).all(1))[0])
         raise DataError(f"{where} images hold NaN/inf (first at sample {bad}); fix: clean or "
                         "drop those samples")
+    if images.size and images.dtype.kind in "iuf" and images.dtype != np.uint16:
+        lo, hi = float(images.min()), float(images.max())
+        top = 1.0 if images.dtype.kind == "f" and hi <= 1.0 else 255.0
+        if lo < 0 or hi > 255:  # never clipped to black or white without a word
+            raise DataError(f"{where} images hold values {lo:g}..{hi:g} (dtype "
+                            f"{images.dtype}), outside 0..{top:g}; fix: scale them to uint8 "
+                            "0..255 (or floats in 0..1; uint16 is read as 0..65535)")
     if len(labels) and labels.min() < 0:
         raise DataError(f"{where} has negative label {int(labels.min())}; fix: use class "
                         "indices 0..K-1")

@@ -78,8 +78,23 @@ def _open(raw: bytes) -> Any:
                             "decompression bomb?)") from None
 
 
+def check_complete_jpeg(raw: bytes) -> None:
+    """A JPEG whose data ends early (a cut download, a full disk) is refused: libjpeg would
+    fill the missing rows with grey and say nothing. The end-of-image marker must follow the
+    last scan (0xFF cannot occur inside entropy-coded data, so the marker is unambiguous).
+
+    Raises:
+        ValueError: no end-of-image marker after the last start-of-scan.
+    """
+    last_scan = raw.rfind(b"\xff\xda")
+    if last_scan < 0 or raw.find(b"\xff\xd9", last_scan) < 0:
+        raise ValueError("truncated JPEG: its data ends before the end-of-image marker")
+
+
 def decode_jpeg(raw: bytes, min_size: int | None = None) -> np.ndarray:
-    """JPEG bytes -> RGB uint8, checked against :data:`MAX_PIXELS` before any decoding."""
+    """JPEG bytes -> RGB uint8, checked against :data:`MAX_PIXELS` before any decoding, and
+    refused when truncated."""
+    check_complete_jpeg(raw)
     with _open(raw) as im:
         _check_size(im.size)
         scaled = min_size is not None and _scale_for(im.size, min_size) > 1
@@ -144,6 +159,8 @@ def _decode_pil(raw: bytes, min_size: int | None = None) -> np.ndarray:
 def to_rgb_uint8(array: np.ndarray) -> np.ndarray:
     """One image array (HW, HWC or CHW; uint8, uint16 or float) as RGB uint8 (H, W, 3)."""
     a = np.asarray(array)
+    if a.dtype == np.bool_:  # a mask: False black, True white
+        a = a.astype(np.uint8) * 255
     if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[2] not in (1, 3, 4):
         a = np.transpose(a, (1, 2, 0))  # CHW -> HWC
     if a.dtype == np.uint16:
@@ -212,6 +229,7 @@ def encoded_or_decoded(raw: bytes, min_size: int | None = None) -> Any:
     """
     if raw[:3] != JPEG_MAGIC:
         return decode_image(raw, min_size)
+    check_complete_jpeg(raw)
     with _open(raw) as im:
         _check_size(im.size)
         if im.mode not in ("RGB", "L"):  # CMYK and friends: the CPU path converts them

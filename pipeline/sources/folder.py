@@ -11,7 +11,16 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import DataError
-from pipeline.sources import SPLIT_NAMES, Loaded, Source, digest_of, failure, register
+from pipeline.sources import (
+    SPLIT_NAMES,
+    Loaded,
+    Source,
+    digest_of,
+    failure,
+    files_under,
+    register,
+    subfolders,
+)
 from pipeline.sources.decode import (
     IMAGE_EXTENSIONS,
     decode_image,
@@ -77,10 +86,8 @@ class ImagesSource(FileSource):
             raise DataError(f"image folder {str(root)!r} does not exist; fix: set data.path to a "
                             "folder of images")
         self.root = root
-        self.files = sorted(str(p.relative_to(root)) for p in root.rglob("*")
-                            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                            and not any(part.startswith(".") for part in
-                                        p.relative_to(root).parts))
+        self.files = [str(p.relative_to(root)) for p in files_under(root, root,
+                                                                    IMAGE_EXTENSIONS)]
         if not self.files:
             raise DataError(f"image folder {str(root)!r} holds no images; fix: add "
                             f"{'/'.join(IMAGE_EXTENSIONS[:4])} files (any subfolders)")
@@ -98,8 +105,7 @@ class FolderSource(FileSource):
         split_dirs = [d for d in SPLIT_NAMES if (root / d).is_dir()]
         self.root = root
         groups = split_dirs or [""]
-        classes = sorted({c.name for g in groups for c in (root / g).iterdir() if c.is_dir()
-                          and not c.name.startswith(".")})
+        classes = sorted({c.name for g in groups for c in subfolders(root / g)})
         if not classes:
             raise DataError(f"image folder {str(root)!r} has no class subfolders; fix: put the "
                             "images in one subfolder per class (root/cat/1.jpg, root/dog/2.jpg)")
@@ -112,13 +118,10 @@ class FolderSource(FileSource):
                 cdir = root / g / cname
                 if not cdir.is_dir():
                     continue
-                for dirpath, _dirs, names in sorted(os.walk(cdir)):
-                    rel_dir = os.path.relpath(dirpath, root)
-                    for fname in sorted(names):
-                        if fname.lower().endswith(IMAGE_EXTENSIONS):
-                            files.append(os.path.join(rel_dir, fname))
-                            labels.append(ci)
-                            split_of.append(g)
+                for path in files_under(root, cdir, IMAGE_EXTENSIONS):
+                    files.append(os.path.relpath(path, root))
+                    labels.append(ci)
+                    split_of.append(g)
         if not files:
             raise DataError(f"image folder {str(root)!r} holds no images ({', '.join(classes)}"
                             f" are empty); fix: add {'/'.join(IMAGE_EXTENSIONS[:4])} files")

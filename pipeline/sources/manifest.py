@@ -109,6 +109,10 @@ class ManifestSource(Source):
             if missing:
                 raise DataError(f"manifest {str(manifest)!r} line {n} lacks {missing} "
                                 f"({short(row, 60)}); fix: give every line a path and a label")
+            if "\0" in cell(row, "path"):
+                raise DataError(f"manifest {str(manifest)!r} line {n}: path "
+                                f"{short(cell(row, 'path'))} holds a NUL byte; fix: one real "
+                                "file path per line")
             p = (root / cell(row, "path")).resolve()
             if not p.is_relative_to(root):
                 raise DataError(f"manifest {str(manifest)!r} line {n}: path "

@@ -18,10 +18,21 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import DataError, short
-from pipeline.sources import SPLIT_NAMES, Loaded, Source, class_index, digest_of, failure, register
+from pipeline.sources import (
+    MAX_TABLE_BYTES,
+    SPLIT_NAMES,
+    Loaded,
+    Source,
+    class_index,
+    digest_of,
+    failure,
+    files_under,
+    register,
+    subfolders,
+)
 from pipeline.sources.decode import SNIFF_BYTES, decode_text
 from pipeline.sources.folder import file_stat
-from pipeline.sources.manifest import MAX_MANIFEST_BYTES, cell
+from pipeline.sources.manifest import cell
 from pipeline.spec import DataSpec
 
 TABLES = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet")
@@ -35,34 +46,29 @@ def _refuse_binary(path: Path) -> None:
                         ".tsv, .jsonl or .parquet file, or a folder of .txt files")
 
 
-def read_table(path: Path) -> tuple[list[str], list[dict[str, Any]], str]:
-    """(columns, rows, what a line number means) of a CSV/TSV, JSONL or Parquet file.
+def read_table(path: Path, columns: Sequence[str] | None = None
+               ) -> tuple[list[str], list[dict[str, Any]], str]:
+    """(columns, rows, what a line number means) of a CSV/TSV, JSONL or Parquet file (of a
+    Parquet file only ``columns``, when given, are decoded).
 
     Raises:
-        DataError: too large, binary, malformed.
+        DataError: too large (on disk, or once decoded), binary, malformed.
     """
     size = path.stat().st_size
-    if size > MAX_MANIFEST_BYTES:
-        raise DataError(f"{str(path)!r} is {size} bytes; fix: split it into files of at most "
-                        f"{MAX_MANIFEST_BYTES} bytes")
+    if size > MAX_TABLE_BYTES:
+        raise DataError(f"{str(path)!r} is {size} bytes, over the {MAX_TABLE_BYTES}-byte limit "
+                        "of one text table; fix: split it into smaller files, or write .tar "
+                        "shards (source: text, path: 'data-{000..099}.tar')")
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(path)
-        except Exception as exc:
-            raise DataError(f"{str(path)!r} is not a readable Parquet file "
-                            f"({type(exc).__name__}); fix: write it with pyarrow or pandas"
-                            ) from None
-        return list(table.column_names), table.to_pylist(), "row"
+        return _read_parquet(path, columns)
     _refuse_binary(path)
     # undecodable bytes survive as surrogates: that row is a recorded skip, not the file
     text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
     if suffix in (".jsonl", ".ndjson"):
         import json
 
-        rows, columns = [], {}
+        rows, seen = [], {}
         for n, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
@@ -75,8 +81,8 @@ def read_table(path: Path) -> tuple[list[str], list[dict[str, Any]], str]:
                 raise DataError(f"{str(path)!r} line {n} is not an object; fix: one object "
                                 'per line, e.g. {"text": ..., "label": ...}')
             rows.append(row)
-            columns.update(dict.fromkeys(row))
-        return list(columns), rows, "line"
+            seen.update(dict.fromkeys(row))
+        return list(seen), rows, "line"
     try:
         reader = csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
         rows = list(reader)
@@ -84,6 +90,49 @@ def read_table(path: Path) -> tuple[list[str], list[dict[str, Any]], str]:
     except csv.Error as exc:
         raise DataError(f"{str(path)!r} is not valid CSV ({exc}); fix: a header line, then one "
                         "text per row (quote texts that contain commas or newlines)") from None
+
+
+def _read_parquet(path: Path, wanted: Sequence[str] | None
+                  ) -> tuple[list[str], list[dict[str, Any]], str]:
+    """A Parquet table's rows (only the columns read), decoded in batches and refused once
+    they pass MAX_TABLE_BYTES (compression and dictionary encoding can hide 10,000x: the
+    file's metadata does not bound what a column decodes to); the columns must hold plain
+    values (a list column is never turned into the text of a list)."""
+    import pyarrow as pa
+
+    try:
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        names = list(pf.schema_arrow.names)
+    except Exception as exc:
+        raise DataError(f"{str(path)!r} is not a readable Parquet file "
+                        f"({type(exc).__name__}); fix: write it with pyarrow or pandas") from None
+    read = [c for c in (wanted or names) if c in names]
+    for c in read:
+        t = pf.schema_arrow.field(c).type
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
+                or pa.types.is_boolean(t) or pa.types.is_dictionary(t) or pa.types.is_null(t)):
+            raise DataError(f"{str(path)!r} column {c!r} holds {t} values, not texts or labels; "
+                            "fix: store one string per row (e.g. join a list of strings "
+                            "into one text)")
+    rows: list[dict[str, Any]] = []
+    decoded = 0
+    try:
+        for batch in pf.iter_batches(batch_size=1024, columns=read):
+            decoded += batch.nbytes
+            if decoded > MAX_TABLE_BYTES:
+                raise DataError(f"{str(path)!r} decodes to more than {MAX_TABLE_BYTES} bytes "
+                                f"in the columns read (past row {len(rows)}), over the limit "
+                                "of one text table; fix: split it into smaller files, or write "
+                                ".tar shards")
+            rows.extend(batch.to_pylist())
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"{str(path)!r} is not a readable Parquet file "
+                        f"({type(exc).__name__}); fix: write it with pyarrow or pandas") from None
+    return names, rows, "row"
 
 
 class TextTable(Source):
@@ -147,7 +196,8 @@ class TextTable(Source):
 
 
 def table_source(path: Path, spec: DataSpec) -> TextTable:
-    columns, rows, unit = read_table(path)
+    columns, rows, unit = read_table(path, [spec.text_column, spec.label_column,
+                                            spec.split_column])
     for option, column in (("text_column", spec.text_column),
                            ("label_column", spec.label_column)):
         if column not in columns:
@@ -166,6 +216,10 @@ def table_source(path: Path, spec: DataSpec) -> TextTable:
             raise DataError(f"{str(path)!r} {sid}: unknown split {short(split)} in column "
                             f"{split_col!r}; fix: use one of {', '.join(SPLIT_NAMES)}")
         value = row.get(spec.text_column)
+        if isinstance(value, (list, dict)):  # never the repr of a list as a "text"
+            dropped.append((sid, f"{spec.text_column!r} is a {type(value).__name__}, not a "
+                                 "text"))
+            continue
         texts.append(value if isinstance(value, str) else "" if value is None else str(value))
         labels.append(label)
         ids.append(sid)
@@ -175,13 +229,13 @@ def table_source(path: Path, spec: DataSpec) -> TextTable:
 
 def folder_source(root: Path) -> TextTable:
     """``root/<class>/*.txt`` or ``root/<split>/<class>/*.txt``."""
-    tops = sorted(p for p in root.iterdir() if p.is_dir())
+    tops = subfolders(root)
     split_layout = bool(tops) and {p.name for p in tops} <= set(SPLIT_NAMES)
     layouts = [(p.name, p) for p in tops] if split_layout else [("", root)]
     files, labels, splits = [], [], []
     for split, base in layouts:
-        for class_dir in sorted(p for p in base.iterdir() if p.is_dir()):
-            for f in sorted(class_dir.rglob("*.txt")):
+        for class_dir in subfolders(base):
+            for f in files_under(root, class_dir, (".txt",)):
                 files.append(f)
                 labels.append(class_dir.name)
                 splits.append(split)

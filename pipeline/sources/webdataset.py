@@ -19,16 +19,19 @@ import numpy as np
 from pipeline.errors import DataError
 from pipeline.sources import (
     DIGEST_BYTES,
+    MAX_SAMPLE_BYTES,
     SPLIT_NAMES,
     Loaded,
     Source,
     class_index,
     digest_of,
+    digest_stream,
     failure,
     register,
 )
 from pipeline.sources.decode import (
     IMAGE_EXTENSIONS,
+    MAX_TEXT_BYTES,
     decode_image,
     decode_text,
     encoded_or_decoded,
@@ -36,6 +39,8 @@ from pipeline.sources.decode import (
 from pipeline.spec import DataSpec
 
 MAX_TARS = 100_000
+COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"),
+              (b"\x28\xb5\x2f\xfd", "zstd"))
 LABEL_EXTENSIONS = ("cls", "label", "txt")
 
 
@@ -45,6 +50,7 @@ class TarSource(Source):
     def __init__(self, pattern: str, modality: str = "image") -> None:
         self.modality = modality
         text = modality == "text"
+        self.limit = MAX_TEXT_BYTES if text else MAX_SAMPLE_BYTES
         sample_ext = {".txt"} if text else set(IMAGE_EXTENSIONS)
         label_ext = tuple(e for e in LABEL_EXTENSIONS if not (text and e == "txt"))
         self.urls = expand_tars(pattern)
@@ -55,7 +61,16 @@ class TarSource(Source):
         for t, url in enumerate(self.urls):
             groups: dict[str, dict[str, Any]] = {}
             try:
-                with open_binary(url) as fh, tarfile.open(fileobj=fh, mode="r|*") as tf:
+                with open_binary(url) as fh:
+                    head = fh.read(6)
+                packed = next((kind for magic, kind in COMPRESSED if head.startswith(magic)),
+                              None)
+                if packed is not None:  # members are read by byte range: never decompressed
+                    raise DataError(f"tar shard {url!r} is {packed}-compressed; its samples "
+                                    "cannot be read by byte range; fix: store uncompressed "
+                                    ".tar shards (WebDataset's convention; compress at the "
+                                    "storage level if needed)")
+                with open_binary(url) as fh, tarfile.open(fileobj=fh, mode="r|") as tf:
                     for m in tf:
                         if not m.isfile():
                             continue
@@ -65,8 +80,8 @@ class TarSource(Source):
                         g = groups.setdefault(key, {})
                         if "." + ext in sample_ext:
                             g["image"] = (m.name, m.offset_data, m.size)
-                            f = tf.extractfile(m)
-                            g["digest"] = digest_of(f.read() if f else b"")
+                            f = tf.extractfile(m)  # digested in chunks: never a whole member
+                            g["digest"] = digest_stream(f, self.limit) if f else digest_of(b"")
                         elif ext in label_ext and m.size <= 4096:
                             f = tf.extractfile(m)
                             g["label"] = f.read().decode(errors="replace").strip() if f else ""
@@ -110,7 +125,15 @@ class TarSource(Source):
         return f"{self.urls[t].rsplit('/', 1)[-1]}:{name}"
 
     def read_member(self, fh: Any, index: int) -> bytes:
+        """A member's bytes.
+
+        Raises:
+            ValueError: the member is larger than a sample may be (nothing is read).
+        """
         _t, _name, offset, size = self.members[index]
+        if size > self.limit:
+            raise ValueError(f"tar member of {size} bytes, over the {self.limit}-byte limit "
+                             "of one sample (not read)")
         fh.seek(offset)
         return bytes(fh.read(size))
 

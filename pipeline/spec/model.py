@@ -286,6 +286,10 @@ class PretrainSpec(Section):
     device: Device = "auto"
 
 
+# fsspec file systems that only the process that made them can see: never a shared store
+PRIVATE_SCHEMES = frozenset({"memory", "cached", "simplecache", "filecache", "blockcache"})
+
+
 class JobSpec(Section):
     """A whole job: data, backbone, strategy and where the outputs go.
 
@@ -340,6 +344,11 @@ class JobSpec(Section):
     def _store(cls, value: str | None) -> str | None:
         if value and value.startswith("file://"):  # a local path, written as a URL
             return value[len("file://"):] or "/"
+        scheme = value.split("://", 1)[0].lower() if value and "://" in value else ""
+        if scheme in PRIVATE_SCHEMES:
+            raise custom("", f"{short(value)} lives in one process's memory: the workers "
+                         "(other processes, other machines) cannot see it",
+                         "use a folder on shared storage or an object store (s3://...)")
         return value
 
     @property

@@ -3,9 +3,11 @@ validation error into one :class:`~pipeline.errors.SpecError` line (field, value
 
 from __future__ import annotations
 
+import difflib
 import json
 from typing import Any
 
+import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticCustomError
 
@@ -26,19 +28,49 @@ def parse_document(data: bytes, where: str, json_only: bool = False) -> Any:
     except UnicodeDecodeError as exc:
         raise SpecError("<file>", f"{where!r} is not UTF-8 text (byte {exc.start})",
                         "save the job file as UTF-8 YAML or JSON") from None
+    if not text.strip() or all(not ln.strip() or ln.lstrip().startswith("#")
+                               for ln in text.splitlines()):
+        raise SpecError("<file>", f"{where!r} is empty", "describe the job: at least data: and "
+                        "backbone: (see the README's job file reference)")
     try:
         if json_only:
-            raw = json.loads(text)
+            raw = json.loads(text, object_pairs_hook=_unique_pairs)
         else:
-            import yaml
-
-            raw = yaml.safe_load(text)
+            raw = yaml.load(text, Loader=_UniqueKeyLoader)
+    except SpecError:
+        raise
     except Exception as exc:
         detail = short(" ".join(str(exc).split()), 200)
         raise SpecError("<file>", f"{where!r} is not valid YAML/JSON ({detail})",
                         "fix the syntax at the position shown") from None
     _count_values(raw, where)
     return raw
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are unique (a repeated key would silently keep the last)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise SpecError(str(key), "given twice in the job file (the last would silently "
+                            "win)", "keep one of them")
+        out[key] = value
+    return out
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that repeats a key."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise SpecError(str(key), f"given twice in the job file (line "
+                                f"{key_node.start_mark.line + 1}; the last would silently win)",
+                                "keep one of them")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def _count_values(raw: Any, where: str) -> None:
@@ -80,7 +112,7 @@ def spec_error(exc: ValidationError, model: type[BaseModel], section: str) -> Sp
         return inner
     loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
     ctx = err.get("ctx") or {}
-    if "field" in ctx:
+    if ctx.get("field"):  # a model validator names its field; a field validator has it
         loc = [*loc, str(ctx["field"])]
     # pydantic tags union members (e.g. 'int', "literal['auto']"): not part of the field name
     loc = [p for p in loc if not (p in ("int", "float", "str", "function-before")
@@ -97,8 +129,10 @@ def spec_error(exc: ValidationError, model: type[BaseModel], section: str) -> Sp
         problem = str(ctx.get("problem") or err["msg"])
         fix = str(ctx.get("fix") or fix or "see the README's job file reference")
     elif kind == "extra_forbidden":
-        known = ", ".join(owner.model_fields) if owner is not None else ""
-        problem, fix = "unknown field", f"use one of {known}"
+        names = list(owner.model_fields) if owner is not None else []
+        close = difflib.get_close_matches(leaf, names, n=1, cutoff=0.6)
+        problem = "unknown field"
+        fix = f"did you mean {close[0]!r}?" if close else f"use one of {', '.join(names)}"
     elif kind == "missing":
         problem, fix = "is required", fix or "give it a value"
     elif kind in ("model_type", "dict_type", "model_attributes_type"):

@@ -10,8 +10,10 @@ object upload on an object store (an upload is visible only once complete).
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import os
+import socket
 import tempfile
 import time
 import uuid
@@ -113,11 +115,43 @@ def staged(dest: str | Path) -> Iterator[Path]:
     except OSError as exc:
         raise StoreError(f"cannot create store folder {str(target.parent)!r} "
                          f"({exc.strerror or exc}); fix: set store to a writable folder") from None
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = target.with_name(f".{target.name}.{_WRITER}-{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield tmp
     finally:
         tmp.unlink(missing_ok=True)
+        sweep_temps(target)
+
+
+_WRITER = socket.gethostname().replace(".", "_").replace("-", "_")[:40] or "host"
+
+
+def sweep_temps(target: Path, age_s: float = 3600) -> int:
+    """Remove debris of earlier writers of ``target``: temporary files whose writer process
+    on this host is gone (killed mid-write, a full disk), or older than ``age_s`` (another
+    host's). A live writer's file is never touched. Returns how many were removed."""
+    removed = 0
+    for tmp in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        parts = tmp.name[len(target.name) + 2:].split(".")
+        writer = parts[0].rsplit("-", 1) if len(parts) >= 3 else []
+        dead = False
+        if len(writer) == 2 and writer[0] == _WRITER and writer[1].isdigit():
+            dead = not _alive(int(writer[1]))
+        with contextlib.suppress(OSError):
+            if dead or is_stale_temp(tmp, age_s):
+                tmp.unlink()
+                removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def publish(staged_file: Path, dest: str | Path, *, clobber: bool = True) -> bool:

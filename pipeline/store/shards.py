@@ -17,6 +17,8 @@ writer of the same content published first.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import json
 import time
 from collections.abc import Iterator
@@ -94,9 +96,13 @@ def write_shard(path: str | Path, data: ShardData, *, not_before: float | None =
     """
     import h5py
 
+    # The file is built in memory and written to disk with plain I/O: HDF5 writing straight to
+    # a disk that fills up can crash the process (a segfault in its close), leaving debris and
+    # a dead worker; a plain write fails with ENOSPC, cleanly.
+    buf = io.BytesIO()
     with files.staged(path) as tmp:
         try:
-            with h5py.File(tmp, "w") as f:
+            with h5py.File(buf, "w") as f:
                 n, d = data.features.shape if data.features.ndim == 2 else (0, 0)
                 # One chunk per shard-sized block of rows: written whole, read whole.
                 f.create_dataset("features", data=data.features,
@@ -117,10 +123,14 @@ def write_shard(path: str | Path, data: ShardData, *, not_before: float | None =
                 f.attrs["rows"] = n
                 f.attrs["created"] = time.time()
                 f.attrs["complete"] = True
+            payload = buf.getbuffer()
+            with open(tmp, "wb") as fh:
+                fh.write(payload)
         except OSError as exc:
             raise StoreError(f"cannot write shard {str(path)!r} ({exc}); fix: check the store "
                              "folder is writable and has free space") from None
-        sha = _sha_local(tmp)
+        sha = hashlib.sha256(payload).hexdigest()
+        del payload
         key = str(data.attrs.get("key", ""))
         record = {"sha256": sha, "rows": len(data.indices), "skipped": len(data.skipped),
                   "key": key}
@@ -156,16 +166,6 @@ def read_sidecar(path: str | Path) -> dict[str, Any] | None:
     except ValueError:
         return None
     return raw if isinstance(raw, dict) and isinstance(raw.get("sha256"), str) else None
-
-
-def _sha_local(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def inspect(path: str | Path, key: str | None, rows_expected: int | None = None
