@@ -101,9 +101,18 @@ class QualityPlan(_Frozen):
     folds: int
     fractions: list[float]
     l2: float
+    # content address of the stage's result: the features (the shards' content key), the
+    # split and the quality settings; ``cached``: a result for it is in the store (reused:
+    # no part runs)
+    key: str = ""
+    cache_path: str = ""
+    cached: bool = False
 
     def parts(self) -> list[str]:
-        """The name of every part the stage records before it is summarized."""
+        """The name of every part the stage records before it is summarized (none when the
+        result is reused from the store)."""
+        if self.cached:
+            return []
         return ([f"neighbors.{i}" for i in range(len(self.blocks))]
                 + [f"fold.{f}" for f in range(self.folds)]
                 + [f"curve.{i}" for i in range(len(self.fractions))] + ["shift", "probe"])

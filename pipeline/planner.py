@@ -12,11 +12,12 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from pipeline import backbones, splits
-from pipeline.errors import BackboneError, DataError, SpecError
+from pipeline.errors import BackboneError, DataError, SpecError, StoreError
 from pipeline.heads.linear import l2_grid
 from pipeline.plan import JOB_ID, BackboneInfo, Exclusion, Plan, QualityPlan, Shard, Splits
 from pipeline.sources import DIGEST_BYTES, Source, digests, open_source
@@ -265,13 +266,33 @@ def pretrain_checks(source: Source, spec: JobSpec, crop: int, samples: int) -> N
 QUALITY_L2 = 1e-3  # the probe's penalty in the quality stage when probe.l2 is not fixed
 
 
-def quality_plan(spec: JobSpec, rows: int) -> QualityPlan:
-    """The quality stage's fan-out over ``rows`` extracted samples."""
+QUALITY_SCHEMA = 1  # bump when the stage's result changes: older results are not reused
+
+
+def quality_plan(spec: JobSpec, rows: int, features_key: str = "",
+                 split: dict[str, Any] | None = None, shard_dir: str = "") -> QualityPlan:
+    """The quality stage's fan-out over ``rows`` extracted samples, and its content address:
+    an earlier job's result for the same features, split and settings is reused."""
     q = spec.quality
     size = q.block_rows
+    l2 = spec.probe.l2 if spec.probe.l2 is not None else QUALITY_L2
+    parts = {"schema": QUALITY_SCHEMA, "features": features_key, "l2": l2,
+             "split": {k: sorted(int(i) for i in v) for k, v in (split or {}).items()},
+             "quality": q.model_dump(mode="json", exclude={"enabled", "exclude"})}
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    path = files.join(shard_dir, "quality", f"{key[:24]}.json") if shard_dir else ""
+    cached = bool(path) and _readable_json(path)
     return QualityPlan(blocks=[(s, min(rows, s + size)) for s in range(0, rows, size)],
-                       folds=q.folds, fractions=sorted(set(q.curve_fractions)),
-                       l2=spec.probe.l2 if spec.probe.l2 is not None else QUALITY_L2)
+                       folds=q.folds, fractions=sorted(set(q.curve_fractions)), l2=l2,
+                       key=key, cache_path=path, cached=cached)
+
+
+def _readable_json(path: str) -> bool:
+    try:
+        text = files.read_text(path)
+        return text is not None and isinstance(json.loads(text), dict)
+    except (ValueError, OSError, StoreError):
+        return False
 
 
 def sweep_slices(spec: JobSpec) -> list[list[float]] | None:
@@ -339,7 +360,7 @@ def make_plan(spec: JobSpec, job_id: str, gpus: int | Callable[[], int] = 0,
     shard_dir = files.join(spec.store_dir, re.sub(r"[^A-Za-z0-9_.-]+", "_", arch).strip("_."),
                            key[:20])
     shards: list[Shard] = []
-    quality = quality_plan(spec, len(extract_ids)) if (
+    quality = quality_plan(spec, len(extract_ids), key, split, shard_dir) if (
         spec.kind == "quality" or (spec.kind == "classify" and strategy == "probe"
                                    and spec.quality.enabled)) else None
     if strategy == "probe" and not pretraining:

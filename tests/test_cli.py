@@ -44,6 +44,29 @@ def test_demo_runs_and_leaves_no_process(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
+def test_run_a_job_file_of_any_kind_on_this_machine(tmp_path: Path) -> None:
+    """featurefleet run: the user's own job file (here a pretraining job) with a private Redis
+    and workers, progress, the summary and both report paths; nothing left running."""
+    out = tmp_path / "runs"
+    spec = tmp_path / "job.yaml"
+    spec.write_text(f"""kind: pretrain
+data: {{source: digits, limit: 160}}
+backbone: {{name: resnet18, weights: random, image_size: 32}}
+pretrain: {{method: autoencoder, epochs: 1, batch_size: 32, hflip: false}}
+output: {out}
+""")
+    run = subprocess.run([*CLI, "run", str(spec)], capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "featurefleet run: starting a private Redis" in run.stdout
+    report = Path(run.stdout.split("report:")[1].split()[0])
+    page = Path(run.stdout.split("page:")[1].split()[0])
+    assert report.is_file() and page.is_file() and page.suffix == ".html"
+    assert json.loads(report.read_text())["kind"] == "pretrain"
+    assert "epoch" in run.stderr  # the progress line
+    assert _no_processes_left(str(out / "cluster")) == []
+
+
+@pytest.mark.integration
 def test_ctrl_c_during_demo_stops_everything(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     proc = subprocess.Popen([*CLI, "demo", "--output", str(out)], stdout=subprocess.PIPE,

@@ -226,6 +226,17 @@ def test_quality_job_finds_planted_problems_and_exclude_drops_leaks(
     assert section["pretraining_domain"]["domain"] in ("near", "moderate")
     html = (job_dir / "report.html").read_text()
     assert "data:image/png;base64," in html and 'id="learning-curve"' in html
+    # the same job again: the features are cached and the stage's content-addressed result
+    # is reused (no part runs), with the same findings
+    again = subprocess.run(env_cmd, capture_output=True, text=True, timeout=700)
+    assert again.returncode == 0, again.stderr[-2000:]
+    job2 = tmp_path / "out" / "jobs" / again.stdout.split()[0]
+    assert read_plan(job2).quality.parts() == []  # type: ignore[union-attr]
+    reused = json.loads((job2 / "quality.json").read_text())
+    assert reused["reused"]["seconds_then"] == section["seconds"] and reused["seconds"] == 0
+    for part in ("duplicates", "label_issues", "outliers", "learning_curve", "shift"):
+        assert reused[part] == section[part], part
+    assert json.loads((job2 / "report.json").read_text())["timings"]["quality_reused"]
 
     leaked = section["duplicates"]["leaked"]
     assert leaked, "the planted cross-split copies leak into val/test"

@@ -54,7 +54,9 @@ def job_canvas(app: Celery, plan: Plan, ref: PlanRef, round_: int = 0) -> Any:
         parts = [sig("quality_part", ref=msg, part=p, tid=f"quality.{p}",
                      queue=EXTRACT_QUEUE if p == "probe" else TRAIN_QUEUE)
                  for p in plan.quality.parts()]
-        steps.append(chord(group(parts), sig("quality_finish", ref=msg, tid="quality.finish")))
+        finish = sig("quality_finish", ref=msg, tid="quality.finish")
+        # a result for the same features, split and settings is in the store: reused
+        steps.append(chord(group(parts), finish) if parts else finish)
     if plan.kind == "quality":
         return chain(*steps).on_error(on_error)
     train = sig("train_probe", ref=msg, tid="train")

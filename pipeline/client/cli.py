@@ -13,11 +13,13 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from pipeline.client.console import ProgressLine, format_leaderboard, format_progress, summary
 from pipeline.client.parser import build_parser
 from pipeline.errors import FeaturefleetError
 from pipeline.settings import BROKER_ENV, FLOWER_AUTH_ENV
+from pipeline.spec import JobSpec
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,9 +50,7 @@ def _interruptible() -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from pipeline.client.api import submit
-    from pipeline.spec import BackboneSpec, DataSpec, JobSpec
-    from workers.launcher import local_cluster
+    from pipeline.spec import BackboneSpec, DataSpec
 
     out = Path(args.output).resolve()
     spec = JobSpec(
@@ -68,21 +68,55 @@ def _demo(args: argparse.Namespace) -> int:
             "name": "all-minilm-l6-v2", "image_size": None, "max_length": 128})
         what = (f"Debian package descriptions by section ({csv_path.name}), all-MiniLM-L6-v2, "
                 "linear probe")
+    if args.no_quality:
+        spec = spec.replace(quality={"enabled": False})
+    return _run_local(spec, what, "demo", args.extract_workers, args.timeout)
+
+
+def _run(args: argparse.Namespace) -> int:
+    spec = JobSpec.from_file(args.spec)
+    if args.kind:
+        spec = spec.replace(kind=args.kind)
+    if args.no_quality:
+        spec = spec.replace(quality={"enabled": False})
+    nodes = spec.pretrain.nodes if spec.kind == "pretrain" else (
+        spec.finetune.nodes if spec.strategy == "finetune" else 1)
+    what = (f"{spec.kind} job {spec.name!r}: {spec.data.source} data, "
+            f"{spec.backbone.name} backbone")
+    return _run_local(spec, what, "run", max(args.extract_workers, nodes), args.timeout)
+
+
+def _run_local(spec: JobSpec, what: str, verb: str, extract_workers: int,
+               timeout: float | None) -> int:
+    """Run ``spec`` on this machine: a private Redis and worker processes under
+    ``<output>/cluster`` (logs there), the progress line, the summary, the report paths;
+    nothing is left running when it ends (Ctrl-C and SIGTERM included)."""
+    from pipeline.client.api import submit
+    from workers.launcher import local_cluster
+
+    out = Path(spec.output).resolve()
     _interruptible()
-    print(f"featurefleet demo: starting a private Redis and {args.extract_workers} extraction + "
+    print(f"featurefleet {verb}: starting a private Redis and {extract_workers} extraction + "
           f"1 training worker process (logs in {out / 'cluster' / 'logs'})", flush=True)
-    with local_cluster(out / "cluster", extract_workers=args.extract_workers) as cluster:
+    with local_cluster(out / "cluster", extract_workers=extract_workers) as cluster:
         job = submit(spec, broker=cluster.broker)
         print(f"submitted job {job.id}: {what}", flush=True)
-        st = job.wait(timeout=args.timeout, on_progress=ProgressLine())
+        st = job.wait(timeout=timeout, on_progress=ProgressLine())
         if st["status"] != "SUCCESS":
             print(f"featurefleet: error: job {job.id} {st['status']}: {st.get('error')}",
                   file=sys.stderr)
             return 1
         rep = job.result()
     print(summary(rep))
-    print(f"report: {st['report']}")
+    _print_report_paths(st)
     return 0
+
+
+def _print_report_paths(st: dict[str, Any]) -> None:
+    report = Path(st["report"])
+    print(f"report: {report}")
+    if report.with_suffix(".html").is_file():
+        print(f"page:   {report.with_suffix('.html')}")
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -115,6 +149,8 @@ def _submit(args: argparse.Namespace) -> int:
     spec = JobSpec.from_file(args.spec)
     if args.verb in ("pretrain", "quality"):
         spec = spec.replace(kind=args.verb)
+    if getattr(args, "no_quality", False):
+        spec = spec.replace(quality={"enabled": False})
     job = submit(spec, broker=args.broker)
     print(job.id, flush=True)
     idle = missing_consumers(job, args.broker)
@@ -130,7 +166,7 @@ def _submit(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     print(summary(job.result()))
-    print(f"report: {st['report']}")
+    _print_report_paths(st)
     return 0
 
 
@@ -370,7 +406,7 @@ def _retry(args: argparse.Namespace) -> int:
 
 _VERBS = {"cache": _cache, "cancel": _cancel, "compare": _compare, "dashboard": _dashboard,
           "demo": _demo, "exporter": _exporter, "jobs": _jobs, "predict": _predict,
-          "pretrain": _submit, "quality": _submit, "report": _report, "retry": _retry,
+          "pretrain": _submit, "quality": _submit, "report": _report, "retry": _retry, "run": _run,
           "status": _status, "submit": _submit, "watch": _watch, "watchdog": _watchdog,
           "worker": _worker}
 

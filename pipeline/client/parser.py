@@ -29,6 +29,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="use only N digits (smoke test)")
     p.add_argument("--extract-workers", type=int, default=1, help="extraction worker processes")
     p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the job")
+    _add_no_quality(p)
+
+    p = sub.add_parser("run", help="run a job file on this machine alone: a private Redis and "
+                                   "worker processes, progress, summary; nothing left running")
+    p.add_argument("spec", help="job spec file (.yaml/.yml/.json), any kind")
+    p.add_argument("--kind", choices=["classify", "pretrain", "quality"], default=None,
+                   help="override the file's kind")
+    p.add_argument("--extract-workers", type=positive_int, default=1,
+                   help="extraction (GPU-queue) worker processes (at least the run's nodes)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds to wait for the job")
+    _add_no_quality(p)
 
     p = sub.add_parser("worker", help="start Celery worker processes against a broker")
     _add_broker(p)
@@ -63,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="job spec file (.yaml/.yml/.json)")
     p.add_argument("--wait", action="store_true", help="wait for the job and print its metrics")
     p.add_argument("--timeout", type=float, default=None, help="seconds to wait with --wait")
+    _add_no_quality(p)
 
     for verb, text in (("cancel", "cancel a job (queued shards revoked, running ones stopped)"),
                        ("retry", "run a failed job again (cached shards are reused)"),
@@ -157,3 +169,8 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be at least 1; use e.g. 3")
     return value
+
+
+def _add_no_quality(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-quality", action="store_true",
+                   help="skip the data-quality stage (quality.enabled: false)")

@@ -82,5 +82,6 @@ def connect(url: str | None = None, check: bool = True, patient: bool = False) -
     except (redis.ConnectionError, redis.TimeoutError, ValueError, OSError) as exc:
         raise BrokerError(f"cannot reach Redis at {redact(url)!r} ({exc}); fix: start "
                           f"redis-server there, or pass --broker / set {BROKER_ENV} to a "
-                          "reachable Redis (featurefleet demo starts its own)") from None
+                          "reachable Redis; or run the job on this machine alone: featurefleet "
+                          "run job.yaml (it starts its own Redis and workers)") from None
     return client

@@ -28,6 +28,7 @@ from pipeline.plan import Plan, QualityPlan, load_plan
 from pipeline.quality import curve, labels, neighbors, probing, shift, summary
 from pipeline.reports import quality as quality_report
 from pipeline.reports import report
+from pipeline.store import files
 from pipeline.store.shards import ShardReader
 
 FALLBACK_THRESHOLD = 0.98  # near-duplicate similarity when calibration was impossible
@@ -185,17 +186,25 @@ def run_finish(jobs: JobStore, ref: Any) -> dict[str, Any]:
     missing = [p for p in q.parts() if p not in parts]
     if missing:
         raise NotReady(f"job {plan.job_id}: quality parts {missing[:5]} not recorded yet")
-    section = summarize(plan, parts)
+    if q.cached:
+        section = _reused(plan, q)
+    else:
+        section = summarize(plan, parts)
+        section["seconds"] = round(time.perf_counter() - t0 + sum(
+            float(p.get("seconds", 0)) for p in parts.values()), 3)
+        if q.cache_path:  # content-addressed: the next job on these features reuses it
+            with contextlib.suppress(StoreError, OSError):
+                files.write_text(q.cache_path, json.dumps({**section, "key": q.key}))
+    section["excluded"] = summary.excluded(section, plan.spec.quality.exclude)
     source = plan_source(plan)
     section["sample_ids"] = {str(i): source.sample_id(int(i))
                              for i in quality_report.shown(section)}
     thumbs = quality_report.thumbnails(source, quality_report.shown(section))
     atomic_write_text(_dir(plan) / "thumbnails.json", json.dumps(thumbs))
     section["thumbnails"] = str(_dir(plan) / "thumbnails.json")
-    section["seconds"] = round(time.perf_counter() - t0 + sum(
-        float(p.get("seconds", 0)) for p in parts.values()), 3)
     atomic_write_text(plan.job_dir / "quality.json", json.dumps(section, indent=1))
-    jobs.update(plan.job_id, quality=json.dumps(quality_report.brief(section)))
+    jobs.update(plan.job_id, quality=json.dumps(quality_report.brief(section)),
+                quality_s=section["seconds"], quality_reused=bool(q.cached))
     if plan.kind != "quality":
         return {"quality": str(plan.job_dir / "quality.json")}
     rep = quality_report.build(plan, jobs.get(plan.job_id),
@@ -250,7 +259,27 @@ def summarize(plan: Plan, parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
             f"{len(nb.nonfinite)} samples have NaN/inf features and were left out of the "
             "quality analysis; fix: check the backbone's precision (fp16 overflow) and those "
             "images")
-    section["excluded"] = summary.excluded(section, spec.exclude)
+    return section
+
+
+def _reused(plan: Plan, q: QualityPlan) -> dict[str, Any]:
+    """The stage's result for these features, split and settings, from the store.
+
+    Raises:
+        JobError: it vanished or changed since planning.
+    """
+    try:
+        text = files.read_text(q.cache_path)
+        section = json.loads(text) if text is not None else None
+    except (ValueError, StoreError):
+        section = None
+    if not isinstance(section, dict) or section.get("key") != q.key:
+        raise JobError(f"job {plan.job_id}: the stored quality result {q.cache_path!r} vanished "
+                       "or changed since planning; fix: featurefleet retry (it runs the stage "
+                       "again)")
+    section.pop("key", None)
+    section["reused"] = {"from": q.cache_path, "seconds_then": section.get("seconds")}
+    section["seconds"] = 0.0
     return section
 
 

@@ -162,7 +162,8 @@ def build(plan: Plan, record: dict[str, Any], shards: list[dict[str, Any]],
                          "preprocessing": plan.backbone.preprocessing},
             "feature_store": {"key": plan.key, "dir": plan.shard_dir}, "shards": shards,
             "timings": {"total_s": round(now - created, 3),
-                        "quality_s": section.get("seconds")},
+                        "quality_s": section.get("seconds"),
+                        "quality_reused": "reused" in section},
             "spec": plan.spec.to_dict(), "created": created, "finished": now}
 
 
