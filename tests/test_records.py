@@ -122,3 +122,16 @@ def test_fleet_gpus_of_live_workers(jobs: JobStore) -> None:
     assert jobs.fleet_gpus([]) == 0
     raw: Any = jobs.r.hget("ff:fleet", "gpu1@h")
     assert json.loads(raw)["gpus"] == 1
+
+
+def test_quality_parts_are_counted_once_for_the_progress_line(jobs: JobStore) -> None:
+    from pipeline.client.console import format_progress
+
+    jobs.create(JOB, {"quality_parts_total": 4, "images_total": 90, "images_done": 90})
+    jobs.update(JOB, stage="quality")
+    for part in ("fold.0", "fold.1", "fold.0"):  # a part delivered twice counts once
+        jobs.record_part(JOB, "quality", part, {"part": part})
+    st = jobs.get(JOB)
+    assert st["quality_parts_done"] == 2
+    line = format_progress({**st, "status": "RUNNING"})
+    assert "quality  parts 2/4" in line and "[" + "#" * 12 + "-" * 12 + "]" in line

@@ -53,6 +53,13 @@ def format_progress(st: dict[str, Any]) -> str:
                 eta = f"  ETA {int((total - done) / ips)}s"
     skipped = int(st.get("images_skipped") or 0)
     fails = f"  skipped {skipped}" if skipped else ""
+    if st.get("stage") == "quality":  # after extraction: the data-quality stage's parts
+        parts = int(st.get("quality_parts_total") or 0)
+        got = min(parts, int(st.get("quality_parts_done") or 0))
+        fill = int(width * got / parts) if parts else width
+        return (f"[{'#' * fill}{'-' * (width - fill)}] {st.get('status', '?'):8} quality  "
+                f"parts {got}/{parts}" + (" (reused from the store)" if not parts else "")
+                + f"  images {done}/{total} extracted{fails}")
     return (f"[{'#' * fill}{'-' * (width - fill)}] {st.get('status', '?'):8} "
             f"{st.get('stage', ''):8} shards {st.get('shards_done', 0)}/"
             f"{int(st.get('shards_total', 0)) - int(st.get('shards_cached', 0))} "

@@ -160,11 +160,8 @@ class JobStore:
     def record_part(self, job_id: str, group: str, name: str, result: dict[str, Any]) -> None:
         """One part of a fanned-out step (a sweep slice, a quality block...), kept once: a
         part run twice does not count twice."""
-        key = f"{job_key(job_id)}:{group}"
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hsetnx(key, name, json.dumps(result))
-        pipe.expire(key, JOB_TTL_S)
-        pipe.execute()
+        self._eval(_RECORD_PART, [f"{job_key(job_id)}:{group}", job_key(job_id)],
+                   [name, json.dumps(result), f"{group}_parts_done", JOB_TTL_S])
 
     def parts(self, job_id: str, group: str) -> dict[str, dict[str, Any]]:
         return {k if isinstance(k, str) else k.decode(): json.loads(v)
@@ -266,6 +263,14 @@ if redis.call('exists', KEYS[1]) == 1 then return 0 end
 redis.call('hset', KEYS[1], unpack(ARGV, 4))
 redis.call('expire', KEYS[1], tonumber(ARGV[1]))
 redis.call('zadd', KEYS[2], tonumber(ARGV[3]), ARGV[2])
+return 1
+"""
+_RECORD_PART = """
+if redis.call('hsetnx', KEYS[1], ARGV[1], ARGV[2]) == 1 and redis.call('exists', KEYS[2]) == 1
+then
+  redis.call('hincrby', KEYS[2], ARGV[3], 1)
+end
+redis.call('expire', KEYS[1], tonumber(ARGV[4]))
 return 1
 """
 _UPDATE = """
