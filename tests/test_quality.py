@@ -293,3 +293,45 @@ def test_a_section_made_of_notes_still_renders_and_summarizes() -> None:
         assert html.startswith('<section id="quality">') and "Data quality" in html
         assert summary_lines(section, ["a", "b"])
     assert section_html({"quality": {}}) == ""  # no stage, no section
+
+
+def test_learning_curve_answers_stay_within_what_was_measured() -> None:
+    """Fractions that give the same samples are one point; an answer agrees with the table
+    (never below a measured size that fell short); no extrapolation past 4x the largest
+    size; 'still paying off' only when the last gain exceeds the validation noise."""
+    pts = [{"fraction": f, "samples": s, "per_class": s / 10, "val_top1": v}
+           for f, s, v in [(0.01, 10, 0.5), (0.02, 10, 0.5), (0.05, 10, 0.5), (0.1, 40, 0.889),
+                           (0.2, 80, 0.93), (0.5, 200, 0.95), (1.0, 400, 0.955)]]
+    assert [p["samples"] for p in curve.merged(pts)] == [10, 40, 80, 200, 400]
+    fit = curve.fit(pts, [0.9, 0.99], val_samples=100)
+    assert 5 <= fit["per_class_needed"]["0.9"] <= 8  # 4/class gave 0.889, 8/class 0.93
+    assert fit["per_class_needed"]["0.99"] is None
+    assert "not reached within the measured range" in fit["per_class_needed_how"]["0.99"] or \
+        fit["per_class_needed_how"]["0.99"] == "above the fitted plateau"
+    # +0.5 points on 100 validation samples is noise (2 SE ~ 4 points): not "paying off"
+    assert fit["more_data_pays_off"] is False and "no measurable gain" in fit["advice"]
+    ceiling = curve.fit([{"per_class": n, "val_top1": v} for n, v in
+                         [(1, 0.6), (2, 0.8), (5, 1.0), (10, 1.0)]], [0.9], val_samples=50)
+    assert ceiling["more_data_pays_off"] is False and "ceiling" in ceiling["advice"]
+
+
+def test_findings_agree_with_what_the_job_measured() -> None:
+    from pipeline.quality import summary
+
+    weak = {"label_issues": {"count": 55, "checked": 120, "oof_top1": 0.508},
+            "pretraining_domain": {"domain": "far", "advice": "expect frozen features to "
+                                   "underperform"},
+            "learning_curve": {"points": [{"per_class": 9, "val_top1": 0.5}]}}
+    summary.qualify(weak, "IMAGENET1K_V1")
+    assert weak["label_issues"]["withheld"] and "not counted" in weak["label_issues"]["note"]
+    strong = {"label_issues": {"count": 1, "checked": 500, "oof_top1": 0.96},
+              "pretraining_domain": {"domain": "far", "advice": "expect frozen features to "
+                                     "underperform"}}
+    summary.qualify(strong, "IMAGENET1K_V1")
+    assert "already reach 0.960" in strong["pretraining_domain"]["advice"]
+    assert "underperform" not in strong["pretraining_domain"]["advice"]
+    assert not strong["label_issues"].get("withheld")
+    own = {"pretraining_domain": {"domain": "far", "advice": "pretrain an encoder"}}
+    summary.qualify(own, "job:0123456789ab")
+    assert own["pretraining_domain"]["domain"] == "own"
+    assert "pretrain an encoder" not in own["pretraining_domain"]["advice"]

@@ -246,7 +246,7 @@ def summarize(plan: Plan, parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "removed_at_planning_count": len(plan.excluded),
         "outliers": summary.outliers(nb, spec.outlier_z, where, y_of, spec.max_listed),
         "label_issues": _label_issues(plan, d, spec.max_listed),
-        "learning_curve": _curve(q, parts, spec.target_top1),
+        "learning_curve": _curve(q, parts, spec.target_top1, len(plan.splits.val)),
         "shift": {k: v for k, v in parts["shift"].items() if k not in ("part", "seconds")},
         "balance": shift.balance({n: y_of[np.asarray(plan.splits.of(n), np.int64)]
                                   for n in ("train", "val", "test")}, len(plan.class_names)),
@@ -254,6 +254,7 @@ def summarize(plan: Plan, parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "nonfinite": {"count": len(nb.nonfinite),
                       "indices": sorted(int(i) for i in nb.nonfinite)[:spec.max_listed]},
     }
+    summary.qualify(section, plan.backbone.weights_id)
     if len(nb.nonfinite):
         section["nonfinite"]["note"] = (
             f"{len(nb.nonfinite)} samples have NaN/inf features and were left out of the "
@@ -301,10 +302,11 @@ def _label_issues(plan: Plan, d: Path, limit: int) -> dict[str, Any]:
 
 
 def _curve(q: QualityPlan, parts: dict[str, dict[str, Any]],
-           targets: tuple[float, ...]) -> dict[str, Any]:
+           targets: tuple[float, ...], val_samples: int) -> dict[str, Any]:
     points = [parts[f"curve.{i}"] for i in range(len(q.fractions))]
     good = [{k: p[k] for k in ("fraction", "samples", "per_class", "val_top1")}
             for p in points if "val_top1" in p]
     if not good:
         return {"note": next((p["note"] for p in points if "note" in p), "no points")}
-    return {"points": good, "l2": q.l2, "fit": curve.fit(good, targets)}
+    return {"points": curve.merged(good), "l2": q.l2,
+            "fit": curve.fit(good, targets, val_samples)}

@@ -46,11 +46,30 @@ def _law(n: np.ndarray, a: float, b: float, c: float) -> np.ndarray:
     return np.asarray(c - a * np.power(n, -b))
 
 
-def fit(points: Sequence[dict[str, Any]], targets: Sequence[float]) -> dict[str, Any]:
-    """The fitted power law and its answers (a note instead when it cannot be fitted)."""
+MAX_EXTRAPOLATION = 4.0  # labels per class are never predicted beyond 4x the largest measured
+
+
+def merged(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The curve's points, one per training-set size (fractions that round to the same
+    samples, e.g. 1 per class, are one point, not several), by size."""
+    by_size: dict[float, dict[str, Any]] = {}
+    for p in sorted(points, key=lambda q: q.get("fraction", q["per_class"])):
+        by_size.setdefault(float(p.get("samples", p["per_class"])), p)
+    return [by_size[k] for k in sorted(by_size)]
+
+
+def fit(points: Sequence[dict[str, Any]], targets: Sequence[float],
+        val_samples: int = 0) -> dict[str, Any]:
+    """The fitted power law and its answers (a note instead when it cannot be fitted).
+
+    The answers stay within what was measured: labels per class for a target already reached
+    on the curve is the smallest measured size that reached it; a fitted answer beyond
+    :data:`MAX_EXTRAPOLATION` times the largest size is withheld ("not reached within the
+    measured range"); "more data pays off" needs the last measured gain to exceed the noise of
+    the validation estimate (two standard errors over ``val_samples``)."""
     from scipy.optimize import curve_fit
 
-    pts = sorted(points, key=lambda p: p["per_class"])
+    pts = merged(points)
     n = np.array([p["per_class"] for p in pts], float)
     acc = np.array([p["val_top1"] for p in pts], float)
     if len(np.unique(n)) < 3:
@@ -65,18 +84,52 @@ def fit(points: Sequence[dict[str, Any]], targets: Sequence[float]) -> dict[str,
     full = n[-1]
     gain = float(_law(np.array([2 * full]), a, b, c)[0] - _law(np.array([full]), a, b, c)[0])
     needed: dict[str, Any] = {}
+    reasons: dict[str, str] = {}
     for t in targets:
-        if t >= c:
+        reached = [float(p["per_class"]) for p in pts if p["val_top1"] >= t]
+        short_of = [float(p["per_class"]) for p in pts if p["val_top1"] < t]
+        if reached:  # within the measured range: never below a size that fell short of it,
+            hi = math.ceil(min(reached))  # never above the smallest that reached it
+            lo = math.floor(max([s for s in short_of if s < min(reached)], default=0)) + 1
+            want = math.ceil((a / (c - t)) ** (1 / b)) if t < c else hi
+            needed[f"{t:g}"] = int(min(hi, max(lo, want)))
+            reasons[f"{t:g}"] = "measured"
+        elif t >= c:
             needed[f"{t:g}"] = None  # above the plateau: more labels alone will not reach it
+            reasons[f"{t:g}"] = "above the fitted plateau"
         else:
-            needed[f"{t:g}"] = math.ceil((a / (c - t)) ** (1 / b))
-    paying = gain >= 0.005
+            want = math.ceil((a / (c - t)) ** (1 / b))
+            if want > MAX_EXTRAPOLATION * full:
+                needed[f"{t:g}"] = None
+                reasons[f"{t:g}"] = (f"not reached within the measured range (the fit says "
+                                     f"~{want}, over {MAX_EXTRAPOLATION:g}x the "
+                                     f"{full:g} measured): collect more, then measure again")
+            else:
+                needed[f"{t:g}"] = want
+                reasons[f"{t:g}"] = "fitted"
+    last_gain = float(acc[-1] - acc[-2])
+    p_hat = float(np.clip(acc[-1], 1e-3, 1 - 1e-3))
+    noise = 2 * math.sqrt(p_hat * (1 - p_hat) / val_samples) if val_samples else 0.0
+    saturated = acc[-1] >= 0.999
+    paying = gain >= 0.005 and last_gain > noise and not saturated
+    if paying:
+        advice = (f"more labeled data is still paying off: the last doubling-or-so added "
+                  f"{last_gain * 100:.1f} points (noise ±{noise * 100:.1f}); doubling again "
+                  f"should add ~{gain * 100:.1f}")
+    elif saturated:
+        advice = ("validation top-1 is already at the ceiling: more labels cannot show a "
+                  "gain here (a larger validation split could)")
+    elif last_gain <= noise:
+        advice = (f"no measurable gain from the last step of the curve "
+                  f"({last_gain * 100:+.1f} points, noise ±{noise * 100:.1f} on "
+                  f"{val_samples} validation samples): better features (fine-tuning, another "
+                  "backbone) or cleaner labels should help more than more labels")
+    else:
+        advice = (f"the curve has flattened (doubling the data adds ~{gain * 100:.2f} "
+                  "points): better features (fine-tuning, another backbone) or cleaner labels "
+                  "will help more than more labels")
     return {"a": round(float(a), 5), "b": round(float(b), 5), "plateau": round(float(c), 5),
             "per_class_now": round(float(full), 1),
-            "gain_if_doubled": round(gain, 5), "more_data_pays_off": paying,
-            "per_class_needed": needed,
-            "advice": ("more labeled data is still paying off: doubling it should add "
-                       f"{gain * 100:.1f} points of top-1") if paying else
-                      ("the curve has flattened (doubling the data adds "
-                       f"{gain * 100:.2f} points): better features (fine-tuning, another "
-                       "backbone) or cleaner labels will help more than more labels")}
+            "gain_if_doubled": round(gain, 5), "last_gain": round(last_gain, 5),
+            "noise": round(noise, 5), "more_data_pays_off": paying,
+            "per_class_needed": needed, "per_class_needed_how": reasons, "advice": advice}

@@ -132,3 +132,39 @@ def excluded(section: dict[str, Any], categories: tuple[str, ...]) -> dict[str, 
              "label_issues": section.get("label_issues", {}).get("all", []),
              "outliers": section.get("outliers", {}).get("all", [])}
     return {c: sorted(int(i) for i in picks[c]) for c in categories}
+
+
+LABEL_SIGNAL_MIN = 0.7  # out-of-fold top-1 below which label flags are mostly probe errors
+STRONG_TOP1 = 0.9  # measured accuracy that makes "frozen features will underperform" false
+
+
+def qualify(section: dict[str, Any], weights_id: str) -> None:
+    """Make every finding say how sure it is and agree with what the job measured: label
+    flags are withheld when the probe is too weak for them to mean anything; the advice about
+    the pretraining domain reads the accuracy measured on this data, and an encoder pretrained
+    on this very data (``job:<id>``) is recognised, never told to pretrain."""
+    li = section.get("label_issues", {})
+    if "oof_top1" in li and li["oof_top1"] < LABEL_SIGNAL_MIN:
+        li["withheld"] = True
+        li["note"] = (f"out-of-fold top-1 is {li['oof_top1']:.3f}, below "
+                      f"{LABEL_SIGNAL_MIN:g}: most of the {li['count']} flags would be the "
+                      "probe's own mistakes, not wrong labels; not counted in the summary "
+                      "(a stronger backbone makes this check meaningful)")
+    measured = li.get("oof_top1")
+    points = section.get("learning_curve", {}).get("points") or []
+    if points:
+        measured = max(measured or 0.0, float(points[-1]["val_top1"]))
+    dom = section.get("pretraining_domain", {})
+    if weights_id.startswith("job:"):
+        dom["domain"] = "own"
+        dom["advice"] = (f"the encoder ({weights_id}) was pretrained on this job's own data: "
+                         "the distance from a public pretraining set does not apply")
+    elif dom.get("domain") == "far" and measured is not None and measured >= STRONG_TOP1:
+        dom["advice"] = (f"the images look unlike the backbone's pretraining data, yet frozen "
+                         f"features already reach {measured:.3f} top-1 here: fine-tuning may "
+                         "still add a little (featurefleet compare --strategies "
+                         "probe,finetune)")
+    elif dom.get("domain") == "near" and measured is not None and measured < 0.5:
+        dom["advice"] = (f"the images look like the backbone's pretraining data, but frozen "
+                         f"features reach only {measured:.3f} top-1: the labels may not follow "
+                         "what the backbone sees; check the label issues, or fine-tune")

@@ -63,7 +63,8 @@ def brief(section: dict[str, Any]) -> dict[str, Any]:
     dup = section.get("duplicates", {})
     fit = section.get("learning_curve", {}).get("fit", {})
     return {"leaks": len(dup.get("leaked", [])), "near_duplicate_pairs": dup.get("pairs", 0),
-            "label_issues": section.get("label_issues", {}).get("count"),
+            "label_issues": None if section.get("label_issues", {}).get("withheld")
+            else section.get("label_issues", {}).get("count"),
             "outliers": section.get("outliers", {}).get("count"),
             "shift_auc": section.get("shift", {}).get("auc"),
             "domain": section.get("pretraining_domain", {}).get("domain"),
@@ -82,7 +83,9 @@ def summary_lines(section: dict[str, Any], class_names: list[str]) -> list[str]:
              f"twin in another split; {section.get('removed_at_planning_count', 0)} exact "
              "copies removed at planning"]
     li = section.get("label_issues", {})
-    if "count" in li:
+    if li.get("withheld"):
+        lines.append(f"label issues: not assessed ({li['note']})")
+    elif "count" in li:
         lines.append(f"label issues: {li['count']} of {li['checked']} labels look wrong "
                      f"(out-of-fold top-1 {li['oof_top1']:.3f})")
     elif "note" in li:
