@@ -69,10 +69,46 @@ def require(features: dict[str, Features], job: str) -> None:
                            "fix: check the data source")
 
 
+CV_BELOW_PER_CLASS = 10  # validation samples per class below which λ is chosen by CV
+
+
 def sweep_slice(train: Features, val: Features, n_classes: int, grid: list[float],
-                max_iter: int) -> list[dict[str, float]]:
-    """The probe fitted and scored on validation over one slice of the λ grid."""
-    return linear.sweep(train.x, train.y, val.x, val.y, n_classes, grid, max_iter)
+                max_iter: int, seed: int = 0) -> list[dict[str, Any]]:
+    """The probe fitted and scored on validation over one slice of the λ grid.
+
+    With fewer than :data:`CV_BELOW_PER_CLASS` validation samples per class (a few labels)
+    the validation split cannot rank penalties: λ is scored by stratified k-fold
+    cross-validation on train + val instead (every labeled sample validates once)."""
+    classes = max(1, len(np.unique(train.y)))
+    if len(val) >= CV_BELOW_PER_CLASS * classes:
+        return [{**p, "scored_by": "validation"}
+                for p in linear.sweep(train.x, train.y, val.x, val.y, n_classes, grid,
+                                      max_iter)]
+    x = np.concatenate([train.x, val.x])
+    y = np.concatenate([train.y, val.y])
+    smallest = int(np.bincount(y)[np.unique(y)].min())
+    k = min(5, smallest)
+    if k < 2:  # a class with one labeled sample: no fold can hold it out
+        return [{**p, "scored_by": "validation"}
+                for p in linear.sweep(train.x, train.y, val.x, val.y, n_classes, grid,
+                                      max_iter)]
+    fold = np.empty(len(y), np.int64)
+    rng = np.random.default_rng(seed)
+    for c in np.unique(y):
+        members = rng.permutation(np.flatnonzero(y == c))
+        fold[members] = np.arange(len(members)) % k
+    totals = {float(v): {"correct": 0.0, "loss": 0.0, "n": 0, "seconds": 0.0} for v in grid}
+    for f in range(k):
+        tr, va = fold != f, fold == f
+        for p in linear.sweep(x[tr], y[tr], x[va], y[va], n_classes, grid, max_iter):
+            t = totals[p["l2"]]
+            t["correct"] += p["val_top1"] * p["val_n"]
+            t["loss"] += p["val_loss"] * p["val_n"]
+            t["n"] += p["val_n"]
+            t["seconds"] += p["seconds"]
+    return [{"l2": v, "val_top1": t["correct"] / t["n"], "val_loss": t["loss"] / t["n"],
+             "val_n": t["n"], "seconds": t["seconds"], "scored_by": f"{k}-fold cross-validation"}
+            for v, t in totals.items()]
 
 
 def choose_l2(slices: list[dict[str, Any]], n_slices: int) -> tuple[float, dict[str, Any]]:
@@ -89,9 +125,18 @@ def choose_l2(slices: list[dict[str, Any]], n_slices: int) -> tuple[float, dict[
     by_slice = {int(s["slice"]): s for s in slices}  # a slice run twice counts once
     curve = sorted((pt for s in by_slice.values() for pt in s["curve"]), key=lambda p: -p["l2"])
     best = linear.select(curve)
+    top = max(pt["val_top1"] for pt in curve)
+    se = linear.standard_error(top, int(best.get("val_n", 0)))
+    spread = top - min(pt["val_top1"] for pt in curve)
+    significant = spread > 2 * se
     return float(best["l2"]), {
         "grid": [pt["l2"] for pt in curve], "curve": curve, "chosen_l2": best["l2"],
-        "chosen_val_top1": best["val_top1"],
+        "chosen_val_top1": best["val_top1"], "chosen_val_loss": best["val_loss"],
+        "scored_by": best.get("scored_by", "validation"), "significant": significant,
+        **({} if significant else {"note": (
+            f"every penalty scored within {spread:.3f} top-1 of the others (2 standard errors "
+            f"on {best.get('val_n')} samples: {2 * se:.3f}): the choice is not significant; "
+            "it went to the lowest validation loss among the best")}),
         "task_seconds": [by_slice[i]["seconds"] for i in sorted(by_slice)]}
 
 

@@ -36,7 +36,10 @@ def test_sweep_and_heads_in_report(three_heads: dict) -> None:
     assert len(sweep["curve"]) == 45 and len(sweep["task_seconds"]) == 3
     assert sweep["grid"][0] == pytest.approx(1e5) and sweep["grid"][-1] == pytest.approx(1e-6)
     assert sweep["chosen_l2"] in sweep["grid"]
-    assert sweep["chosen_val_top1"] == max(p["val_top1"] for p in sweep["curve"])
+    top = max(p["val_top1"] for p in sweep["curve"])  # chosen: within 1 SE, lowest loss
+    n = sweep["curve"][0]["val_n"]
+    assert top - sweep["chosen_val_top1"] <= (top * (1 - top) / n) ** 0.5 + 1e-9
+    assert sweep["scored_by"] == "validation"
     assert set(rep["heads"]) == {"linear", "mlp", "knn"} and rep["primary_head"] == "linear"
     assert rep["metrics"] == rep["heads"]["linear"]["metrics"]
     for name, head in rep["heads"].items():

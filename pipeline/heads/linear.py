@@ -109,15 +109,27 @@ def sweep(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np
                 "l2": float(l2),
                 "val_top1": float((logits.argmax(1) == yv).float().mean()),
                 "val_loss": float(torch.nn.functional.cross_entropy(logits, yv)),
+                "val_n": len(yv),
                 "seconds": time.perf_counter() - t0,
             })
     return curve
 
 
 def select(curve: list[dict[str, float]]) -> dict[str, float]:
-    """The best point: highest validation accuracy, then lowest validation loss, then the
-    strongest regularization (the simplest model)."""
-    return max(curve, key=lambda p: (p["val_top1"], -p["val_loss"], p["l2"]))
+    """The best point: among the penalties whose validation accuracy is within one standard
+    error of the best (indistinguishable on this validation set), the lowest validation loss,
+    then the strongest regularization. On a tiny validation split every penalty ties on
+    accuracy; the loss then decides, so a head that predicts near-uniform probabilities (the
+    strongest penalty) is never chosen when another predicts better."""
+    best = max(p["val_top1"] for p in curve)
+    se = standard_error(best, int(max(p.get("val_n", 0) for p in curve)))
+    close = [p for p in curve if p["val_top1"] >= best - se]
+    return min(close, key=lambda p: (p["val_loss"], -p["l2"]))
+
+
+def standard_error(top1: float, n: int) -> float:
+    """The standard error of an accuracy measured on ``n`` samples (0 when unknown)."""
+    return float(np.sqrt(max(top1 * (1 - top1), 1e-12) / n)) if n else 0.0
 
 
 def _lbfgs(xt: Any, yt: Any, w: Any, b: Any, l2: float, max_iter: int) -> None:

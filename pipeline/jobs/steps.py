@@ -212,7 +212,8 @@ def run_sweep(jobs: JobStore, ref: Any, index: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     feats = _features(jobs, plan)
     curve = train.sweep_slice(feats["train"], feats["val"], len(plan.class_names),
-                              plan.sweep[int(index)], plan.spec.probe.max_iter)
+                              plan.sweep[int(index)], plan.spec.probe.max_iter,
+                              plan.spec.data.seed)
     jobs.record_slice(plan.job_id, int(index), {"slice": int(index), "curve": curve,
                                                 "seconds": round(time.perf_counter() - t0, 3)})
     return {"slice": int(index)}
