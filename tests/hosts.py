@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -74,10 +75,25 @@ class Hosts:
                 p.popen.wait(10)
 
 
+def _sweep_stale() -> None:
+    """Delete the namespaces (and kill the processes) of an earlier test run that was killed
+    before it could clean up (the process that made them is gone)."""
+    for line in _ip("netns", "list", check=False).stdout.splitlines():
+        name = line.split()[0] if line.strip() else ""
+        m = re.fullmatch(r"ff(\d+)(?:sw|h\d+)", name)
+        if not m or Path(f"/proc/{m.group(1)}").exists():
+            continue  # not ours, or its test run is alive
+        for pid in _ip("netns", "pids", name, check=False).stdout.split():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        _ip("netns", "del", name, check=False)
+
+
 @contextlib.contextmanager
 def hosts(n: int) -> Iterator[Hosts]:
     """``n`` hosts on one switch, addressed ``198.18.<k>.1 .. .n`` (``k`` from the pid)."""
-    tag = f"ff{os.getpid() % 100000}"
+    _sweep_stale()
+    tag = f"ff{os.getpid()}"
     subnet = f"198.18.{os.getpid() % 250 + 1}"
     switch = f"{tag}sw"
     made: list[str] = []

@@ -38,7 +38,8 @@ job = submit(spec, broker=sys.argv[2])
 print("id", job.id, flush=True)
 while True:
     st = job.status()
-    if st.get("shards_done", 0) >= 1 or st.get("stage") in ("pretrain", "train"):
+    if st.get("shards_done", 0) >= 1 or st.get("stage") in ("pretrain", "train") or \
+            st["status"] in ("SUCCESS", "FAILED", "CANCELLED"):
         print("started", flush=True)
         break
     time.sleep(0.2)
