@@ -6,12 +6,18 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test lint unit bench clean browser
 
-$(BIN)/.installed: pyproject.toml
+# The demo installs what running featurefleet needs; the tests and benchmarks add their tools
+# (linters, type checker, S3 and Kubernetes validators, benchmark data sets).
+$(BIN)/.installed-run: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -e .
+	touch $@
+
+$(BIN)/.installed: pyproject.toml $(BIN)/.installed-run
 	$(BIN)/python -m pip install -e '.[test,bench]'
 	touch $@
 
-demo: $(BIN)/.installed
+demo: $(BIN)/.installed-run
 	$(BIN)/featurefleet demo --output featurefleet-demo
 
 # The browser tests look at report.html and Flower in a real headless Chromium (Debian's
