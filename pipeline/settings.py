@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     flower_auth: str | None = Field(None, description="user:password of the dashboard")
     max_message_bytes: int = Field(1 << 20, gt=0, description="largest Celery message sent")
     store_retries: int = Field(5, ge=0, description="retries of one object-store operation")
+    node_address: str | None = Field(None, description="the address the other nodes of a "
+                                     "training run reach this worker at (default: the "
+                                     "address of the interface that reaches the broker)")
     dist_timeout_s: float = Field(600.0, gt=0, description="a training rank waits this long "
                                   "for its peers (connecting, collectives) before it fails and "
                                   "torchrun restarts the ranks from the last checkpoint")

@@ -21,8 +21,7 @@ from typing import Any
 
 from pipeline.errors import JobCancelled, JobError
 from pipeline.jobs.records import FINAL, JOB_TTL_S, JobStore, job_key
-
-ADDRESS_ENV = "FEATUREFLEET_NODE_ADDRESS"  # the address other nodes reach this one at
+from pipeline.settings import get_settings
 
 
 @dataclass(frozen=True)
@@ -39,7 +38,7 @@ def my_address(r: Any = None) -> str:
     """This node's address as the other nodes reach it: $FEATUREFLEET_NODE_ADDRESS, else the
     address of the interface that reaches the broker (every node reaches it, so the hosts
     share that network), else the host name's address."""
-    configured = os.environ.get(ADDRESS_ENV)
+    configured = get_settings().node_address
     if configured:
         return configured
     kw = getattr(getattr(r, "connection_pool", None), "connection_kwargs", {}) or {}

@@ -84,11 +84,12 @@ def check_complete_jpeg(raw: bytes) -> None:
     last scan (0xFF cannot occur inside entropy-coded data, so the marker is unambiguous).
 
     Raises:
-        ValueError: no end-of-image marker after the last start-of-scan.
+        OSError: no end-of-image marker after the last start-of-scan (as Pillow says of a
+            truncated file).
     """
     last_scan = raw.rfind(b"\xff\xda")
     if last_scan < 0 or raw.find(b"\xff\xd9", last_scan) < 0:
-        raise ValueError("truncated JPEG: its data ends before the end-of-image marker")
+        raise OSError("truncated JPEG: its data ends before the end-of-image marker")
 
 
 def decode_jpeg(raw: bytes, min_size: int | None = None) -> np.ndarray:
