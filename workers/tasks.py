@@ -44,7 +44,7 @@ def ff_task(name: str) -> Callable[[Callable[..., Any]], Any]:
     return policy  # type: ignore[no-any-return]
 
 
-@worker_ready.connect
+@worker_ready.connect  # type: ignore[untyped-decorator]
 def announce(sender: Any = None, **_: Any) -> None:
     """Record this worker's GPUs in Redis (``ff:fleet``) so ``strategy: auto`` knows the
     compute online. Read from the environment / nvidia-smi: the parent never touches CUDA."""
@@ -155,7 +155,7 @@ def evaluate_finetune(self: Task, trained: dict[str, Any], ref: dict[str, Any]) 
     return steps.run_evaluate_finetune(job_store(), ref, trained)
 
 
-@app.task(name="featurefleet.fail_job", acks_late=True)
+@app.task(name="featurefleet.fail_job", acks_late=True)  # type: ignore[untyped-decorator]
 def fail_job(request: Any, exc: Any, traceback: Any, job_id: str) -> None:
     """Error callback of the job canvas: mark the job FAILED with the failing task's error."""
     steps.run_fail(job_store(), job_id, getattr(request, "id", "?"),

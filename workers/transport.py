@@ -47,7 +47,7 @@ class PatientRedisBackend(RedisBackend):  # type: ignore[misc]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.connparams = _patient(self.connparams)
+        self.connparams: dict[str, Any] = _patient(self.connparams)
 
 
 __all__ = ["OOM_PATIENCE_S", "PatientRedisBackend", "Transport"]
