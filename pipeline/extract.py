@@ -67,7 +67,7 @@ def decode_min_side(pre: AnyPreprocessing, mode: str) -> int | None:
 
 def extract_shard(source: Source, indices: Sequence[int], backbone: BackboneInfo,
                   run: BackboneSpec, target: Target,
-                  progress: Progress | None = None) -> dict[str, Any]:
+                  progress: Progress | None = None) -> shards.ShardResult:
     """Run the frozen backbone over ``indices`` of ``source`` and write the shard.
 
     Returns:
@@ -157,16 +157,15 @@ def extract_shard(source: Source, indices: Sequence[int], backbone: BackboneInfo
                                                               np.float16)),
         not_before=target.not_before)
     seconds = time.perf_counter() - t0
-    return {"path": target.path, "rows": len(kept_arr), "sha256": written.sha256,
-            "adopted": written.adopted, "cached": False,
-            "skipped": [{"id": sid, "reason": why} for sid, why in skipped],
-            "worker": f"{socket.gethostname()}:{os.getpid()}", "started_at": started_at,
-            "seconds": round(seconds, 3), "finished_at": started_at + seconds,
-            "model_seconds": round(t_model, 3),
-            "images_per_s": round(len(kept_arr) / seconds, 2) if seconds else None,
-            "device": device, "threads": forward_threads, "batch": batch_size,
-            "decode": run.decode, "decoder": decoder, "modality": pre.modality,
-            "truncated": truncated,
-            "forward_batch": fitted_batch(fits_key), "precision": str(amp or "fp32"),
-            "compiled": run.compile, "feature_dim": bb.feature_dim,
-            "parameters": bb.parameters}
+    return shards.ShardResult(
+        path=str(target.path), rows=len(kept_arr), sha256=written.sha256,
+        adopted=written.adopted, cached=False,
+        skipped=[{"id": sid, "reason": why} for sid, why in skipped],
+        worker=f"{socket.gethostname()}:{os.getpid()}", started_at=started_at,
+        seconds=round(seconds, 3), finished_at=started_at + seconds,
+        model_seconds=round(t_model, 3),
+        images_per_s=round(len(kept_arr) / seconds, 2) if seconds else None,
+        device=device, threads=forward_threads, batch=batch_size, decode=run.decode,
+        decoder=decoder, modality=pre.modality, truncated=truncated,
+        forward_batch=fitted_batch(fits_key), precision=str(amp or "fp32"),
+        compiled=run.compile, feature_dim=bb.feature_dim, parameters=bb.parameters)

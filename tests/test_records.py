@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.errors import JobError, JobLost
 from pipeline.jobs.records import JOB_TTL_S, METRICS_KEY, JobStore
+from pipeline.store.shards import ShardResult
 
 JOB = "00000000abcd"
 
@@ -40,7 +41,8 @@ def test_writes_never_recreate_a_lost_record(jobs: JobStore) -> None:
                   lambda: jobs.mark_running(JOB, "extract"),
                   lambda: jobs.start(JOB, "extract", "0-4"),
                   lambda: jobs.shard_progress(JOB, "0-4", 2),
-                  lambda: jobs.record_shard(JOB, {"shard": "0-4", "rows": 4}, 4)):
+                  lambda: jobs.record_shard(JOB, ShardResult(shard="0-4", path="p", rows=4),
+                                            4)):
         with pytest.raises(JobLost, match=rf"job {JOB}'s record is gone.*fix: featurefleet retry"):
             write()
     assert not jobs.finish(JOB, "FAILED")
@@ -80,10 +82,10 @@ def test_a_shard_is_counted_once_and_progress_is_set_not_added(jobs: JobStore) -
     assert jobs.shard_progress(JOB, "0-4", 2) == "PENDING"
     assert jobs.shard_progress(JOB, "0-4", 3) == "PENDING"  # a second attempt's count
     assert jobs.get(JOB)["images_done"] == 13
-    result = {"shard": "0-4", "rows": 3, "skipped": [{"id": "x", "reason": "bad"}],
-              "seconds": 2.0}
+    result = ShardResult(shard="0-4", path="p", rows=3,
+                         skipped=[{"id": "x", "reason": "bad"}], seconds=2.0)
     assert jobs.record_shard(JOB, result, 4)
-    assert not jobs.record_shard(JOB, {**result, "rows": 99}, 4)  # redelivered: no change
+    assert not jobs.record_shard(JOB, result.model_copy(update={"rows": 99}), 4)  # redelivered
     jobs.shard_progress(JOB, "0-4", 1)  # a late progress report of a finished shard
     st = jobs.get(JOB)
     assert st["shards_done"] == 1 and st["images_skipped"] == 1 and st["images_done"] == 14

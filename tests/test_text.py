@@ -221,8 +221,8 @@ def test_extract_text_shard_rows_in_sample_order(tmp_path: Path) -> None:
     ids = list(range(len(src)))
     got = extract_shard(src, ids, plan.backbone, plan.spec.backbone,
                         Target(str(tmp_path / "s.h5"), plan.key, 0.0))
-    assert got["rows"] == len(rows) - 1 and got["truncated"] == 1
-    assert got["skipped"][0]["reason"].endswith("empty text")
+    assert got.rows == len(rows) - 1 and got.truncated == 1
+    assert got.skipped[0]["reason"].endswith("empty text")
     shard = read_shard(str(tmp_path / "s.h5"))
     assert shard.indices.tolist() == [i for i in ids if i != len(rows) - 2]
     assert shard.features.shape == (len(rows) - 1, 384)

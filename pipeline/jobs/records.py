@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from pipeline.errors import JobError, JobLost
+from pipeline.store.shards import ShardResult
 
 STATUSES = ("PENDING", "RUNNING", "SUCCESS", "FAILED", "CANCELLED")
 FINAL = ("SUCCESS", "FAILED", "CANCELLED")
@@ -134,7 +135,7 @@ class JobStore:
             raise self._lost(job_id)
         return str(_dec(status))
 
-    def record_shard(self, job_id: str, result: dict[str, Any], rows: int) -> bool:
+    def record_shard(self, job_id: str, result: ShardResult, rows: int) -> bool:
         """Store a finished shard's result and settle its counters (the job's and the fleet's
         metrics), atomically, once. Returns False for a shard recorded before (a redelivered
         task).
@@ -142,13 +143,13 @@ class JobStore:
         Raises:
             JobLost: the record does not exist.
         """
-        seconds = float(result.get("seconds") or 0.0)
+        seconds = float(result.seconds or 0.0)
         bucket = next((f"le_{b:g}" for b in SHARD_BUCKETS if seconds <= b), "le_inf")
-        extracted = 0 if result.get("cached") else int(result.get("rows", 0))
+        extracted = 0 if result.cached else result.rows
         new = self._eval(_RECORD_SHARD, [job_key(job_id), job_key(job_id) + ":shards",
                                          job_key(job_id) + ":progress", METRICS_KEY],
-                         [result["shard"], json.dumps(result), len(result.get("skipped", [])),
-                          rows, JOB_TTL_S, extracted, seconds, bucket])
+                         [result.shard, result.model_dump_json(),
+                          len(result.skipped), rows, JOB_TTL_S, extracted, seconds, bucket])
         if new == -1:
             raise self._lost(job_id)
         return bool(new)

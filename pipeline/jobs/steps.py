@@ -28,7 +28,7 @@ from pipeline.reports import report
 from pipeline.settings import get_settings
 from pipeline.sources import checked_source
 from pipeline.store import files, manifest, shards
-from pipeline.store.shards import ShardReader
+from pipeline.store.shards import ShardReader, ShardResult
 
 log = logging.getLogger(__name__)
 
@@ -86,20 +86,18 @@ def run_extract(jobs: JobStore, ref: Any, shard_id: str,
         raise
     except Exception as exc:  # the job's error must name the shard
         raise JobError(f"shard {shard.id}: {exc}") from exc
-    result = {"shard": shard.id, **result}
+    result = result.model_copy(update={"shard": shard.id})
     jobs.record_shard(plan.job_id, result, shard.rows)
-    return {k: result[k] for k in ("shard", "rows", "sha256", "cached")}
+    return {"shard": result.shard, "rows": result.rows, "sha256": result.sha256,
+            "cached": result.cached}
 
 
-def _extract(plan: Plan, shard: Any, progress: Callable[[int, int], None]) -> dict[str, Any]:
+def _extract(plan: Plan, shard: Any, progress: Callable[[int, int], None]) -> ShardResult:
     # A valid file written after planning is this task's own earlier delivery or a concurrent
     # job's identical shard: adopt it. One that existed at planning was judged untrusted.
     info = shards.inspect(shard.path, plan.key, shard.rows)
     if info is not None and files.mtime(shard.path) >= plan.created:
-        return {"path": shard.path, "rows": info.rows, "skipped": info.skipped,
-                "sha256": files.sha256_of(shard.path), "cached": True, "seconds": 0.0,
-                "feature_dim": info.attrs.get("feature_dim"),
-                "parameters": info.attrs.get("parameters")}
+        return _cached_result(shard.id, shard.path, info, files.sha256_of(shard.path))
     source = plan_source(plan)
     target = extract.Target(path=shard.path, key=plan.key, not_before=plan.created,
                             attrs={"dataset_fingerprint": plan.fingerprint,
@@ -114,7 +112,15 @@ def plan_source(plan: Plan) -> Any:
                           plan.fingerprint_mode)
 
 
-def shard_results(jobs: JobStore, plan: Plan) -> dict[str, dict[str, Any]]:
+def _cached_result(shard_id: str, path: str, info: Any, sha256: str | None) -> ShardResult:
+    """The result of a shard found valid in the store (nothing extracted)."""
+    return ShardResult(shard=shard_id, path=path, rows=info.rows, skipped=info.skipped,
+                       sha256=sha256, cached=True, seconds=0.0,
+                       feature_dim=info.attrs.get("feature_dim"),
+                       parameters=info.attrs.get("parameters"))
+
+
+def shard_results(jobs: JobStore, plan: Plan) -> dict[str, ShardResult]:
     """This job's shard results: recorded by its tasks, or (cached at planning) what the
     file and the manifest say."""
     recorded = jobs.shard_results(plan.job_id)
@@ -122,17 +128,14 @@ def shard_results(jobs: JobStore, plan: Plan) -> dict[str, dict[str, Any]]:
     out = {}
     for s in plan.shards:
         if s.id in recorded:
-            out[s.id] = recorded[s.id]
+            out[s.id] = ShardResult.model_validate({"path": s.path, **recorded[s.id]})
             continue
         info = shards.inspect(s.path, plan.key, s.rows)
         if info is None:
             continue
         known = known if known is not None else manifest.read_manifest(plan.shard_dir)
         entry = known["shards"].get(Path(s.path).name, {})
-        out[s.id] = {"shard": s.id, "rows": info.rows, "skipped": info.skipped,
-                     "sha256": entry.get("sha256"), "cached": True,
-                     "feature_dim": info.attrs.get("feature_dim"),
-                     "parameters": info.attrs.get("parameters")}
+        out[s.id] = _cached_result(s.id, s.path, info, entry.get("sha256"))
     return out
 
 
@@ -161,15 +164,14 @@ def run_collect(jobs: JobStore, ref: Any) -> dict[str, Any]:
                            f"({s.path!r} no longer has its recorded checksum); fix: retry the "
                            "job (the shard is extracted again)")
     results = shard_results(jobs, plan)
-    fresh = {Path(s.path).name: {"sha256": results[s.id]["sha256"],
-                                 "rows": results[s.id]["rows"],
-                                 "skipped": len(results[s.id].get("skipped", []))}
+    fresh = {Path(s.path).name: {"sha256": results[s.id].sha256, "rows": results[s.id].rows,
+                                 "skipped": len(results[s.id].skipped)}
              for s in plan.shards if not s.cached}
     manifest.record(plan.shard_dir, fresh, {
         "key": plan.key, "backbone": plan.backbone.name, "weights_id": plan.backbone.weights_id,
         "dataset_fingerprint": plan.fingerprint, "preprocessing": plan.backbone.preprocessing,
         "feature_dtype": plan.backbone.feature_dtype, "data": plan.spec.data.model_dump()})
-    skipped = [sk for r in results.values() for sk in r.get("skipped", [])]
+    skipped = [sk for r in results.values() for sk in r.skipped]
     total = sum(s.rows for s in plan.shards)
     bound = plan.spec.data.max_skipped_fraction
     if total and len(skipped) / total > bound:
@@ -238,7 +240,7 @@ def run_train(jobs: JobStore, ref: Any) -> dict[str, Any]:
         l2 = float(plan.l2 or 0.0)
     feats = _features(jobs, plan)
     results = shard_results(jobs, plan)
-    params = next((r.get("parameters") for r in results.values() if r.get("parameters")), None)
+    params = next((r.parameters for r in results.values() if r.parameters), None)
     meta = {"backbone": plan.backbone.name, "weights": plan.backbone.weights,
             "weights_id": plan.backbone.weights_id,
             "weights_sha256": plan.backbone.weights_sha256,

@@ -16,24 +16,25 @@ import numpy as np
 from pipeline.fsio import atomic_write_text
 from pipeline.plan import Plan
 from pipeline.reports.html import write_report_html
+from pipeline.store.shards import ShardResult
 
 REPORT_SCHEMA = 2
 
 
-def shard_rows(plan: Plan, results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+SHARD_FIELDS = ("rows", "sha256", "worker", "seconds", "images_per_s", "device", "threads",
+                "model_seconds", "decode", "decoder", "truncated", "started_at", "finished_at",
+                "skipped")
+
+
+def shard_rows(plan: Plan, results: dict[str, ShardResult]) -> list[dict[str, Any]]:
     """One entry per planned shard: this job's task result, else what the cache recorded."""
     rows = []
     for s in plan.shards:
-        r = results.get(s.id) or {}
-        rows.append({"id": s.id, "path": s.path, "rows": r.get("rows"),
-                     "sha256": r.get("sha256"), "worker": r.get("worker"),
-                     "cached": bool(s.cached or r.get("cached")), "seconds": r.get("seconds"),
-                     "images_per_s": r.get("images_per_s"), "device": r.get("device"),
-                     "threads": r.get("threads"), "model_seconds": r.get("model_seconds"),
-                     "decode": r.get("decode"), "decoder": r.get("decoder"),
-                     "truncated": r.get("truncated"),
-                     "started_at": r.get("started_at"),
-                     "finished_at": r.get("finished_at"), "skipped": r.get("skipped", [])})
+        r = results.get(s.id)
+        got = r.model_dump(include=set(SHARD_FIELDS)) if r is not None else {
+            k: [] if k == "skipped" else None for k in SHARD_FIELDS}
+        rows.append({"id": s.id, "path": s.path, **got,
+                     "cached": bool(s.cached or (r is not None and r.cached))})
     return rows
 
 

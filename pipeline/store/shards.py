@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import StoreError
 from pipeline.store import files
@@ -47,6 +48,38 @@ class ShardData:
     # per row: a 16x16 grey thumbnail of the model's input, centred and unit-length (float16):
     # near duplicates that a backbone's features miss (noise, re-encoding) are found with it
     signatures: np.ndarray | None = None
+
+
+class ShardResult(BaseModel):
+    """What one extraction task reports about its shard (kept in the job record, listed in
+    the report): the file, its writer's checksum, what was skipped, and how it ran."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    path: str
+    rows: int
+    shard: str = ""  # the plan's shard id ("<start>-<end>")
+    sha256: str | None = None
+    cached: bool = False  # a valid file was already there: nothing was extracted
+    adopted: bool = False  # a concurrent identical task's file was kept
+    skipped: list[dict[str, str]] = Field(default_factory=list)  # {"id", "reason"}
+    worker: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    seconds: float | None = None
+    model_seconds: float | None = None
+    images_per_s: float | None = None
+    device: str | None = None
+    threads: int | None = None
+    batch: int | None = None
+    forward_batch: int | None = None
+    decode: str | None = None
+    decoder: str | None = None
+    modality: str | None = None
+    truncated: int | None = None
+    precision: str | None = None
+    compiled: bool | None = None
+    feature_dim: int | None = None
+    parameters: int | None = None
 
 
 @dataclass(frozen=True)
