@@ -221,6 +221,9 @@ class Plan(_Frozen):
         return PlanRef(job_id=self.job_id, path=str(self.path), sha256=_sha(text))
 
 
+PlanMessage = dict[str, str]  # a PlanRef as a Celery message carries it (checked by load_plan)
+
+
 class PlanRef(_Frozen):
     """What a Celery message carries instead of the plan: small, and checked on arrival."""
 
@@ -228,7 +231,7 @@ class PlanRef(_Frozen):
     path: str
     sha256: str
 
-    def to_message(self) -> dict[str, str]:
+    def to_message(self) -> PlanMessage:
         return {"job_id": self.job_id, "path": self.path, "sha256": self.sha256}
 
 

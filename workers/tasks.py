@@ -20,6 +20,7 @@ from pipeline.errors import RetryableError
 from pipeline.jobs import quality, steps, training
 from pipeline.jobs.broker import connect
 from pipeline.jobs.records import JobStore
+from pipeline.plan import PlanMessage
 from workers.app import app
 
 log = get_task_logger(__name__)
@@ -55,7 +56,7 @@ def announce(sender: Any = None, **_: Any) -> None:
 
 
 @ff_task("extract_shard")
-def extract_shard(self: Task, ref: dict[str, Any], shard_id: str) -> None:
+def extract_shard(self: Task, ref: PlanMessage, shard_id: str) -> None:
     """Run the frozen backbone over one shard and write its HDF5 file. Returns nothing: the
     result is in the job record, and the chord hands every header's return value to
     ``collect`` in one message (10,000 shards' dicts were 1.3 MB; 10,000 nulls are 60 kB)."""
@@ -72,44 +73,44 @@ def extract_shard(self: Task, ref: dict[str, Any], shard_id: str) -> None:
 
 
 @ff_task("collect")
-def collect(self: Task, results: Any, ref: dict[str, Any]) -> dict[str, Any]:
+def collect(self: Task, results: Any, ref: PlanMessage) -> dict[str, Any]:
     """Chord body after extraction: check every shard of the plan is stored and valid."""
     return steps.run_collect(job_store(), ref)
 
 
 @ff_task("sweep_probe")
-def sweep_probe(self: Task, collected: Any, ref: dict[str, Any], index: int) -> dict[str, Any]:
+def sweep_probe(self: Task, collected: Any, ref: PlanMessage, index: int) -> dict[str, Any]:
     """One slice of the probe's regularization grid, scored on the validation split."""
     return steps.run_sweep(job_store(), ref, index)
 
 
 @ff_task("train_probe")
-def train_probe(self: Task, slices: Any, ref: dict[str, Any]) -> dict[str, Any]:
+def train_probe(self: Task, slices: Any, ref: PlanMessage) -> dict[str, Any]:
     """Select the penalty from the recorded sweep and fit every head."""
     return steps.run_train(job_store(), ref)
 
 
 @ff_task("evaluate")
-def evaluate(self: Task, trained: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
+def evaluate(self: Task, trained: dict[str, Any], ref: PlanMessage) -> dict[str, Any]:
     """Evaluate on the test rows and write report.json."""
     return steps.run_evaluate(job_store(), ref, trained)
 
 
 @ff_task("quality_part")
-def quality_part(self: Task, collected: Any, ref: dict[str, Any], part: str) -> dict[str, Any]:
+def quality_part(self: Task, collected: Any, ref: PlanMessage, part: str) -> dict[str, Any]:
     """One part of the data-quality stage (``neighbors.<b>``, ``fold.<f>``, ``curve.<i>``,
     ``shift``, ``probe``: the last on the GPU queue, it runs the backbone)."""
     return quality.run_part(job_store(), ref, part)
 
 
 @ff_task("quality_finish")
-def quality_finish(self: Task, parts: Any, ref: dict[str, Any]) -> dict[str, Any]:
+def quality_finish(self: Task, parts: Any, ref: PlanMessage) -> dict[str, Any]:
     """The data-quality stage's summary (chord body; retried until every part is recorded)."""
     return quality.run_finish(job_store(), ref)
 
 
 @ff_task("train_node")
-def train_node(self: Task, ref: dict[str, Any], program: str, part: int, slot: int,
+def train_node(self: Task, ref: PlanMessage, program: str, part: int, slot: int,
                round_no: int = 0) -> dict[str, Any]:
     """One node of a training run's time slice: torchrun with this node's ranks."""
 
@@ -122,7 +123,7 @@ def train_node(self: Task, ref: dict[str, Any], program: str, part: int, slot: i
 
 
 @ff_task("train_done")
-def train_done(self: Task, results: Any, ref: dict[str, Any], program: str, part: int,
+def train_done(self: Task, results: Any, ref: PlanMessage, program: str, part: int,
                round_no: int = 0) -> Any:
     """After a time slice: the run's summary, or the next slice (this task is replaced by its
     chord; the rest of the job's chain follows it)."""
@@ -144,13 +145,13 @@ def train_done(self: Task, results: Any, ref: dict[str, Any], program: str, part
 
 
 @ff_task("finish_pretrain")
-def finish_pretrain(self: Task, summary: dict[str, Any], ref: dict[str, Any]) -> Any:
+def finish_pretrain(self: Task, summary: dict[str, Any], ref: PlanMessage) -> Any:
     """Write the pretraining report; the job's encoder becomes a backbone."""
     return training.run_finish_pretrain(job_store(), ref, summary)
 
 
 @ff_task("evaluate_finetune")
-def evaluate_finetune(self: Task, trained: dict[str, Any], ref: dict[str, Any]) -> Any:
+def evaluate_finetune(self: Task, trained: dict[str, Any], ref: PlanMessage) -> Any:
     """Test metrics of the best fine-tuned epoch; writes the report."""
     return steps.run_evaluate_finetune(job_store(), ref, trained)
 

@@ -24,7 +24,7 @@ from pipeline.errors import JobError, NotReady, StoreError
 from pipeline.fsio import atomic_path, atomic_write_text
 from pipeline.jobs.records import JobStore
 from pipeline.jobs.steps import live, plan_source, shard_paths, shard_results, succeed
-from pipeline.plan import Plan, QualityPlan, load_plan
+from pipeline.plan import Plan, PlanMessage, QualityPlan, load_plan
 from pipeline.quality import curve, labels, neighbors, probing, shift, summary
 from pipeline.reports import quality as quality_report
 from pipeline.reports import report
@@ -51,7 +51,7 @@ def _record(jobs: JobStore, plan: Plan, part: str, t0: float, **result: Any) -> 
     return out
 
 
-def run_neighbors(jobs: JobStore, ref: Any, block: int) -> dict[str, Any]:
+def run_neighbors(jobs: JobStore, ref: PlanMessage, block: int) -> dict[str, Any]:
     """Nearest neighbours of one block of samples among all of them."""
     plan = load_plan(ref)
     q = _q(plan)
@@ -83,7 +83,7 @@ def _labeled(jobs: JobStore, plan: Plan) -> tuple[np.ndarray, np.ndarray, np.nda
     return ShardReader(shard_paths(jobs, plan), np.asarray(plan.extract_ids)).read(np.float16)
 
 
-def run_fold(jobs: JobStore, ref: Any, fold: int) -> dict[str, Any]:
+def run_fold(jobs: JobStore, ref: PlanMessage, fold: int) -> dict[str, Any]:
     """Out-of-fold probe probabilities of one fold of every labeled sample."""
     plan = load_plan(ref)
     q = _q(plan)
@@ -104,7 +104,7 @@ def run_fold(jobs: JobStore, ref: Any, fold: int) -> dict[str, Any]:
     return _record(jobs, plan, f"fold.{int(fold)}", t0, rows=int(mine.sum()))
 
 
-def run_curve(jobs: JobStore, ref: Any, index: int) -> dict[str, Any]:
+def run_curve(jobs: JobStore, ref: PlanMessage, index: int) -> dict[str, Any]:
     """One learning-curve point: the probe on a fraction of train, scored on val."""
     plan = load_plan(ref)
     q = _q(plan)
@@ -125,7 +125,7 @@ def run_curve(jobs: JobStore, ref: Any, index: int) -> dict[str, Any]:
     return _record(jobs, plan, f"curve.{int(index)}", t0, **pt)
 
 
-def run_shift(jobs: JobStore, ref: Any) -> dict[str, Any]:
+def run_shift(jobs: JobStore, ref: PlanMessage) -> dict[str, Any]:
     """The train-vs-test domain classifier (at most SHIFT_ROWS samples per side)."""
     plan = load_plan(ref)
     live(jobs, plan, "quality")
@@ -141,7 +141,7 @@ def run_shift(jobs: JobStore, ref: Any) -> dict[str, Any]:
     return _record(jobs, plan, "shift", t0, **result)
 
 
-def run_probe(jobs: JobStore, ref: Any) -> dict[str, Any]:
+def run_probe(jobs: JobStore, ref: PlanMessage) -> dict[str, Any]:
     """With the backbone (GPU queue): calibrate the near-duplicate threshold, measure how
     familiar the images look to its pretrained classifier."""
     plan = load_plan(ref)
@@ -159,7 +159,7 @@ def run_probe(jobs: JobStore, ref: Any) -> dict[str, Any]:
     return _record(jobs, plan, "probe", t0, **result)
 
 
-def run_part(jobs: JobStore, ref: Any, part: str) -> dict[str, Any]:
+def run_part(jobs: JobStore, ref: PlanMessage, part: str) -> dict[str, Any]:
     """Run the part a message names (``neighbors.3``, ``fold.0``, ``curve.2``, ``shift``,
     ``probe``)."""
     kind, _, index = str(part).partition(".")
@@ -172,7 +172,7 @@ def run_part(jobs: JobStore, ref: Any, part: str) -> dict[str, Any]:
                    "featurefleet")
 
 
-def run_finish(jobs: JobStore, ref: Any) -> dict[str, Any]:
+def run_finish(jobs: JobStore, ref: PlanMessage) -> dict[str, Any]:
     """Combine the parts into ``quality.json``; for ``kind: quality``, the report too.
 
     Raises:

@@ -23,7 +23,7 @@ from pipeline.fsio import atomic_write_text
 from pipeline.heads import load_head
 from pipeline.jobs.compare import settle
 from pipeline.jobs.records import FINAL, JobStore
-from pipeline.plan import Plan, check_job_id, check_paths, load_plan
+from pipeline.plan import Plan, PlanMessage, check_job_id, check_paths, load_plan
 from pipeline.reports import report
 from pipeline.settings import get_settings
 from pipeline.sources import checked_source
@@ -55,7 +55,7 @@ def check_attempts(plan: Plan, attempts: int, what: str) -> int:
     return attempts
 
 
-def run_extract(jobs: JobStore, ref: Any, shard_id: str,
+def run_extract(jobs: JobStore, ref: PlanMessage, shard_id: str,
                 on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Extract one shard of the plan, counting progress in the job record.
 
@@ -149,7 +149,7 @@ def shard_paths(jobs: JobStore, plan: Plan) -> list[str]:
     return [s.path for s in plan.shards]
 
 
-def run_collect(jobs: JobStore, ref: Any) -> dict[str, Any]:
+def run_collect(jobs: JobStore, ref: PlanMessage) -> dict[str, Any]:
     """After extraction: every shard is recorded (or was cached and is unchanged), the
     writer-computed checksums go into the cache manifest, and the skip bound holds."""
     plan = load_plan(ref)
@@ -205,7 +205,7 @@ def _features(jobs: JobStore, plan: Plan) -> dict[str, train.Features]:
     return feats
 
 
-def run_sweep(jobs: JobStore, ref: Any, index: int) -> dict[str, Any]:
+def run_sweep(jobs: JobStore, ref: PlanMessage, index: int) -> dict[str, Any]:
     """One slice of the regularization sweep; its curve is recorded in the job record."""
     plan = load_plan(ref)
     if plan.sweep is None or not 0 <= int(index) < len(plan.sweep):
@@ -221,7 +221,7 @@ def run_sweep(jobs: JobStore, ref: Any, index: int) -> dict[str, Any]:
     return {"slice": int(index)}
 
 
-def run_train(jobs: JobStore, ref: Any) -> dict[str, Any]:
+def run_train(jobs: JobStore, ref: PlanMessage) -> dict[str, Any]:
     """Select λ from the recorded sweep (or take the fixed one), fit every head, save them.
 
     Raises:
@@ -255,7 +255,7 @@ def run_train(jobs: JobStore, ref: Any) -> dict[str, Any]:
     return trained
 
 
-def run_evaluate(jobs: JobStore, ref: Any, trained: dict[str, Any]) -> dict[str, Any]:
+def run_evaluate(jobs: JobStore, ref: PlanMessage, trained: dict[str, Any]) -> dict[str, Any]:
     """Evaluate every head once on the test split; write the report; mark the job SUCCESS."""
     plan = load_plan(ref)
     live(jobs, plan, "evaluate")
@@ -300,7 +300,8 @@ def succeed(jobs: JobStore, plan: Plan, path: Path, metrics: dict[str, Any]) -> 
     return {"report": str(path), "top1": metrics["top1"]}
 
 
-def run_evaluate_finetune(jobs: JobStore, ref: Any, trained: dict[str, Any]) -> dict[str, Any]:
+def run_evaluate_finetune(jobs: JobStore, ref: PlanMessage,
+                          trained: dict[str, Any]) -> dict[str, Any]:
     """Test metrics of the best fine-tuned epoch; the same report as the probe's."""
     from pipeline import finetune
 

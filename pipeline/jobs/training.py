@@ -36,7 +36,7 @@ from pipeline.jobs.nodes import (
     regroup,
 )
 from pipeline.jobs.records import FINAL, JobStore
-from pipeline.plan import Plan, load_plan
+from pipeline.plan import Plan, PlanMessage, load_plan
 from pipeline.settings import get_settings
 
 
@@ -64,7 +64,7 @@ def _gpus_here() -> int:
     return len(visible_gpus())
 
 
-def run_node(jobs: JobStore, ref: Any, program: str, part: int, slot: int, round_: int = 0,
+def run_node(jobs: JobStore, ref: PlanMessage, program: str, part: int, slot: int, round_: int = 0,
              on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """One node of time slice ``part``: start torchrun, supervise it, return rank 0's outcome
     (``state``: done with ``summary``, or continue).
@@ -108,7 +108,7 @@ def run_node(jobs: JobStore, ref: Any, program: str, part: int, slot: int, round
     return result
 
 
-def _run_node(jobs: JobStore, plan: Plan, ref: Any, program: str, part: int, slot: int,
+def _run_node(jobs: JobStore, plan: Plan, ref: PlanMessage, program: str, part: int, slot: int,
               round_: int, on_progress: Callable[[dict[str, Any]], None] | None,
               lease: Lease, taken_over: bool) -> dict[str, Any]:
     from pipeline.jobs.steps import count_attempt
@@ -261,7 +261,7 @@ def _rank_error(status_file: Path) -> str | None:
     return str(outcome.get("error")) if outcome.get("state") == "error" else None
 
 
-def run_done(jobs: JobStore, ref: Any, program: str, part: int,
+def run_done(jobs: JobStore, ref: PlanMessage, program: str, part: int,
              results: list[dict[str, Any]]) -> dict[str, Any]:
     """Collect a time slice's nodes: the summary when the run is done, else the next part."""
     plan = load_plan(ref)
@@ -278,7 +278,8 @@ def run_done(jobs: JobStore, ref: Any, program: str, part: int,
     return dict(summary)
 
 
-def run_finish_pretrain(jobs: JobStore, ref: Any, summary: dict[str, Any]) -> dict[str, Any]:
+def run_finish_pretrain(jobs: JobStore, ref: PlanMessage,
+                        summary: dict[str, Any]) -> dict[str, Any]:
     """Write the pretraining report and mark the job SUCCESS (its encoder is now usable as
     ``backbone: {name: job:<id>}``)."""
     from pipeline.jobs.steps import live
