@@ -69,7 +69,9 @@ def require(features: dict[str, Features], job: str) -> None:
                            "fix: check the data source")
 
 
-CV_BELOW_PER_CLASS = 10  # validation samples per class below which λ is chosen by CV
+CV_BELOW_PER_CLASS = 5  # validation samples per class below which λ is chosen by CV
+CV_FOLDS = 3
+CV_GRID_STEP = 3  # with a handful of labels a 45-point grid is finer than the noise
 
 
 def sweep_slice(train: Features, val: Features, n_classes: int, grid: list[float],
@@ -78,7 +80,9 @@ def sweep_slice(train: Features, val: Features, n_classes: int, grid: list[float
 
     With fewer than :data:`CV_BELOW_PER_CLASS` validation samples per class (a few labels)
     the validation split cannot rank penalties: λ is scored by stratified k-fold
-    cross-validation on train + val instead (every labeled sample validates once)."""
+    cross-validation on train + val instead (every labeled sample validates once), on every
+    :data:`CV_GRID_STEP`-th penalty of the slice (the same number of fits as the validation
+    sweep)."""
     classes = max(1, len(np.unique(train.y)))
     if len(val) >= CV_BELOW_PER_CLASS * classes:
         return [{**p, "scored_by": "validation"}
@@ -87,7 +91,7 @@ def sweep_slice(train: Features, val: Features, n_classes: int, grid: list[float
     x = np.concatenate([train.x, val.x])
     y = np.concatenate([train.y, val.y])
     smallest = int(np.bincount(y)[np.unique(y)].min())
-    k = min(5, smallest)
+    k = min(CV_FOLDS, smallest)
     if k < 2:  # a class with one labeled sample: no fold can hold it out
         return [{**p, "scored_by": "validation"}
                 for p in linear.sweep(train.x, train.y, val.x, val.y, n_classes, grid,
@@ -97,10 +101,11 @@ def sweep_slice(train: Features, val: Features, n_classes: int, grid: list[float
     for c in np.unique(y):
         members = rng.permutation(np.flatnonzero(y == c))
         fold[members] = np.arange(len(members)) % k
-    totals = {float(v): {"correct": 0.0, "loss": 0.0, "n": 0, "seconds": 0.0} for v in grid}
+    coarse = list(grid[::CV_GRID_STEP])
+    totals = {float(v): {"correct": 0.0, "loss": 0.0, "n": 0, "seconds": 0.0} for v in coarse}
     for f in range(k):
         tr, va = fold != f, fold == f
-        for p in linear.sweep(x[tr], y[tr], x[va], y[va], n_classes, grid, max_iter):
+        for p in linear.sweep(x[tr], y[tr], x[va], y[va], n_classes, coarse, max_iter):
             t = totals[p["l2"]]
             t["correct"] += p["val_top1"] * p["val_n"]
             t["loss"] += p["val_loss"] * p["val_n"]

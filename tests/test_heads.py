@@ -57,11 +57,11 @@ def test_a_tiny_validation_split_never_selects_a_uniform_head() -> None:
     grid = probe.l2_grid(12, 1e-4, 1e5)
     curve = sweep_slice(Features(x, y, np.arange(30)), Features(xv, yv, np.arange(6)), 3, grid,
                         300)
-    assert {p["scored_by"] for p in curve} == {"5-fold cross-validation"}
-    assert all(p["val_n"] == 36 for p in curve)
+    assert {p["scored_by"] for p in curve} == {"3-fold cross-validation"}
+    assert all(p["val_n"] == 36 for p in curve) and len(curve) == len(grid[::3])
     l2, sweep = choose_l2([{"slice": 0, "curve": curve, "seconds": 0.1}], 1)
     assert l2 < 1e5 and sweep["chosen_val_loss"] < np.log(3) - 0.1
-    assert sweep["scored_by"] == "5-fold cross-validation"
+    assert sweep["scored_by"] == "3-fold cross-validation"
 
 
 def test_mlp_and_knn_learn_and_round_trip(tmp_path: Path) -> None:
