@@ -16,6 +16,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,12 +105,14 @@ def regroup(jobs: JobStore, job_id: str, program: str, part: int, seen: int) -> 
 
 
 def meet(jobs: JobStore, job_id: str, program: str, part: int, slot: int, nnodes: int,
-         nproc: int, timeout_s: float = 300.0, gen: int = 0) -> Meeting:
+         nproc: int, timeout_s: float = 300.0, gen: int = 0,
+         alive: Callable[[], bool] = lambda: True) -> Meeting:
     """Join the run's meeting (generation ``gen``) as ``slot``; return where the c10d store
-    is.
+    is. ``alive`` is called while waiting (a node task renews its lease with it).
 
     Raises:
-        JobError: not every node joined within ``timeout_s``.
+        JobError: not every node joined within ``timeout_s``, or ``alive()`` turned false
+            (another delivery of this node's task took over).
         JobCancelled: the job ended while waiting.
     """
     key = f"{job_key(job_id)}:meet:{program}:{part}:g{gen}"
@@ -132,7 +135,10 @@ def meet(jobs: JobStore, job_id: str, program: str, part: int, slot: int, nnodes
             raise JobCancelled(f"job {job_id} is {status}: node {slot} stops waiting")
         if generation(jobs, job_id, program, part) > gen:  # regrouped again meanwhile
             return meet(jobs, job_id, program, part, slot, nnodes, nproc, timeout_s,
-                        generation(jobs, job_id, program, part))
+                        generation(jobs, job_id, program, part), alive)
+        if not alive():
+            raise JobError(f"job {job_id}: node {slot} of the {program} run was taken over by "
+                           "another delivery of its task while it waited for its peers")
         if len(nodes) != shown:  # the reason is visible in featurefleet status
             shown = len(nodes)
             jobs.update(job_id, stage=f"{program}: waiting for nodes ({shown} of {nnodes} "
@@ -150,8 +156,13 @@ def meet(jobs: JobStore, job_id: str, program: str, part: int, slot: int, nnodes
 
 
 _RENEW = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
+local holder = redis.call('get', KEYS[1])
+if holder == ARGV[1] then
   return redis.call('expire', KEYS[1], tonumber(ARGV[2]))
+end
+if not holder then
+  redis.call('set', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))
+  return 1
 end
 return 0
 """
@@ -184,7 +195,8 @@ class Lease:
         return bool(self.r.set(self.key, self.token, nx=True, ex=self.TTL_S))
 
     def renew(self) -> bool:
-        """Extend the lease; False when another execution holds it now."""
+        """Extend the lease (taking it again if it lapsed while nobody else took it); False
+        when another execution holds it now."""
         return bool(self.r.eval(_RENEW, 1, self.key, self.token, self.TTL_S))
 
     def release(self, outcome: dict[str, Any] | None = None) -> None:

@@ -156,7 +156,7 @@ def _run_node(jobs: JobStore, plan: Plan, ref: PlanMessage, program: str, part: 
                                "network, then featurefleet retry (it resumes)")
             timeout = 300.0 if gen == 0 else max(300.0, get_settings().visibility + 60.0)
             meeting: Meeting | None = meet(jobs, plan.job_id, program, mkey, slot,
-                                           cfg.nodes, nproc, timeout, gen)
+                                           cfg.nodes, nproc, timeout, gen, _every(lease.renew))
             assert meeting is not None
             gen = meeting.gen
             if meeting.is_host:
@@ -208,6 +208,7 @@ def _run_node(jobs: JobStore, plan: Plan, ref: PlanMessage, program: str, part: 
             "checkpoint", plan.job_id, program, slot, code, relaunch, cfg.max_restarts)
     deadline = time.monotonic() + 30  # rank 0 may run on another node: shared storage lags
     while not status_file.is_file():
+        lease.renew()
         if time.monotonic() > deadline:
             raise JobError(f"{program} node {slot}: rank 0 left no outcome at {status_file}; "
                            "fix: workers need the job's output folder on shared storage")
@@ -231,6 +232,18 @@ class RunFile(BaseModel):
     device: str
     out_dir: str
     status_file: str
+
+
+def _every(check: Callable[[], bool], seconds: float = 2.0) -> Callable[[], bool]:
+    """``check``, called at most once per ``seconds`` (True in between)."""
+    last = {"at": 0.0, "ok": True}
+
+    def throttled() -> bool:
+        if time.monotonic() - last["at"] >= seconds:
+            last["at"], last["ok"] = time.monotonic(), check()
+        return bool(last["ok"])
+
+    return throttled
 
 
 def _rank_env(meeting: Meeting | None, nproc: int) -> dict[str, str]:
