@@ -137,6 +137,9 @@ def test_quality_parts_are_counted_once_for_the_progress_line(jobs: JobStore) ->
     assert st["quality_parts_done"] == 2
     line = format_progress({**st, "status": "RUNNING"})
     assert "quality  parts 2/4" in line and "[" + "#" * 12 + "-" * 12 + "]" in line
+    text = format_progress({**st, "status": "RUNNING", "stage": "extract", "modality": "text",
+                            "images_done": 30, "started": st["created"] - 10})
+    assert "texts 30/90" in text and "txt/s" in text and "images" not in text
 
 
 def test_a_node_lease_has_one_live_holder(jobs: JobStore) -> None:

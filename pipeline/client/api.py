@@ -181,6 +181,7 @@ def record_fields(plan: Plan, ref: PlanRef, round_: int, ids: list[str],
             "images_cached": sum(s.rows for s in plan.shards if s.cached),
             "images_skipped": 0, "backbone": plan.spec.backbone.name, "task_ids": ids,
             "kind": plan.kind, "strategy": plan.strategy,
+            "modality": plan.backbone.preprocessing.get("modality", "image"),
             "quality_parts_total": len(plan.quality.parts()) if plan.quality else 0,
             "strategy_reason": plan.strategy_reason,
             **({"compare_id": compare_id} if compare_id else {}), **fields}

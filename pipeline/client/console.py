@@ -39,6 +39,7 @@ def format_progress(st: dict[str, Any]) -> str:
     if st.get("strategy") == "finetune":
         return _training_progress(st, "finetune")
     total = int(st.get("images_total") or 0)
+    what, per_s = ("texts", "txt/s") if st.get("modality") == "text" else ("images", "img/s")
     done = min(int(st.get("images_done") or 0), total)
     width = 24
     fill = int(width * done / total) if total else 0
@@ -48,7 +49,7 @@ def format_progress(st: dict[str, Any]) -> str:
         elapsed = (st.get("extract_finished") or time.time()) - float(started)
         if elapsed > 0:
             ips = done / elapsed
-            rate = f"  {ips:6.1f} img/s"
+            rate = f"  {ips:6.1f} {per_s}"
             if done < total and ips > 0:
                 eta = f"  ETA {int((total - done) / ips)}s"
     skipped = int(st.get("images_skipped") or 0)
@@ -59,11 +60,11 @@ def format_progress(st: dict[str, Any]) -> str:
         fill = int(width * got / parts) if parts else width
         return (f"[{'#' * fill}{'-' * (width - fill)}] {st.get('status', '?'):8} quality  "
                 f"parts {got}/{parts}" + (" (reused from the store)" if not parts else "")
-                + f"  images {done}/{total} extracted{fails}")
+                + f"  {what} {done}/{total} extracted{fails}")
     return (f"[{'#' * fill}{'-' * (width - fill)}] {st.get('status', '?'):8} "
             f"{st.get('stage', ''):8} shards {st.get('shards_done', 0)}/"
             f"{int(st.get('shards_total', 0)) - int(st.get('shards_cached', 0))} "
-            f"(+{st.get('shards_cached', 0)} cached)  images {done}/{total}{rate}{eta}{fails}")
+            f"(+{st.get('shards_cached', 0)} cached)  {what} {done}/{total}{rate}{eta}{fails}")
 
 
 def _training_progress(st: dict[str, Any], program: str) -> str:
