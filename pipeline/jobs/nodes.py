@@ -133,9 +133,10 @@ def meet(jobs: JobStore, job_id: str, program: str, part: int, slot: int, nnodes
         status = jobs.field(job_id, "status")
         if status in FINAL:  # a node that failed waiting failed the job: stop at once
             raise JobCancelled(f"job {job_id} is {status}: node {slot} stops waiting")
-        if generation(jobs, job_id, program, part) > gen:  # regrouped again meanwhile
-            return meet(jobs, job_id, program, part, slot, nnodes, nproc, timeout_s,
-                        generation(jobs, job_id, program, part), alive)
+        current = generation(jobs, job_id, program, part)
+        if current > gen:  # regrouped again meanwhile: meet in the newer generation
+            return meet(jobs, job_id, program, part, slot, nnodes, nproc, timeout_s, current,
+                        alive)
         if not alive():
             raise JobError(f"job {job_id}: node {slot} of the {program} run was taken over by "
                            "another delivery of its task while it waited for its peers")

@@ -39,6 +39,8 @@ from pipeline.jobs.records import FINAL, JobStore
 from pipeline.plan import Plan, PlanMessage, load_plan
 from pipeline.settings import get_settings
 
+logger = logging.getLogger(__name__)
+
 
 def run_dir(plan: Plan, program: str) -> Path:
     """Where a run keeps its checkpoints. Fine-tuning: the job's folder. Pretraining: a folder
@@ -146,6 +148,7 @@ def _run_node(jobs: JobStore, plan: Plan, ref: PlanMessage, program: str, part: 
         return bool(why["stop"])
 
     relaunch = 0
+    meeting: Meeting | None = None  # multi-node runs only
     while True:
         if multi:  # a run that keeps losing nodes ends in bounded time
             if gen > cfg.max_restarts:
@@ -155,9 +158,8 @@ def _run_node(jobs: JobStore, plan: Plan, ref: PlanMessage, program: str, part: 
                                f"{log_tail(log, 4)}; fix: check the workers' hosts and "
                                "network, then featurefleet retry (it resumes)")
             timeout = 300.0 if gen == 0 else max(300.0, get_settings().visibility + 60.0)
-            meeting: Meeting | None = meet(jobs, plan.job_id, program, mkey, slot,
-                                           cfg.nodes, nproc, timeout, gen, _every(lease.renew))
-            assert meeting is not None
+            meeting = meet(jobs, plan.job_id, program, mkey, slot, cfg.nodes, nproc, timeout,
+                           gen, _every(lease.renew))
             gen = meeting.gen
             if meeting.is_host:
                 jobs.update(plan.job_id, rendezvous=meeting.endpoint, regroups=gen)
@@ -165,7 +167,6 @@ def _run_node(jobs: JobStore, plan: Plan, ref: PlanMessage, program: str, part: 
             node = Node(cfg.nodes, nproc, meeting.endpoint, meeting.is_host, meeting.run_id,
                         0, local_addr=meeting.address)
         else:  # this machine alone: a private store on loopback
-            meeting = None
             node = Node(1, nproc, f"127.0.0.1:{free_port('127.0.0.1')}", True,
                         f"{plan.job_id}-{program}-{part}-{attempts}-{relaunch}",
                         cfg.max_restarts)
@@ -203,7 +204,7 @@ def _run_node(jobs: JobStore, plan: Plan, ref: PlanMessage, program: str, part: 
                            f"{relaunch} time(s)): {log_tail(log, 6)}; fix: read {log}")
         relaunch += 1
         jobs.update(plan.job_id, relaunches=relaunch)
-        logging.getLogger(__name__).warning(
+        logger.warning(
             "job %s: %s node %d lost its torchrun (exit %d): relaunch %d of %d from the last "
             "checkpoint", plan.job_id, program, slot, code, relaunch, cfg.max_restarts)
     deadline = time.monotonic() + 30  # rank 0 may run on another node: shared storage lags

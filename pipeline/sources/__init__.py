@@ -65,17 +65,23 @@ def files_under(root: Path, base: Path, suffixes: tuple[str, ...]) -> list[Path]
         DataError: a link out of ``root``, naming it.
     """
     top = root.resolve()
-    out = []
+
+    def outside(path: Path) -> None:
+        if not path.resolve().is_relative_to(top):
+            raise DataError(f"{str(path)!r} leads outside the data folder {str(root)!r} "
+                            f"(a link to {str(path.resolve())!r}); fix: copy the file into "
+                            "the folder, or remove the link")
+
+    outside(base)  # os.walk descends into no linked folder: only base and linked files can
+    out = []       # lead out, so only they are resolved (one lstat per file otherwise)
     for dirpath, dirs, names in os.walk(base):
         dirs[:] = sorted(d for d in dirs if visible(d))
         for name in sorted(names):
             if not visible(name) or not name.lower().endswith(suffixes):
                 continue
             path = Path(dirpath) / name
-            if not path.resolve().is_relative_to(top):
-                raise DataError(f"{str(path)!r} leads outside the data folder {str(root)!r} "
-                                f"(a link to {str(path.resolve())!r}); fix: copy the file into "
-                                "the folder, or remove the link")
+            if path.is_symlink():
+                outside(path)
             out.append(path)
     return out
 
