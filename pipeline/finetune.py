@@ -16,6 +16,7 @@ optional horizontal flip.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ from pipeline import backbones, evaluate
 from pipeline.devices import decode_threads, decoded, pick_device
 from pipeline.engine import loop
 from pipeline.engine.dist import Rank
+from pipeline.errors import BackboneError
 from pipeline.fsio import atomic_path, atomic_write_text
 from pipeline.heads import load_tensors
 from pipeline.plan import BackboneInfo, Splits
@@ -213,3 +215,43 @@ def evaluate_test(source: Source, test_ids: Sequence[int], class_names: list[str
     proba, y, ids, skipped = predict_proba(net, source, test_ids, pre, device, ft.batch_size)
     metrics = evaluate.classification_metrics(y, proba, class_names)
     return {**metrics, "skipped_test": [{"id": i, "reason": r} for i, r in skipped]}, proba, ids
+
+
+def export_for_features(best: str | Path) -> Path:
+    """A fine-tuned image network split for batch prediction on cached features: its backbone
+    as a weights file (``encoder.pt``, what ``backbone.weights: <path>`` loads) and its last
+    layer as a linear head (``head.pt`` beside it, whose metadata names that backbone). Done
+    once per ``best.pt`` (written atomically; reused while ``best.pt`` is unchanged); returns
+    the head's path.
+
+    Raises:
+        BackboneError: a text encoder (its fine-tuned weights are not a state dict that a
+            backbone name loads), or a network whose backbone does not fit its architecture.
+    """
+    from pipeline.heads import load_head
+    from pipeline.heads.linear import LinearHead
+    from pipeline.pretrain.models import export_encoder
+
+    best = Path(best)
+    head_path, encoder_path = best.with_name("head.pt"), best.with_name("encoder.pt")
+    digest = backbones.sha256_of(best)
+    if head_path.is_file() and encoder_path.is_file():
+        with contextlib.suppress(Exception):
+            if load_head(head_path).meta.get("exported_from") == digest:
+                return head_path
+    net, meta = load_network(best)
+    pre = backbones.preprocessing_from_dict(meta["preprocessing"])
+    if pre.modality != "image":
+        raise BackboneError(
+            "a fine-tuned text encoder cannot be split into stored features + a head; fix: "
+            f"predict with featurefleet predict {best.parent.parent} --text-file FILE")
+    weights_sha = export_encoder(net.backbone, meta["backbone"], encoder_path)
+    weight = net.head.weight.detach().float().cpu().numpy()
+    LinearHead(mean=np.zeros(weight.shape[1], np.float32),
+               scale=np.ones(weight.shape[1], np.float32), weight=weight,
+               bias=net.head.bias.detach().float().cpu().numpy(),
+               meta={"backbone": meta["backbone"], "weights": str(encoder_path),
+                     "weights_sha256": weights_sha, "preprocessing": meta["preprocessing"],
+                     "class_names": meta["class_names"], "exported_from": digest}
+               ).save(head_path)
+    return head_path

@@ -118,12 +118,25 @@ class QualityPlan(_Frozen):
                 + [f"curve.{i}" for i in range(len(self.fractions))] + ["shift", "probe"])
 
 
+class PredictPlan(_Frozen):
+    """Batch prediction: the trained head applied to every extracted sample (checked by its
+    sha256 before use), the classes it predicts, and what the output lists."""
+
+    model_job: str  # the job that trained the head
+    head: str  # heads registry name (linear, mlp, knn)
+    head_path: str
+    head_sha256: str
+    class_names: list[str]
+    top: int = 3
+    low_confidence: float = 0.5
+
+
 class Plan(_Frozen):
     """Everything the tasks of one job need to know."""
 
     schema_version: int = PLAN_SCHEMA
     job_id: str
-    kind: Literal["classify", "pretrain", "quality"] = "classify"
+    kind: Literal["classify", "pretrain", "quality", "predict"] = "classify"
     created: float  # when planned: a shard file older than this was not trusted then
     spec: JobSpec
     strategy: Literal["probe", "finetune"] = "probe"
@@ -143,6 +156,7 @@ class Plan(_Frozen):
     sweep: list[list[float]] | None = None  # slices of the λ grid; None: probe.l2 is fixed
     l2: float | None = None
     quality: QualityPlan | None = None  # None: no quality stage (off, or fine-tuning)
+    predict: PredictPlan | None = None  # ``kind: predict``: the head applied to every sample
     _digests: np.ndarray | None = PrivateAttr(default=None)
 
     def with_digests(self, digests: np.ndarray) -> Plan:
@@ -390,6 +404,8 @@ def check_plan(plan: Plan, message_size: bool = True) -> None:
     targets = [("output", plan.spec.output), ("store", plan.spec.store_dir),
                ("store", plan.shard_dir)]
     targets += [("store", s.path) for s in plan.shards]
+    if plan.predict is not None:  # read by a worker: inside the roots too
+        targets.append(("predict.model", plan.predict.head_path))
     check_paths(targets)
     if message_size:
         size = len(plan.to_json())

@@ -19,7 +19,17 @@ import numpy as np
 from pipeline import backbones, splits
 from pipeline.errors import BackboneError, DataError, SpecError, StoreError
 from pipeline.heads.linear import l2_grid
-from pipeline.plan import JOB_ID, BackboneInfo, Exclusion, Plan, QualityPlan, Shard, Splits
+from pipeline.plan import (
+    JOB_ID,
+    BackboneInfo,
+    Exclusion,
+    Plan,
+    PredictPlan,
+    QualityPlan,
+    Shard,
+    Splits,
+    read_plan,
+)
 from pipeline.sources import DIGEST_BYTES, Source, digests, open_source
 from pipeline.spec import DataSpec, JobSpec
 from pipeline.store import files, manifest
@@ -166,6 +176,86 @@ def resolve_backbone(spec: JobSpec) -> tuple[str, str | None, backbones.WeightsI
                             "architecture or preprocessing; fix: run the pretraining job "
                             "again") from None
     return arch, encoder, backbones.WeightsInfo(name, rep["encoder_sha256"], pre)
+
+
+def resolve_model(spec: JobSpec) -> tuple[JobSpec, PredictPlan]:
+    """``kind: predict``: the trained classifier ``predict.model`` names, and the spec with
+    the model's backbone section (its backbone, weights, input size, decoding, precision: so
+    the features match what the head was trained on, and stored ones are reused).
+
+    Raises:
+        SpecError: no model named, not a finished probe job, or its head file is missing.
+    """
+    from pipeline.backbones import sha256_of
+    from pipeline.errors import JobError
+
+    given = spec.predict.model
+    if not given:
+        raise SpecError("predict.model", "is not set (kind: predict applies a trained "
+                        "classifier)", "name a finished job: predict.model: <output>/jobs/<id>"
+                        " or its id")
+    folder = Path(given).expanduser()
+    if not folder.is_dir() and JOB_ID.match(given):
+        folder = Path(spec.output).expanduser().resolve() / "jobs" / given
+    if not folder.is_dir():
+        raise SpecError("predict.model", f"{given!r} is neither a job folder nor the id of a "
+                        f"job under {spec.output!r}", "pass <output>/jobs/<id> of a finished "
+                        "classification job")
+    try:
+        trained = read_plan(folder)
+    except JobError as exc:
+        raise SpecError("predict.model", f"{given!r} holds no job plan ({exc})",
+                        "pass the folder of a finished classification job") from None
+    if trained.kind != "classify":
+        raise SpecError("predict.model", f"job {trained.job_id} is a {trained.kind} job; "
+                        "batch prediction applies a trained classifier",
+                        "name a classification job (strategy probe or finetune)")
+    backbone = trained.spec.backbone
+    if backbone.name.startswith("job:"):  # an encoder pretrained by another job: its file
+        backbone = backbone.replace(name=trained.backbone.name,
+                                    weights=trained.backbone.weights)
+    if trained.strategy == "finetune":  # its backbone + last layer, split once
+        head, name = _finetuned_head(folder, trained.job_id), "finetuned"
+        from pipeline.heads import load_head
+
+        backbone = backbone.replace(name=trained.backbone.name,
+                                    weights=str(load_head(head).meta["weights"]))
+    else:
+        heads = list(trained.spec.probe.heads)
+        name = heads[0] if spec.predict.head == "primary" else spec.predict.head
+        if name not in heads:
+            raise SpecError("predict.head", f"job {trained.job_id} trained no {name!r} head "
+                            f"(it has {', '.join(heads)})", f"use one of {', '.join(heads)}, "
+                            "or primary")
+        head = folder / ("head.pt" if name == heads[0] else f"head-{name}.pt")
+    if not head.is_file():
+        raise SpecError("predict.model", f"job {trained.job_id} has no {head.name} (not "
+                        "finished, or failed)", f"wait for it: featurefleet watch "
+                        f"{trained.job_id}")
+    model = PredictPlan(model_job=trained.job_id, head=name, head_path=str(head.resolve()),
+                        head_sha256=sha256_of(head), class_names=trained.class_names,
+                        top=min(spec.predict.top, len(trained.class_names)),
+                        low_confidence=spec.predict.low_confidence)
+    return spec.replace(backbone=backbone.model_dump(mode="json"), strategy="probe"), model
+
+
+def _finetuned_head(folder: Path, job_id: str) -> Path:
+    """A fine-tuning job's network as a backbone weights file + a linear head (exported once).
+
+    Raises:
+        SpecError: not finished, or a network that cannot be split (a text encoder).
+    """
+    from pipeline.finetune import export_for_features
+
+    best = folder / "finetune" / "best.pt"
+    if not (folder / "report.json").is_file() or not best.is_file():
+        raise SpecError("predict.model", f"fine-tuning job {job_id} has not finished",
+                        f"wait for it: featurefleet watch {job_id}")
+    try:
+        return export_for_features(best)
+    except BackboneError as exc:
+        raise SpecError("predict.model", str(exc).split("; fix: ")[0],
+                        str(exc).split("; fix: ")[-1]) from None
 
 
 def finetune_checks(spec: JobSpec, n_train: int) -> None:
@@ -319,13 +409,22 @@ def make_plan(spec: JobSpec, job_id: str, gpus: int | Callable[[], int] = 0,
         DataError, BackboneError, StoreError: the data, backbone or store cannot be used.
     """
     spec = spec.resolved()
+    predict = None
+    if spec.kind == "predict":
+        spec, predict = resolve_model(spec)
     source = source or open_source(spec.data)
+    unlabeled_because = getattr(source, "unlabeled_because", None)
+    if unlabeled_because is not None and predict is None:  # a table without its labels
+        raise unlabeled_because
     mode = spec.data.fingerprint
     digest = digests(source, range(len(source)), mode)
-    excluded = find_exclusions(source, digest, spec.data) if mode == "content" else []
+    # prediction answers for every sample, copies included
+    excluded = find_exclusions(source, digest, spec.data) if mode == "content" and \
+        predict is None else []
     pretraining = spec.kind == "pretrain"
     labeled = len(np.unique(source.labels)) >= 2
-    if spec.kind != "classify" and not labeled:  # unlabeled: every sample is "train"
+    if predict is not None or (spec.kind != "classify" and not labeled):
+        # unlabeled (or predicted): every sample is "train"
         keep = np.setdiff1d(np.arange(len(source)), [e.index for e in excluded])
         if spec.data.limit is not None and spec.data.limit < len(keep):  # a seeded subset
             rng = np.random.default_rng(spec.data.seed)
@@ -336,7 +435,7 @@ def make_plan(spec: JobSpec, job_id: str, gpus: int | Callable[[], int] = 0,
             source.labels, source.predefined_splits(), seed=spec.data.seed,
             test_fraction=spec.data.test_fraction, val_fraction=spec.probe.val_fraction,
             limit=spec.data.limit, exclude=[e.index for e in excluded])
-    warnings = unseen_classes(source, split, spec.data) if labeled else []
+    warnings = unseen_classes(source, split, spec.data) if labeled and predict is None else []
     arch, arch_weights, weights = resolve_backbone(spec)
     pre = modality_checks(source, spec, weights.preprocessing)
     warnings += dropped_rows(source) + text_finetune_lr(spec, pre)
@@ -345,7 +444,10 @@ def make_plan(spec: JobSpec, job_id: str, gpus: int | Callable[[], int] = 0,
     fingerprint = data_fingerprint(source, digest, mode)
     if spec.strategy == "auto" and callable(gpus) and spec.kind == "classify":
         gpus = gpus()
-    if spec.kind != "classify":
+    if predict is not None:
+        strategy, reason = "probe", (f"batch prediction: the {predict.head} head of job "
+                                     f"{predict.model_job} on every sample's features")
+    elif spec.kind != "classify":
         strategy, reason = "probe", ("pretraining: the encoder is trained on the images, "
                                      "labels unused") if pretraining else (
             "data quality: the stage runs on the cached features")
@@ -383,4 +485,4 @@ def make_plan(spec: JobSpec, job_id: str, gpus: int | Callable[[], int] = 0,
             feature_dtype=spec.backbone.feature_dtype, precision=spec.backbone.precision),
         key=key, shard_dir=shard_dir, shards=shards,
         sweep=sweep_slices(spec) if spec.kind == "classify" else None, l2=spec.probe.l2,
-        quality=quality).with_digests(digest)
+        quality=quality, predict=predict).with_digests(digest)

@@ -174,3 +174,135 @@ def _as_rgb(image: Any, min_side: int | None = None) -> np.ndarray:
     if hasattr(image, "convert"):  # a PIL image
         return np.asarray(image.convert("RGB"))
     return to_rgb_uint8(np.asarray(image))
+
+
+class BatchWriter:
+    """Predictions of many samples streamed to ``predictions.parquet`` and ``predictions.csv``
+    (written under temporary names, published together by :meth:`close`), with the counts of
+    the summary. Columns: ``sample_id``, ``index``, ``predicted``, ``probability``, then
+    ``top_2`` / ``probability_2`` ... up to ``top``, ``given_label`` (the data's own label,
+    when it has one) and ``error`` (why a sample has no prediction)."""
+
+    def __init__(self, job_dir: Path, class_names: list[str], top: int,
+                 low_confidence: float, given_names: list[str] | None = None) -> None:
+        from pipeline.fsio import temp_name
+
+        self.job_dir = job_dir
+        self.class_names = class_names
+        self.top = max(1, min(top, len(class_names)))
+        self.low = low_confidence
+        self.given_names = given_names
+        self.paths = {ext: job_dir / f"predictions.{ext}" for ext in ("parquet", "csv")}
+        self.tmp = {ext: temp_name(p) for ext, p in self.paths.items()}
+        job_dir.mkdir(parents=True, exist_ok=True)
+        self._parquet: Any = None
+        self._csv = open(self.tmp["csv"], "w", newline="", encoding="utf-8")  # noqa: SIM115
+        self._csv_writer: Any = None
+        self.counts = np.zeros(len(class_names), np.int64)
+        self.low_count = 0
+        self.rows = 0
+        self.errors: list[dict[str, str]] = []
+        self.agree = 0
+        self.labelled = 0
+        self.least_sure: list[tuple[float, str, str]] = []  # (probability, id, predicted)
+
+    def columns(self) -> list[str]:
+        cols = ["sample_id", "index", "predicted", "probability"]
+        for k in range(2, self.top + 1):
+            cols += [f"top_{k}", f"probability_{k}"]
+        return [*cols, "given_label", "error"]
+
+    def add(self, ids: Sequence[str], indices: np.ndarray, proba: np.ndarray,
+            given: np.ndarray | None = None) -> None:
+        """One block of predictions (rows of ``proba`` follow ``ids``)."""
+        order = np.argsort(-proba, axis=1)[:, : self.top]
+        best = proba[np.arange(len(proba)), order[:, 0]] if len(proba) else np.zeros(0)
+        table: dict[str, list[Any]] = {c: [] for c in self.columns()}
+        names = self.class_names
+        for r, sid in enumerate(ids):
+            table["sample_id"].append(str(sid))
+            table["index"].append(int(indices[r]))
+            table["predicted"].append(names[int(order[r, 0])])
+            table["probability"].append(round(float(best[r]), 6))
+            for k in range(2, self.top + 1):
+                table[f"top_{k}"].append(names[int(order[r, k - 1])])
+                table[f"probability_{k}"].append(round(float(proba[r, order[r, k - 1]]), 6))
+            label = None
+            if given is not None and self.given_names is not None and int(given[r]) >= 0:
+                label = self.given_names[int(given[r])]
+                self.labelled += 1
+                self.agree += int(label == names[int(order[r, 0])])
+            table["given_label"].append(label)
+            table["error"].append(None)
+        np.add.at(self.counts, order[:, 0], 1)
+        unsure = best < self.low
+        self.low_count += int(unsure.sum())
+        for r in np.argsort(best)[:20]:  # the least confident seen so far, for the report
+            self.least_sure.append((float(best[r]), str(ids[r]), names[int(order[r, 0])]))
+        self.least_sure = sorted(self.least_sure)[:20]
+        self._write(table)
+        self.rows += len(ids)
+
+    def add_errors(self, failures: Sequence[dict[str, str]]) -> None:
+        """Samples that could not be read: a row each, with the reason and no prediction."""
+        if not failures:
+            return
+        table: dict[str, list[Any]] = {c: [None] * len(failures) for c in self.columns()}
+        table["sample_id"] = [str(f["id"]) for f in failures]
+        table["index"] = [-1] * len(failures)
+        table["error"] = [str(f["reason"]) for f in failures]
+        self.errors.extend({"id": str(f["id"]), "reason": str(f["reason"])} for f in failures)
+        self._write(table)
+
+    def _write(self, table: dict[str, list[Any]]) -> None:
+        import csv
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from pipeline.reports.report import csv_cell
+
+        schema = pa.schema([(c, pa.int64() if c == "index" else pa.float64()
+                             if c.startswith("probability") else pa.string())
+                            for c in self.columns()])
+        batch = pa.Table.from_pydict(table, schema=schema)
+        if self._parquet is None:
+            self._parquet = pq.ParquetWriter(str(self.tmp["parquet"]), schema)
+            self._csv_writer = csv.writer(self._csv)
+            self._csv_writer.writerow(self.columns())
+        self._parquet.write_table(batch)
+        for row in zip(*(table[c] for c in self.columns()), strict=True):
+            self._csv_writer.writerow(["" if v is None else csv_cell(v) if isinstance(v, str)
+                                       else v for v in row])
+
+    def close(self) -> dict[str, Any]:
+        """Publish both files (atomic renames) and return the summary."""
+        import os
+
+        if self._parquet is None:
+            self._write({c: [] for c in self.columns()})
+        self._parquet.close()
+        self._csv.close()
+        for ext, path in self.paths.items():
+            os.replace(self.tmp[ext], path)
+        counts = {self.class_names[c]: int(n) for c, n in enumerate(self.counts) if n}
+        return {
+            "predicted": self.rows, "failed": len(self.errors), "errors": self.errors[:50],
+            "class_counts": dict(sorted(counts.items(), key=lambda kv: -kv[1])),
+            "low_confidence": {"threshold": self.low, "count": self.low_count,
+                               "share": round(self.low_count / self.rows, 4) if self.rows
+                               else None},
+            "least_confident": [{"id": i, "predicted": p, "probability": round(q, 4)}
+                                for q, i, p in self.least_sure[:10]],
+            "given_labels": {"samples": self.labelled, "agree": self.agree,
+                             "share": round(self.agree / self.labelled, 4)}
+            if self.labelled else None,
+            "files": {ext: str(p) for ext, p in self.paths.items()}}
+
+    def abort(self) -> None:
+        """Remove the temporary files (nothing is published)."""
+        if self._parquet is not None:
+            self._parquet.close()
+        self._csv.close()
+        for tmp in self.tmp.values():
+            tmp.unlink(missing_ok=True)

@@ -84,7 +84,17 @@ def test_compare_leaderboard_ranks_pretrained_above_random(cluster, tmp_path: Pa
     spec = small_spec(tmp_path / "out").replace(name="cmp", backbone={"image_size": 64})
     cmp = compare(spec, ["efficientnet_lite0", "efficientnet_lite0:random", "resnet18:random"],
                   broker=cluster.broker)
-    board = cmp.wait(timeout=300)
+    import io
+
+    from pipeline.client.console import CompareProgress
+
+    shown = io.StringIO()  # what `featurefleet compare --wait` prints: each child's progress
+    board = cmp.wait(timeout=300, on_progress=CompareProgress(cmp.jobs.get, shown))
+    lines = shown.getvalue().splitlines()
+    ended = {line.split(": ")[0] for line in lines if "SUCCESS" in line}
+    assert ended == {"efficientnet_lite0:DEFAULT:probe", "efficientnet_lite0:random:probe",
+                     "resnet18:random:probe"}, lines  # each child, by its backbone
+    assert all("images 300/300" in line for line in lines if "SUCCESS" in line), lines
     rows = board["rows"]
     assert [r["rank"] for r in rows] == [1, 2, 3]
     assert all(r["status"] == "SUCCESS" for r in rows)

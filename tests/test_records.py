@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -140,6 +141,33 @@ def test_quality_parts_are_counted_once_for_the_progress_line(jobs: JobStore) ->
     text = format_progress({**st, "status": "RUNNING", "stage": "extract", "modality": "text",
                             "images_done": 30, "started": st["created"] - 10})
     assert "texts 30/90" in text and "txt/s" in text and "images" not in text
+
+
+def test_the_eta_follows_recent_throughput_and_a_stall_is_named() -> None:
+    """The first minute ran at 10 img/s, the last 30 s at 1 img/s: the ETA uses the recent
+    rate; a count that stops moving shows "no progress for Ns" instead of a growing ETA."""
+    from pipeline.client.console import Throughput, format_progress
+
+    tp = Throughput(window_s=30)
+    st = {"status": "RUNNING", "stage": "extract", "images_total": 1000, "shards_total": 4,
+          "started": time.time() - 90}
+    for t in range(0, 61, 5):
+        tp.add(10 * t, now=float(t))
+    for t in range(65, 91, 5):
+        tp.add(600 + (t - 60), now=float(t))
+    recent = tp.recent()
+    assert recent is not None and abs(recent[0] - 1.0) < 0.01 and recent[1] >= 25
+    line = format_progress({**st, "images_done": 630}, tp)
+    assert "1.0 img/s" in line and "ETA 6m10s" in line  # 370 left at 1/s, not at 7/s
+    for t in range(95, 121, 5):
+        tp.add(630, now=float(t))
+    assert tp.stalled_s() == 30
+    line = format_progress({**st, "images_done": 630}, tp)
+    assert "no progress for 30s" in line and "ETA" not in line
+    tp.add(5, now=200.0)  # a new stage counts from zero: the window starts again
+    assert tp.recent() is None and tp.stalled_s() == 0
+    # without polls (featurefleet status): the average since the start
+    assert "ETA" in format_progress({**st, "images_done": 630})
 
 
 def test_a_node_lease_has_one_live_holder(jobs: JobStore) -> None:

@@ -269,6 +269,21 @@ def test_text_probe_job_quality_and_predict_cli(cluster, tmp_path: Path) -> None
     assert [g["label"] for g in got] == ["sports", "cooking"]
     bad = subprocess.run([*cmd[:5], "cat.jpg"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "reads texts" in bad.stderr
+    # batch prediction on the fleet: a table of texts without labels, one of them empty
+    new = write_csv(tmp_path / "new.csv", [("The goalkeeper saved the penalty in extra time",),
+                                           ("",), ("Simmer the sauce and season the soup",)],
+                    ("text",))
+    batch = subprocess.run([sys.executable, "-m", "pipeline", "predict", st["job_dir"],
+                            "--data", str(new), "--wait", "--broker", cluster.broker],
+                           capture_output=True, text=True, timeout=300)
+    assert batch.returncode == 0, batch.stderr[-2000:]
+    assert "predicted       2 samples; 1 could not be read" in batch.stdout, batch.stdout
+    import pandas as pd
+
+    page = next(x for x in batch.stdout.splitlines() if x.startswith("page:")).split()[1]
+    table = pd.read_parquet(Path(page).with_name("predictions.parquet"))
+    assert list(table["predicted"][:2]) == ["sports", "cooking"], table
+    assert table["error"].iloc[2] == "ValueError: empty text"
 
 
 @pytest.mark.integration

@@ -7,7 +7,8 @@ A probe job is::
       -> chord(sweep_probe per grid slice) -> train_probe -> evaluate
 
 (with a fixed L2 penalty the sweep chord is skipped; with ``quality.enabled: false`` the
-quality chord; a ``kind: quality`` job ends with ``quality_finish``, which writes its report). An
+quality chord; a ``kind: quality`` job ends with ``quality_finish``, which writes its report; a
+``kind: predict`` job is ``chord(extract_shard ...) -> collect -> predict``). An
 error callback marks the job FAILED. No task waits on another. Training runs (fine-tuning,
 pretraining) are ``chord(train_node per node, on the GPU queue) -> train_done``, followed by
 ``evaluate_finetune`` or ``finish_pretrain``; after each time slice ``train_done`` replaces
@@ -58,6 +59,9 @@ def job_canvas(app: Celery, plan: Plan, ref: PlanRef, round_: int = 0) -> Any:
         # a result for the same features, split and settings is in the store: reused
         steps.append(chord(group(parts), finish) if parts else finish)
     if plan.kind == "quality":
+        return chain(*steps).on_error(on_error)
+    if plan.kind == "predict":  # the trained head over every sample's features
+        steps.append(sig("predict", ref=msg, tid="predict"))
         return chain(*steps).on_error(on_error)
     train = sig("train_probe", ref=msg, tid="train")
     if plan.sweep is not None:

@@ -3,7 +3,8 @@ the workers online to send task events now.
 
 Flower serves ``/metrics`` without authentication by design; ``python -m workers.dashboard``
 runs Flower with that handler behind the same basic auth as every other page (Prometheus
-scrapes with ``basic_auth``). Only ``/healthcheck`` (it answers "OK") stays open."""
+scrapes with ``basic_auth``), and with the job view (``/jobs``, :mod:`workers.jobview`). Only
+``/healthcheck`` (it answers "OK") stays open."""
 
 from __future__ import annotations
 
@@ -71,6 +72,9 @@ def protect_metrics() -> None:
 if __name__ == "__main__":  # `celery ... flower`, with /metrics authenticated
     from celery.__main__ import main
 
+    from workers.jobview import install
+
     protect_metrics()
+    install()  # /jobs: the job records, beside Flower's tasks
     sys.argv[0] = "celery"
     main()

@@ -96,6 +96,13 @@ def evaluate(self: Task, trained: dict[str, Any], ref: PlanMessage) -> dict[str,
     return steps.run_evaluate(job_store(), ref, trained)
 
 
+@ff_task("predict")
+def predict(self: Task, collected: Any, ref: PlanMessage) -> dict[str, Any]:
+    """Batch prediction: the trained head over every sample's features; predictions.parquet,
+    predictions.csv and the report."""
+    return steps.run_predict(job_store(), ref)
+
+
 @ff_task("quality_part")
 def quality_part(self: Task, collected: Any, ref: PlanMessage, part: str) -> dict[str, Any]:
     """One part of the data-quality stage (``neighbors.<b>``, ``fold.<f>``, ``curve.<i>``,

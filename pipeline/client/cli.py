@@ -15,9 +15,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.client.console import ProgressLine, format_leaderboard, format_progress, summary
+from pipeline.client.console import (
+    CompareProgress,
+    ProgressLine,
+    format_leaderboard,
+    summary,
+)
 from pipeline.client.parser import build_parser
 from pipeline.errors import FeaturefleetError
+from pipeline.jobs.progress import format_progress
 from pipeline.settings import BROKER_ENV, FLOWER_AUTH_ENV
 from pipeline.spec import JobSpec
 
@@ -191,7 +197,7 @@ def _compare(args: argparse.Namespace) -> int:
         print(f"{cmp.id}: jobs {', '.join(cmp.status()['jobs'])}", flush=True)
         if not (args.wait or args.local):
             return 0
-        board = cmp.wait(timeout=args.timeout)
+        board = cmp.wait(timeout=args.timeout, on_progress=CompareProgress(cmp.jobs.get))
         path = cmp.status()["leaderboard"]
     print(format_leaderboard(board))
     print(f"leaderboard: {path} (and .html)")
@@ -271,9 +277,62 @@ def _stdin_text() -> str:
                                 "convert it, e.g. iconv -t UTF-8") from None
 
 
+def _batch_spec(args: argparse.Namespace) -> JobSpec:
+    """The ``kind: predict`` spec for ``featurefleet predict MODEL --data D``."""
+    from pipeline.sources import guess_source
+
+    model = Path(args.model).expanduser().resolve()
+    if not (model / "plan.json").is_file():
+        raise FeaturefleetError(f"{args.model!r} is not a job folder (no plan.json); fix: "
+                                "batch prediction takes <output>/jobs/<id> of a probe job")
+    source = args.source or guess_source(args.data, _model_modality(model))
+    # every unreadable sample gets a row with its error instead of failing the job
+    data: dict[str, Any] = {"source": source, "max_skipped_fraction": 1.0}
+    if source != "digits":
+        data["path"] = args.data
+    output = args.output or str(model.parent.parent)
+    return JobSpec.from_dict({"name": f"predict-{model.name}", "kind": "predict",
+                              "data": data, "output": output,
+                              "predict": {"model": str(model), "head": args.head,
+                                          "top": args.top}})
+
+
+def _model_modality(model: Path) -> str:
+    from pipeline.plan import read_plan
+
+    return str(read_plan(model).backbone.preprocessing.get("modality", "image"))
+
+
 def _predict(args: argparse.Namespace) -> int:
     from pipeline.predict import load_classifier
 
+    if args.classes:
+        names = load_classifier(args.model, device="cpu").class_names
+        print(f"{len(names)} classes: " + ", ".join(names))
+        return 0
+    if args.data is not None:
+        if args.images or args.text or args.text_file:
+            raise FeaturefleetError("give --data (a whole data set, on the fleet) or files / "
+                                    "texts (here), not both")
+        spec = _batch_spec(args)
+        if args.local:
+            return _run_local(spec, f"batch prediction with {args.model} on {args.data}",
+                              "predict", args.extract_workers, args.timeout)
+        from pipeline.client.api import submit
+
+        job = submit(spec, broker=args.broker)
+        print(f"submitted job {job.id}: batch prediction with {args.model} on {args.data}",
+              flush=True)
+        if not args.wait:
+            return 0
+        st = job.wait(timeout=args.timeout, on_progress=ProgressLine())
+        if st["status"] != "SUCCESS":
+            print(f"featurefleet: error: job {job.id} {st['status']}: {st.get('error')}",
+                  file=sys.stderr)
+            return 1
+        print(summary(job.result()))
+        _print_report_paths(st)
+        return 0
     texts = list(args.text)
     if args.text_file:
         lines = _stdin_text() if args.text_file == "-" else _read_lines(args.text_file)
@@ -351,8 +410,9 @@ def _dashboard(args: argparse.Namespace) -> int:
                           args.no_auth_on_loopback, args.read_only)
     connect(url).close()
     workers = enable_task_events(url)  # Flower asks again every 5 s (workers started later)
-    print(f"featurefleet: Flower on http://{args.address}:{args.port}/ (tasks: /tasks, "
-          f"metrics: /metrics); {workers} worker(s) online sending task events", flush=True)
+    print(f"featurefleet: Flower on http://{args.address}:{args.port}/ (jobs: /jobs, tasks: "
+          f"/tasks, metrics: /metrics); {workers} worker(s) online sending task events",
+          flush=True)
     os.execve(argv[0], argv, env)
     return 0  # pragma: no cover
 

@@ -1,4 +1,5 @@
-"""What the command line shows: the progress line, the report summary, the leaderboard."""
+"""What the command line shows: the progress line (its text: :mod:`pipeline.jobs.progress`),
+a comparison's progress, the report summary, the leaderboard."""
 
 from __future__ import annotations
 
@@ -6,20 +7,26 @@ import sys
 import time
 from typing import Any
 
+from pipeline.errors import JobError
+from pipeline.jobs.progress import Throughput, format_progress
 from pipeline.jobs.records import FINAL
 
 
 class ProgressLine:
-    """A one-line progress bar from the job record (rewritten in place on a terminal)."""
+    """A one-line progress bar from the job record (rewritten in place on a terminal); the
+    rate and ETA come from the recent throughput."""
 
     def __init__(self, stream: Any = sys.stderr) -> None:
         self.stream = stream
         self.tty = stream.isatty()
         self.last = ""
         self.last_time = 0.0
+        self.throughput = Throughput()
 
     def __call__(self, st: dict[str, Any]) -> None:
-        line = format_progress(st)
+        if st.get("stage") == "extract":
+            self.throughput.add(int(st.get("images_done") or 0))
+        line = format_progress(st, self.throughput)
         now = time.monotonic()
         if self.tty:
             self.stream.write("\r" + line.ljust(len(self.last)))
@@ -33,55 +40,35 @@ class ProgressLine:
             self.stream.write("\n")
 
 
-def format_progress(st: dict[str, Any]) -> str:
-    if st.get("kind") == "pretrain":
-        return _training_progress(st, "pretrain")
-    if st.get("strategy") == "finetune":
-        return _training_progress(st, "finetune")
-    total = int(st.get("images_total") or 0)
-    what, per_s = ("texts", "txt/s") if st.get("modality") == "text" else ("images", "img/s")
-    done = min(int(st.get("images_done") or 0), total)
-    width = 24
-    fill = int(width * done / total) if total else 0
-    started = st.get("started")
-    rate = eta = ""
-    if started and done:
-        elapsed = (st.get("extract_finished") or time.time()) - float(started)
-        if elapsed > 0:
-            ips = done / elapsed
-            rate = f"  {ips:6.1f} {per_s}"
-            if done < total and ips > 0:
-                eta = f"  ETA {int((total - done) / ips)}s"
-    skipped = int(st.get("images_skipped") or 0)
-    fails = f"  skipped {skipped}" if skipped else ""
-    if st.get("stage") == "quality":  # after extraction: the data-quality stage's parts
-        parts = int(st.get("quality_parts_total") or 0)
-        got = min(parts, int(st.get("quality_parts_done") or 0))
-        fill = int(width * got / parts) if parts else width
-        return (f"[{'#' * fill}{'-' * (width - fill)}] {st.get('status', '?'):8} quality  "
-                f"parts {got}/{parts}" + (" (reused from the store)" if not parts else "")
-                + f"  {what} {done}/{total} extracted{fails}")
-    return (f"[{'#' * fill}{'-' * (width - fill)}] {st.get('status', '?'):8} "
-            f"{st.get('stage', ''):8} shards {st.get('shards_done', 0)}/"
-            f"{int(st.get('shards_total', 0)) - int(st.get('shards_cached', 0))} "
-            f"(+{st.get('shards_cached', 0)} cached)  {what} {done}/{total}{rate}{eta}{fails}")
+class CompareProgress:
+    """A comparison's progress: a line per child job (its stage and progress line) whenever
+    it changed, at most every ``every_s`` seconds per child, and once more when it ends."""
 
+    def __init__(self, child_status: Any, stream: Any = sys.stderr, every_s: float = 5.0) -> None:
+        self.child_status = child_status  # job id -> its record (JobStore.get)
+        self.stream = stream
+        self.every_s = every_s
+        self.seen: dict[str, tuple[str, float]] = {}
+        self.throughput: dict[str, Throughput] = {}
 
-def _training_progress(st: dict[str, Any], program: str) -> str:
-    p = st.get(program) or {}
-    epochs, steps = int(p.get("epochs") or 0), int(p.get("steps") or 0)
-    done = (int(p.get("epoch") or 1) - 1) * steps + int(p.get("step") or 0) if steps else 0
-    width = 24
-    fill = int(width * done / (epochs * steps)) if epochs and steps else 0
-    resumes = int(st.get("resumes") or 0)
-    val = p.get("val_top1")  # fine-tuning validates every epoch; pretraining has its kNN
-    return (f"[{'#' * fill}{'-' * (width - fill)}] {st.get('status', '?'):8} "
-            f"{st.get('stage', ''):8} epoch {p.get('epoch', 0)}/{epochs} step "
-            f"{p.get('step', 0)}/{steps}  loss {p.get('loss', '-')}  "
-            + ("" if program == "pretrain" else
-               f"val top-1 {'-' if val is None else f'{val:.3f}'}  ")
-            + f"{p.get('images_per_s') or 0:.1f} img/s on {p.get('ranks', 1)} rank(s)"
-            + (f"  resumed {resumes}x" if resumes else ""))
+    def __call__(self, rec: dict[str, Any]) -> None:
+        now = time.monotonic()
+        for job_id in rec.get("jobs") or []:
+            try:
+                st = self.child_status(job_id)
+            except JobError:  # its record is not written yet: the next poll
+                continue
+            tp = self.throughput.setdefault(job_id, Throughput())
+            if st.get("stage") == "extract":
+                tp.add(int(st.get("images_done") or 0))
+            label = str(st.get("name") or job_id).removeprefix(str(rec.get("name") or "") + ":")
+            line = f"{label}: {format_progress(st, tp)}"
+            last, at = self.seen.get(job_id, ("", -1e9))
+            final = st.get("status") in FINAL
+            if line != last and (final or now - at >= self.every_s):
+                self.stream.write(line + "\n")
+                self.stream.flush()
+                self.seen[job_id] = (line, now)
 
 
 def pretrain_summary(rep: dict[str, Any]) -> str:
@@ -161,11 +148,41 @@ def quality_summary(rep: dict[str, Any]) -> str:
                                                                    d["class_names"])])
 
 
+def predict_summary(rep: dict[str, Any]) -> str:
+    """A prediction job in a few lines: how many, which classes, how sure, what failed."""
+    s, t = rep["predictions"], rep["timings"]
+    low = s["low_confidence"]
+    counts = s["class_counts"]
+    shown = ", ".join(f"{c} {n}" for c, n in list(counts.items())[:8]) + (
+        f", ... ({len(counts)} classes)" if len(counts) > 8 else "")
+    rows = [("job", f"{rep['job_id']} ({rep['name']})"),
+            ("model", ("the fine-tuned network" if rep["model"]["head"] == "finetuned" else
+                       f"the {rep['model']['head']} head") + f" of job {rep['model']['job']}, "
+                      f"{rep['backbone']['name']} @{input_size(rep['backbone']['preprocessing'])}"),
+            ("predicted", f"{s['predicted']} samples"
+                          + (f"; {s['failed']} could not be read" if s["failed"] else "")),
+            ("classes", shown or "-"),
+            ("low confidence", f"{low['count']} with top probability < {low['threshold']:g}"
+                               + (f" ({low['share']:.1%})" if low["share"] is not None else "")),
+            *([("given labels", f"{s['given_labels']['share']:.1%} of "
+                                f"{s['given_labels']['samples']} agree with the prediction")]
+              if s.get("given_labels") else []),
+            ("time", f"{t['total_s']:.1f} s ({t.get('samples_per_s') or 0:.1f} samples/s; "
+                     f"features of {t['extract_images']} extracted, "
+                     f"{sum(r['rows'] or 0 for r in rep['shards'] if r['cached'])} from the "
+                     "store)"),
+            ("predictions", s["files"]["parquet"] + " (and .csv)")]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
 def summary(rep: dict[str, Any]) -> str:
     if rep.get("kind") == "pretrain":
         return pretrain_summary(rep)
     if rep.get("kind") == "quality":
         return quality_summary(rep)
+    if rep.get("kind") == "predict":
+        return predict_summary(rep)
     m = rep["metrics"]
     t = rep["timings"]
     rows = [

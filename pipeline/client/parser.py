@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a job file on this machine alone: a private Redis and "
                                    "worker processes, progress, summary; nothing left running")
     p.add_argument("spec", help="job spec file (.yaml/.yml/.json), any kind")
-    p.add_argument("--kind", choices=["classify", "pretrain", "quality"], default=None,
+    p.add_argument("--kind", choices=["classify", "pretrain", "quality", "predict"], default=None,
                    help="override the file's kind")
     p.add_argument("--extract-workers", type=positive_int, default=1,
                    help="extraction (GPU-queue) worker processes (at least the run's nodes)")
@@ -110,9 +110,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extract-workers", type=int, default=2,
                    help="with --local: extraction worker processes")
 
-    p = sub.add_parser("predict", help="classify images (or texts) with a trained head")
+    p = sub.add_parser("predict", help="classify images (or texts) with a trained head: a few "
+                       "files here, or a whole data set on the fleet (--data)")
+    _add_broker(p)
     p.add_argument("model", help="a job folder (<output>/jobs/<id>) or a head .pt file")
     p.add_argument("images", nargs="*", help="image files")
+    p.add_argument("--classes", action="store_true", help="list the classes the model knows")
+    p.add_argument("--data", default=None,
+                   help="batch prediction on the fleet: a folder of images, a table "
+                        "(CSV/JSONL/Parquet: image paths, or texts for a text model), a "
+                        "WebDataset tar, or digits; writes predictions.parquet + .csv")
+    p.add_argument("--source", default=None,
+                   help="with --data: the data source kind when the guess is wrong "
+                        "(images, imagefolder, manifest, text, webdataset, ...)")
+    p.add_argument("--head", default="primary", help="with --data: primary, linear, mlp, knn")
+    p.add_argument("--output", default=None,
+                   help="with --data: output root (default: the model job's)")
+    p.add_argument("--wait", action="store_true", help="with --data: wait and summarize")
+    p.add_argument("--local", action="store_true",
+                   help="with --data: run on this machine (private Redis + workers; waits)")
+    p.add_argument("--extract-workers", type=int, default=2,
+                   help="with --local: extraction worker processes")
+    p.add_argument("--timeout", type=float, default=None, help="seconds to wait")
     p.add_argument("--text", action="append", default=[],
                    help="a text to classify (repeat it for several)")
     p.add_argument("--text-file", default=None,

@@ -294,6 +294,54 @@ def run_evaluate(jobs: JobStore, ref: PlanMessage, trained: dict[str, Any]) -> d
     return succeed(jobs, plan, report.write_report(rep, plan.job_dir), by_head[primary])
 
 
+def run_predict(jobs: JobStore, ref: PlanMessage) -> dict[str, Any]:
+    """Batch prediction: the model's head over every extracted sample, shard by shard
+    (bounded memory), into predictions.parquet + .csv; unreadable samples get a row with
+    their error; the report sums it up; the job is marked SUCCESS.
+
+    Raises:
+        JobError: not a prediction job, or the head file changed since planning.
+    """
+    from pipeline.backbones import sha256_of
+    from pipeline.predict import BatchWriter
+
+    plan = load_plan(ref)
+    pp = plan.predict
+    if pp is None:
+        raise JobError(f"job {plan.job_id} is not a prediction job (kind {plan.kind})")
+    live(jobs, plan, "predict")
+    t0 = time.time()
+    if not Path(pp.head_path).is_file() or sha256_of(pp.head_path) != pp.head_sha256:
+        raise JobError(f"job {plan.job_id}: the head {pp.head_path!r} is missing or changed "
+                       f"since planning; fix: submit the prediction job again")
+    head = load_head(pp.head_path)
+    given = plan.class_names if len(plan.class_names) >= 2 else None  # the data's labels
+    writer = BatchWriter(plan.job_dir, pp.class_names, pp.top, pp.low_confidence, given)
+    try:
+        for shard_path in shard_paths(jobs, plan):
+            reader = ShardReader([shard_path])
+            ids, at = reader.sample_ids(), 0
+            for x, y, idx in reader.chunks(8192):
+                writer.add(ids[at: at + len(idx)], idx, head.predict_proba(x),
+                           y if given else None)
+                at += len(idx)
+            jobs.update(plan.job_id, predicted=writer.rows)
+        results = shard_results(jobs, plan)
+        writer.add_errors([sk for s in plan.shards if s.id in results
+                           for sk in results[s.id].skipped])
+        summary = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    record = jobs.get(plan.job_id)
+    rep = report.prediction_report(plan, record, report.shard_rows(plan, results), summary,
+                                   time.time() - t0)
+    path = report.write_report(rep, plan.job_dir)
+    jobs.finish(plan.job_id, "SUCCESS", report=str(path), stage="done",
+                predicted=summary["predicted"], predictions=summary["files"]["parquet"])
+    return {"report": str(path), "predicted": summary["predicted"]}
+
+
 def succeed(jobs: JobStore, plan: Plan, path: Path, metrics: dict[str, Any]) -> dict[str, Any]:
     jobs.finish(plan.job_id, "SUCCESS", report=str(path), top1=metrics["top1"], stage="done")
     settle(jobs, plan.job_id)  # the last job of a comparison writes its leaderboard

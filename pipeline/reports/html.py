@@ -61,8 +61,33 @@ def render_report(rep: dict[str, Any]) -> str:
         f1_svg=f1_svg(m["per_class"]), sections=[quality.section_html(rep)])
 
 
+def render_predictions(rep: dict[str, Any]) -> str:
+    """The page of a ``kind: predict`` job: what was predicted, how sure, what failed."""
+    s = rep["predictions"]
+    n = max(1, s["predicted"])
+    low = s["low_confidence"]
+    summary = [["samples predicted", s["predicted"]], ["could not be read", s["failed"]],
+               [f"top probability below {low['threshold']:g}",
+                f"{low['count']} ({low['count'] / n:.1%})"]]
+    if s.get("given_labels"):
+        g = s["given_labels"]
+        summary.append(["agree with the data's own labels",
+                        f"{g['agree']} of {g['samples']} ({g['share']:.1%})"])
+    summary.append(["samples per second (whole job)", rep["timings"].get("samples_per_s")])
+    return render(
+        "predict.html.j2", rep=rep, s=s, bb=rep["backbone"], summary=summary,
+        counts=[[c, k, f"{k / n:.1%}"] for c, k in s["class_counts"].items()],
+        least=[[r["id"], r["predicted"], f"{r['probability']:.3f}"]
+               for r in s["least_confident"]],
+        errors=[[e["id"], e["reason"]] for e in s["errors"]],
+        times=[[k, v] for k, v in rep["timings"].items()],
+        finished=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rep["finished"])))
+
+
 def write_report_html(rep: dict[str, Any], path: Path) -> Path:
-    page = quality.page_html(rep) if rep.get("kind") == "quality" else render_report(rep)
+    kind = rep.get("kind")
+    page = quality.page_html(rep) if kind == "quality" else (
+        render_predictions(rep) if kind == "predict" else render_report(rep))
     return atomic_write_text(path, page, fsync=False)
 
 

@@ -116,6 +116,34 @@ def build_report(plan: Plan, record: dict[str, Any], shards: list[dict[str, Any]
     return rep
 
 
+def prediction_report(plan: Plan, record: dict[str, Any], shards: list[dict[str, Any]],
+                      summary: dict[str, Any], predict_seconds: float) -> dict[str, Any]:
+    """The report of a ``kind: predict`` job (see ``docs/report.md``)."""
+    now = time.time()
+    pp = plan.predict
+    assert pp is not None  # a prediction job's plan has its model
+    t = timings(record, shards, {}, 0.0, now)
+    t.pop("train_s"), t.pop("evaluate_s")
+    t["predict_s"] = round(predict_seconds, 3)
+    done = summary["predicted"] + summary["failed"]
+    t["samples_per_s"] = round(done / t["total_s"], 2) if t["total_s"] else None
+    return {
+        "schema": REPORT_SCHEMA, "status": "SUCCESS", "kind": "predict",
+        "job_id": plan.job_id, "name": plan.spec.name,
+        "model": {"job": pp.model_job, "head": pp.head, "head_path": pp.head_path,
+                  "head_sha256": pp.head_sha256, "class_names": pp.class_names},
+        "predictions": summary,
+        "data": {"source": plan.spec.data.source, "path": plan.spec.data.path,
+                 "samples": plan.n_samples, "fingerprint": plan.fingerprint},
+        "backbone": {"name": plan.backbone.name, "weights_id": plan.backbone.weights_id,
+                     "weights_sha256": plan.backbone.weights_sha256,
+                     "preprocessing": plan.backbone.preprocessing},
+        "feature_store": {"key": plan.key, "dir": plan.shard_dir},
+        "shards": shards, "timings": t, "spec": plan.spec.to_dict(),
+        "created": float(record.get("created", now)), "finished": now,
+    }
+
+
 def with_and_without(y: np.ndarray, proba: np.ndarray, idx: np.ndarray,
                      section: dict[str, Any], kept: np.ndarray) -> dict[str, Any]:
     """Test top-1 of the primary head on every test sample, without the leaked ones, and on

@@ -326,3 +326,39 @@ def failure(index: int, exc: BaseException) -> tuple[int, str]:
     from pipeline.sources.decode import reason
 
     return int(index), reason(exc)
+
+
+BUILTIN_SOURCES = ("digits",)
+
+
+def guess_source(data: str, modality: str = "image") -> str:
+    """The source kind for a path given on the command line (``predict --data``): a folder
+    of images (``imagefolder`` when it holds only class subfolders, else ``images``) or of
+    ``.txt`` files, a table (image paths: ``manifest``; texts: ``text``), a ``.tar``
+    (``webdataset``), or a built-in set's name.
+
+    Raises:
+        DataError: nothing there, or a file of a kind no source reads.
+    """
+    from pipeline.sources.decode import IMAGE_EXTENSIONS
+
+    if data in BUILTIN_SOURCES:
+        return data
+    path = Path(data).expanduser()
+    if path.is_dir():
+        if modality == "text":
+            return "text"
+        entries = [p for p in path.iterdir() if visible(p.name)]
+        top_images = [p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS]
+        return "imagefolder" if entries and not top_images and all(
+            p.is_dir() for p in entries) and len(entries) >= 2 else "images"
+    if not path.is_file():
+        raise DataError(f"data {data!r} does not exist; fix: pass a folder, a table "
+                        "(.csv/.jsonl/.parquet), a .tar, or digits")
+    suffix = path.suffix.lower()
+    if suffix == ".tar":
+        return "webdataset"
+    if suffix in (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet"):
+        return "text" if modality == "text" else "manifest"
+    raise DataError(f"cannot tell what kind of data {data!r} is ({suffix or 'no suffix'}); "
+                    "fix: pass --source (images, imagefolder, manifest, text, webdataset)")

@@ -142,7 +142,7 @@ class TextTable(Source):
 
     def __init__(self, what: str, texts: list[str], labels: list[str], ids: list[str],
                  splits: list[str], dropped: list[tuple[str, str]],
-                 files: list[Path] | None = None) -> None:
+                 files: list[Path] | None = None, unlabeled: bool = False) -> None:
         if not texts:
             raise DataError(f"no labelled texts in {what}; fix: give every text a label "
                             f"({len(dropped)} row(s) had none)")
@@ -150,7 +150,8 @@ class TextTable(Source):
         self.class_names, self.labels = class_index(labels)
         self._splits = np.asarray(splits)
         self.dropped = dropped  # (id, reason): rows left out before planning
-        if len(self.class_names) < 2:
+        self.unlabeled_because: DataError | None = None
+        if len(self.class_names) < 2 and not unlabeled:
             raise DataError(f"the labels of {what} have one value ({short(self.class_names[0])})"
                             "; fix: a classifier needs at least two classes — check "
                             "data.label_column names the label")
@@ -198,11 +199,15 @@ class TextTable(Source):
 def table_source(path: Path, spec: DataSpec) -> TextTable:
     columns, rows, unit = read_table(path, [spec.text_column, spec.label_column,
                                             spec.split_column])
-    for option, column in (("text_column", spec.text_column),
-                           ("label_column", spec.label_column)):
-        if column not in columns:
-            raise DataError(f"{str(path)!r} has no column {column!r} (its columns: "
-                            f"{short(columns, 120)}); fix: set data.{option} to one of them")
+    missing = {option: DataError(f"{str(path)!r} has no column {column!r} (its columns: "
+                                 f"{short(columns, 120)}); fix: set data.{option} to one of "
+                                 "them") for option, column in (
+        ("text_column", spec.text_column), ("label_column", spec.label_column))
+        if column not in columns}
+    if "text_column" in missing:
+        raise missing["text_column"]
+    if "label_column" in missing:  # only prediction reads texts without labels
+        return unlabeled_table(path, rows, spec, unit, missing["label_column"])
     split_col = spec.split_column if spec.split_column in columns else None
     texts, labels, ids, splits, dropped = [], [], [], [], []
     for n, row in enumerate(rows, start=1):
@@ -225,6 +230,25 @@ def table_source(path: Path, spec: DataSpec) -> TextTable:
         ids.append(sid)
         splits.append(split)
     return TextTable(repr(str(path)), texts, labels, ids, splits, dropped)
+
+
+def unlabeled_table(path: Path, rows: list[dict[str, Any]], spec: DataSpec, unit: str,
+                    why: DataError) -> TextTable:
+    """A table without a label column: every text, one class (what ``kind: predict`` reads);
+    planning any other kind raises ``why`` (``Source.needs_labels``)."""
+    texts, ids, dropped = [], [], []
+    for n, row in enumerate(rows, start=1):
+        value = row.get(spec.text_column)
+        if isinstance(value, (list, dict)):
+            dropped.append((f"{unit} {n}", f"{spec.text_column!r} is a {type(value).__name__}"
+                                           ", not a text"))
+            continue
+        texts.append(value if isinstance(value, str) else "" if value is None else str(value))
+        ids.append(f"{unit} {n}")
+    table = TextTable(repr(str(path)), texts, ["unlabeled"] * len(texts), ids,
+                      [""] * len(texts), dropped, unlabeled=True)
+    table.unlabeled_because = why
+    return table
 
 
 def folder_source(root: Path) -> TextTable:

@@ -11,11 +11,12 @@ from pipeline.spec.model import (
     DataSpec,
     FinetuneSpec,
     JobSpec,
+    PredictSpec,
     PretrainSpec,
     ProbeSpec,
     QualitySpec,
 )
 
 __all__ = ["AUTO_BATCH", "DATA_SOURCES", "HEADS", "MAX_SPEC_BYTES", "STRATEGIES",
-           "BackboneSpec", "DataSpec", "FinetuneSpec", "JobSpec", "PretrainSpec",
+           "BackboneSpec", "DataSpec", "FinetuneSpec", "JobSpec", "PredictSpec", "PretrainSpec",
            "ProbeSpec", "QualitySpec"]

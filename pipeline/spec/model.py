@@ -179,6 +179,24 @@ class ProbeSpec(Section):
 QUALITY_EXCLUDE = ("leaks", "duplicates", "label_issues", "outliers")
 
 
+class PredictSpec(Section):
+    """Batch prediction (``kind: predict``): a trained classifier applied to every sample of
+    ``data`` on the fleet. ``model``: a finished probe job's folder (``<output>/jobs/<id>``)
+    or its id under this job's ``output``. The backbone and preprocessing are the model's
+    (the job's ``backbone`` section is not used), so features already in the store for the
+    same data are reused. ``head``: which of the job's heads (``primary``: the one it
+    reported; a fine-tuning job's network is split once into its backbone, as a weights file,
+    and its last layer). Predictions with a top probability below ``low_confidence`` are
+    counted."""
+
+    section: ClassVar[str] = "predict"
+    model: str | None = Field(None, min_length=1, max_length=4096, json_schema_extra=fix(
+        "name a finished job: its folder <output>/jobs/<id>, or its id"))
+    head: Literal["primary", "linear", "mlp", "knn"] = "primary"
+    top: Int = Field(3, ge=1, le=100, json_schema_extra=fix("use e.g. 3 (at most 100)"))
+    low_confidence: Fraction01 = Field(0.5, json_schema_extra=fix("use e.g. 0.5"))
+
+
 class QualitySpec(Section):
     """The data-quality stage of a probe job (and of ``featurefleet quality``), on the cached
     features: duplicates and leaks across splits, label issues (confident learning on
@@ -301,6 +319,7 @@ class JobSpec(Section):
             trained end to end) or ``auto`` (chosen from data size, classes, compute, budget).
         probe: linear-probe settings.
         finetune: fine-tuning settings.
+        predict: batch prediction (``kind: predict``): which trained classifier to apply.
         time_budget_s: optional compute budget in seconds; ``auto`` fine-tunes only if the
             estimate fits in it.
         output: root folder for job outputs (``<output>/jobs/<job id>/``).
@@ -318,7 +337,7 @@ class JobSpec(Section):
 
     name: str = Field("job", min_length=1, max_length=200,
                       json_schema_extra=fix("give the job a short name"))
-    kind: Literal["classify", "pretrain", "quality"] = "classify"
+    kind: Literal["classify", "pretrain", "quality", "predict"] = "classify"
     data: DataSpec = Field(default_factory=DataSpec)
     backbone: BackboneSpec = Field(default_factory=BackboneSpec)
     strategy: Literal["probe", "finetune", "auto"] = "probe"
@@ -326,6 +345,7 @@ class JobSpec(Section):
     finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
     pretrain: PretrainSpec = Field(default_factory=PretrainSpec)
     quality: QualitySpec = Field(default_factory=QualitySpec)
+    predict: PredictSpec = Field(default_factory=PredictSpec)
     time_budget_s: Float | None = Field(None, gt=0, le=1e9, json_schema_extra=fix(
         "use seconds, e.g. 3600, or leave it out"))
     output: str = Field("featurefleet-out", min_length=1, json_schema_extra=fix(
@@ -367,6 +387,9 @@ class JobSpec(Section):
                                    else _absolute(self.store_dir)}
         if self.data.path and "://" not in self.data.path:
             changes["data"] = {"path": _absolute(self.data.path)}
+        model = self.predict.model
+        if model and ("/" in model or model.startswith((".", "~"))):
+            changes["predict"] = {"model": _absolute(model)}
         if self.backbone.weights and _looks_like_path(self.backbone.weights):
             changes["backbone"] = {**changes.get("backbone", {}),
                                    "weights": _absolute(self.backbone.weights)}
