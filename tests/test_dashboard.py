@@ -128,7 +128,7 @@ def test_flower_lists_the_jobs_tasks_behind_auth(cluster: LocalCluster, tmp_path
         subprocess.run([chromium, *flags, "--window-size=1400,900", f"--screenshot={shot}",
                         page], capture_output=True, timeout=120, check=True)
         assert shot.stat().st_size > 10_000
-        jobs_page = f"http://{user}:{password}@127.0.0.1:{port}/jobs"
+        jobs_page = f"http://{user}:{password}@127.0.0.1:{port}/jobs?refresh=0"
         dom = subprocess.run([chromium, *flags, "--dump-dom", jobs_page], capture_output=True,
                              text=True, timeout=120).stdout
         row = dom[dom.index(f'id="job-{job.id}"'):][:3000]

@@ -81,8 +81,12 @@ def handlers() -> list[tuple[str, Any]]:
         def get(self) -> None:
             prefix = self.application.options.url_prefix or ""
             prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
+            try:  # ?refresh=0: no automatic reload (a script, a screenshot)
+                refresh = max(0, min(3600, int(self.get_argument("refresh", "5") or 5)))
+            except ValueError:
+                refresh = 5
             self.set_header("Content-Type", "text/html; charset=utf-8")
-            self.write(jobs_page(rows(store()), redact(broker_url()), prefix,
+            self.write(jobs_page(rows(store()), redact(broker_url()), prefix, refresh,
                                  kept_days=JOB_TTL_S // 86400))
 
     class JobsJson(BaseHandler):  # type: ignore[misc]

@@ -136,6 +136,15 @@ def eta_text(st: dict[str, Any], throughput: Throughput | None = None) -> str:
     return ""
 
 
+def _counts(line: str, st: dict[str, Any]) -> str:
+    """The progress line without its bar, status and stage (the view has columns for them)."""
+    text = line.split("] ", 1)[-1].strip()
+    for word in (str(st.get("status") or ""), str(st.get("stage") or "")):
+        if word and text.startswith(word):
+            text = text[len(word):].strip()
+    return text
+
+
 def view_row(st: dict[str, Any], throughput: Throughput | None = None) -> dict[str, Any]:
     """One job as the job view lists it: what it is, where it is, and which pages it has."""
     kind = str(st.get("kind") or "classify")
@@ -146,7 +155,7 @@ def view_row(st: dict[str, Any], throughput: Throughput | None = None) -> dict[s
     return {"id": st["id"], "name": str(st.get("name") or ""), "kind": what,
             "backbone": str(st.get("backbone") or ""), "status": str(st.get("status") or "?"),
             "stage": str(st.get("stage") or ""), "percent": round(100 * fraction(st)),
-            "progress": format_progress(st, throughput).split("] ", 1)[-1],
+            "progress": _counts(format_progress(st, throughput), st),
             "eta": eta_text(st, throughput) if st.get("status") == "RUNNING" else "",
             "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created)),
             "duration_s": round(end - created) if created and end else None,
