@@ -164,9 +164,12 @@ def _submit(args: argparse.Namespace) -> int:
         print(f"featurefleet: warning: no worker consumes {', '.join(idle)}: job {job.id} "
               "waits until one starts (featurefleet worker --queues "
               f"{','.join(idle)})", file=sys.stderr, flush=True)
-    if not args.wait:
-        return 0
-    st = job.wait(timeout=args.timeout, on_progress=ProgressLine())
+    return _wait_and_summarize(job, args.timeout) if args.wait else 0
+
+
+def _wait_and_summarize(job: Any, timeout: float | None) -> int:
+    """Wait with the progress line; then the summary and the report paths (or the error)."""
+    st = job.wait(timeout=timeout, on_progress=ProgressLine())
     if st["status"] != "SUCCESS":
         print(f"featurefleet: error: job {job.id} {st['status']}: {st.get('error')}",
               file=sys.stderr)
@@ -227,7 +230,10 @@ def _watch(args: argparse.Namespace) -> int:
     from pipeline.client.api import Job
 
     st = Job(args.job_id, args.broker).wait(on_progress=ProgressLine(sys.stdout))
-    return 0 if st["status"] == "SUCCESS" else 1
+    if st["status"] != "SUCCESS":
+        return 1
+    _print_report_paths(st)
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -323,16 +329,7 @@ def _predict(args: argparse.Namespace) -> int:
         job = submit(spec, broker=args.broker)
         print(f"submitted job {job.id}: batch prediction with {args.model} on {args.data}",
               flush=True)
-        if not args.wait:
-            return 0
-        st = job.wait(timeout=args.timeout, on_progress=ProgressLine())
-        if st["status"] != "SUCCESS":
-            print(f"featurefleet: error: job {job.id} {st['status']}: {st.get('error')}",
-                  file=sys.stderr)
-            return 1
-        print(summary(job.result()))
-        _print_report_paths(st)
-        return 0
+        return _wait_and_summarize(job, args.timeout) if args.wait else 0
     texts = list(args.text)
     if args.text_file:
         lines = _stdin_text() if args.text_file == "-" else _read_lines(args.text_file)
