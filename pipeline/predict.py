@@ -260,7 +260,7 @@ class BatchWriter:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from pipeline.reports.report import csv_cell
+        from pipeline.reports.cells import csv_cell
 
         schema = pa.schema([(c, pa.int64() if c == "index" else pa.float64()
                              if c.startswith("probability") else pa.string())

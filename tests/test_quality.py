@@ -237,6 +237,27 @@ def test_quality_job_finds_planted_problems_and_exclude_drops_leaks(
     for part in ("duplicates", "label_issues", "outliers", "learning_curve", "shift"):
         assert reused[part] == section[part], part
     assert json.loads((job2 / "report.json").read_text())["timings"]["quality_reused"]
+    # every finding exported for review: one row per finding, sample ids the data's own
+    export = tmp_path / "review.csv"
+    out = subprocess.run([sys.executable, "-m", "pipeline", "quality", job_id, "--export",
+                          str(export), "--broker", cluster.broker], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    import csv
+
+    rows = list(csv.DictReader(export.read_text().splitlines()))
+    by = {f: [r for r in rows if r["finding"] == f] for f in
+          ("leak", "label_issue", "outlier", "duplicate")}
+    assert len(by["leak"]) == len(section["duplicates"]["leaked"])
+    assert len(by["outlier"]) == section["outliers"]["count"]
+    li = section["label_issues"]
+    assert len(by["label_issue"]) == (0 if li.get("withheld") else li["count"])
+    assert len(by["duplicate"]) == len(section["duplicates"]["redundant"])
+    assert all(r["sample_id"] and r["score_means"] for r in rows)
+    assert all(r["twin_id"] and r["twin_split"] != r["split"] for r in by["leak"])
+    assert all(r["suggested_label"] in names and r["suggested_label"] != r["given_label"]
+               for r in by["label_issue"])
+    assert 'href="flagged.csv"' in html
 
     leaked = section["duplicates"]["leaked"]
     assert leaked, "the planted cross-split copies leak into val/test"
@@ -254,6 +275,40 @@ def test_quality_job_finds_planted_problems_and_exclude_drops_leaks(
     assert ev["excluded_test_samples"] == len(test_leaks)
     assert rep["metrics"]["top1"] == pytest.approx(ev["top1_evaluated"], abs=1e-5)
     assert ev["top1_evaluated"] == ev["top1_without_leaks"]
+
+
+def test_a_reviewed_exclude_file_leaves_its_samples_out_at_planning(tmp_path: Path) -> None:
+    """``quality.exclude_file``: the export's CSV (sample_id column) or one id per line;
+    unknown ids are a warning, a CSV without sample_id an error naming the fix."""
+    from pipeline.errors import DataError
+    from pipeline.planner import make_plan
+    from pipeline.sources import open_source
+    from pipeline.spec import JobSpec
+
+    base = {"name": "x", "data": {"source": "digits", "limit": 200},
+            "output": str(tmp_path / "out")}
+    source = open_source(JobSpec.from_dict(base).data)
+    chosen = [source.sample_id(i) for i in (3, 17, 1500)]
+    review = tmp_path / "review.csv"
+    review.write_text("sample_id,finding\n" + "".join(f"{i},leak\n" for i in chosen)
+                      + "no-such-sample,leak\n")
+    spec = JobSpec.from_dict({**base, "quality": {"exclude_file": str(review)}})
+    plan = make_plan(spec, "0123456789ab")
+    reviewed = [e for e in plan.excluded if e.kind == "reviewed"]
+    assert [e.index for e in reviewed] == [3, 17, 1500]
+    assert not {3, 17, 1500} & set(plan.extract_ids)
+    assert any("no-such-sample" in w for w in plan.warnings)
+    lines = tmp_path / "ids.txt"
+    lines.write_text(f"{chosen[0]}\n\n")
+    plan = make_plan(spec.replace(quality={"exclude_file": str(lines)}), "0123456789ab")
+    assert [e.index for e in plan.excluded if e.kind == "reviewed"] == [3]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,finding\nx,leak\n")
+    with pytest.raises(DataError, match="no sample_id column"):
+        make_plan(spec.replace(quality={"exclude_file": str(bad)}), "0123456789ab")
+    with pytest.raises(DataError, match="cannot be read"):
+        make_plan(spec.replace(quality={"exclude_file": str(tmp_path / "nope.csv")}),
+                  "0123456789ab")
 
 
 def test_on_by_default_off_by_switch_and_bad_settings_named(tmp_path: Path) -> None:

@@ -49,14 +49,14 @@ def rows(jobs: JobStore, limit: int = SHOWN) -> list[dict[str, Any]]:
 def file_for(jobs: JobStore, what: str, ident: str, name: str) -> tuple[Path, str] | None:
     """The file a record names for ``/jobs/<id>/<name>`` or ``/compare/<id>/<name>``, and its
     content type; None when there is none."""
-    if what == "jobs" and name in ("report.html", "report.json"):
+    if what == "jobs" and name in ("report.html", "report.json", "flagged.csv"):
         try:
             report = jobs.get(ident).get("report")
         except JobError:
             return None
         if not report:
             return None
-        path = Path(str(report)).with_suffix(Path(name).suffix)
+        path = Path(str(report)).with_name(name)
     elif what == "compare" and name in ("leaderboard.html", "leaderboard.json"):
         board = jobs.comparison(ident).get("leaderboard") if ident.startswith("cmp-") else None
         if not board:
@@ -64,7 +64,8 @@ def file_for(jobs: JobStore, what: str, ident: str, name: str) -> tuple[Path, st
         path = Path(str(board)).with_suffix(Path(name).suffix)
     else:
         return None
-    kind = "text/html; charset=utf-8" if name.endswith(".html") else "application/json"
+    kind = {"html": "text/html; charset=utf-8", "json": "application/json",
+            "csv": "text/csv; charset=utf-8"}[name.rsplit(".", 1)[1]]
     return (path, kind) if path.is_file() else None
 
 
@@ -105,7 +106,7 @@ def handlers() -> list[tuple[str, Any]]:
             self.write(found[0].read_bytes())
 
     return [(r"/jobs/?", JobsPage), (r"/jobs\.json", JobsJson),
-            (rf"/(jobs|compare)/{ID}/([a-z]+\.(?:html|json))", JobFile)]
+            (rf"/(jobs|compare)/{ID}/([a-z]+\.(?:html|json|csv))", JobFile)]
 
 
 def install() -> None:

@@ -9,11 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from pipeline.client.console import (
     CompareProgress,
@@ -22,6 +20,13 @@ from pipeline.client.console import (
     summary,
 )
 from pipeline.client.parser import build_parser
+from pipeline.client.predicting import predict
+from pipeline.client.running import (
+    interruptible,
+    print_report_paths,
+    run_local,
+    wait_and_summarize,
+)
 from pipeline.errors import FeaturefleetError
 from pipeline.jobs.progress import format_progress
 from pipeline.settings import BROKER_ENV, FLOWER_AUTH_ENV
@@ -48,13 +53,6 @@ def main(argv: list[str] | None = None) -> int:
 # --- verbs --------------------------------------------------------------------------------
 
 
-def _interruptible() -> None:
-    """Ctrl-C and SIGTERM (e.g. from a supervisor) stop a command that owns a private cluster
-    and clean it up, also when it was started with SIGINT ignored (a shell's background job)."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-
-
 def _demo(args: argparse.Namespace) -> int:
     from pipeline.spec import BackboneSpec, DataSpec
 
@@ -76,7 +74,7 @@ def _demo(args: argparse.Namespace) -> int:
                 "linear probe")
     if args.no_quality:
         spec = spec.replace(quality={"enabled": False})
-    return _run_local(spec, what, "demo", args.extract_workers, args.timeout)
+    return run_local(spec, what, "demo", args.extract_workers, args.timeout)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -89,40 +87,7 @@ def _run(args: argparse.Namespace) -> int:
         spec.finetune.nodes if spec.strategy == "finetune" else 1)
     what = (f"{spec.kind} job {spec.name!r}: {spec.data.source} data, "
             f"{spec.backbone.name} backbone")
-    return _run_local(spec, what, "run", max(args.extract_workers, nodes), args.timeout)
-
-
-def _run_local(spec: JobSpec, what: str, verb: str, extract_workers: int,
-               timeout: float | None) -> int:
-    """Run ``spec`` on this machine: a private Redis and worker processes under
-    ``<output>/cluster`` (logs there), the progress line, the summary, the report paths;
-    nothing is left running when it ends (Ctrl-C and SIGTERM included)."""
-    from pipeline.client.api import submit
-    from workers.launcher import local_cluster
-
-    out = Path(spec.output).resolve()
-    _interruptible()
-    print(f"featurefleet {verb}: starting a private Redis and {extract_workers} extraction + "
-          f"1 training worker process (logs in {out / 'cluster' / 'logs'})", flush=True)
-    with local_cluster(out / "cluster", extract_workers=extract_workers) as cluster:
-        job = submit(spec, broker=cluster.broker)
-        print(f"submitted job {job.id}: {what}", flush=True)
-        st = job.wait(timeout=timeout, on_progress=ProgressLine())
-        if st["status"] != "SUCCESS":
-            print(f"featurefleet: error: job {job.id} {st['status']}: {st.get('error')}",
-                  file=sys.stderr)
-            return 1
-        rep = job.result()
-    print(summary(rep))
-    _print_report_paths(st)
-    return 0
-
-
-def _print_report_paths(st: dict[str, Any]) -> None:
-    report = Path(st["report"])
-    print(f"report: {report}")
-    if report.with_suffix(".html").is_file():
-        print(f"page:   {report.with_suffix('.html')}")
+    return run_local(spec, what, "run", max(args.extract_workers, nodes), args.timeout)
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -148,10 +113,36 @@ def _worker(args: argparse.Namespace) -> int:
     return 0  # pragma: no cover
 
 
+def _export_findings(args: argparse.Namespace) -> int:
+    """``featurefleet quality JOB --export FILE``: every finding of a finished job."""
+    import shutil
+
+    from pipeline.client.api import Job
+
+    where = Path(args.spec).expanduser()
+    job_dir = where if where.is_dir() else Path(Job(args.spec, args.broker).status()["job_dir"])
+    found = job_dir / "flagged.csv"
+    if not found.is_file():
+        raise FeaturefleetError(f"job folder {str(job_dir)!r} has no findings (flagged.csv): "
+                                "the quality stage did not run there, or the job has not "
+                                "finished; fix: featurefleet quality job.yaml --wait, or a "
+                                "probe job with quality enabled")
+    rows = max(0, len(found.read_text(encoding="utf-8").splitlines()) - 1)
+    if args.export == "-":
+        sys.stdout.write(found.read_text(encoding="utf-8"))
+    else:
+        shutil.copyfile(found, args.export)
+        print(f"{rows} finding(s) written to {args.export}; review them, then list the samples "
+              "to leave out with quality.exclude_file: FILE and run the job again")
+    return 0
+
+
 def _submit(args: argparse.Namespace) -> int:
     from pipeline.client.api import missing_consumers, submit
     from pipeline.spec import JobSpec
 
+    if getattr(args, "export", None):
+        return _export_findings(args)
     spec = JobSpec.from_file(args.spec)
     if args.verb in ("pretrain", "quality"):
         spec = spec.replace(kind=args.verb)
@@ -164,19 +155,7 @@ def _submit(args: argparse.Namespace) -> int:
         print(f"featurefleet: warning: no worker consumes {', '.join(idle)}: job {job.id} "
               "waits until one starts (featurefleet worker --queues "
               f"{','.join(idle)})", file=sys.stderr, flush=True)
-    return _wait_and_summarize(job, args.timeout) if args.wait else 0
-
-
-def _wait_and_summarize(job: Any, timeout: float | None) -> int:
-    """Wait with the progress line; then the summary and the report paths (or the error)."""
-    st = job.wait(timeout=timeout, on_progress=ProgressLine())
-    if st["status"] != "SUCCESS":
-        print(f"featurefleet: error: job {job.id} {st['status']}: {st.get('error')}",
-              file=sys.stderr)
-        return 1
-    print(summary(job.result()))
-    _print_report_paths(st)
-    return 0
+    return wait_and_summarize(job, args.timeout) if args.wait else 0
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -192,7 +171,7 @@ def _compare(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         broker = args.broker
         if args.local:
-            _interruptible()
+            interruptible()
             out = Path(spec.output).resolve()
             cluster = stack.enter_context(local_cluster(out / "cluster", args.extract_workers))
             broker = cluster.broker
@@ -232,7 +211,7 @@ def _watch(args: argparse.Namespace) -> int:
     st = Job(args.job_id, args.broker).wait(on_progress=ProgressLine(sys.stdout))
     if st["status"] != "SUCCESS":
         return 1
-    _print_report_paths(st)
+    print_report_paths(st)
     return 0
 
 
@@ -264,112 +243,6 @@ def _jobs(args: argparse.Namespace) -> int:
         print(f"{st['id']}  {when}  {st['status']:9} {st.get('name', '')[:30]:30} "
               f"{st.get('images_done', 0)}/{st.get('images_total', 0)} images  {top1}")
     return 0
-
-
-def _stdin_text() -> str:
-    """Standard input as UTF-8 text (one text a line).
-
-    Raises:
-        FeaturefleetError: binary or not UTF-8.
-    """
-    raw = sys.stdin.buffer.read(64 << 20)
-    if b"\0" in raw[:8192]:
-        raise FeaturefleetError("standard input is binary data, not text; fix: pipe UTF-8 "
-                                "text, one text a line (--text-file -)")
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise FeaturefleetError(f"standard input is not UTF-8 (byte {exc.start}); fix: "
-                                "convert it, e.g. iconv -t UTF-8") from None
-
-
-def _batch_spec(args: argparse.Namespace) -> JobSpec:
-    """The ``kind: predict`` spec for ``featurefleet predict MODEL --data D``."""
-    from pipeline.sources import guess_source
-
-    model = Path(args.model).expanduser().resolve()
-    if not (model / "plan.json").is_file():
-        raise FeaturefleetError(f"{args.model!r} is not a job folder (no plan.json); fix: "
-                                "batch prediction takes <output>/jobs/<id> of a probe job")
-    source = args.source or guess_source(args.data, _model_modality(model))
-    # every unreadable sample gets a row with its error instead of failing the job
-    data: dict[str, Any] = {"source": source, "max_skipped_fraction": 1.0}
-    if source != "digits":
-        data["path"] = args.data
-    output = args.output or str(model.parent.parent)
-    return JobSpec.from_dict({"name": f"predict-{model.name}", "kind": "predict",
-                              "data": data, "output": output,
-                              "predict": {"model": str(model), "head": args.head,
-                                          "top": args.top}})
-
-
-def _model_modality(model: Path) -> str:
-    from pipeline.plan import read_plan
-
-    return str(read_plan(model).backbone.preprocessing.get("modality", "image"))
-
-
-def _predict(args: argparse.Namespace) -> int:
-    from pipeline.predict import load_classifier
-
-    if args.classes:
-        names = load_classifier(args.model, device="cpu").class_names
-        print(f"{len(names)} classes: " + ", ".join(names))
-        return 0
-    if args.data is not None:
-        if args.images or args.text or args.text_file:
-            raise FeaturefleetError("give --data (a whole data set, on the fleet) or files / "
-                                    "texts (here), not both")
-        spec = _batch_spec(args)
-        if args.local:
-            return _run_local(spec, f"batch prediction with {args.model} on {args.data}",
-                              "predict", args.extract_workers, args.timeout)
-        from pipeline.client.api import submit
-
-        job = submit(spec, broker=args.broker)
-        print(f"submitted job {job.id}: batch prediction with {args.model} on {args.data}",
-              flush=True)
-        return _wait_and_summarize(job, args.timeout) if args.wait else 0
-    texts = list(args.text)
-    if args.text_file:
-        lines = _stdin_text() if args.text_file == "-" else _read_lines(args.text_file)
-        texts += [line for line in lines.splitlines() if line.strip()]
-    inputs = texts or args.images
-    if not inputs or (texts and args.images):
-        raise FeaturefleetError("give image files, or texts with --text/--text-file (not both)"
-                                "; fix: featurefleet predict MODEL cat.jpg, or featurefleet "
-                                "predict MODEL --text 'some words'")
-    clf = load_classifier(args.model)
-    if (clf.modality == "text") != bool(texts):
-        raise FeaturefleetError(f"this classifier reads {clf.modality}s; fix: pass "
-                                + ("--text or --text-file" if clf.modality == "text"
-                                   else "image files"))
-    results = clf.predict(inputs, top=args.top)
-    failed = [r for r in results if r.get("error")]
-    what = "text" if texts else "image"
-    if args.json:
-        print(json.dumps([{what: i, **r} for i, r in zip(inputs, results, strict=True)],
-                         indent=2))
-    else:
-        for item, r in zip(inputs, results, strict=True):
-            if r.get("error"):
-                print(f"featurefleet: error: {r['error']}", file=sys.stderr)
-                continue
-            top = "  ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"])
-            shown = item if not texts or len(item) <= 60 else item[:57] + "..."
-            print(f"{shown}: {r['label']} ({r['probability']:.3f})   top: {top}")
-    if failed:
-        print(f"featurefleet: {len(failed)} of {len(results)} {what}(s) could not be "
-              f"{'used' if texts else 'read'}", file=sys.stderr)
-    return 1 if failed else 0
-
-
-def _read_lines(path: str) -> str:
-    try:
-        return open(path, encoding="utf-8").read()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise FeaturefleetError(f"cannot read texts from {path!r} ({type(exc).__name__}); fix: "
-                                "pass a UTF-8 file with one text per line") from None
 
 
 def _cache(args: argparse.Namespace) -> int:
@@ -462,7 +335,7 @@ def _retry(args: argparse.Namespace) -> int:
 
 
 _VERBS = {"cache": _cache, "cancel": _cancel, "compare": _compare, "dashboard": _dashboard,
-          "demo": _demo, "exporter": _exporter, "jobs": _jobs, "predict": _predict,
+          "demo": _demo, "exporter": _exporter, "jobs": _jobs, "predict": predict,
           "pretrain": _submit, "quality": _submit, "report": _report, "retry": _retry, "run": _run,
           "status": _status, "submit": _submit, "watch": _watch, "watchdog": _watchdog,
           "worker": _worker}

@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--wait", action="store_true", help="wait and print the summary")
         p.add_argument("--timeout", type=float, default=None,
                        help="seconds to wait with --wait")
+        if kind == "quality":
+            p.add_argument("--export", default=None, metavar="FILE",
+                           help="instead: write every finding of a finished job (SPEC is its "
+                                "id or folder) to FILE as CSV ('-': standard output)")
 
     p = sub.add_parser("submit", help="enqueue a job from a YAML/JSON spec; print its id")
     _add_broker(p)

@@ -199,6 +199,10 @@ def run_finish(jobs: JobStore, ref: PlanMessage) -> dict[str, Any]:
     source = plan_source(plan)
     section["sample_ids"] = {str(i): source.sample_id(int(i))
                              for i in quality_report.shown(section)}
+    quality_report.write_flagged(plan.job_dir / "flagged.csv", section.get("flagged", []),
+                                 source.sample_id, plan.class_names,
+                                 summary.split_of({n: plan.splits.of(n)
+                                                   for n in ("train", "val", "test")}))
     thumbs = quality_report.thumbnails(source, quality_report.shown(section))
     atomic_write_text(_dir(plan) / "thumbnails.json", json.dumps(thumbs))
     section["thumbnails"] = str(_dir(plan) / "thumbnails.json")
@@ -241,11 +245,11 @@ def summarize(plan: Plan, parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "expected_copy_recall": probe.get("copy_recall"),
             **({"note": "shards without image signatures: features only"}
                if nb.sig_nbr is None else {})},
-        "duplicates": summary.duplicates(found, where, spec.max_listed),
+        "duplicates": summary.duplicates(found, where, len(found) + 1),
         "removed_at_planning": [e.model_dump() for e in plan.excluded][:spec.max_listed],
         "removed_at_planning_count": len(plan.excluded),
-        "outliers": summary.outliers(nb, spec.outlier_z, where, y_of, spec.max_listed),
-        "label_issues": _label_issues(plan, d, spec.max_listed),
+        "outliers": summary.outliers(nb, spec.outlier_z, where, y_of, plan.n_samples),
+        "label_issues": _label_issues(plan, d, plan.n_samples),
         "learning_curve": _curve(q, parts, spec.target_top1, len(plan.splits.val)),
         "shift": {k: v for k, v in parts["shift"].items() if k not in ("part", "seconds")},
         "balance": shift.balance({n: y_of[np.asarray(plan.splits.of(n), np.int64)]
@@ -255,6 +259,9 @@ def summarize(plan: Plan, parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
                       "indices": sorted(int(i) for i in nb.nonfinite)[:spec.max_listed]},
     }
     summary.qualify(section, plan.backbone.weights_id)
+    # every finding, for the export a reviewer works through; the page lists the first ones
+    section["flagged"] = summary.flagged(section, found, where)
+    summary.shorten(section, spec.max_listed)
     if len(nb.nonfinite):
         section["nonfinite"]["note"] = (
             f"{len(nb.nonfinite)} samples have NaN/inf features and were left out of the "

@@ -125,6 +125,52 @@ def outliers(nb: Neighbors, z_max: float, where: dict[int, str], labels: np.ndar
                        "z": round(float(z[i]), 2)} for i in flagged[:limit]]}
 
 
+SCORES = {"label_issue": "out-of-fold probability of the suggested label",
+          "leak": "cosine similarity to its twin in another split (1.0: same bytes)",
+          "duplicate": "cosine similarity to its kept twin in the same split (1.0: same bytes)",
+          "outlier": "robust z-score of the distance to its nearest neighbours"}
+
+
+def flagged(section: dict[str, Any], found: list[Pair],
+            where: dict[int, str]) -> list[dict[str, Any]]:
+    """Every flagged sample, one row per finding (a sample may have several): what was
+    found, its score (``SCORES`` says what each means), the suggested label or the twin.
+    Label issues withheld as noise (a weak probe) are left out, as in the summary."""
+    rows: list[dict[str, Any]] = []
+    li = section.get("label_issues", {})
+    if not li.get("withheld"):
+        rows += [{"index": r["index"], "finding": "label_issue",
+                  "score": r["suggested_probability"], "given": r["given"],
+                  "suggested": r["suggested"], "twin": None} for r in li.get("issues", [])]
+    dup = section.get("duplicates", {})
+    rows += [{"index": r["index"], "finding": "leak", "score": r["similarity"],
+              "given": None, "suggested": None, "twin": r["twin"]}
+             for r in dup.get("leaks", [])]
+    best: dict[int, tuple[float, int]] = {}
+    for a, b, sim, _ in found:
+        if where.get(a) == where.get(b):
+            for i, j in ((a, b), (b, a)):
+                if i not in best or sim > best[i][0]:
+                    best[i] = (sim, j)
+    rows += [{"index": i, "finding": "duplicate", "score": round(best[i][0], 5),
+              "given": None, "suggested": None, "twin": best[i][1]}
+             for i in dup.get("redundant", []) if i in best]
+    rows += [{"index": r["index"], "finding": "outlier", "score": r["z"], "given": None,
+              "suggested": None, "twin": None} for r in section.get("outliers", {}).get(
+                  "items", [])]
+    return rows
+
+
+def shorten(section: dict[str, Any], limit: int) -> None:
+    """The lists the page shows, cut to ``limit`` (``flagged`` and the ``all`` lists keep
+    everything)."""
+    for key, field in (("label_issues", "issues"), ("duplicates", "leaks"),
+                       ("duplicates", "top_pairs"), ("outliers", "items")):
+        part = section.get(key, {})
+        if isinstance(part.get(field), list):
+            part[field] = part[field][:limit]
+
+
 def excluded(section: dict[str, Any], categories: tuple[str, ...]) -> dict[str, list[int]]:
     """Sample indices ``quality.exclude`` leaves out, by category."""
     picks = {"leaks": section.get("duplicates", {}).get("leaked", []),

@@ -174,3 +174,33 @@ def page_html(rep: dict[str, Any]) -> str:
     """The whole page of a ``kind: quality`` job."""
     return render("quality_page.html.j2", rep=rep, section=section_html(rep),
                   finished=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rep["finished"])))
+
+
+FLAGGED_COLUMNS = ("sample_id", "index", "split", "finding", "score", "score_means",
+                   "given_label", "suggested_label", "twin_id", "twin_split")
+
+
+def write_flagged(path: Path, rows: list[dict[str, Any]], sample_id: Any,
+                  class_names: list[str], where: dict[int, str]) -> Path:
+    """``flagged.csv``: every finding of the quality stage, one row each, for review
+    (``featurefleet quality JOB --export FILE`` copies it; ``quality.exclude_file`` takes
+    the reviewed list back)."""
+    import csv
+
+    from pipeline.fsio import atomic_write_text
+    from pipeline.quality.summary import SCORES
+    from pipeline.reports.cells import csv_cell
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(FLAGGED_COLUMNS)
+    for r in rows:
+        i, twin = int(r["index"]), r.get("twin")
+        w.writerow([csv_cell(str(sample_id(i))), i, where.get(i, ""), r["finding"], r["score"],
+                    SCORES[r["finding"]],
+                    "" if r.get("given") is None else csv_cell(class_names[int(r["given"])]),
+                    "" if r.get("suggested") is None
+                    else csv_cell(class_names[int(r["suggested"])]),
+                    "" if twin is None else csv_cell(str(sample_id(int(twin)))),
+                    "" if twin is None else where.get(int(twin), "")])
+    return atomic_write_text(path, buf.getvalue(), fsync=False)

@@ -15,6 +15,7 @@ import numpy as np
 
 from pipeline.fsio import atomic_write_text
 from pipeline.plan import Plan
+from pipeline.reports.cells import csv_cell
 from pipeline.reports.html import write_report_html
 from pipeline.store.shards import ShardResult
 
@@ -165,12 +166,6 @@ def write_report(rep: dict[str, Any], job_dir: Path) -> Path:
     atomic_write_text(path, json.dumps(rep, indent=2))
     write_report_html(rep, path.with_suffix(".html"))
     return path
-
-
-def csv_cell(text: str) -> str:
-    """A text cell a spreadsheet shows as text: one starting with ``= + - @``, a tab or a
-    carriage return (a formula to Excel or LibreOffice: CSV injection) gets a leading ``'``."""
-    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
 def write_predictions(job_dir: Path, sample_ids: Sequence[str], indices: np.ndarray,

@@ -11,11 +11,10 @@ from pipeline.spec.model import (
     DataSpec,
     FinetuneSpec,
     JobSpec,
-    PredictSpec,
     PretrainSpec,
     ProbeSpec,
-    QualitySpec,
 )
+from pipeline.spec.sections import PredictSpec, QualitySpec
 
 __all__ = ["AUTO_BATCH", "DATA_SOURCES", "HEADS", "MAX_SPEC_BYTES", "STRATEGIES",
            "BackboneSpec", "DataSpec", "FinetuneSpec", "JobSpec", "PredictSpec", "PretrainSpec",

@@ -28,7 +28,8 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from pipeline.errors import SpecError, short
-from pipeline.spec.fields import Float, Fraction01, Int, Section, Share, fix
+from pipeline.spec.fields import Float, Fraction01, Int, Section, fix
+from pipeline.spec.sections import PredictSpec, QualitySpec
 from pipeline.spec.validation import custom, parse_document
 
 DATA_SOURCES = ("digits", "imagefolder", "images", "manifest", "npz", "hdf5", "text",
@@ -174,64 +175,6 @@ class ProbeSpec(Section):
             raise custom("grid_low", f"grid {self.grid_low!r}..{self.grid_high!r} is not "
                           "increasing", "use e.g. 1e-6 .. 1e5")
         return self
-
-
-QUALITY_EXCLUDE = ("leaks", "duplicates", "label_issues", "outliers")
-
-
-class PredictSpec(Section):
-    """Batch prediction (``kind: predict``): a trained classifier applied to every sample of
-    ``data`` on the fleet. ``model``: a finished probe job's folder (``<output>/jobs/<id>``)
-    or its id under this job's ``output``. The backbone and preprocessing are the model's
-    (the job's ``backbone`` section is not used), so features already in the store for the
-    same data are reused. ``head``: which of the job's heads (``primary``: the one it
-    reported; a fine-tuning job's network is split once into its backbone, as a weights file,
-    and its last layer). Predictions with a top probability below ``low_confidence`` are
-    counted."""
-
-    section: ClassVar[str] = "predict"
-    model: str | None = Field(None, min_length=1, max_length=4096, json_schema_extra=fix(
-        "name a finished job: its folder <output>/jobs/<id>, or its id"))
-    head: Literal["primary", "linear", "mlp", "knn"] = "primary"
-    top: Int = Field(3, ge=1, le=100, json_schema_extra=fix("use e.g. 3 (at most 100)"))
-    low_confidence: Fraction01 = Field(0.5, json_schema_extra=fix("use e.g. 0.5"))
-
-
-class QualitySpec(Section):
-    """The data-quality stage of a probe job (and of ``featurefleet quality``), on the cached
-    features: duplicates and leaks across splits, label issues (confident learning on
-    out-of-fold probe predictions), outliers, a learning curve, and distribution shift.
-
-    ``exclude`` trains and evaluates without what was found (the report shows test top-1 with
-    and without). ``near_duplicate_threshold``: cosine similarity of features above which two
-    samples are near duplicates; by default calibrated per job on perturbed copies of its own
-    images (re-encoded, rescaled, cropped, brightened, noised).
-    """
-
-    section: ClassVar[str] = "quality"
-    enabled: bool = True
-    exclude: tuple[Literal["leaks", "duplicates", "label_issues", "outliers"], ...] = Field(
-        (), max_length=4, json_schema_extra=fix(f"use some of {', '.join(QUALITY_EXCLUDE)}"))
-    near_duplicate_threshold: Float | None = Field(None, gt=0, le=1, json_schema_extra=fix(
-        "use e.g. 0.97, or leave it out to calibrate it on the job's images"))
-    neighbors: Int = Field(10, ge=2, le=100, json_schema_extra=fix("use e.g. 10"))
-    block_rows: Int = Field(20_000, ge=100, le=10**7, json_schema_extra=fix(
-        "use e.g. 20000 (rows per neighbour-search task: memory ~ rows x dim x 4 bytes)"))
-    folds: Int = Field(5, ge=2, le=20, json_schema_extra=fix("use e.g. 5"))
-    curve_fractions: tuple[Share, ...] = Field(
-        (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0), min_length=1, max_length=20,
-        json_schema_extra=fix("use fractions of the training set, e.g. [0.1, 0.5, 1.0]"))
-    target_top1: tuple[Fraction01, ...] = Field(
-        (0.9, 0.95, 0.99), max_length=10, json_schema_extra=fix(
-            "use accuracies to ask 'how many labels per class reach it', e.g. [0.9, 0.95]"))
-    outlier_z: Float = Field(3.5, gt=0, le=100, json_schema_extra=fix(
-        "use e.g. 3.5 (robust z-score of the distance to the nearest neighbours)"))
-    max_listed: Int = Field(50, ge=1, le=10_000, json_schema_extra=fix("use e.g. 50"))
-
-    @field_validator("exclude", mode="before")
-    @classmethod
-    def _one(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
 
 
 class FinetuneSpec(Section):
@@ -387,6 +330,8 @@ class JobSpec(Section):
                                    else _absolute(self.store_dir)}
         if self.data.path and "://" not in self.data.path:
             changes["data"] = {"path": _absolute(self.data.path)}
+        if self.quality.exclude_file and "://" not in self.quality.exclude_file:
+            changes["quality"] = {"exclude_file": _absolute(self.quality.exclude_file)}
         model = self.predict.model
         if model and ("/" in model or model.startswith((".", "~"))):
             changes["predict"] = {"model": _absolute(model)}

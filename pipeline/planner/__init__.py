@@ -1,4 +1,6 @@
-"""Spec -> plan: open the data, resolve the backbone, split once, decide everything else.
+"""Spec -> plan: open the data, resolve the backbone, split once, decide everything else
+(``exclusions``: what is left out before splitting; ``models``: the classifier a
+prediction job applies).
 
 :func:`make_plan` runs in the client at submission, so a bad spec, unreadable data or an
 unknown backbone fails before anything is enqueued.
@@ -22,15 +24,14 @@ from pipeline.heads.linear import l2_grid
 from pipeline.plan import (
     JOB_ID,
     BackboneInfo,
-    Exclusion,
     Plan,
-    PredictPlan,
     QualityPlan,
     Shard,
     Splits,
-    read_plan,
 )
-from pipeline.sources import DIGEST_BYTES, Source, digests, open_source
+from pipeline.planner.exclusions import find_exclusions, reviewed_exclusions
+from pipeline.planner.models import resolve_model
+from pipeline.sources import Source, digests, open_source
 from pipeline.spec import DataSpec, JobSpec
 from pipeline.store import files, manifest
 from pipeline.store.shards import SCHEMA_VERSION, shard_name
@@ -65,50 +66,6 @@ def data_fingerprint(source: Source, digest: np.ndarray, mode: str) -> str:
     h.update(json.dumps([source.class_names,
                          [source.sample_id(i) for i in range(len(source))]]).encode())
     return f"{source.kind}:{mode}:{h.hexdigest()}"
-
-
-def find_exclusions(source: Source, digest: np.ndarray, data: DataSpec) -> list[Exclusion]:
-    """Samples with the same bytes: one copy is kept (the one in the most held-out predefined
-    split: test, then val, then train; else the first), the others are excluded; samples with
-    the same bytes but different labels are all excluded (``data.conflicts: exclude``).
-
-    Raises:
-        DataError: conflicting labels with ``data.conflicts: error``.
-    """
-    if data.duplicates == "keep" or len(digest) == 0:
-        return []
-    keys = np.ascontiguousarray(digest).view(f"V{DIGEST_BYTES}").ravel()
-    _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
-    repeated = np.flatnonzero(counts[inverse] > 1)
-    if len(repeated) == 0:
-        return []
-    rank = np.full(len(source), 3)
-    predefined = source.predefined_splits() or {}
-    for name, r in (("train", 2), ("val", 1), ("test", 0)):
-        if name in predefined:
-            rank[predefined[name]] = r
-    groups: dict[int, list[int]] = {}
-    for i in repeated:
-        groups.setdefault(int(inverse[i]), []).append(int(i))
-    out: list[Exclusion] = []
-    for members in groups.values():
-        names = sorted({source.class_names[int(source.labels[m])] for m in members})
-        ids = [source.sample_id(m) for m in members]
-        if len(names) > 1:
-            if data.conflicts == "error":
-                raise DataError(f"samples {ids[:4]} have the same content but the labels "
-                                f"{names}; fix: correct the labels, or set data.conflicts: "
-                                "exclude to leave them out")
-            out += [Exclusion(index=m, id=i, kind="conflict",
-                              reason=f"same content as {len(members) - 1} other sample(s) "
-                                     f"labelled {', '.join(names)}")
-                    for m, i in zip(members, ids, strict=True)]
-            continue
-        keep = min(members, key=lambda m: (int(rank[m]), m))
-        out += [Exclusion(index=m, id=source.sample_id(m), kind="duplicate", twin=keep,
-                          reason=f"exact duplicate of {source.sample_id(keep)}")
-                for m in members if m != keep]
-    return sorted(out, key=lambda e: e.index)
 
 
 def unseen_classes(source: Source, split: dict[str, np.ndarray], data: DataSpec) -> list[str]:
@@ -176,86 +133,6 @@ def resolve_backbone(spec: JobSpec) -> tuple[str, str | None, backbones.WeightsI
                             "architecture or preprocessing; fix: run the pretraining job "
                             "again") from None
     return arch, encoder, backbones.WeightsInfo(name, rep["encoder_sha256"], pre)
-
-
-def resolve_model(spec: JobSpec) -> tuple[JobSpec, PredictPlan]:
-    """``kind: predict``: the trained classifier ``predict.model`` names, and the spec with
-    the model's backbone section (its backbone, weights, input size, decoding, precision: so
-    the features match what the head was trained on, and stored ones are reused).
-
-    Raises:
-        SpecError: no model named, not a finished probe job, or its head file is missing.
-    """
-    from pipeline.backbones import sha256_of
-    from pipeline.errors import JobError
-
-    given = spec.predict.model
-    if not given:
-        raise SpecError("predict.model", "is not set (kind: predict applies a trained "
-                        "classifier)", "name a finished job: predict.model: <output>/jobs/<id>"
-                        " or its id")
-    folder = Path(given).expanduser()
-    if not folder.is_dir() and JOB_ID.match(given):
-        folder = Path(spec.output).expanduser().resolve() / "jobs" / given
-    if not folder.is_dir():
-        raise SpecError("predict.model", f"{given!r} is neither a job folder nor the id of a "
-                        f"job under {spec.output!r}", "pass <output>/jobs/<id> of a finished "
-                        "classification job")
-    try:
-        trained = read_plan(folder)
-    except JobError as exc:
-        raise SpecError("predict.model", f"{given!r} holds no job plan ({exc})",
-                        "pass the folder of a finished classification job") from None
-    if trained.kind != "classify":
-        raise SpecError("predict.model", f"job {trained.job_id} is a {trained.kind} job; "
-                        "batch prediction applies a trained classifier",
-                        "name a classification job (strategy probe or finetune)")
-    backbone = trained.spec.backbone
-    if backbone.name.startswith("job:"):  # an encoder pretrained by another job: its file
-        backbone = backbone.replace(name=trained.backbone.name,
-                                    weights=trained.backbone.weights)
-    if trained.strategy == "finetune":  # its backbone + last layer, split once
-        head, name = _finetuned_head(folder, trained.job_id), "finetuned"
-        from pipeline.heads import load_head
-
-        backbone = backbone.replace(name=trained.backbone.name,
-                                    weights=str(load_head(head).meta["weights"]))
-    else:
-        heads = list(trained.spec.probe.heads)
-        name = heads[0] if spec.predict.head == "primary" else spec.predict.head
-        if name not in heads:
-            raise SpecError("predict.head", f"job {trained.job_id} trained no {name!r} head "
-                            f"(it has {', '.join(heads)})", f"use one of {', '.join(heads)}, "
-                            "or primary")
-        head = folder / ("head.pt" if name == heads[0] else f"head-{name}.pt")
-    if not head.is_file():
-        raise SpecError("predict.model", f"job {trained.job_id} has no {head.name} (not "
-                        "finished, or failed)", f"wait for it: featurefleet watch "
-                        f"{trained.job_id}")
-    model = PredictPlan(model_job=trained.job_id, head=name, head_path=str(head.resolve()),
-                        head_sha256=sha256_of(head), class_names=trained.class_names,
-                        top=min(spec.predict.top, len(trained.class_names)),
-                        low_confidence=spec.predict.low_confidence)
-    return spec.replace(backbone=backbone.model_dump(mode="json"), strategy="probe"), model
-
-
-def _finetuned_head(folder: Path, job_id: str) -> Path:
-    """A fine-tuning job's network as a backbone weights file + a linear head (exported once).
-
-    Raises:
-        SpecError: not finished, or a network that cannot be split (a text encoder).
-    """
-    from pipeline.finetune import export_for_features
-
-    best = folder / "finetune" / "best.pt"
-    if not (folder / "report.json").is_file() or not best.is_file():
-        raise SpecError("predict.model", f"fine-tuning job {job_id} has not finished",
-                        f"wait for it: featurefleet watch {job_id}")
-    try:
-        return export_for_features(best)
-    except BackboneError as exc:
-        raise SpecError("predict.model", str(exc).split("; fix: ")[0],
-                        str(exc).split("; fix: ")[-1]) from None
 
 
 def finetune_checks(spec: JobSpec, n_train: int) -> None:
@@ -368,7 +245,7 @@ def quality_plan(spec: JobSpec, rows: int, features_key: str = "",
     l2 = spec.probe.l2 if spec.probe.l2 is not None else QUALITY_L2
     parts = {"schema": QUALITY_SCHEMA, "features": features_key, "l2": l2,
              "split": {k: sorted(int(i) for i in v) for k, v in (split or {}).items()},
-             "quality": q.model_dump(mode="json", exclude={"enabled", "exclude"})}
+             "quality": q.model_dump(mode="json", exclude={"enabled", "exclude", "exclude_file"})}
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
     path = files.join(shard_dir, "quality", f"{key[:24]}.json") if shard_dir else ""
     cached = bool(path) and _readable_json(path)
@@ -421,6 +298,9 @@ def make_plan(spec: JobSpec, job_id: str, gpus: int | Callable[[], int] = 0,
     # prediction answers for every sample, copies included
     excluded = find_exclusions(source, digest, spec.data) if mode == "content" and \
         predict is None else []
+    reviewed, review_warnings = reviewed_exclusions(
+        source, spec.quality.exclude_file if predict is None else None, excluded)
+    excluded = sorted(excluded + reviewed, key=lambda e: e.index)
     pretraining = spec.kind == "pretrain"
     labeled = len(np.unique(source.labels)) >= 2
     if predict is not None or (spec.kind != "classify" and not labeled):
@@ -438,7 +318,7 @@ def make_plan(spec: JobSpec, job_id: str, gpus: int | Callable[[], int] = 0,
     warnings = unseen_classes(source, split, spec.data) if labeled and predict is None else []
     arch, arch_weights, weights = resolve_backbone(spec)
     pre = modality_checks(source, spec, weights.preprocessing)
-    warnings += dropped_rows(source) + text_finetune_lr(spec, pre)
+    warnings += review_warnings + dropped_rows(source) + text_finetune_lr(spec, pre)
     if pretraining:
         pretrain_checks(source, spec, pre.input_size, len(split["train"]) + len(split["val"]))
     fingerprint = data_fingerprint(source, digest, mode)
