@@ -14,6 +14,7 @@ import pytest
 
 from pipeline.quality import curve, labels, neighbors, planted, shift, summary
 from pipeline.quality.probing import calibrate, familiarity, near_copy
+from pipeline.reports import quality as quality_report
 from pipeline.store.shards import ShardData, write_shard
 
 
@@ -75,6 +76,40 @@ def test_leaks_name_the_held_out_member_and_groups_keep_one(tmp_path: Path) -> N
     digests[33] = digests[44]  # same bytes, far apart in feature space is impossible, but
     exact = summary.pairs(nb, {"features": None}, digests)  # digests alone still find them
     assert [(a, b, how) for a, b, _, how in exact] == [(33, 44, "exact")]
+
+
+def test_false_leak_rate_counts_distinct_same_class_pairs_and_qualifies_the_call() -> None:
+    """Each training sample's nearest distinct same-class training neighbour: 10 of 100 are
+    over the threshold (exact copies, other classes and held-out neighbours do not count)."""
+    n, k = 120, 3
+    labels_ = np.arange(n) % 2
+    where = {i: "train" if i < 100 else "test" for i in range(n)}
+    nbr = np.full((n, k), -1, np.int64)
+    sim = np.full((n, k), -np.inf, np.float32)
+    digests = np.zeros((n, 4), np.uint8)
+    digests[:, 0], digests[:, 1] = np.arange(n) % 256, np.arange(n) // 256
+    for i in range(100):
+        other = 100 + (i % 20)  # a held-out neighbour first: skipped
+        same = (i + 2) % 100  # the same class (i and i+2 have the same parity)
+        nbr[i] = [other, same, (i + 1) % 100]
+        sim[i] = [0.999, 0.99 if i < 10 else 0.5, 0.4]
+    digests[2] = digests[0]  # 0's nearest same-class neighbour has 0's bytes: not distinct
+    nb = neighbors.Neighbors(idx=np.arange(n), y=labels_, nbr=nbr, sim=sim,
+                             nonfinite=np.zeros(0, np.int64))
+    got = summary.false_leak_rate(nb, {"features": 0.95}, where, labels_, digests)
+    assert got["pairs"] == 99 and got["rate"] == pytest.approx(9 / 99, abs=1e-4)
+    section: dict[str, Any] = {"duplicates": {"false_leak": got, "leaked": list(range(5)),
+                                              "leaks": [{"found_by": "features"}] * 5}}
+    summary.qualify_leaks(section, held_out=20)  # ~1.8 expected by chance among 5 calls
+    call = section["duplicates"]["leak_call"]
+    assert not call["confident"] and call["expected_false"] == pytest.approx(1.8, abs=0.05)
+    lines = quality_report.summary_lines({**section, "evaluation": {
+        "leaked_test_samples": 5, "top1_all_test": 0.9, "top1_without_leaks": 0.8}}, [])
+    assert any("not confident" in x for x in lines)
+    assert not any(x.startswith("test top-1") for x in lines)
+    section["duplicates"]["leaks"] = [{"found_by": "exact"}] * 5  # the same bytes: certain
+    summary.qualify_leaks(section, held_out=20)
+    assert section["duplicates"]["leak_call"]["confident"]
 
 
 def test_outliers_are_the_samples_far_from_every_cluster(tmp_path: Path) -> None:

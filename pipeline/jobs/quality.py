@@ -258,6 +258,9 @@ def summarize(plan: Plan, parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "nonfinite": {"count": len(nb.nonfinite),
                       "indices": sorted(int(i) for i in nb.nonfinite)[:spec.max_listed]},
     }
+    section["duplicates"]["false_leak"] = summary.false_leak_rate(nb, thresholds, where, y_of,
+                                                                  digests)
+    summary.qualify_leaks(section, len(plan.splits.val) + len(plan.splits.test))
     summary.qualify(section, plan.backbone.weights_id)
     # every finding, for the export a reviewer works through; the page lists the first ones
     section["flagged"] = summary.flagged(section, found, where)

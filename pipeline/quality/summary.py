@@ -106,6 +106,71 @@ def duplicates(found: list[Pair], where: dict[int, str], limit: int) -> dict[str
             "top_pairs": [row(p) for p in (cross + within)[:limit]]}
 
 
+def false_leak_rate(nb: Neighbors, thresholds: Mapping[str, float | None],
+                    where: dict[int, str], labels: np.ndarray,
+                    digests: np.ndarray | None) -> dict[str, Any]:
+    """How often two *distinct* training samples of one class are as alike as a leak call
+    needs: each training sample's nearest distinct same-class training neighbour (not the
+    same bytes), over the near-copy threshold of any signal. Real near copies inside train
+    count too, so this is an upper bound on how often natural likeness passes for a copy."""
+    n = len(labels)
+    split = np.full(n, -1, np.int8)
+    for i, name in where.items():
+        if 0 <= i < n:
+            split[i] = HELD_OUT[name]
+    rows = split[nb.idx] == HELD_OUT["train"]
+    if rows.sum() < 10:
+        return {"note": f"{int(rows.sum())} training samples are too few to measure it"}
+    key = None
+    if digests is not None:
+        d = np.ascontiguousarray(digests)
+        key = d.view(f"V{d.shape[-1]}").ravel() if d.ndim == 2 else d
+    seen = np.zeros(int(rows.sum()), bool)
+    over = np.zeros(int(rows.sum()), bool)
+    idx = nb.idx[rows]
+    for signal, (nbr, sim) in {"features": (nb.nbr, nb.sim),
+                               "signatures": (nb.sig_nbr, nb.sig_sim)}.items():
+        t = thresholds.get(signal)
+        if t is None or nbr is None or sim is None:
+            continue
+        nr, sr = nbr[rows], sim[rows]
+        safe = np.clip(nr, 0, n - 1)
+        ok = (nr >= 0) & (nr != idx[:, None]) & (split[safe] == HELD_OUT["train"]) & (
+            labels[safe] == labels[idx][:, None])
+        if key is not None:
+            ok &= key[safe] != key[idx][:, None]
+        has = ok.any(axis=1)
+        first = ok.argmax(axis=1)
+        best = sr[np.arange(len(idx)), first]
+        seen |= has
+        over |= has & (best >= t)
+    if not seen.any():
+        return {"note": "no distinct same-class training pairs among the neighbours"}
+    return {"rate": round(float(over[seen].mean()), 5), "pairs": int(seen.sum())}
+
+
+def qualify_leaks(section: dict[str, Any], held_out: int) -> None:
+    """Say how sure the leak call is: copies with the same bytes are certain; near copies are
+    confident only when natural likeness (``false_leak``) explains at most a fifth of them."""
+    dup = section.get("duplicates", {})
+    rate = (dup.get("false_leak") or {}).get("rate")
+    near = sum(1 for r in dup.get("leaks", []) if r["found_by"] != "exact")
+    exact = len(dup.get("leaked", [])) - near
+    if rate is None or near == 0:
+        dup["leak_call"] = {"confident": True, "exact": exact, "near": near}
+        return
+    expected = rate * held_out
+    confident = expected <= 0.2 * near
+    dup["leak_call"] = {
+        "confident": confident, "exact": exact, "near": near,
+        "expected_false": round(expected, 1),
+        "note": (f"distinct same-class training samples are this alike {rate:.1%} of the time"
+                 f": about {expected:.1f} of the {near} near-copy leak(s) among "
+                 f"{held_out} held-out samples could be natural likeness")
+        + ("" if confident else "; the leak call is not confident (test top-1 without "
+           "them is not shown)")}
+
+
 def outliers(nb: Neighbors, z_max: float, where: dict[int, str], labels: np.ndarray,
              limit: int) -> dict[str, Any]:
     if len(nb.idx) < 10:
@@ -190,6 +255,9 @@ def qualify(section: dict[str, Any], weights_id: str) -> None:
     the pretraining domain reads the accuracy measured on this data, and an encoder pretrained
     on this very data (``job:<id>``) is recognised, never told to pretrain."""
     li = section.get("label_issues", {})
+    if li.get("issues"):  # the out-of-fold probability that a flagged label is right, summed
+        wrong = [1.0 - float(r["given_probability"]) for r in li["issues"]]
+        li["expected_precision"] = round(float(np.mean(wrong)), 3)
     if "oof_top1" in li and li["oof_top1"] < LABEL_SIGNAL_MIN:
         li["withheld"] = True
         li["note"] = (f"out-of-fold top-1 is {li['oof_top1']:.3f}, below "

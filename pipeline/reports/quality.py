@@ -82,12 +82,18 @@ def summary_lines(section: dict[str, Any], class_names: list[str]) -> list[str]:
              f"{thr.get('source')}); {len(dup.get('leaked', []))} held-out sample(s) with a "
              f"twin in another split; {section.get('removed_at_planning_count', 0)} exact "
              "copies removed at planning"]
+    call = dup.get("leak_call") or {}
+    if call.get("note"):
+        lines.append(f"leaks: {call['note']}")
     li = section.get("label_issues", {})
     if li.get("withheld"):
         lines.append(f"label issues: not assessed ({li['note']})")
     elif "count" in li:
+        sure = (f"; expected precision {li['expected_precision']:.2f}, from the out-of-fold "
+                "probabilities of the given labels" if li.get("expected_precision") is not None
+                else "")
         lines.append(f"label issues: {li['count']} of {li['checked']} labels look wrong "
-                     f"(out-of-fold top-1 {li['oof_top1']:.3f})")
+                     f"(out-of-fold top-1 {li['oof_top1']:.3f}{sure})")
     elif "note" in li:
         lines.append(f"label issues: {li['note']}")
     out = section.get("outliers", {})
@@ -107,7 +113,7 @@ def summary_lines(section: dict[str, Any], class_names: list[str]) -> list[str]:
         lines.append(f"pretraining domain: {dom['domain']} ({dom['measured_by']}): "
                      f"{dom['advice']}")
     ev = section.get("evaluation")
-    if ev and ev.get("leaked_test_samples"):
+    if ev and ev.get("leaked_test_samples") and call.get("confident", True):
         lines.append(f"test top-1 {ev['top1_all_test']} with the {ev['leaked_test_samples']} "
                      f"leaked test samples, {ev['top1_without_leaks']} without")
     excluded = {k: len(v) for k, v in section.get("excluded", {}).items()}
