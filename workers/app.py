@@ -9,7 +9,14 @@ storage, never through Redis.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
+
+# Several worker processes share a host's cores (extraction, training, the ranks they start):
+# OpenMP threads that spin while they wait would steal every core from the others (measured:
+# 2 extraction workers on 2 cores ran 10x slower). Waiting threads sleep instead; read by
+# OpenMP when torch first runs, so set before any task imports it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from celery import Celery
 from celery.app.amqp import AMQP
