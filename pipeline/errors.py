@@ -80,3 +80,7 @@ class RetryableError(FeaturefleetError):
 
 class NotReady(RetryableError):
     """Some results a step needs are not recorded yet."""
+
+
+class NodeBusy(RetryableError):
+    """Another delivery of this node task is running (retried for as long as it runs)."""

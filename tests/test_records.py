@@ -172,18 +172,19 @@ def test_the_eta_follows_recent_throughput_and_a_stall_is_named() -> None:
 
 def test_a_node_lease_has_one_live_holder(jobs: JobStore) -> None:
     """The running execution renews its lease (taking it again if it lapsed while nobody
-    took it, e.g. a long wait for peers); a second delivery follows it and gets its outcome,
-    or takes over once the holder stopped renewing."""
+    took it, e.g. a long wait for peers); a second delivery sees it busy, then gets its
+    outcome, or takes over once the holder stopped renewing."""
     from pipeline.jobs.nodes import Lease
 
     first, second = Lease(jobs, JOB, "pretrain.0.0.1"), Lease(jobs, JOB, "pretrain.0.0.1")
     assert first.acquire() and not second.acquire()
     jobs.r.delete(first.key)  # lapsed (the holder waited longer than the TTL)
     assert first.renew() and not second.acquire()  # nobody took it: the holder goes on
+    assert second.check() == ("busy", None)
     first.release({"state": "done", "slot": 1})
-    assert second.follow(lambda: False) == {"state": "done", "slot": 1}
+    assert second.check() == ("done", {"state": "done", "slot": 1})
     third, fourth = Lease(jobs, JOB, "pretrain.1.0.1"), Lease(jobs, JOB, "pretrain.1.0.1")
     assert third.acquire()
     jobs.r.delete(third.key)  # the holder died: its lease expired
-    assert fourth.follow(lambda: False) is None  # taken over
+    assert fourth.check() == ("mine", None)  # taken over
     assert not third.renew()  # the old holder learns it lost the node

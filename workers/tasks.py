@@ -16,7 +16,7 @@ from celery import Task
 from celery.signals import worker_ready
 from celery.utils.log import get_task_logger
 
-from pipeline.errors import RetryableError
+from pipeline.errors import NodeBusy, RetryableError
 from pipeline.jobs import quality, steps, training
 from pipeline.jobs.broker import connect
 from pipeline.jobs.records import JobStore
@@ -26,6 +26,7 @@ from workers.app import app
 log = get_task_logger(__name__)
 _jobs: JobStore | None = None
 RETRIES = 12  # NotReady / Redis outages: backoff 1, 2, 4 ... capped at 30 s, about 4 minutes
+NODE_BUSY_RETRY_S = 10  # a second delivery of a running node task looks again this often
 
 
 def job_store() -> JobStore:
@@ -126,7 +127,10 @@ def train_node(self: Task, ref: PlanMessage, program: str, part: int, slot: int,
         self.update_state(state="PROGRESS", meta={"job": ref.get("job_id"), "program": program,
                                                   "node": slot, **meta})
 
-    return training.run_node(job_store(), ref, program, part, slot, round_no, progress)
+    try:
+        return training.run_node(job_store(), ref, program, part, slot, round_no, progress)
+    except NodeBusy as exc:  # the running delivery may train for hours: no retry limit
+        raise self.retry(exc=exc, countdown=NODE_BUSY_RETRY_S, max_retries=None) from None
 
 
 @ff_task("train_done")

@@ -180,9 +180,10 @@ class Lease:
     Redis delivers a message again once it has been unacknowledged longer than the visibility
     timeout, even while its first delivery still runs (a node that waits for a lost peer does);
     and a lost host's task comes back the same way. The running execution holds a lease it
-    renews every second; a second delivery that finds it alive follows: it waits, and returns
-    the holder's outcome when the holder finishes, or takes over when the lease expires (its
-    holder died with its host)."""
+    renews every second; a second delivery that finds it alive steps aside (the task is retried
+    later, freeing its worker for the tasks that must run meanwhile, e.g. the lost node's), and
+    returns the holder's outcome once the holder finished, or takes over when the lease expired
+    (its holder died with its host)."""
 
     TTL_S = 20
 
@@ -205,20 +206,11 @@ class Lease:
         self.r.eval(_RELEASE, 2, self.key, self.outcome_key, self.token,
                     json.dumps(outcome) if outcome is not None else "", JOB_TTL_S)
 
-    def follow(self, stop: Any) -> dict[str, Any] | None:
-        """Wait while another execution holds the lease: its outcome when it finished, None
-        when this execution took the lease over (the holder died).
-
-        Raises:
-            JobCancelled: ``stop()`` turned true (the job ended).
-        """
-        while True:
-            done = self.r.get(self.outcome_key)
-            if done is not None:
-                return dict(json.loads(done))
-            if self.acquire():
-                return None
-            if stop():
-                raise JobCancelled("the job ended while a second delivery of a node task "
-                                   "waited for the first")
-            time.sleep(1.0)
+    def check(self) -> tuple[str, dict[str, Any] | None]:
+        """Without waiting: ``("done", outcome)`` when the holder finished, ``("mine", None)``
+        when this execution holds the lease (it was free, or lapsed: its holder died),
+        ``("busy", None)`` while another execution holds it."""
+        done = self.r.get(self.outcome_key)
+        if done is not None:
+            return "done", dict(json.loads(done))
+        return ("mine", None) if self.acquire() else ("busy", None)

@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from pipeline.engine.launch import Node, argv, log_tail, supervise
-from pipeline.errors import JobCancelled, JobError
+from pipeline.errors import JobCancelled, JobError, NodeBusy
 from pipeline.fsio import atomic_write_text
 from pipeline.jobs.nodes import (
     Lease,
@@ -72,9 +72,11 @@ def run_node(jobs: JobStore, ref: PlanMessage, program: str, part: int, slot: in
     (``state``: done with ``summary``, or continue).
 
     One node, one live execution: a second delivery of the task (the visibility timeout
-    passed while this one runs, or its host was lost) follows the first through a lease
-    (:class:`~pipeline.jobs.nodes.Lease`) and returns its outcome, or takes over when the first
-    died. On one node, torchrun restarts failed ranks itself (``max_restarts``); when torchrun
+    passed while this one runs, or its host was lost) finds the first's lease
+    (:class:`~pipeline.jobs.nodes.Lease`): it returns the first's outcome when there is one,
+    takes over when the first died, and otherwise raises :class:`NodeBusy` (the task is
+    retried later: a waiting duplicate must not hold the worker the lost node needs). On one
+    node, torchrun restarts failed ranks itself (``max_restarts``); when torchrun
     itself is lost (its agent killed, or it gave up after the run checkpointed again) this
     task starts it again, at most ``max_restarts`` times. Across nodes no agent restarts
     ranks on its own: a failed torchrun, or a node task that came back, regroups every node
@@ -85,6 +87,7 @@ def run_node(jobs: JobStore, ref: PlanMessage, program: str, part: int, slot: in
         JobCancelled: the job was cancelled (its ranks were stopped).
         JobError: the run failed (a rank's error, or the end of the node's log), it regrouped
             or relaunched more than ``max_restarts`` times, or the nodes did not all join.
+        NodeBusy: another delivery of this node task is running.
     """
     from pipeline.jobs.steps import live
 
@@ -96,9 +99,12 @@ def run_node(jobs: JobStore, ref: PlanMessage, program: str, part: int, slot: in
     lease = Lease(jobs, plan.job_id, f"{program}.{part}.{round_}.{slot}")
     taken_over = False
     if not lease.acquire():  # delivered again while the first delivery still runs
-        outcome = lease.follow(lambda: jobs.field(plan.job_id, "status") in FINAL)
+        state, outcome = lease.check()
         if outcome is not None:
             return outcome
+        if state == "busy":  # never hold a worker to wait: the lost node's task needs one
+            raise NodeBusy(f"node {slot} of job {plan.job_id} runs in another delivery; this "
+                           "one checks again later (and takes over if that one died)")
         taken_over = True  # the holder died (its host lost): this delivery goes on
     try:
         result = _run_node(jobs, plan, ref, program, part, slot, round_, on_progress, lease,
