@@ -184,9 +184,9 @@ def test_a_host_cut_off_mid_training_regroups_and_the_run_finishes(tmp_path: Pat
     serve the rendezvous is cut off after the first checkpoint: its task comes back (after the
     visibility timeout) on the spare host, every node meets again in the next generation and
     the ranks resume from the checkpoint; every step runs exactly once."""
-    spec = {"kind": "pretrain", "data": {"source": "digits", "limit": 384},
+    spec = {"kind": "pretrain", "data": {"source": "digits", "limit": 768},
             "backbone": {"name": "resnet18", "weights": "random", "image_size": 32},
-            "pretrain": {"method": "simclr", "epochs": 3, "batch_size": 32, "hflip": False,
+            "pretrain": {"method": "simclr", "epochs": 4, "batch_size": 32, "hflip": False,
                          "nodes": 2, "eval_every_epochs": 0, "checkpoint_every_steps": 2},
             "output": str(tmp_path / "out")}
     with hosts.hosts(5) as net:
@@ -212,7 +212,7 @@ def test_a_host_cut_off_mid_training_regroups_and_the_run_finishes(tmp_path: Pat
     assert st["status"] == "SUCCESS", (st.get("error"), _logs(tmp_path))
     train = rep["train"]
     assert train["world_size"] == 2
-    assert [h["epoch"] for h in train["history"]] == [1, 2, 3]
-    assert train["global_step"] == 3 * train["steps_per_epoch"]
+    assert [h["epoch"] for h in train["history"]] == [1, 2, 3, 4]
+    assert train["global_step"] == 4 * train["steps_per_epoch"]
     assert any(r["reason"].startswith("a node or rank was lost") for r in train["resumes"]), \
         train["resumes"]
