@@ -165,7 +165,7 @@ def _run_node(jobs: JobStore, plan: Plan, ref: PlanMessage, program: str, part: 
                                "network, then featurefleet retry (it resumes)")
             timeout = 300.0 if gen == 0 else max(300.0, get_settings().visibility + 60.0)
             meeting = meet(jobs, plan.job_id, program, mkey, slot, cfg.nodes, nproc, timeout,
-                           gen, _every(lease.renew))
+                           gen, _every(lambda: _still_mine(lease, slot, plan.job_id)))
             gen = meeting.gen
             if meeting.is_host:
                 jobs.update(plan.job_id, rendezvous=meeting.endpoint, regroups=gen)
@@ -239,6 +239,20 @@ class RunFile(BaseModel):
     device: str
     out_dir: str
     status_file: str
+
+
+def _still_mine(lease: Lease, slot: int, job_id: str) -> bool:
+    """While a node waits for its peers: renew its lease. If another delivery of this node
+    task finished the slice meanwhile (this one took a lease that had lapsed under load),
+    step aside: the task is retried and returns that outcome.
+
+    Raises:
+        NodeBusy: the other delivery's outcome is recorded.
+    """
+    if lease.r.exists(lease.outcome_key):
+        raise NodeBusy(f"node {slot} of job {job_id}: another delivery finished this slice "
+                       "while this one waited for its peers; its outcome is taken on retry")
+    return lease.renew()
 
 
 def _every(check: Callable[[], bool], seconds: float = 2.0) -> Callable[[], bool]:
