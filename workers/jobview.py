@@ -35,8 +35,7 @@ def rows(jobs: JobStore, limit: int = SHOWN) -> list[dict[str, Any]]:
     out = []
     for st in jobs.recent(limit):
         tp = _throughput.setdefault(st["id"], Throughput())
-        if st.get("stage") == "extract":
-            tp.add(int(st.get("images_done") or 0))
+        tp.observe(st)
         row = view_row(st, tp)
         if st.get("status") in FINAL:
             _throughput.pop(st["id"], None)

@@ -24,8 +24,7 @@ class ProgressLine:
         self.throughput = Throughput()
 
     def __call__(self, st: dict[str, Any]) -> None:
-        if st.get("stage") == "extract":
-            self.throughput.add(int(st.get("images_done") or 0))
+        self.throughput.observe(st)
         line = format_progress(st, self.throughput)
         now = time.monotonic()
         if self.tty:
@@ -59,8 +58,7 @@ class CompareProgress:
             except JobError:  # its record is not written yet: the next poll
                 continue
             tp = self.throughput.setdefault(job_id, Throughput())
-            if st.get("stage") == "extract":
-                tp.add(int(st.get("images_done") or 0))
+            tp.observe(st)
             label = str(st.get("name") or job_id).removeprefix(str(rec.get("name") or "") + ":")
             line = f"{label}: {format_progress(st, tp)}"
             last, at = self.seen.get(job_id, ("", -1e9))

@@ -24,6 +24,11 @@ class Throughput:
         while len(self.points) > 2 and now - self.points[1][0] >= self.window_s:
             self.points.popleft()
 
+    def observe(self, st: dict[str, Any]) -> None:
+        """A poll of a job record: extraction's count counts (other stages have no rate)."""
+        if st.get("stage") == "extract":
+            self.add(int(st.get("images_done") or 0))
+
     def recent(self) -> tuple[float, float] | None:
         """(samples per second, seconds observed) over the window; None before 2 polls."""
         if len(self.points) < 2:
@@ -56,21 +61,9 @@ def format_progress(st: dict[str, Any], throughput: Throughput | None = None) ->
     done = min(int(st.get("images_done") or 0), total)
     width = 24
     fill = int(width * done / total) if total else 0
-    started = st.get("started")
-    rate = eta = ""
-    recent = throughput.recent() if throughput is not None else None
-    if started and done:
-        elapsed = (st.get("extract_finished") or time.time()) - float(started)
-        ips = done / elapsed if elapsed > 0 else 0.0
-        if recent is not None and recent[1] >= 5 and done < total:
-            ips = recent[0]  # at least 5 s observed: the recent rate, not the average
-        if ips > 0 or recent is not None:
-            rate = f"  {ips:6.1f} {per_s}"
-        stalled = throughput.stalled_s() if throughput is not None else 0.0
-        if done < total and stalled >= 15:
-            eta = f"  no progress for {int(stalled)}s"
-        elif done < total and ips > 0:
-            eta = f"  ETA {_duration(int((total - done) / ips))}"
+    ips, eta = _rate_eta(st, throughput)
+    rate = f"  {ips:6.1f} {per_s}" if ips is not None else ""
+    eta = f"  {eta}" if eta else ""
     skipped = int(st.get("images_skipped") or 0)
     fails = f"  skipped {skipped}" if skipped else ""
     if st.get("stage") == "quality":  # after extraction: the data-quality stage's parts
@@ -127,13 +120,33 @@ def fraction(st: dict[str, Any]) -> float:
     return min(1.0, int(st.get("images_done") or 0) / total) if total else 0.0
 
 
+def _rate_eta(st: dict[str, Any], throughput: Throughput | None) -> tuple[float | None, str]:
+    """Extraction's samples per second (None before any) and its ETA ("ETA 3m05s", "no
+    progress for 40s" or ""): the recent rate once 5 s were observed, else the average."""
+    total = int(st.get("images_total") or 0)
+    done = min(int(st.get("images_done") or 0), total)
+    started = st.get("started")
+    if not (started and done):
+        return None, ""
+    recent = throughput.recent() if throughput is not None else None
+    elapsed = (st.get("extract_finished") or time.time()) - float(started)
+    ips = done / elapsed if elapsed > 0 else 0.0
+    if recent is not None and recent[1] >= 5 and done < total:
+        ips = recent[0]  # at least 5 s observed: the recent rate, not the average
+    stalled = throughput.stalled_s() if throughput is not None else 0.0
+    eta = ""
+    if done < total and stalled >= 15:
+        eta = f"no progress for {int(stalled)}s"
+    elif done < total and ips > 0:
+        eta = f"ETA {_duration(int((total - done) / ips))}"
+    return (ips if ips > 0 or recent is not None else None), eta
+
+
 def eta_text(st: dict[str, Any], throughput: Throughput | None = None) -> str:
     """The ETA part of the progress line alone ("ETA 3m05s", "no progress for 40s" or "")."""
-    line = format_progress(st, throughput)
-    for mark in ("ETA ", "no progress for "):
-        if mark in line:
-            return mark + line.split(mark, 1)[1].split("  ")[0]
-    return ""
+    if st.get("kind") == "pretrain" or st.get("strategy") == "finetune":
+        return ""
+    return _rate_eta(st, throughput)[1]
 
 
 def _counts(line: str, st: dict[str, Any]) -> str:
