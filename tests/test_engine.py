@@ -5,6 +5,7 @@ every program, and a batch that cannot fit is an error in the tree."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,9 +52,44 @@ def _finetune(out: Path, how: loop.Slice) -> dict[str, Any]:
                         how=how)
 
 
+class Trace:
+    """What every training step was fed: its batch (epoch, step, sample indices, augmentation
+    seed) and a digest of the augmented tensor the network saw."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import pipeline.finetune
+        import pipeline.pretrain.views
+        from pipeline.preprocess import augment
+
+        self.steps: list[tuple[Any, ...]] = []
+        real_batch = loop.Batch
+
+        def batch(samples: Any, indices: Any, epoch: int, step: int, gen: Any) -> Any:
+            self.steps.append((epoch, step, tuple(np.asarray(indices).tolist()),
+                               gen.initial_seed()))
+            return real_batch(samples, indices, epoch, step, gen)
+
+        def augmented(*args: Any, **kwargs: Any) -> Any:
+            x = augment(*args, **kwargs)
+            q = torch.round(x.detach().float().cpu() * 1000).to(torch.int32).numpy()
+            self.steps.append(("views", hashlib.sha256(q.tobytes()).hexdigest()))
+            return x
+
+        monkeypatch.setattr(loop, "Batch", batch)
+        monkeypatch.setattr(pipeline.finetune, "augment", augmented)
+        monkeypatch.setattr(pipeline.pretrain.views, "augment", augmented)
+
+    def take(self) -> list[tuple[Any, ...]]:
+        out, self.steps = self.steps, []
+        return out
+
+
 @pytest.mark.parametrize("program", [_pretrain, _finetune], ids=["pretrain", "finetune"])
-def test_time_slices_resume_to_the_exact_batch(program: Any, tmp_path: Path) -> None:
+def test_time_slices_resume_to_the_exact_batch(program: Any, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    trace = Trace(monkeypatch)
     whole = program(tmp_path / "a", loop.Slice(tmp_path / "a"))
+    fed_whole = trace.take()
     # slice_s=0: every slice trains one step (the last step of an epoch finishes the epoch)
     parts = 0
     while True:
@@ -62,20 +98,29 @@ def test_time_slices_resume_to_the_exact_batch(program: Any, tmp_path: Path) -> 
         if not got.get("continue"):
             break
         assert parts < 20
+    # the sliced run was fed exactly what the uninterrupted one was: same batches, same
+    # augmentation seeds, same augmented pixels (each view once per step)
+    fed_sliced = trace.take()
+    assert len([s for s in fed_whole if s[0] != "views"]) == 2 * 3
+    assert len([s for s in fed_whole if s[0] == "views"]) >= 2 * 3
+    assert fed_sliced == fed_whole
     assert parts == whole["global_step"] == 2 * 3  # 96 samples / 32 per step, 2 epochs
     assert got["global_step"] == whole["global_step"]
     assert [r["reason"] for r in got["resumes"]] == \
         ["continued in a new task (time slice)"] * (parts - 1)
     assert [(r["epoch"], r["step"]) for r in got["resumes"]] == \
         [(0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
-    # the sliced epochs are the uninterrupted ones: same batches, same augmentations
+    # ... so its epochs are the uninterrupted ones. The losses agree to float noise, not to
+    # the bit: oneDNN's convolution backward need not be bitwise reproducible on every CPU
+    # (CI measured 4.0345 vs 4.0468 after 3 AdamW steps); what the slices must not change —
+    # the batches and views — is compared exactly above.
     for a, b in zip(whole["history"], got["history"], strict=True):
         assert a["epoch"] == b["epoch"] and a["images"] == b["images"] == 96
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3, abs=1e-4)
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-2)
         assert b["images_per_s"] > 0
         for k in ("val_top1", "knn_top1"):
             if k in a:
-                assert b[k] == pytest.approx(a[k], abs=0.05)
+                assert b[k] == pytest.approx(a[k], abs=0.1)  # 2 of the 24 samples
 
 
 @dataclass
