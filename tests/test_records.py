@@ -188,3 +188,9 @@ def test_a_node_lease_has_one_live_holder(jobs: JobStore) -> None:
     jobs.r.delete(third.key)  # the holder died: its lease expired
     assert fourth.check() == ("mine", None)  # taken over
     assert not third.renew()  # the old holder learns it lost the node
+    # a delivery that arrives after the node finished (its message came back while the slice
+    # ran long) takes the outcome, never the free lease: running again would regroup the run
+    fourth.release({"state": "continue", "slot": 1})
+    late = Lease(jobs, JOB, "pretrain.1.0.1")
+    assert late.check() == ("done", {"state": "continue", "slot": 1})
+    assert late.acquire()  # the lease itself was free: check() did not take it

@@ -81,6 +81,8 @@ local c = tonumber(redis.call('get', KEYS[1]) or '0')
 local mine = tonumber(ARGV[1])
 if c <= mine then
   redis.call('set', KEYS[1], mine + 1, 'EX', tonumber(ARGV[2]))
+  redis.call('rpush', KEYS[2], ARGV[3])
+  redis.call('expire', KEYS[2], tonumber(ARGV[2]))
   return mine + 1
 end
 return c
@@ -96,12 +98,21 @@ def generation(jobs: JobStore, job_id: str, program: str, part: int) -> int:
     return int(jobs.r.get(generation_key(job_id, program, part)) or 0)
 
 
-def regroup(jobs: JobStore, job_id: str, program: str, part: int, seen: int) -> int:
+def regroup(jobs: JobStore, job_id: str, program: str, part: int, seen: int,
+            why: str = "") -> int:
     """Start the next generation after ``seen`` (once, however many nodes ask): every node
     stops its torchrun and meets again there. The store-side round barrier of a multi-node
     run: no torchrun agent restarts ranks on its own, so no rank can meet a peer of an older
-    round."""
-    return int(jobs.r.eval(_BUMP, 1, generation_key(job_id, program, part), seen, JOB_TTL_S))
+    round. ``why`` is kept in the run's regroup history (:func:`regroups`)."""
+    key = generation_key(job_id, program, part)
+    entry = json.dumps({"gen": seen + 1, "why": why, "at": round(time.time(), 1)})
+    return int(jobs.r.eval(_BUMP, 2, key, key + ":why", seen, JOB_TTL_S, entry))
+
+
+def regroups(jobs: JobStore, job_id: str, program: str, part: int) -> list[dict[str, Any]]:
+    """Each generation's start: which node started it, why, when."""
+    return [json.loads(e) for e in
+            jobs.r.lrange(generation_key(job_id, program, part) + ":why", 0, -1)]
 
 
 def meet(jobs: JobStore, job_id: str, program: str, part: int, slot: int, nnodes: int,
@@ -207,10 +218,18 @@ class Lease:
                     json.dumps(outcome) if outcome is not None else "", JOB_TTL_S)
 
     def check(self) -> tuple[str, dict[str, Any] | None]:
-        """Without waiting: ``("done", outcome)`` when the holder finished, ``("mine", None)``
-        when this execution holds the lease (it was free, or lapsed: its holder died),
-        ``("busy", None)`` while another execution holds it."""
-        done = self.r.get(self.outcome_key)
-        if done is not None:
-            return "done", dict(json.loads(done))
-        return ("mine", None) if self.acquire() else ("busy", None)
+        """A delivery's first question, without waiting: ``("done", outcome)`` when some
+        execution of this node finished (whichever delivery it was, before or after this one
+        arrived), ``("mine", None)`` when this execution now holds the lease (it was free:
+        the first delivery, or the holder died), ``("busy", None)`` while another execution
+        holds it."""
+        for _ in range(2):
+            done = self.r.get(self.outcome_key)
+            if done is not None:
+                return "done", dict(json.loads(done))
+            if not self.acquire():
+                return "busy", None
+            if self.r.get(self.outcome_key) is None:
+                return "mine", None
+            self.release()  # the holder finished between the two reads: take its outcome
+        return "busy", None

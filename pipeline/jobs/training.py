@@ -34,6 +34,7 @@ from pipeline.jobs.nodes import (
     interface_of,
     meet,
     regroup,
+    regroups,
 )
 from pipeline.jobs.records import FINAL, JobStore
 from pipeline.plan import Plan, PlanMessage, load_plan
@@ -97,18 +98,17 @@ def run_node(jobs: JobStore, ref: PlanMessage, program: str, part: int, slot: in
                        "tasks built by workers.canvas")
     live(jobs, plan, program)
     lease = Lease(jobs, plan.job_id, f"{program}.{part}.{round_}.{slot}")
-    taken_over = False
-    if not lease.acquire():  # delivered again while the first delivery still runs
-        state, outcome = lease.check()
-        if outcome is not None:
-            return outcome
-        if state == "busy":  # never hold a worker to wait: the lost node's task needs one
-            raise NodeBusy(f"node {slot} of job {plan.job_id} runs in another delivery; this "
-                           "one checks again later (and takes over if that one died)")
-        taken_over = True  # the holder died (its host lost): this delivery goes on
+    # A delivery again (the visibility timeout passed, or the host was lost) returns the
+    # outcome when any delivery finished this node's slice, even one that finished after
+    # this message came back: running the slice again would regroup the finished run.
+    state, outcome = lease.check()
+    if outcome is not None:
+        return outcome
+    if state == "busy":  # never hold a worker to wait: the lost node's task needs one
+        raise NodeBusy(f"node {slot} of job {plan.job_id} runs in another delivery; this "
+                       "one checks again later (and takes over if that one died)")
     try:
-        result = _run_node(jobs, plan, ref, program, part, slot, round_, on_progress, lease,
-                           taken_over)
+        result = _run_node(jobs, plan, ref, program, part, slot, round_, on_progress, lease)
     except BaseException:
         lease.release()
         raise
@@ -118,7 +118,7 @@ def run_node(jobs: JobStore, ref: PlanMessage, program: str, part: int, slot: in
 
 def _run_node(jobs: JobStore, plan: Plan, ref: PlanMessage, program: str, part: int, slot: int,
               round_: int, on_progress: Callable[[dict[str, Any]], None] | None,
-              lease: Lease, taken_over: bool) -> dict[str, Any]:
+              lease: Lease) -> dict[str, Any]:
     from pipeline.jobs.steps import count_attempt
 
     cfg = plan.training
@@ -129,8 +129,9 @@ def _run_node(jobs: JobStore, plan: Plan, ref: PlanMessage, program: str, part: 
     multi = cfg.nodes > 1
     mkey = part + 1000 * round_  # the meetings of this slice (and watchdog round)
     gen = generation(jobs, plan.job_id, program, mkey) if multi else 0
-    if multi and (attempts > 1 or taken_over):  # this node was lost, its task came back
-        gen = regroup(jobs, plan.job_id, program, mkey, gen)
+    if multi and attempts > 1:  # this node was lost, its task came back
+        gen = regroup(jobs, plan.job_id, program, mkey, gen,
+                      f"node {slot}'s task came back (attempt {attempts})")
     tag = f"p{part}-r{round_}-a{1 if multi else attempts}"
     status_file = out_dir / f"status-{tag}.json"
     log = out_dir / f"node-{tag}-n{slot}.log"
@@ -158,9 +159,11 @@ def _run_node(jobs: JobStore, plan: Plan, ref: PlanMessage, program: str, part: 
     while True:
         if multi:  # a run that keeps losing nodes ends in bounded time
             if gen > cfg.max_restarts:
+                history = "; ".join(f"{e['gen']}: {e['why']}" for e in
+                                    regroups(jobs, plan.job_id, program, mkey))
                 raise JobError(f"the {cfg.nodes}-node {program} run regrouped {gen} times "
                                f"(a node or its torchrun lost each time; "
-                               f"{program}.max_restarts is {cfg.max_restarts}): "
+                               f"{program}.max_restarts is {cfg.max_restarts}): [{history}] "
                                f"{log_tail(log, 4)}; fix: check the workers' hosts and "
                                "network, then featurefleet retry (it resumes)")
             timeout = 300.0 if gen == 0 else max(300.0, get_settings().visibility + 60.0)
@@ -199,7 +202,8 @@ def _run_node(jobs: JobStore, plan: Plan, ref: PlanMessage, program: str, part: 
         if failed is not None:  # a rank's own error (bad data, a batch that cannot fit)
             raise JobError(f"{program}: {failed}")
         if multi:  # a peer lost, or this node's torchrun: every node meets again
-            gen = regroup(jobs, plan.job_id, program, mkey, gen)
+            gen = regroup(jobs, plan.job_id, program, mkey, gen,
+                          f"node {slot}'s torchrun exited {code} in generation {gen}")
             continue
         # torchrun lost (killed: a negative status) or given up after new checkpoints: the
         # run is resumable from last.pt; a run that never checkpointed again is not retried
