@@ -38,8 +38,9 @@ lint: $(BIN)/.installed
 unit: $(BIN)/.installed
 	$(BIN)/python -m pytest -ra -m "not integration"
 
+# Three test processes (pytest-xdist): most integration tests wait on worker processes.
 test: $(BIN)/.installed browser lint
-	$(BIN)/python -m pytest -ra
+	$(BIN)/python -m pytest -ra -n 3 --dist loadgroup
 
 bench: $(BIN)/.installed
 	$(BIN)/featurefleet bench
