@@ -25,7 +25,7 @@ from tests import hosts
 from tests.conftest import small_spec
 from workers.launcher import ROOT, WORKER_ENV, find_redis_server
 
-pytestmark = [pytest.mark.integration, pytest.mark.hosts, pytest.mark.xdist_group("hosts"),
+pytestmark = [pytest.mark.integration, pytest.mark.hosts,
               pytest.mark.skipif(not hosts.available(),
                                  reason="needs root and ip netns (network namespaces)")]
 
