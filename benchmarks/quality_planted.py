@@ -10,6 +10,7 @@ outliers, the stage's seconds.
 
     python benchmarks/quality_planted.py --data digits --image-size 128
     python benchmarks/quality_planted.py --data photos --image-size 224
+    python benchmarks/quality_planted.py --clean   # nothing planted: the false alarms
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def photos(side: int, per_class: int = 120) -> tuple[np.ndarray, np.ndarray, lis
     return np.stack(ims), np.asarray(labels, np.int64), names
 
 
-def run(data: str, side: int, backbone: str, out: Path, seed: int) -> dict[str, Any]:
+def run(data: str, side: int, backbone: str, out: Path, seed: int,
+        clean: bool = False) -> dict[str, Any]:
     from pipeline.client.api import submit
     from workers.launcher import local_cluster
 
@@ -72,9 +74,12 @@ def run(data: str, side: int, backbone: str, out: Path, seed: int) -> dict[str, 
         images, labels, names = photos(side)
         ood = digits(side)[0][:10]
     out.mkdir(parents=True, exist_ok=True)
-    p = planted.plant(images, labels, len(names), seed, exact=20, near=60, flip_fraction=0.03,
-                      ood_images=ood)
-    path = out / f"planted-{data}.npz"
+    if clean:  # nothing planted: every finding is a false alarm, or a real flaw of the data
+        p = planted.plant(images, labels, len(names), seed, exact=0, near=0, flip_fraction=0)
+    else:
+        p = planted.plant(images, labels, len(names), seed, exact=20, near=60,
+                          flip_fraction=0.03, ood_images=ood)
+    path = out / f"{'clean' if clean else 'planted'}-{data}.npz"
     np.savez(path, images=p.images, labels=p.labels, class_names=np.asarray(names))
     spec = JobSpec.from_dict({
         "name": f"planted-{data}", "kind": "quality",
@@ -94,7 +99,20 @@ def run(data: str, side: int, backbone: str, out: Path, seed: int) -> dict[str, 
     plan = read_plan(Path(st["report"]).parent)
     where = {int(i): n for n in ("train", "val", "test") for i in plan.splits.of(n)}
     scored = planted.score(p, section, where)
-    return {"data": data, "image_size": side, "backbone": backbone, "samples": len(p.labels),
+    if clean:
+        issues, dup = section.get("label_issues", {}), section.get("duplicates", {})
+        tests = [i for i, n in where.items() if n == "test"]
+        leaked = set(dup.get("leaked", [])) & set(tests)
+        scored = {"label_flags": len(issues.get("all", [])),
+                  "label_flag_share": round(len(issues.get("all", [])) / len(where), 4),
+                  "label_flags_withheld": bool(issues.get("withheld")),
+                  "expected_precision": issues.get("expected_precision"),
+                  "test_samples": len(tests), "test_called_leaked": len(leaked),
+                  "test_leak_share": round(len(leaked) / max(1, len(tests)), 4),
+                  "leak_call": dup.get("leak_call"),
+                  "outliers_flagged": scored["outliers_flagged"]}
+    return {"data": data, "clean": clean, "image_size": side, "backbone": backbone,
+            "samples": len(p.labels),
             **scored, "oof_top1": section.get("label_issues", {}).get("oof_top1"),
             "thresholds": {k: section["near_duplicate_threshold"].get(k)
                            for k in ("features", "signatures")},
@@ -111,9 +129,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--clean", action="store_true",
+                    help="plant nothing: measure the false alarms on clean data")
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="ff-planted-"))
-    results = [run(d, args.image_size, args.backbone, out / d, args.seed)
+    results = [run(d, args.image_size, args.backbone, out / d, args.seed, args.clean)
                for d in args.data.split(",")]
     for r in results:
         print(json.dumps(r, indent=1))
