@@ -40,7 +40,7 @@ unit: $(BIN)/.installed
 
 # Three test processes (pytest-xdist): most integration tests wait on worker processes.
 test: $(BIN)/.installed browser lint
-	$(BIN)/python -m pytest -ra -n 3 --dist loadfile
+	$(BIN)/python -m pytest -ra -n 3 --dist loadfile --no-loadscope-reorder
 
 bench: $(BIN)/.installed
 	$(BIN)/featurefleet bench
