@@ -112,6 +112,24 @@ def test_false_leak_rate_counts_distinct_same_class_pairs_and_qualifies_the_call
     assert section["duplicates"]["leak_call"]["confident"]
 
 
+def test_natural_likeness_is_not_set_by_the_copies_inside_train() -> None:
+    """The leak threshold from the data's own distinct same-class pairs: a robust fit of the
+    bulk, so 5% real copies in train do not drag it up to the copies' similarity (an
+    empirical 99.9th percentile would sit among them), and distinct pairs from the same
+    distribution pass it about 0.1% of the time."""
+    rng = np.random.default_rng(3)
+    natural = 1.0 - np.exp(rng.normal(np.log(0.08), 0.35, size=4000))  # typical NN cosine
+    copies = 1.0 - rng.uniform(1e-4, 2e-3, size=200)  # near copies: 0.998-0.9999
+    t = summary.natural_likeness({"features": np.concatenate([natural, copies, [np.nan]])})
+    clean = summary.natural_likeness({"features": natural})
+    assert t["features"] == pytest.approx(clean["features"], abs=0.01)
+    assert float(np.percentile(np.concatenate([natural, copies]), 99.9)) > 0.998
+    assert t["features"] < 0.99 and (copies >= t["features"]).all()
+    fresh = 1.0 - np.exp(rng.normal(np.log(0.08), 0.35, size=100_000))
+    assert (fresh >= t["features"]).mean() < 0.004
+    assert summary.natural_likeness({"features": natural[:5]}) == {}  # too few to fit
+
+
 def test_outliers_are_the_samples_far_from_every_cluster(tmp_path: Path) -> None:
     rng = np.random.default_rng(7)
     centers = rng.normal(size=(5, 32)) * 4

@@ -224,25 +224,39 @@ def summarize(plan: Plan, parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
     nb = neighbors.load([str(d / f"neighbors-{b}.npz") for b in range(len(q.blocks))])
     probe = {k: v for k, v in parts["probe"].items() if k not in ("part", "seconds")}
     signals = ("features", "signatures")
+    where = summary.split_of({n: plan.splits.of(n) for n in ("train", "val", "test")})
+    digests = plan.digests() if plan.fingerprint_mode == "content" else None
+    y_of = np.full(plan.n_samples, -1, np.int64)
+    y_of[nb.idx] = nb.y
+    natural: dict[str, float] = {}
+    copy_recall = probe.get("copy_recall")
     if spec.near_duplicate_threshold is not None:
         thresholds = {s: spec.near_duplicate_threshold for s in signals}
         how = "quality.near_duplicate_threshold"
     elif "features" in probe:
         thresholds = {s: probe[s]["threshold"] for s in signals}
         how = "calibrated on perturbed copies of the job's samples"
+        # a leak must be more alike than the data's own distinct same-class pairs are
+        best = summary.nearest_distinct(nb, where, y_of, digests)
+        natural = summary.natural_likeness(best) if isinstance(best, dict) else {}
+        raised = [s for s in signals if thresholds[s] is not None
+                  and natural.get(s, 0.0) > float(thresholds[s] or 0.0)]
+        for s in raised:
+            thresholds[s] = natural[s]
+        if raised:
+            how += (f", raised for {' and '.join(raised)} to the similarity distinct "
+                    "same-class samples of this data reach 0.1% of the time")
+            copy_recall = None  # measured at the calibrated thresholds: now at most that
     else:
         thresholds = {"features": FALLBACK_THRESHOLD, "signatures": FALLBACK_THRESHOLD}
         how = f"default ({probe.get('note', 'not calibrated')})"
-    where = summary.split_of({n: plan.splits.of(n) for n in ("train", "val", "test")})
-    digests = plan.digests() if plan.fingerprint_mode == "content" else None
     found = summary.pairs(nb, thresholds, digests)
-    y_of = np.full(plan.n_samples, -1, np.int64)
-    y_of[nb.idx] = nb.y
     section: dict[str, Any] = {
         "near_duplicate_threshold": {
             **thresholds, "source": how, "calibration": {s: probe[s] for s in signals
                                                          if s in probe},
-            "expected_copy_recall": probe.get("copy_recall"),
+            "natural_likeness": natural,
+            "expected_copy_recall": copy_recall,
             **({"note": "shards without image signatures: features only"}
                if nb.sig_nbr is None else {})},
         "duplicates": summary.duplicates(found, where, len(found) + 1),

@@ -106,13 +106,11 @@ def duplicates(found: list[Pair], where: dict[int, str], limit: int) -> dict[str
             "top_pairs": [row(p) for p in (cross + within)[:limit]]}
 
 
-def false_leak_rate(nb: Neighbors, thresholds: Mapping[str, float | None],
-                    where: dict[int, str], labels: np.ndarray,
-                    digests: np.ndarray | None) -> dict[str, Any]:
-    """How often two *distinct* training samples of one class are as alike as a leak call
-    needs: each training sample's nearest distinct same-class training neighbour (not the
-    same bytes), over the near-copy threshold of any signal. Real near copies inside train
-    count too, so this is an upper bound on how often natural likeness passes for a copy."""
+def nearest_distinct(nb: Neighbors, where: dict[int, str], labels: np.ndarray,
+                     digests: np.ndarray | None) -> dict[str, np.ndarray] | str:
+    """Per signal, each training sample's similarity to its nearest *distinct* same-class
+    training neighbour (other bytes; NaN where none is among its neighbours), or why it
+    cannot be measured."""
     n = len(labels)
     split = np.full(n, -1, np.int8)
     for i, name in where.items():
@@ -120,18 +118,16 @@ def false_leak_rate(nb: Neighbors, thresholds: Mapping[str, float | None],
             split[i] = HELD_OUT[name]
     rows = split[nb.idx] == HELD_OUT["train"]
     if rows.sum() < 10:
-        return {"note": f"{int(rows.sum())} training samples are too few to measure it"}
+        return f"{int(rows.sum())} training samples are too few to measure it"
     key = None
     if digests is not None:
         d = np.ascontiguousarray(digests)
         key = d.view(f"V{d.shape[-1]}").ravel() if d.ndim == 2 else d
-    seen = np.zeros(int(rows.sum()), bool)
-    over = np.zeros(int(rows.sum()), bool)
     idx = nb.idx[rows]
+    out: dict[str, np.ndarray] = {}
     for signal, (nbr, sim) in {"features": (nb.nbr, nb.sim),
                                "signatures": (nb.sig_nbr, nb.sig_sim)}.items():
-        t = thresholds.get(signal)
-        if t is None or nbr is None or sim is None:
+        if nbr is None or sim is None:
             continue
         nr, sr = nbr[rows], sim[rows]
         safe = np.clip(nr, 0, n - 1)
@@ -139,11 +135,51 @@ def false_leak_rate(nb: Neighbors, thresholds: Mapping[str, float | None],
             labels[safe] == labels[idx][:, None])
         if key is not None:
             ok &= key[safe] != key[idx][:, None]
-        has = ok.any(axis=1)
-        first = ok.argmax(axis=1)
-        best = sr[np.arange(len(idx)), first]
-        seen |= has
-        over |= has & (best >= t)
+        best = sr[np.arange(len(idx)), ok.argmax(axis=1)].astype(np.float64)
+        out[signal] = np.where(ok.any(axis=1), best, np.nan)
+    return out
+
+
+NATURAL_Z = 3.09  # one-sided 99.9 % of a normal
+
+
+def natural_likeness(best: dict[str, np.ndarray]) -> dict[str, float]:
+    """Per signal, the similarity that distinct same-class samples reach 0.1 % of the time:
+    log(1 - s) of each training sample's nearest distinct neighbour (:func:`nearest_distinct`)
+    fitted as a normal by its median and MAD. The robust fit is the point: real near copies
+    inside train sit in the upper tail, where they would set an empirical percentile (and
+    with it the threshold) at the copies' own similarity; the median and MAD of the bulk
+    barely move."""
+    out = {}
+    for signal, v in best.items():
+        v = v[np.isfinite(v)]
+        if len(v) < 20:
+            continue
+        x = np.log(np.clip(1.0 - v, 1e-6, None))
+        mu = float(np.median(x))
+        sd = 1.4826 * float(np.median(np.abs(x - mu)))
+        out[signal] = round(1.0 - float(np.exp(mu - NATURAL_Z * sd)), 5)
+    return out
+
+
+def false_leak_rate(nb: Neighbors, thresholds: Mapping[str, float | None],
+                    where: dict[int, str], labels: np.ndarray,
+                    digests: np.ndarray | None) -> dict[str, Any]:
+    """How often two *distinct* training samples of one class are as alike as a leak call
+    needs: each training sample's nearest distinct same-class training neighbour (not the
+    same bytes), over the near-copy threshold of any signal. Real near copies inside train
+    count too, so this is an upper bound on how often natural likeness passes for a copy."""
+    best = nearest_distinct(nb, where, labels, digests)
+    if isinstance(best, str):
+        return {"note": best}
+    seen = np.zeros(len(next(iter(best.values()))) if best else 0, bool)
+    over = np.zeros_like(seen)
+    for signal, v in best.items():
+        t = thresholds.get(signal)
+        if t is None:
+            continue
+        seen |= np.isfinite(v)
+        over |= np.isfinite(v) & (np.nan_to_num(v, nan=-np.inf) >= t)
     if not seen.any():
         return {"note": "no distinct same-class training pairs among the neighbours"}
     return {"rate": round(float(over[seen].mean()), 5), "pairs": int(seen.sum())}
