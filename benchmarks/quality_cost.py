@@ -29,11 +29,22 @@ from workers.launcher import local_cluster
 
 
 def run(spec: JobSpec, broker: str) -> tuple[float, dict[str, Any]]:
+    from pipeline.jobs.broker import connect
+    from pipeline.jobs.records import JobStore
+
     t = time.time()
     job = submit(spec, broker=broker)
     st = job.wait(timeout=7200)
     assert st["status"] == "SUCCESS", st.get("error")
-    return time.time() - t, job.result()
+    wall = time.time() - t
+    parts = JobStore(connect(broker)).parts(job.id, "quality")
+    by_kind: dict[str, list[float]] = {}
+    for name, p in parts.items():
+        by_kind.setdefault(name.split(".")[0], []).append(float(p.get("seconds", 0)))
+    if by_kind:  # where the stage's task-seconds go
+        print("  quality parts: " + ", ".join(
+            f"{k} {sum(v):.1f} s ({len(v)})" for k, v in sorted(by_kind.items())), flush=True)
+    return wall, job.result()
 
 
 def main() -> None:

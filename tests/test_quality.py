@@ -213,6 +213,45 @@ def test_calibration_keeps_copies_and_refuses_a_signal_that_cannot_tell() -> Non
     assert "not measured" in familiarity(None, originals, None)["note"]
 
 
+def test_the_probe_reads_what_extraction_stored_and_runs_the_backbone_on_copies_only() -> None:
+    """Given the stored features and signatures of the sampled images, the probe runs the
+    backbone only on the calibrated originals and their copies; its thresholds and domain
+    verdict match the probe that computes everything itself."""
+    from pipeline.backbones import resolve_weights
+    from pipeline.devices import cached_backbone
+    from pipeline.preprocess import preprocess, signatures
+    from pipeline.quality.probing import probe_backbone
+    from pipeline.sources.arrays import ArraySource
+
+    images, y, names = photo_set(48, 20)
+    src = ArraySource(images, y, names)
+    w = resolve_weights("efficientnet_lite0", None)
+    bb = cached_backbone("efficientnet_lite0", None, "cpu")
+    pre = w.preprocessing.scaled_to(48)
+    asked: list[list[int]] = []
+
+    def stored(ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        import torch
+
+        asked.append(ids)
+        with torch.inference_mode():
+            x = preprocess([images[i] for i in ids], pre, "cpu")
+            return np.asarray(ids), bb.model(x).numpy(), signatures(x)
+
+    ids = list(range(len(y)))
+    args = (src, ids, "efficientnet_lite0", None, pre, "cpu", "fp32", 0)
+    alone = probe_backbone(*args, n_calibrate=32, n_sample=160)
+    read = probe_backbone(*args, n_calibrate=32, n_sample=160, stored=stored)
+    assert len(asked) == 1 and len(asked[0]) == 160
+    assert alone["read_from_store"] == 0 and alone["sampled"] == 160
+    assert read["read_from_store"] == 160 - 32 and read["sampled"] == 160
+    assert read["calibrated_on"] == alone["calibrated_on"] == 32
+    for signal in ("features", "signatures"):
+        a, b = alone[signal]["threshold"], read[signal]["threshold"]
+        assert (a is None) == (b is None) and (a is None or abs(a - b) < 0.02)
+    assert read["familiarity"]["domain"] == alone["familiarity"]["domain"]
+
+
 def test_planted_problems_are_where_plant_says() -> None:
     rng = np.random.default_rng(5)
     images = rng.integers(0, 255, (100, 24, 24, 3), dtype=np.uint8)

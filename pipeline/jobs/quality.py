@@ -152,10 +152,21 @@ def run_probe(jobs: JobStore, ref: PlanMessage) -> dict[str, Any]:
 
     bb = plan.backbone
     pre = preprocessing_from_dict(bb.preprocessing)
+    paths = shard_paths(jobs, plan)
+
+    def stored(ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """What extraction wrote for ``ids``: indices, features, signatures (same order)."""
+        try:
+            x, _, idx = ShardReader(paths, np.asarray(ids, np.int64)).read()
+            s, _, sidx = ShardReader(paths, np.asarray(ids, np.int64), "signatures").read()
+        except StoreError:  # shards of an older version, without signatures
+            return None
+        return (idx, x, s) if np.array_equal(idx, sidx) else None
+
     result = probing.probe_backbone(
         plan_source(plan), plan.splits.train or plan.extract_ids, bb.name, bb.weights,
         pre, pick_device(plan.spec.backbone.device), bb.precision, plan.spec.data.seed,
-        min_size=decode_min_side(pre, plan.spec.backbone.decode))
+        min_size=decode_min_side(pre, plan.spec.backbone.decode), stored=stored)
     return _record(jobs, plan, "probe", t0, **result)
 
 

@@ -156,18 +156,40 @@ def calibrate(originals: np.ndarray, copies: np.ndarray,
                 "tell copies from distinct images in this data")})}, copy_sims
 
 
+Stored = Callable[[list[int]], "tuple[np.ndarray, np.ndarray, np.ndarray] | None"]
+
+
 def probe_backbone(source: Source, ids: Sequence[int], name: str, weights: str | None,
                    pre: AnyPreprocessing, device: str, precision: str, seed: int,
                    n_calibrate: int = 64, n_copies: int = 4,
-                   n_sample: int = 512, min_size: int | None = None) -> dict[str, Any]:
+                   n_sample: int = 512, min_size: int | None = None,
+                   stored: Stored | None = None) -> dict[str, Any]:
     """Calibrate the near-duplicate thresholds (features, signatures) and measure how far
-    the images are from the pretraining domain, on ``n_sample`` sampled ``ids``."""
+    the images are from the pretraining domain, on ``n_sample`` sampled ``ids``.
+
+    ``stored(ids)``: the features and signatures extraction already wrote for ``ids``
+    (``(indices, features, signatures)``, or None). With them the backbone runs only on the
+    ``n_calibrate`` calibrated originals (which also give the BatchNorm statistics) and their
+    copies — 320 images instead of 768 by default; the other sampled images are read back.
+    """
     import torch
 
     rng = np.random.default_rng(seed)
     picked = sorted(rng.permutation(np.asarray(ids, np.int64))[:n_sample].tolist())
-    images = source.load(picked, min_size).images  # decoded as the features were
-    if len(images) < 2:
+    have = stored(picked) if stored is not None else None
+    kept: tuple[np.ndarray, np.ndarray] | None = None
+    if have is not None and len(have[0]) >= 2:
+        idx, sf, ss = have
+        ok = np.isfinite(sf).all(axis=1) & np.isfinite(ss).all(axis=1)
+        order = rng.permutation(np.flatnonzero(ok))  # a random n of them are calibrated
+        loaded = source.load([int(i) for i in idx[order[:n_calibrate]]], min_size)
+        images = loaded.images
+        pos = {int(i): k for k, i in enumerate(idx)}
+        rest = np.setdiff1d(order, [pos[int(i)] for i in loaded.indices])
+        kept = (sf[rest].astype(np.float32), ss[rest].astype(np.float32))
+    else:
+        images = source.load(picked, min_size).images  # decoded as the features were
+    if len(images) + (0 if kept is None else len(kept[0])) < 2 or not images:
         return {"note": f"{len(images)} readable images sampled: too few to calibrate"}
     bb = cached_backbone(name, weights, device)
     use_preprocessing(bb.model, pre)
@@ -192,7 +214,10 @@ def probe_backbone(source: Source, ids: Sequence[int], name: str, weights: str |
         cf, cs = embed([near_copy(images[i], rng) for _ in range(n_copies) for i in range(n)])
     finally:
         bn.close()
-    out: dict[str, Any] = {"calibrated_on": n, "copies": n * n_copies, "sampled": len(images)}
+    if kept is not None:  # the calibrated originals first, then the stored rest
+        feats, sigs = np.concatenate([feats, kept[0]]), np.concatenate([sigs, kept[1]])
+    out: dict[str, Any] = {"calibrated_on": n, "copies": n * n_copies, "sampled": len(feats),
+                           "read_from_store": 0 if kept is None else len(kept[0])}
     (out["features"], f_sims), (out["signatures"], s_sims) = (calibrate(feats, cf, n),
                                                               calibrate(sigs, cs, n))
     caught = np.zeros(len(f_sims), bool)
