@@ -246,9 +246,15 @@ def test_the_probe_reads_what_extraction_stored_and_runs_the_backbone_on_copies_
     assert alone["read_from_store"] == 0 and alone["sampled"] == 160
     assert read["read_from_store"] == 160 - 32 and read["sampled"] == 160
     assert read["calibrated_on"] == alone["calibrated_on"] == 32
-    for signal in ("features", "signatures"):
-        a, b = alone[signal]["threshold"], read[signal]["threshold"]
-        assert (a is None) == (b is None) and (a is None or abs(a - b) < 0.02)
+    for signal in ("features", "signatures"):  # the same calibration, to float noise
+        a, b = alone[signal], read[signal]
+        for stat in ("copy_similarity", "nearest_other_similarity"):
+            for q in ("p5", "median", "p95"):
+                assert abs(a[stat][q] - b[stat][q]) < 0.02, (signal, stat, q)
+        if a["threshold"] is not None and b["threshold"] is not None:
+            assert abs(a["threshold"] - b["threshold"]) < 0.02
+        # (a signal at the edge of "cannot tell copies apart" may be used by one and not
+        # the other: measured on CI, features at 48 px, threshold 0.994 vs unused)
     assert read["familiarity"]["domain"] == alone["familiarity"]["domain"]
 
 

@@ -176,19 +176,22 @@ def probe_backbone(source: Source, ids: Sequence[int], name: str, weights: str |
 
     rng = np.random.default_rng(seed)
     picked = sorted(rng.permutation(np.asarray(ids, np.int64))[:n_sample].tolist())
+    # in a random order: the first n_calibrate readable ones get copies (either way below)
+    candidates = [picked[k] for k in rng.permutation(len(picked))]
     have = stored(picked) if stored is not None else None
     kept: tuple[np.ndarray, np.ndarray] | None = None
     if have is not None and len(have[0]) >= 2:
         idx, sf, ss = have
-        ok = np.isfinite(sf).all(axis=1) & np.isfinite(ss).all(axis=1)
-        order = rng.permutation(np.flatnonzero(ok))  # a random n of them are calibrated
-        loaded = source.load([int(i) for i in idx[order[:n_calibrate]]], min_size)
+        ok = np.flatnonzero(np.isfinite(sf).all(axis=1) & np.isfinite(ss).all(axis=1))
+        pos = {int(idx[k]): int(k) for k in ok}
+        usable = [i for i in candidates if i in pos]
+        loaded = source.load(usable[:n_calibrate], min_size)
         images = loaded.images
-        pos = {int(i): k for k, i in enumerate(idx)}
-        rest = np.setdiff1d(order, [pos[int(i)] for i in loaded.indices])
+        fresh = {pos[int(i)] for i in loaded.indices}
+        rest = [pos[i] for i in usable if pos[i] not in fresh]
         kept = (sf[rest].astype(np.float32), ss[rest].astype(np.float32))
     else:
-        images = source.load(picked, min_size).images  # decoded as the features were
+        images = source.load(candidates, min_size).images  # decoded as the features were
     if len(images) + (0 if kept is None else len(kept[0])) < 2 or not images:
         return {"note": f"{len(images)} readable images sampled: too few to calibrate"}
     bb = cached_backbone(name, weights, device)
