@@ -240,6 +240,7 @@ def summarize(plan: Plan, parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
     y_of = np.full(plan.n_samples, -1, np.int64)
     y_of[nb.idx] = nb.y
     natural: dict[str, float] = {}
+    best: dict[str, np.ndarray] | str | None = None  # nearest distinct neighbours, once
     copy_recall = probe.get("copy_recall")
     if spec.near_duplicate_threshold is not None:
         thresholds = {s: spec.near_duplicate_threshold for s in signals}
@@ -284,7 +285,7 @@ def summarize(plan: Plan, parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
                       "indices": sorted(int(i) for i in nb.nonfinite)[:spec.max_listed]},
     }
     section["duplicates"]["false_leak"] = summary.false_leak_rate(nb, thresholds, where, y_of,
-                                                                  digests)
+                                                                  digests, best)
     summary.qualify_leaks(section, len(plan.splits.val) + len(plan.splits.test))
     summary.qualify(section, plan.backbone.weights_id)
     # every finding, for the export a reviewer works through; the page lists the first ones

@@ -164,12 +164,15 @@ def natural_likeness(best: dict[str, np.ndarray]) -> dict[str, float]:
 
 def false_leak_rate(nb: Neighbors, thresholds: Mapping[str, float | None],
                     where: dict[int, str], labels: np.ndarray,
-                    digests: np.ndarray | None) -> dict[str, Any]:
+                    digests: np.ndarray | None,
+                    best: dict[str, np.ndarray] | str | None = None) -> dict[str, Any]:
     """How often two *distinct* training samples of one class are as alike as a leak call
     needs: each training sample's nearest distinct same-class training neighbour (not the
     same bytes), over the near-copy threshold of any signal. Real near copies inside train
-    count too, so this is an upper bound on how often natural likeness passes for a copy."""
-    best = nearest_distinct(nb, where, labels, digests)
+    count too, so this is an upper bound on how often natural likeness passes for a copy.
+    ``best``: :func:`nearest_distinct`'s answer when the caller already has it."""
+    if best is None:
+        best = nearest_distinct(nb, where, labels, digests)
     if isinstance(best, str):
         return {"note": best}
     seen = np.zeros(len(next(iter(best.values()))) if best else 0, bool)
