@@ -108,9 +108,9 @@ def extract_shard(source: Source, indices: Sequence[int], backbone: BackboneInfo
     done, t_model, reported, truncated = 0, 0.0, 0.0, 0
     buffer = None
     total = len(indices)
-    on_device = run.decode == "auto" and device.startswith("cuda") and not text
+    on_device = run.decode == "auto" and device.startswith("cuda") and pre.modality == "image"
     min_size = decode_min_side(pre, run.decode)
-    decoder = "text" if text else "nvjpeg" if on_device else (
+    decoder = pre.modality if pre.modality != "image" else "nvjpeg" if on_device else (
         f"cpu-{'scaled' if min_size else 'full'}")
     split = CoreSplit(device, (backbone.name, pre.input_size, source.kind, decoder))
     try:

@@ -13,7 +13,17 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.backbones import AnyPreprocessing, Preprocessing
+from pipeline.backbones import AnyPreprocessing, AudioPreprocessing, Preprocessing
+
+
+def resample(x: np.ndarray, rate: int, target: int) -> np.ndarray:
+    """Mono float32 samples at ``rate`` Hz -> at ``target`` Hz (polyphase, anti-aliased)."""
+    if rate == target:
+        return np.asarray(x, np.float32)
+    from scipy.signal import resample_poly
+
+    g = math.gcd(int(rate), int(target))
+    return np.asarray(resample_poly(x, target // g, rate // g), np.float32)
 
 
 def preprocess(images: list[Any], pre: AnyPreprocessing, device: str,
@@ -27,8 +37,11 @@ def preprocess(images: list[Any], pre: AnyPreprocessing, device: str,
     batch when the images share a size; conversion to float and normalization are one pass
     that writes into ``out`` (a batch this function returned before for the same device,
     reused so that no batch allocates a fresh 19 MB tensor) when it is given and large enough.
-    Texts pass through: a text backbone tokenises them itself.
+    Texts pass through: a text backbone tokenises them itself. Audio clips are resampled to
+    the encoder's rate (:func:`resample`); the backbone windows them itself.
     """
+    if isinstance(pre, AudioPreprocessing):
+        return [resample(c.samples, c.rate, pre.sample_rate) for c in images]
     if not isinstance(pre, Preprocessing):
         return list(images)
     import torch
@@ -184,7 +197,7 @@ def signatures(x: Any) -> np.ndarray:
     thumbnails, unchanged by brightness and contrast and barely by noise, re-encoding or
     rescaling: near duplicates a backbone's features can miss."""
     if isinstance(x, list):
-        return text_signatures(x)
+        return text_signatures(x) if not x or isinstance(x[0], str) else audio_signatures(x)
     import torch
 
     grey = x.float().mean(dim=1, keepdim=True)
@@ -208,4 +221,36 @@ def text_signatures(texts: list[str]) -> np.ndarray:
         for i in range(max(1, len(t) - 2)):
             out[row, zlib.crc32(t[i:i + 3].encode("utf-8", "surrogateescape")) % dim] += 1
     out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-6)
+    return out.astype(np.float16)
+
+
+def audio_signatures(clips: list[np.ndarray], rate: int = 16_000) -> np.ndarray:
+    """Each clip's log-power in 16 bands (equal steps of a log-frequency axis, 60 Hz to the
+    Nyquist) by 16 equal stretches of time (a 16 x 16 "thumbnail" of the spectrogram),
+    centred and scaled to unit length (float16): a copy re-encoded, at another volume or with
+    a little noise keeps a cosine near 1; different recordings of the same words do not."""
+    side = SIGNATURE_SIDE
+    out = np.zeros((len(clips), side * side), np.float32)
+    n_fft = 512
+    freqs = np.fft.rfftfreq(n_fft, 1 / rate)
+    edges = np.geomspace(60, rate / 2, side + 1)
+    band = np.clip(np.searchsorted(edges, freqs, side="right") - 1, -1, side)
+    for row, clip in enumerate(clips):
+        x = np.asarray(clip, np.float32)
+        if len(x) < n_fft:
+            x = np.pad(x, (0, n_fft - len(x)))
+        hop = max(1, (len(x) - n_fft) // (side * 4) or 1)
+        starts = np.arange(0, len(x) - n_fft + 1, hop)
+        frames = x[starts[:, None] + np.arange(n_fft)] * np.hanning(n_fft).astype(np.float32)
+        power = np.abs(np.fft.rfft(frames, axis=1)) ** 2  # (T, F)
+        grid = np.zeros((side, side), np.float64)
+        t_bin = np.minimum((np.arange(len(starts)) * side) // len(starts), side - 1)
+        for b in range(side):
+            cols = band == b
+            if cols.any():
+                per_frame = power[:, cols].sum(axis=1)
+                grid[b] = np.bincount(t_bin, per_frame, minlength=side)
+        v = np.log10(grid + 1e-10).ravel()
+        v = v - v.mean()
+        out[row] = v / max(float(np.linalg.norm(v)), 1e-6)
     return out.astype(np.float16)

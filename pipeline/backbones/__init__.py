@@ -107,7 +107,68 @@ class TextPreprocessing:
                 "normalize": self.normalize}
 
 
-AnyPreprocessing = Preprocessing | TextPreprocessing
+@dataclass(frozen=True)
+class AudioPreprocessing:
+    """How clips become the network's input: resampled (mono) to ``sample_rate``; cut into
+    ``window_s`` windows every ``hop_s`` (a clip shorter than a window is zero-padded, a last
+    window less than ``min_coverage`` full is dropped unless it is the only one) whose
+    embeddings are mean-pooled; ``window_s`` 0: the whole clip at once (handcrafted features);
+    the loudness raised to ``gain_dbfs`` (RMS) when quieter, when set."""
+
+    sample_rate: int
+    window_s: float
+    hop_s: float
+    min_coverage: float = 0.75
+    pooling: str = "mean"
+    gain_dbfs: float | None = None
+    modality = "audio"
+
+    @property
+    def input_size(self) -> int:
+        return self.sample_rate
+
+    def scaled_to(self, size: int | None) -> AudioPreprocessing:
+        return self
+
+    def windows(self, n: int) -> list[tuple[int, int]]:
+        """(start, stop) sample ranges of a clip of ``n`` samples at ``sample_rate`` (stop may
+        pass ``n``: the clip is zero-padded there)."""
+        if self.window_s <= 0:
+            return [(0, max(n, 1))]
+        win = round(self.window_s * self.sample_rate)
+        hop = max(1, round(self.hop_s * self.sample_rate))
+        starts = list(range(0, max(1, n - win + hop), hop))
+        out = [(s, s + win) for s in starts]
+        while len(out) > 1 and (n - out[-1][0]) / win < self.min_coverage:
+            out.pop()
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> AudioPreprocessing:
+        gain = raw.get("gain_dbfs")
+        return cls(sample_rate=int(raw["sample_rate"]), window_s=float(raw["window_s"]),
+                   hop_s=float(raw["hop_s"]), min_coverage=float(raw.get("min_coverage", 0.75)),
+                   pooling=str(raw.get("pooling", "mean")),
+                   gain_dbfs=None if gain is None else float(gain))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"modality": "audio", "sample_rate": self.sample_rate, "window_s": self.window_s,
+                "hop_s": self.hop_s, "min_coverage": self.min_coverage,
+                "pooling": self.pooling, "gain_dbfs": self.gain_dbfs}
+
+
+AnyPreprocessing = Preprocessing | TextPreprocessing | AudioPreprocessing
+
+
+def describe_input(pre: dict[str, Any] | None) -> str:
+    """A saved recipe's input in words: ``224 px``, ``128 tokens``, ``16 kHz, 1.6 s windows``."""
+    pre = pre or {}
+    if pre.get("modality") == "audio":
+        window = f"{pre['window_s']:g} s windows" if pre.get("window_s") else "whole clips"
+        return f"{pre['sample_rate'] / 1000:g} kHz, {window}"
+    if pre.get("modality") == "text":
+        return f"{pre.get('max_length')} tokens"
+    return f"{pre.get('crop', '?')} px"
 
 
 def use_preprocessing(model: Any, pre: AnyPreprocessing) -> Any:
@@ -122,6 +183,8 @@ def preprocessing_from_dict(raw: dict[str, Any]) -> AnyPreprocessing:
     """The saved recipe of either modality (plans, shards, heads and checkpoints carry it)."""
     if raw.get("modality") == "text":
         return TextPreprocessing.from_dict(raw)
+    if raw.get("modality") == "audio":
+        return AudioPreprocessing.from_dict(raw)
     return Preprocessing.from_dict(raw)
 
 
@@ -155,7 +218,8 @@ Factory = Callable[[str | None], tuple[WeightsInfo, Callable[[], Any]]]
 # name -> (resolve weights info, build model). torchvision models are resolved dynamically.
 _REGISTRY: dict[str, Factory] = {}
 _FALLBACKS: list[Callable[[str], Factory | None]] = []  # name -> factory (torchvision names)
-_MODULES = ("text", "vision")  # text first: its resolver claims hf: names before torchvision's
+# text first: its resolver claims hf: names before torchvision's
+_MODULES = ("audio", "text", "vision")
 
 
 def register(name: str) -> Callable[[Factory], Factory]:
@@ -211,6 +275,7 @@ def load_backbone(name: str, weights: str | None, device: str = "cpu") -> Backbo
     Raises:
         BackboneError: unknown names, or a weights file that does not fit the architecture.
     """
+    import numpy as np
     import torch
 
     info, build = _factory(name, weights)
@@ -218,8 +283,9 @@ def load_backbone(name: str, weights: str | None, device: str = "cpu") -> Backbo
     model.eval().requires_grad_(False)
     pre = info.preprocessing
     with torch.inference_mode():
-        probe: Any = ["a"] if pre.modality == "text" else torch.zeros(1, 3, pre.input_size,
-                                                                      pre.input_size)
+        probe: Any = (["a"] if pre.modality == "text" else
+                      [np.full(pre.input_size, 0.1, np.float32)] if pre.modality == "audio"
+                      else torch.zeros(1, 3, pre.input_size, pre.input_size))
         dim = int(model(probe).shape[1])
     head = model.__dict__.get(PRETRAINED_HEAD)
     model = model.to(device)

@@ -246,6 +246,7 @@ def _jobs(args: argparse.Namespace) -> int:
 
 
 def _cache(args: argparse.Namespace) -> int:
+    from pipeline.backbones import describe_input
     from pipeline.store import cache
 
     if args.action == "ls":
@@ -254,7 +255,8 @@ def _cache(args: argparse.Namespace) -> int:
             print(json.dumps(sets, indent=2))
         for s in [] if args.json else sets:
             print(f"{s['set']:<45} {s['shards']:4d} shards {s['rows']:8d} rows "
-                  f"{s['bytes'] / 1e6:8.1f} MB  {s['source'] or '?'} @{s['crop']}px")
+                  f"{s['bytes'] / 1e6:8.1f} MB  {s['source'] or '?'} "
+                  f"@{describe_input(s['preprocessing'])}")
         return 0
     if args.action == "verify":
         problems = cache.verify(args.store, fix=args.fix)

@@ -124,13 +124,17 @@ def _data_rows(data: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
-def _is_text(rep: dict[str, Any]) -> bool:
-    return bool(rep["backbone"]["preprocessing"].get("modality") == "text")
+def _unit(rep: dict[str, Any]) -> str:
+    modality = rep["backbone"]["preprocessing"].get("modality", "image")
+    return {"text": "texts", "audio": "clips"}.get(modality, "img")
 
 
 def input_size(pre: dict[str, Any]) -> str:
-    """``224px`` for an image backbone, ``128 tokens`` for a text one."""
-    return f"{pre['max_length']} tokens" if pre.get("modality") == "text" else f"{pre['crop']}px"
+    """``224px`` for an image backbone, ``128 tokens`` for a text one, ``16 kHz, 1.6 s windows``
+    for an audio one."""
+    from pipeline.backbones import describe_input
+
+    return describe_input(pre).replace(" px", "px")
 
 
 def quality_summary(rep: dict[str, Any]) -> str:
@@ -210,7 +214,7 @@ def summary(rep: dict[str, Any]) -> str:
                    f"({sum(1 for s in rep['shards'] if s['cached'])} from cache)"),
         ("extraction", f"{t['extract_s']:.1f} s"
                        + (f", {t['extract_images_per_s']} "
-                          f"{'texts' if _is_text(rep) else 'img'}/s per task"
+                          f"{_unit(rep)}/s per task"
                           if t["extract_images_per_s"] else "")),
         ("train / evaluate", f"{t['train_s']} s / {t['evaluate_s']} s"),
         ("total", f"{t['total_s']:.1f} s"),

@@ -57,7 +57,8 @@ def format_progress(st: dict[str, Any], throughput: Throughput | None = None) ->
     if st.get("strategy") == "finetune":
         return _training_progress(st, "finetune")
     total = int(st.get("images_total") or 0)
-    what, per_s = ("texts", "txt/s") if st.get("modality") == "text" else ("images", "img/s")
+    what, per_s = {"text": ("texts", "txt/s"), "audio": ("clips", "clips/s")}.get(
+        str(st.get("modality")), ("images", "img/s"))
     done = min(int(st.get("images_done") or 0), total)
     width = 24
     fill = int(width * done / total) if total else 0

@@ -163,10 +163,25 @@ def modality_checks(source: Source, spec: JobSpec,
     """
     b = spec.backbone
     if source.modality != pre.modality:
-        fix = ("backbone.name: all-minilm-l6-v2 (or hf:<encoder folder>)"
-               if source.modality == "text" else "an image backbone such as efficientnet_lite0")
+        fix = {"text": "backbone.name: all-minilm-l6-v2 (or hf:<encoder folder>)",
+               "audio": "backbone.name: resemblyzer (or mfcc, the handcrafted baseline)"}.get(
+            source.modality, "an image backbone such as efficientnet_lite0")
         raise SpecError("backbone.name", f"the data is {source.modality} but backbone "
                         f"{b.name!r} reads {pre.modality}", f"use {fix}")
+    if isinstance(pre, backbones.AudioPreprocessing):
+        for name, value in (("image_size", b.image_size), ("max_length", b.max_length)):
+            if value is not None:
+                raise SpecError(f"backbone.{name}", f"{name} is not for audio; the clips are "
+                                f"resampled to {pre.sample_rate} Hz and cut into the encoder's "
+                                "windows", f"remove backbone.{name}")
+        if spec.kind == "pretrain":
+            raise SpecError("kind", "pretraining runs on images; this job's data is audio "
+                            "(no audio augmentations yet)", "use a pretrained audio encoder "
+                            "(backbone.name: resemblyzer) with kind: classify")
+        if spec.kind == "classify" and spec.strategy == "finetune":
+            raise SpecError("strategy", "fine-tuning an audio encoder is not supported yet",
+                            "use strategy: probe (a head on the frozen features), or auto")
+        return pre
     if isinstance(pre, backbones.TextPreprocessing):
         if b.image_size is not None:
             raise SpecError("backbone.image_size", "image_size is for images; this job's data "
@@ -331,6 +346,9 @@ def make_plan(spec: JobSpec, job_id: str, gpus: int | Callable[[], int] = 0,
         strategy, reason = "probe", ("pretraining: the encoder is trained on the images, "
                                      "labels unused") if pretraining else (
             "data quality: the stage runs on the cached features")
+    elif pre.modality == "audio":
+        strategy, reason = "probe", ("probe: audio encoders are used frozen (fine-tuning "
+                                     "one is not supported yet)")
     else:
         strategy, reason = choose(spec, len(split["train"]), len(source.class_names),
                                   pre.input_size, gpus if isinstance(gpus, int) else 0,

@@ -58,6 +58,8 @@ def near_copy(im: Any, rng: np.random.Generator) -> Any:
     edits."""
     if isinstance(im, str):
         return near_copy_text(im, rng)
+    if not isinstance(im, np.ndarray):
+        return near_copy_audio(im, rng)
     from PIL import Image
 
     h, w = im.shape[:2]
@@ -116,6 +118,37 @@ def near_copy_text(text: str, rng: np.random.Generator) -> str:
             words[i] = words[i] + ("," if rng.random() < 0.5 else " -")
     return " ".join(words)
 
+
+def near_copy_audio(clip: Any, rng: np.random.Generator) -> Any:
+    """A near-duplicate clip (``sources.audio.Clip``): one or two edits of the kind copies
+    pick up (re-encoded at a lower rate and back, volume changed by up to 4 dB, a little
+    noise at 35-45 dB below the signal, up to 5% trimmed from the start or the end)."""
+    from pipeline.preprocess import resample
+    from pipeline.sources.audio import Clip
+
+    x, rate = np.asarray(clip.samples, np.float32), int(clip.rate)
+
+    def reencode(a: np.ndarray) -> np.ndarray:
+        low = max(4000, rate // 2)
+        return resample(resample(a, rate, low), low, rate)[:len(a)]
+
+    def gain(a: np.ndarray) -> np.ndarray:
+        out: np.ndarray = a * np.float32(10 ** (float(rng.uniform(-4, 4)) / 20))
+        return out
+
+    def noise(a: np.ndarray) -> np.ndarray:
+        rms = float(np.sqrt(np.mean(np.square(a)))) or 1e-3
+        level = rms * 10 ** (-float(rng.uniform(35, 45)) / 20)
+        return (a + rng.normal(0, level, a.shape)).astype(np.float32)
+
+    def trim(a: np.ndarray) -> np.ndarray:
+        cut = int(len(a) * float(rng.uniform(0.01, 0.05)))
+        return a[cut:] if rng.random() < 0.5 else a[:len(a) - cut]
+
+    edits = [reencode, gain, noise, trim]
+    for k in rng.choice(len(edits), size=int(rng.integers(1, 3)), replace=False):
+        x = edits[int(k)](x)
+    return Clip(np.ascontiguousarray(x, np.float32), rate)
 
 
 def _stats(v: np.ndarray) -> dict[str, float]:

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.plan import Plan
 from pipeline.reports.plots import curve_svg
 from pipeline.reports.templating import fragment, render
@@ -50,12 +52,35 @@ def thumbnails(source: Source, ids: list[int], side: int = 64) -> dict[str, str]
         if isinstance(im, str):  # a text: its first words (the page escapes them)
             out[str(i)] = im[:SNIPPET] + ("…" if len(im) > SNIPPET else "")
             continue
+        if not isinstance(im, np.ndarray):  # an audio clip: its spectrogram
+            im = spectrogram_picture(im.samples, im.rate, side)
         pic = Image.fromarray(im)
         pic.thumbnail((side, side))
         buf = io.BytesIO()
         pic.save(buf, "PNG")
         out[str(i)] = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     return out
+
+
+def spectrogram_picture(x: np.ndarray, rate: int, side: int = 64) -> np.ndarray:
+    """A clip's log-power spectrogram as a ``side`` x ``2 * side`` RGB picture (time to the
+    right, frequency up on a log axis from 60 Hz, 70 dB of range): what the page shows
+    where an image would be a thumbnail."""
+    x = np.asarray(x, np.float32)
+    n_fft = 512 if rate > 12_000 else 256
+    if len(x) < n_fft:
+        x = np.pad(x, (0, n_fft - len(x)))
+    cols = 2 * side
+    starts = np.linspace(0, len(x) - n_fft, cols).astype(np.int64)
+    frames = x[starts[:, None] + np.arange(n_fft)] * np.hanning(n_fft).astype(np.float32)
+    power = np.abs(np.fft.rfft(frames, axis=1)) ** 2  # (cols, bins)
+    freqs = np.fft.rfftfreq(n_fft, 1 / rate)
+    rows = np.geomspace(60, rate / 2, side)
+    grid = np.stack([np.interp(rows, freqs, p) for p in power], axis=1)  # (side, cols)
+    db = 10 * np.log10(grid + 1e-12)
+    level = np.clip((db - (db.max() - 70)) / 70, 0, 1)[::-1]  # high frequencies at the top
+    grey = (255 * (1 - level)).astype(np.uint8)
+    return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
 
 
 def brief(section: dict[str, Any]) -> dict[str, Any]:

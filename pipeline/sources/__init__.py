@@ -237,7 +237,7 @@ class Verified(Source):
 Factory = Callable[[DataSpec], Source]
 _SOURCES: dict[str, Factory] = {}
 # Modules that register sources when imported (imported on first use, not at import time).
-_MODULES = ("arrays", "folder", "manifest", "text", "tv", "webdataset")
+_MODULES = ("arrays", "audio", "folder", "manifest", "text", "tv", "webdataset")
 
 
 def register(name: str) -> Callable[[Factory], Factory]:

@@ -55,10 +55,12 @@ def file_stat(path: Path) -> bytes:
 
 
 class FileSource(Source):
-    """Images listed as files under a root folder."""
+    """Images (or, in a subclass, other files) listed as files under a root folder."""
 
     root: Path
     files: list[str]
+    suffixes: tuple[str, ...] = IMAGE_EXTENSIONS  # what the folder's samples end with
+    what = "image"  # how errors name a sample
 
     def raw(self, index: int) -> bytes:
         return read_bytes(self.root / self.files[index])
@@ -100,15 +102,16 @@ class FolderSource(FileSource):
 
     def __init__(self, root: Path) -> None:
         if not root.is_dir():
-            raise DataError(f"image folder {str(root)!r} does not exist; fix: set data.path to a "
-                            "folder with one subfolder per class")
+            raise DataError(f"{self.what} folder {str(root)!r} does not exist; fix: set "
+                            "data.path to a folder with one subfolder per class")
         split_dirs = [d for d in SPLIT_NAMES if (root / d).is_dir()]
         self.root = root
         groups = split_dirs or [""]
         classes = sorted({c.name for g in groups for c in subfolders(root / g)})
         if not classes:
-            raise DataError(f"image folder {str(root)!r} has no class subfolders; fix: put the "
-                            "images in one subfolder per class (root/cat/1.jpg, root/dog/2.jpg)")
+            raise DataError(f"{self.what} folder {str(root)!r} has no class subfolders; fix: put "
+                            f"the {self.what}s in one subfolder per class (root/cat/1"
+                            f"{self.suffixes[0]}, root/dog/2{self.suffixes[0]})")
         self.class_names = classes
         files: list[str] = []
         labels: list[int] = []
@@ -118,13 +121,14 @@ class FolderSource(FileSource):
                 cdir = root / g / cname
                 if not cdir.is_dir():
                     continue
-                for path in files_under(root, cdir, IMAGE_EXTENSIONS):
+                for path in files_under(root, cdir, self.suffixes):
                     files.append(os.path.relpath(path, root))
                     labels.append(ci)
                     split_of.append(g)
         if not files:
-            raise DataError(f"image folder {str(root)!r} holds no images ({', '.join(classes)}"
-                            f" are empty); fix: add {'/'.join(IMAGE_EXTENSIONS[:4])} files")
+            raise DataError(f"{self.what} folder {str(root)!r} holds no {self.what}s "
+                            f"({', '.join(classes)} are empty); fix: add "
+                            f"{'/'.join(self.suffixes[:4])} files")
         self.files = files
         self.labels = np.asarray(labels, dtype=np.int64)
         self._split_of = np.asarray(split_of)
@@ -135,8 +139,9 @@ class FolderSource(FileSource):
             return None
         splits = {d: np.flatnonzero(self._split_of == d) for d in self._split_dirs}
         if "train" not in splits:
-            raise DataError(f"image folder {str(self.root)!r} has {'/'.join(self._split_dirs)} "
-                            "but no train/ folder; fix: add root/train/<class>/...")
+            raise DataError(f"{self.what} folder {str(self.root)!r} has "
+                            f"{'/'.join(self._split_dirs)} but no train/ folder; fix: add "
+                            "root/train/<class>/...")
         return splits
 
 

@@ -79,7 +79,8 @@ def cell(row: dict[str, Any], column: str) -> str:
 
 
 class ManifestSource(Source):
-    """Images listed in a manifest file, never outside the manifest's folder."""
+    """Images (or audio clips: every path an audio file) listed in a manifest file, never
+    outside the manifest's folder."""
 
     def __init__(self, manifest: Path) -> None:
         if not manifest.is_file():
@@ -129,6 +130,17 @@ class ManifestSource(Source):
         self._splits = np.asarray(splits)
         self._has_splits = any(cell(r, "split") for r in rows)
         self.manifest = manifest
+        from pipeline.sources.audio import is_audio_path, soundfile_module
+
+        audio = [is_audio_path(p.name) for p in self.files]
+        if any(audio) and not all(audio):
+            first = self.files[audio.index(True)].name
+            other = self.files[audio.index(False)].name
+            raise DataError(f"manifest {str(manifest)!r} mixes audio ({first!r}) and other files "
+                            f"({other!r}); fix: one modality per manifest")
+        if all(audio):
+            soundfile_module()
+            self.modality = "audio"
 
     def raw(self, index: int) -> bytes:
         return read_bytes(self.files[index])
@@ -150,9 +162,15 @@ class ManifestSource(Source):
         return str(self.files[index].relative_to(self.root))
 
     def load(self, indices: Sequence[int], min_size: int | None = None) -> Loaded:
+        if self.modality == "audio":
+            from pipeline.sources.audio import decode_clips
+
+            return decode_clips([self.files[i] for i in indices], indices)
         return decode_files([self.files[i] for i in indices], indices, min_size)
 
     def load_encoded(self, indices: Sequence[int], min_size: int | None = None) -> Loaded:
+        if self.modality == "audio":
+            return self.load(indices)
         return decode_files([self.files[i] for i in indices], indices, min_size, encoded=True)
 
 

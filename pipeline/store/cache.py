@@ -40,6 +40,7 @@ def ls(root: str | Path) -> list[dict[str, Any]]:
             "source": (m.get("data") or {}).get("source"),
             "weights": m.get("weights_id"), "crop": (m.get("preprocessing") or {}).get("crop")
             or (m.get("preprocessing") or {}).get("max_length"),
+            "preprocessing": m.get("preprocessing") or {},
             "updated": m.get("updated"),
         })
     return out

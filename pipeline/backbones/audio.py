@@ -1,0 +1,217 @@
+"""Audio backbones: a frozen encoder over fixed windows of a clip, mean-pooled per clip.
+
+``resemblyzer`` is the offline pretrained encoder: the GE2E speaker encoder (3-layer LSTM over
+40 mel bands, 256-d, 16 kHz) whose weights ship inside the ``resemblyzer`` PyPI package; it is
+a *speaker* encoder (who speaks, not what is said). Clips are cut into 1.6 s windows every
+0.8 s (resemblyzer's partial utterances), each embedded, the mean L2-normalised.
+
+``mfcc`` is the handcrafted baseline every audio comparison needs (did transfer help?): 20 MFCCs
+per 10 ms frame, their mean and standard deviation over the clip (40-d); no weights, its
+identity is its settings and librosa's version.
+
+The network takes a list of clips (mono float32 arrays at the preprocessing's rate, resampled by
+:func:`pipeline.preprocess.preprocess`), as a text backbone takes a list of strings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.backbones import (
+    AudioPreprocessing,
+    WeightsInfo,
+    file_sha256,
+    register,
+)
+from pipeline.errors import BackboneError
+
+SPEAKER = "resemblyzer"
+MFCC = "mfcc"
+MEL_HOP = 160  # samples at 16 kHz: 10 ms frames
+MEL_FFT = 400  # 25 ms
+GE2E_FRAMES = 160  # 1.6 s partial utterances
+GE2E_PRE = AudioPreprocessing(sample_rate=16_000, window_s=1.6, hop_s=0.8, min_coverage=0.75,
+                              gain_dbfs=-30.0)
+MFCC_PRE = AudioPreprocessing(sample_rate=16_000, window_s=0.0, hop_s=0.0, gain_dbfs=None)
+
+
+def librosa_module() -> Any:
+    """``librosa``, or the fix when the audio extra is not installed.
+
+    Raises:
+        BackboneError: librosa is missing.
+    """
+    try:
+        import librosa
+    except ImportError:
+        raise BackboneError("audio backbones need librosa; fix: pip install "
+                            "'featurefleet[audio]'") from None
+    return librosa
+
+
+def raise_gain(x: np.ndarray, target_dbfs: float | None) -> np.ndarray:
+    """``x`` scaled up to an RMS of ``target_dbfs`` when quieter (never down)."""
+    if target_dbfs is None:
+        return x
+    rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
+    if rms <= 0:
+        return x
+    change = target_dbfs - 20 * np.log10(rms)
+    return x if change <= 0 else (x * 10 ** (change / 20)).astype(np.float32)
+
+
+def mel_power(x: np.ndarray, rate: int = 16_000, n_mels: int = 40) -> np.ndarray:
+    """(frames, n_mels) mel power spectrogram, 25 ms windows every 10 ms (not log: the GE2E
+    encoder was trained on power)."""
+    librosa = librosa_module()
+    m = librosa.feature.melspectrogram(y=x, sr=rate, n_fft=MEL_FFT, hop_length=MEL_HOP,
+                                       n_mels=n_mels)
+    return np.ascontiguousarray(m.T, dtype=np.float32)
+
+
+def _ge2e_net() -> Any:
+    import torch
+
+    class GE2E(torch.nn.Module):
+        """The GE2E speaker encoder: LSTM(40 -> 256, 3 layers), linear, ReLU, L2 norm."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = torch.nn.LSTM(40, 256, 3, batch_first=True)
+            self.linear = torch.nn.Linear(256, 256)
+
+        def forward(self, mels: torch.Tensor) -> torch.Tensor:
+            _, (hidden, _) = self.lstm(mels)
+            e = torch.relu(self.linear(hidden[-1]))
+            return e / e.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+    return GE2E()
+
+
+def _window_encoder(net: Any, pre: AudioPreprocessing) -> Any:
+    import torch
+
+    class WindowEncoder(torch.nn.Module):
+        """Clips -> windows (mel frames) -> the net on every window at once -> each clip's
+        mean window embedding, L2-normalised."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+            self.pre = pre
+
+        def forward(self, clips: Sequence[np.ndarray]) -> torch.Tensor:
+            device = next(self.net.parameters()).device
+            rows, owner = [], []
+            for k, clip in enumerate(clips):
+                x = raise_gain(np.asarray(clip, np.float32), self.pre.gain_dbfs)
+                spans = self.pre.windows(len(x))
+                end = spans[-1][1]
+                if end > len(x):
+                    x = np.pad(x, (0, end - len(x)))
+                mel = mel_power(x, self.pre.sample_rate)
+                for start, _ in spans:
+                    f0 = start // MEL_HOP
+                    part = mel[f0: f0 + GE2E_FRAMES]
+                    if len(part) < GE2E_FRAMES:
+                        part = np.pad(part, ((0, GE2E_FRAMES - len(part)), (0, 0)))
+                    rows.append(part)
+                    owner.append(k)
+            emb = self.net(torch.from_numpy(np.stack(rows)).to(device))
+            index = torch.as_tensor(owner, device=emb.device)
+            pooled = torch.zeros(len(clips), emb.shape[1], device=emb.device, dtype=emb.dtype)
+            pooled.index_add_(0, index, emb)
+            return pooled / pooled.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+    return WindowEncoder()
+
+
+def _package_file(package: str, name: str) -> Path | None:
+    spec = importlib.util.find_spec(package)  # where it is installed: not imported
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / name
+        if path.is_file():
+            return path
+    return None
+
+
+@register(SPEAKER)
+def _resemblyzer(weights: str | None) -> tuple[WeightsInfo, Callable[[], Any]]:
+    if weights not in (None, "DEFAULT", "pretrained"):
+        path: Path | None = Path(str(weights))
+        if not path.is_file():  # type: ignore[union-attr]
+            raise BackboneError(f"weights file {weights!r} does not exist; fix: leave "
+                                "backbone.weights out (resemblyzer's own), or give a saved "
+                                "GE2E checkpoint")
+    else:
+        path = _package_file("resemblyzer", "pretrained.pt")
+        if path is None:
+            raise BackboneError("resemblyzer is not installed; fix: pip install "
+                                "'featurefleet[audio]'")
+    librosa_module()
+    digest = file_sha256(str(path))
+    info = WeightsInfo(id=f"resemblyzer GE2E ({path.name})", sha256=digest,  # type: ignore[union-attr]
+                       preprocessing=GE2E_PRE)
+
+    def build() -> Any:
+        import torch
+
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise BackboneError(f"weights file {str(path)!r} is not a torch checkpoint "
+                                f"({type(exc).__name__}); fix: use resemblyzer's "
+                                "pretrained.pt or a checkpoint saved like it") from None
+        state = state.get("model_state", state) if isinstance(state, dict) else state
+        net = _ge2e_net()
+        try:
+            net.load_state_dict({k: v for k, v in state.items()
+                                 if k.startswith(("lstm.", "linear."))}, strict=True)
+        except (RuntimeError, AttributeError) as exc:
+            raise BackboneError(f"weights file {str(path)!r} does not fit the GE2E encoder "
+                                f"({str(exc).splitlines()[0][:160]}); fix: use resemblyzer's "
+                                "pretrained.pt") from None
+        return _window_encoder(net, GE2E_PRE)
+
+    return info, build
+
+
+def mfcc_features(x: np.ndarray, rate: int = 16_000, n_mfcc: int = 20) -> np.ndarray:
+    """A clip's MFCC mean and standard deviation over its 10 ms frames (``2 * n_mfcc``)."""
+    librosa = librosa_module()
+    m = librosa.feature.mfcc(y=np.asarray(x, np.float32), sr=rate, n_mfcc=n_mfcc,
+                             n_fft=MEL_FFT, hop_length=MEL_HOP, n_mels=40)
+    return np.concatenate([m.mean(axis=1), m.std(axis=1)]).astype(np.float32)
+
+
+@register(MFCC)
+def _mfcc(weights: str | None) -> tuple[WeightsInfo, Callable[[], Any]]:
+    if weights not in (None, "DEFAULT", "none"):
+        raise BackboneError(f"backbone mfcc has no weights (got {weights!r}); fix: leave "
+                            "backbone.weights out")
+    librosa = librosa_module()
+    settings = {"n_mfcc": 20, "n_fft": MEL_FFT, "hop": MEL_HOP, "n_mels": 40,
+                "pool": "mean+std", "librosa": librosa.__version__}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    info = WeightsInfo(id="mfcc-20 mean+std (handcrafted baseline)", sha256=digest,
+                       preprocessing=MFCC_PRE)
+
+    def build() -> Any:
+        import torch
+
+        class Mfcc(torch.nn.Module):
+            baseline = True
+
+            def forward(self, clips: Sequence[np.ndarray]) -> torch.Tensor:
+                return torch.from_numpy(np.stack([mfcc_features(c) for c in clips]))
+
+        return Mfcc()
+
+    return info, build
