@@ -7,14 +7,14 @@ BIN := $(VENV)/bin
 .PHONY: demo test lint unit bench clean browser
 
 # The demo installs what running featurefleet needs; the tests and benchmarks add their tools
-# (linters, type checker, S3 and Kubernetes validators, benchmark data sets).
+# (linters, type checker, S3 and Kubernetes validators, benchmark data sets) and the audio extra.
 $(BIN)/.installed-run: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -e .
 	touch $@
 
 $(BIN)/.installed: pyproject.toml $(BIN)/.installed-run
-	$(BIN)/python -m pip install -e '.[test,bench]'
+	$(BIN)/python -m pip install -e '.[test,bench,audio]'
 	touch $@
 
 demo: $(BIN)/.installed-run

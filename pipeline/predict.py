@@ -47,12 +47,15 @@ class Classifier:
 
     @property
     def modality(self) -> str:
-        """``image`` or ``text``: what ``predict`` takes (paths/arrays, or strings)."""
+        """``image``, ``text`` or ``audio``: what ``predict`` takes (image paths/arrays,
+        strings, or audio paths / ``(samples, rate)`` pairs)."""
         return self.preprocessing.modality
 
     def _input(self, sample: Any) -> Any:
         if self.modality == "text":
             return _as_text(sample)
+        if self.modality == "audio":
+            return _as_clip(sample)
         return _as_rgb(sample, self._min_side)
 
     def _run(self, images: Sequence[Any], net: Any, width: int) -> np.ndarray:
@@ -162,6 +165,29 @@ def _as_text(text: Any) -> str:
     if not text.strip():
         raise FeaturefleetError("cannot classify an empty text; fix: pass some words")
     return text.strip()
+
+
+def _as_clip(sample: Any) -> Any:
+    """An audio file's path (or bytes), a ``(samples, rate)`` pair or a ``Clip`` -> a Clip."""
+    from pipeline.sources.audio import Clip, decode_audio
+
+    if isinstance(sample, Clip):
+        return sample
+    if isinstance(sample, tuple) and len(sample) == 2:
+        x, rate = np.asarray(sample[0], np.float32), int(sample[1])
+        if x.ndim == 2:
+            x = x.mean(axis=1 if x.shape[1] <= 64 else 0)
+        if x.ndim != 1 or not len(x) or not np.isfinite(x).all():
+            raise FeaturefleetError(f"samples of shape {x.shape} are not a finite mono or "
+                                    "multi-channel clip; fix: pass (samples, rate) pairs")
+        return Clip(np.ascontiguousarray(x), rate)
+    try:
+        raw = sample if isinstance(sample, bytes) else Path(sample).read_bytes()
+        return decode_audio(raw)
+    except (OSError, TypeError, ValueError) as exc:
+        shown = "the bytes" if isinstance(sample, bytes) else repr(str(sample))
+        raise FeaturefleetError(f"cannot read audio {shown} ({reason(exc)}); fix: pass a "
+                                "readable audio file (wav, flac, ogg)") from None
 
 
 def _as_rgb(image: Any, min_side: int | None = None) -> np.ndarray:

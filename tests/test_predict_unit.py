@@ -26,6 +26,8 @@ def test_guess_source_of_a_path(tmp_path: Path) -> None:
     assert guess_source(str(tmp_path / "flat")) == "images"
     assert guess_source(str(tmp_path / "classes")) == "imagefolder"
     assert guess_source(str(tmp_path / "classes"), "text") == "text"
+    assert guess_source(str(tmp_path / "classes"), "audio") == "audiofolder"
+    assert guess_source(str(tmp_path / "flat"), "audio") == "audio"
     assert guess_source(str(tmp_path / "t.csv")) == "manifest"
     assert guess_source(str(tmp_path / "t.csv"), "text") == "text"
     assert guess_source(str(tmp_path / "w.tar")) == "webdataset"

@@ -90,7 +90,8 @@ def _ge2e_net() -> Any:
         def forward(self, mels: torch.Tensor) -> torch.Tensor:
             _, (hidden, _) = self.lstm(mels)
             e = torch.relu(self.linear(hidden[-1]))
-            return e / e.norm(dim=1, keepdim=True).clamp_min(1e-8)
+            out: torch.Tensor = e / e.norm(dim=1, keepdim=True).clamp_min(1e-8)
+            return out
 
     return GE2E()
 
@@ -128,7 +129,8 @@ def _window_encoder(net: Any, pre: AudioPreprocessing) -> Any:
             index = torch.as_tensor(owner, device=emb.device)
             pooled = torch.zeros(len(clips), emb.shape[1], device=emb.device, dtype=emb.dtype)
             pooled.index_add_(0, index, emb)
-            return pooled / pooled.norm(dim=1, keepdim=True).clamp_min(1e-8)
+            out: torch.Tensor = pooled / pooled.norm(dim=1, keepdim=True).clamp_min(1e-8)
+            return out
 
     return WindowEncoder()
 
@@ -144,20 +146,22 @@ def _package_file(package: str, name: str) -> Path | None:
 
 @register(SPEAKER)
 def _resemblyzer(weights: str | None) -> tuple[WeightsInfo, Callable[[], Any]]:
+    found: Path | None
     if weights not in (None, "DEFAULT", "pretrained"):
-        path: Path | None = Path(str(weights))
-        if not path.is_file():  # type: ignore[union-attr]
+        found = Path(str(weights))
+        if not found.is_file():
             raise BackboneError(f"weights file {weights!r} does not exist; fix: leave "
                                 "backbone.weights out (resemblyzer's own), or give a saved "
                                 "GE2E checkpoint")
     else:
-        path = _package_file("resemblyzer", "pretrained.pt")
-        if path is None:
+        found = _package_file("resemblyzer", "pretrained.pt")
+        if found is None:
             raise BackboneError("resemblyzer is not installed; fix: pip install "
                                 "'featurefleet[audio]'")
+    path: Path = found
     librosa_module()
     digest = file_sha256(str(path))
-    info = WeightsInfo(id=f"resemblyzer GE2E ({path.name})", sha256=digest,  # type: ignore[union-attr]
+    info = WeightsInfo(id=f"resemblyzer GE2E ({path.name})", sha256=digest,
                        preprocessing=GE2E_PRE)
 
     def build() -> Any:

@@ -114,11 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extract-workers", type=int, default=2,
                    help="with --local: extraction worker processes")
 
-    p = sub.add_parser("predict", help="classify images (or texts) with a trained head: a few "
+    p = sub.add_parser("predict", help="classify images (texts, clips) with a trained head: a few "
                        "files here, or a whole data set on the fleet (--data)")
     _add_broker(p)
     p.add_argument("model", help="a job folder (<output>/jobs/<id>) or a head .pt file")
-    p.add_argument("images", nargs="*", help="image files")
+    p.add_argument("images", nargs="*", help="image (or audio) files")
     p.add_argument("--classes", action="store_true", help="list the classes the model knows")
     p.add_argument("--data", default=None,
                    help="batch prediction on the fleet: a folder of images, a table "

@@ -84,17 +84,18 @@ def predict(args: argparse.Namespace) -> int:
         texts += [line for line in lines.splitlines() if line.strip()]
     inputs = texts or args.images
     if not inputs or (texts and args.images):
-        raise FeaturefleetError("give image files, or texts with --text/--text-file (not both)"
-                                "; fix: featurefleet predict MODEL cat.jpg, or featurefleet "
-                                "predict MODEL --text 'some words'")
+        raise FeaturefleetError("give image or audio files, or texts with --text/--text-file "
+                                "(not both); fix: featurefleet predict MODEL cat.jpg (or "
+                                "clip.wav), or featurefleet predict MODEL --text 'some words'")
     clf = load_classifier(args.model)
     if (clf.modality == "text") != bool(texts):
-        raise FeaturefleetError(f"this classifier reads {clf.modality}s; fix: pass "
+        what_it_reads = {"audio": "audio clips"}.get(clf.modality, f"{clf.modality}s")
+        raise FeaturefleetError(f"this classifier reads {what_it_reads}; fix: pass "
                                 + ("--text or --text-file" if clf.modality == "text"
-                                   else "image files"))
+                                   else f"{clf.modality} files"))
     results = clf.predict(inputs, top=args.top)
     failed = [r for r in results if r.get("error")]
-    what = "text" if texts else "image"
+    what = "text" if texts else clf.modality
     if args.json:
         print(json.dumps([{what: i, **r} for i, r in zip(inputs, results, strict=True)],
                          indent=2))

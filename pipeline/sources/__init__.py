@@ -340,8 +340,6 @@ def guess_source(data: str, modality: str = "image") -> str:
     Raises:
         DataError: nothing there, or a file of a kind no source reads.
     """
-    from pipeline.sources.decode import IMAGE_EXTENSIONS
-
     if data in BUILTIN_SOURCES:
         return data
     path = Path(data).expanduser()
@@ -349,9 +347,11 @@ def guess_source(data: str, modality: str = "image") -> str:
         if modality == "text":
             return "text"
         entries = [p for p in path.iterdir() if visible(p.name)]
-        top_images = [p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS]
-        return "imagefolder" if entries and not top_images and all(
-            p.is_dir() for p in entries) and len(entries) >= 2 else "images"
+        top_files = [p for p in entries if not p.is_dir()]
+        classes = bool(entries) and not top_files and len(entries) >= 2
+        if modality == "audio":
+            return "audiofolder" if classes else "audio"
+        return "imagefolder" if classes else "images"
     if not path.is_file():
         raise DataError(f"data {data!r} does not exist; fix: pass a folder, a table "
                         "(.csv/.jsonl/.parquet), a .tar, or digits")

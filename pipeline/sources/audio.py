@@ -1,4 +1,5 @@
-"""Audio: ``audiofolder`` (``root/<class>/<clip>``, or ``root/{train,val,test}/<class>/<clip>``);
+"""Audio: ``audiofolder`` (``root/<class>/<clip>``, or ``root/{train,val,test}/<class>/<clip>``),
+``audio`` (every clip under a folder, unlabeled: batch prediction);
 tables of audio paths are read by ``manifest`` (a table whose paths are all audio files is an
 audio source).
 
@@ -20,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import DataError
-from pipeline.sources import Loaded, Source, digest_of, failure, register
+from pipeline.sources import Loaded, Source, digest_of, failure, files_under, register
 from pipeline.sources.decode import read_bytes
-from pipeline.sources.folder import FolderSource
+from pipeline.sources.folder import FileSource, FolderSource
 from pipeline.spec import DataSpec
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".au")
@@ -131,6 +132,32 @@ class AudioFolderSource(FolderSource):
         return self.load(indices)
 
 
+class AudioFilesSource(FileSource):
+    """Every clip under ``root`` (recursively), one class: unlabeled clips (batch
+    prediction, embeddings)."""
+
+    modality = "audio"
+
+    def __init__(self, root: Path) -> None:
+        if not root.is_dir():
+            raise DataError(f"audio folder {str(root)!r} does not exist; fix: set data.path to "
+                            "a folder of audio files")
+        self.root = root
+        self.files = [str(p.relative_to(root)) for p in files_under(root, root,
+                                                                    AUDIO_EXTENSIONS)]
+        if not self.files:
+            raise DataError(f"audio folder {str(root)!r} holds no audio files; fix: add "
+                            f"{'/'.join(AUDIO_EXTENSIONS[:4])} files (any subfolders)")
+        self.labels = np.zeros(len(self.files), dtype=np.int64)
+        self.class_names = ["unlabeled"]
+
+    def load(self, indices: Sequence[int], min_size: int | None = None) -> Loaded:
+        return decode_clips([self.root / self.files[i] for i in indices], indices)
+
+    def load_encoded(self, indices: Sequence[int], min_size: int | None = None) -> Loaded:
+        return self.load(indices)
+
+
 def is_audio_path(name: str) -> bool:
     return name.lower().endswith(AUDIO_EXTENSIONS)
 
@@ -139,3 +166,9 @@ def is_audio_path(name: str) -> bool:
 def _audiofolder(spec: DataSpec) -> Source:
     soundfile_module()
     return AudioFolderSource(Path(str(spec.path)))
+
+
+@register("audio")
+def _audio(spec: DataSpec) -> Source:
+    soundfile_module()
+    return AudioFilesSource(Path(str(spec.path)))

@@ -32,8 +32,8 @@ from pipeline.spec.fields import Float, Fraction01, Int, Section, fix
 from pipeline.spec.sections import PredictSpec, QualitySpec
 from pipeline.spec.validation import custom, parse_document
 
-DATA_SOURCES = ("audiofolder", "digits", "imagefolder", "images", "manifest", "npz", "hdf5",
-                "text", "torchvision", "webdataset")
+DATA_SOURCES = ("audio", "audiofolder", "digits", "imagefolder", "images", "manifest", "npz",
+                "hdf5", "text", "torchvision", "webdataset")
 STRATEGIES = ("probe", "finetune", "auto")
 HEADS = ("linear", "mlp", "knn")
 AUTO_BATCH = {"cuda": 512, "cpu": 32}  # batch_size: auto starts here (halved on out-of-memory)
@@ -44,8 +44,8 @@ class DataSpec(Section):
     """Where the samples come from and how they are split and sharded."""
 
     section: ClassVar[str] = "data"
-    source: Literal["audiofolder", "digits", "imagefolder", "images", "manifest", "npz", "hdf5",
-                    "text", "torchvision", "webdataset"] = "digits"
+    source: Literal["audio", "audiofolder", "digits", "imagefolder", "images", "manifest",
+                    "npz", "hdf5", "text", "torchvision", "webdataset"] = "digits"
     path: str | None = None  # folder, manifest (.csv/.jsonl), array file, or torchvision root
     name: str | None = None  # torchvision dataset class, e.g. CIFAR10 (source: torchvision)
     download: bool = False  # let torchvision download the dataset into path (needs internet)
