@@ -258,3 +258,25 @@ def test_audio_job_quality_report_and_predict(cluster, tmp_path: Path) -> None: 
     bad = subprocess.run([*cmd[:5], "--text", "hello"], capture_output=True, text=True,
                          timeout=180)
     assert bad.returncode != 0 and "reads audio clips; fix: pass audio files" in bad.stderr
+
+
+def test_the_speech_demo_reads_a_copy_of_fsdd_by_digit_or_speaker(tmp_path: Path) -> None:
+    from pipeline.client.speech import find_fsdd, fsdd_manifest
+    from pipeline.errors import FeaturefleetError
+
+    rec = tmp_path / "fsdd" / "recordings"
+    rec.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in ("3_jackson_0.wav", "3_jackson_7.wav", "5_lucas_12.wav", "README.wav"):
+        sf.write(rec / name, tone("mid", rng, 8000, 0.5), 8000)
+    manifest = fsdd_manifest(str(tmp_path / "fsdd"), tmp_path / "out", "speakers")
+    lines = manifest.read_text().splitlines()
+    assert lines == ["path,label,split", "recordings/3_jackson_0.wav,jackson,test",
+                     "recordings/3_jackson_7.wav,jackson,train",
+                     "recordings/5_lucas_12.wav,lucas,train"]
+    src = open_source(DataSpec(source="manifest", path=str(manifest)))
+    assert src.modality == "audio" and src.class_names == ["jackson", "lucas"]
+    digits = fsdd_manifest(str(tmp_path / "fsdd"), tmp_path / "out2", "digits")
+    assert digits.read_text().splitlines()[1] == "recordings/3_jackson_0.wav,3,test"
+    with pytest.raises(FeaturefleetError, match="holds no FSDD recordings/ folder; fix:"):
+        find_fsdd(str(tmp_path / "out" / "nothing"))

@@ -72,6 +72,18 @@ def _demo(args: argparse.Namespace) -> int:
             "name": "all-minilm-l6-v2", "image_size": None, "max_length": 128})
         what = (f"Debian package descriptions by section ({csv_path.name}), all-MiniLM-L6-v2, "
                 "linear probe")
+    if args.data == "speech":
+        from pipeline.client.speech import CREDIT, fsdd_manifest
+
+        manifest = fsdd_manifest(args.path, out / "fsdd", args.task)
+        backbone = args.backbone or "resemblyzer"
+        spec = spec.replace(name=f"demo-fsdd-{args.task}-{backbone}", data={
+            "source": "manifest", "path": str(manifest), "shard_size": 500},
+            backbone={"name": backbone, "image_size": None})
+        what = f"{CREDIT}: {args.task}, {backbone}, linear probe"
+    elif args.backbone:
+        raise FeaturefleetError("--backbone is for --data speech; fix: use featurefleet run "
+                                "with a job file to pick another backbone")
     if args.no_quality:
         spec = spec.replace(quality={"enabled": False})
     return run_local(spec, what, "demo", args.extract_workers, args.timeout)

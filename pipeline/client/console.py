@@ -241,7 +241,9 @@ def format_leaderboard(board: dict[str, Any]) -> str:
     def cell(v: Any) -> str:
         return f"{v:.4f}" if isinstance(v, float) and v <= 1 else ("-" if v is None else str(v))
 
-    rows = [[h for _, h in cols]] + [[cell(r.get(k)) for k, _ in cols] for r in board["rows"]]
+    shown = [{**r, "backbone": f"{r.get('backbone')} (baseline)"} if r.get("baseline") else r
+             for r in board["rows"]]
+    rows = [[h for _, h in cols]] + [[cell(r.get(k)) for k, _ in cols] for r in shown]
     widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))
                      for r in rows)

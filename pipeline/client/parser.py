@@ -20,9 +20,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run a whole job on this machine (private Redis + workers)")
     p.add_argument("--output", default="featurefleet-demo", help="folder for outputs and store")
-    p.add_argument("--data", choices=["digits", "text"], default="digits",
-                   help="digits (images, EfficientNet-Lite0) or text (the Debian package "
-                        "index's descriptions by section, all-MiniLM-L6-v2)")
+    p.add_argument("--data", choices=["digits", "text", "speech"], default="digits",
+                   help="digits (images, EfficientNet-Lite0), text (the Debian package "
+                        "index's descriptions by section, all-MiniLM-L6-v2) or speech (the "
+                        "Free Spoken Digit Dataset, resemblyzer; needs featurefleet[audio])")
+    p.add_argument("--path", default=None,
+                   help="with --data speech: a copy of the Free Spoken Digit Dataset (default: "
+                        "a developer checkout's ../shared/data/fsdd, else downloaded)")
+    p.add_argument("--task", choices=["speakers", "digits"], default="speakers",
+                   help="with --data speech: who speaks (the encoder's strength) or which digit")
+    p.add_argument("--backbone", default=None,
+                   help="with --data speech: resemblyzer (default) or mfcc (the handcrafted "
+                        "baseline)")
     p.add_argument("--image-size", type=int, default=None,
                    help="input size (default: the weights' own, 224 for efficientnet_lite0)")
     p.add_argument("--shard-size", type=int, default=300, help="images per extraction task")

@@ -44,7 +44,10 @@ def row(job: dict[str, Any]) -> dict[str, Any]:
             "val_top1")
         speed = {"extract_images_per_s": t.get("extract_images_per_s")}
         params = rep["backbone"].get("parameters")
-    return {**out, "weights": rep["backbone"]["weights_id"], "val_top1": val,
+    # a handcrafted baseline (mfcc...) answers "did transfer help?": marked, ranked like any row
+    baseline = "baseline" in str(rep["backbone"]["weights_id"])
+    return {**out, "weights": rep["backbone"]["weights_id"], "baseline": baseline,
+            "val_top1": val,
             "test_top1": m["top1"], "test_top5": m["top5"],
             "balanced_accuracy": m["balanced_accuracy"], "macro_f1": m["macro_f1"],
             **speed, "train_s": t.get("train_s"), "total_s": t.get("total_s"),

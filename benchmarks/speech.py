@@ -1,0 +1,171 @@
+"""Speech: does a pretrained audio encoder beat handcrafted features? Spoken-digit and speaker
+recognition on the Free Spoken Digit Dataset (FSDD, Zohar Jackson et al., CC BY-SA 4.0).
+
+For each backbone (``resemblyzer``: the GE2E speaker encoder; ``mfcc``: the handcrafted
+baseline) one featurefleet job extracts the clips' features on a private Redis + real worker
+processes (a manifest of the clips, labelled by digit; the job's own linear probe is the "all
+labels" digit row). The same stored features are then read back from the job's HDF5 shards and
+scored with a standardized logistic regression (C=1) for both tasks:
+
+- digits and speakers with 1, 2, 5 labelled training clips per class (mean +- sd over draws)
+  and with every training clip; train = takes 5..T-1, test = takes 0..4 (FSDD's convention);
+- digits leave-one-speaker-out (train on five speakers, test on the sixth, every take < T).
+
+    .venv/bin/python benchmarks/speech.py [--fsdd ../shared/data/fsdd] [--takes 20] [--draws 10]
+
+Fine-tuning an audio encoder is not supported yet (planning refuses it), so no fine-tuned row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.client.api import submit
+from pipeline.spec import JobSpec
+from pipeline.store.shards import read_shard
+from workers.launcher import local_cluster
+
+NAME = re.compile(r"^(\d)_([a-z]+)_(\d+)\.wav$")
+
+
+def write_manifest(fsdd: Path, takes: int, out: Path) -> tuple[Path, list[dict[str, Any]]]:
+    """A manifest of the recordings with take < ``takes`` (label: the digit; split: test for
+    takes 0..4), beside copies of them under ``out`` (a manifest reads only its own folder)."""
+    import shutil
+
+    rows = []
+    (out / "recordings").mkdir(exist_ok=True)
+    for path in sorted((fsdd / "recordings").glob("*.wav")):
+        m = NAME.match(path.name)
+        if m and int(m.group(3)) < takes:
+            if not (out / "recordings" / path.name).exists():
+                shutil.copyfile(path, out / "recordings" / path.name)
+            rows.append({"path": f"recordings/{path.name}", "digit": m.group(1),
+                         "speaker": m.group(2), "take": int(m.group(3)),
+                         "split": "test" if int(m.group(3)) < 5 else "train"})
+    manifest = out / "fsdd.csv"
+    with open(manifest, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "split"])
+        w.writerows([(r["path"], r["digit"], r["split"]) for r in rows])
+    return manifest, rows
+
+
+def features_of(rep: dict[str, Any], n: int) -> np.ndarray:
+    """The job's stored features in manifest order (rows of skipped clips stay NaN)."""
+    out: np.ndarray | None = None
+    for s in rep["shards"]:
+        shard = read_shard(s["path"])
+        if out is None:
+            out = np.full((n, shard.features.shape[1]), np.nan, np.float32)
+        out[shard.indices] = shard.features
+    assert out is not None
+    return out
+
+
+def logistic(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
+             y_test: np.ndarray) -> float:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=3000))
+    clf.fit(x_train, y_train)
+    return float((clf.predict(x_test) == y_test).mean())
+
+
+def few_labels(x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray,
+               per_class: int | None, draws: int) -> tuple[float, float]:
+    if per_class is None:
+        acc = logistic(x[train], y[train], x[test], y[test])
+        return acc, 0.0
+    scores = []
+    for d in range(draws):
+        rng = np.random.default_rng(d)
+        pick = np.concatenate([rng.choice(train[y[train] == c], per_class, replace=False)
+                               for c in np.unique(y[train])])
+        scores.append(logistic(x[pick], y[pick], x[test], y[test]))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--fsdd", default=str(Path(__file__).resolve().parents[2] / "shared" /
+                                          "data" / "fsdd"))
+    ap.add_argument("--takes", type=int, default=20, help="recordings per speaker and digit")
+    ap.add_argument("--draws", type=int, default=10)
+    ap.add_argument("--backbones", default="resemblyzer,mfcc")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    fsdd = Path(args.fsdd)
+    if not (fsdd / "recordings").is_dir():
+        raise SystemExit(f"no FSDD at {fsdd}; fix: --fsdd PATH (a clone of "
+                         "free-spoken-digit-dataset)")
+    out = Path(args.out or tempfile.mkdtemp(prefix="ff-speech-"))
+    out.mkdir(parents=True, exist_ok=True)
+    manifest, rows = write_manifest(fsdd, args.takes, out)
+    digit = np.array([int(r["digit"]) for r in rows])
+    speakers = sorted({r["speaker"] for r in rows})
+    speaker = np.array([speakers.index(r["speaker"]) for r in rows])
+    train = np.flatnonzero(np.array([r["split"] == "train" for r in rows]))
+    test = np.flatnonzero(np.array([r["split"] == "test" for r in rows]))
+    results: dict[str, Any] = {"clips": len(rows), "train": len(train), "test": len(test),
+                               "speakers": speakers, "backbones": {}}
+    with local_cluster(out / "cluster", extract_workers=1) as cluster:
+        for name in args.backbones.split(","):
+            spec = JobSpec.from_dict({
+                "name": f"speech-{name}", "data": {"source": "manifest", "path": str(manifest),
+                                                   "shard_size": 200},
+                "backbone": {"name": name}, "quality": {"enabled": False},
+                "output": str(out / "jobs"), "store": str(out / "store")})
+            t0 = time.perf_counter()
+            job = submit(spec, broker=cluster.broker)
+            st = job.wait(timeout=3600)
+            if st["status"] != "SUCCESS":
+                raise SystemExit(f"{name}: {st['status']}: {st.get('error')}")
+            rep = job.result()
+            x = features_of(rep, len(rows))
+            ok = np.isfinite(x).all(axis=1)
+            tr, te = train[ok[train]], test[ok[test]]
+            row: dict[str, Any] = {
+                "job_seconds": round(time.perf_counter() - t0, 1),
+                "extract_s": rep["timings"].get("extract_s"),
+                "job_probe_digits_top1": rep["metrics"]["top1"], "skipped": int((~ok).sum())}
+            for task, y in (("digits", digit), ("speakers", speaker)):
+                for k in (1, 2, 5, None):
+                    mean, sd = few_labels(x, y, tr, te, k, args.draws)
+                    row[f"{task}@{k or 'all'}"] = [round(mean, 4), round(sd, 4)]
+            loso = []
+            for s in range(len(speakers)):
+                held = ok & (speaker == s)
+                rest = ok & (speaker != s)
+                loso.append(logistic(x[rest], digit[rest], x[held], digit[held]))
+            row["digits_leave_one_speaker_out"] = [round(float(np.mean(loso)), 4),
+                                                   round(float(np.std(loso)), 4)]
+            results["backbones"][name] = row
+            print(json.dumps({name: row}), flush=True)
+    (out / "speech.json").write_text(json.dumps(results, indent=2))
+    cols = [f"{t}@{k}" for t in ("digits", "speakers") for k in (1, 2, 5, "all")]
+    print("\n| backbone | " + " | ".join(cols) + " | digits LOSO | extract s |")
+    print("|---" * (len(cols) + 3) + "|")
+    for name, row in results["backbones"].items():
+        cells = [f"{row[c][0]:.3f} ± {row[c][1]:.3f}" if row[c][1] else f"{row[c][0]:.3f}"
+                 for c in cols]
+        loso = row["digits_leave_one_speaker_out"]
+        print(f"| {name} | " + " | ".join(cells) + f" | {loso[0]:.3f} ± {loso[1]:.3f} | "
+              f"{row['extract_s']} |")
+    print(f"\n{len(rows)} clips ({len(train)} train, {len(test)} test); results in "
+          f"{out / 'speech.json'}")
+
+
+if __name__ == "__main__":
+    main()
