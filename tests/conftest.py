@@ -90,9 +90,9 @@ def processes_marked(marker: str) -> list[tuple[int, str]]:
 # finish together instead of one starting the 3-minute host tests last. Seconds measured in
 # a sequential run; the other files follow in collection order.
 LONGEST_FIRST = ["test_faults.py", "test_hosts.py", "test_pretrain.py", "test_finetune.py",
-                 "test_cli.py", "test_text.py", "test_integrity.py", "test_security.py",
-                 "test_fastpath.py", "test_s3_store.py", "test_wiring.py", "test_batch.py",
-                 "test_integration.py", "test_quality.py", "test_engine.py"]
+                 "test_cli.py", "test_text.py", "test_audio.py", "test_integrity.py",
+                 "test_security.py", "test_fastpath.py", "test_s3_store.py", "test_wiring.py",
+                 "test_batch.py", "test_integration.py", "test_quality.py", "test_engine.py"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

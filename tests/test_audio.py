@@ -1,7 +1,7 @@
 """Audio as a modality: decoding bounded by the header, recorded skips, folder and manifest
 sources, the resemblyzer and mfcc backbones, windows pooled per clip, audio signatures, bad
-specs refused at planning, and a whole job (quality stage, report, predict) through real
-worker processes. The clips are synthesized here (tests must pass without ``../shared``);
+specs refused at planning, a whole job (quality stage, report, predict) through real
+worker processes, and the handcrafted baselines (``mfcc``, ``pixels``). The clips are synthesized here (tests must pass without ``../shared``);
 FSDD, where present, is used by ``benchmarks/speech.py``."""
 
 from __future__ import annotations
@@ -280,3 +280,29 @@ def test_the_speech_demo_reads_a_copy_of_fsdd_by_digit_or_speaker(tmp_path: Path
     assert digits.read_text().splitlines()[1] == "recordings/3_jackson_0.wav,3,test"
     with pytest.raises(FeaturefleetError, match="holds no FSDD recordings/ folder; fix:"):
         find_fsdd(str(tmp_path / "out" / "nothing"))
+
+
+def test_handcrafted_baselines_of_images_and_audio(tmp_path: Path) -> None:
+    """``pixels`` and ``mfcc`` run through the same plan and shards as any backbone, are
+    marked as baselines, and are refused where there is nothing to train."""
+    from pipeline.backbones import is_baseline, resolve_weights
+    from pipeline.extract import Target, extract_shard
+    from pipeline.planner import make_plan
+    from pipeline.store.shards import read_shard
+
+    assert is_baseline(resolve_weights("pixels", None).id)
+    assert is_baseline(resolve_weights("mfcc", None).id)
+    assert not is_baseline(resolve_weights("resemblyzer", None).id)
+    spec = JobSpec.from_dict({"data": {"source": "digits", "limit": 120, "shard_size": 200},
+                              "backbone": {"name": "pixels"}, "output": str(tmp_path)})
+    plan = make_plan(spec, "p" * 12)
+    assert plan.strategy == "probe"
+    src = open_source(plan.spec.data)
+    got = extract_shard(src, list(range(40)), plan.backbone, plan.spec.backbone,
+                        Target(str(tmp_path / "s.h5"), plan.key, 0.0))
+    shard = read_shard(str(tmp_path / "s.h5"))
+    assert got.rows == 40 and shard.features.shape == (40, 256)
+    assert np.isfinite(shard.features).all() and shard.features.std() > 0.1
+    for bad in (spec.replace(strategy="finetune"), spec.replace(kind="pretrain")):
+        with pytest.raises(SpecError, match="handcrafted baseline with nothing to train"):
+            make_plan(bad, "q" * 12)

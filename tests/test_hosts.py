@@ -184,7 +184,7 @@ def test_a_host_cut_off_mid_training_regroups_and_the_run_finishes(tmp_path: Pat
     serve the rendezvous is cut off after the first checkpoint: its task comes back (after the
     visibility timeout) on the spare host, every node meets again in the next generation and
     the ranks resume from the checkpoint; every step runs exactly once."""
-    spec = {"kind": "pretrain", "data": {"source": "digits", "limit": 768},
+    spec = {"kind": "pretrain", "data": {"source": "digits", "limit": 512},
             "backbone": {"name": "resnet18", "weights": "random", "image_size": 32},
             "pretrain": {"method": "simclr", "epochs": 4, "batch_size": 32, "hflip": False,
                          "nodes": 2, "eval_every_epochs": 0, "checkpoint_every_steps": 2},

@@ -160,6 +160,11 @@ class AudioPreprocessing:
 AnyPreprocessing = Preprocessing | TextPreprocessing | AudioPreprocessing
 
 
+def is_baseline(weights_id: str) -> bool:
+    """A handcrafted baseline (``pixels``, ``mfcc``): nothing to fine-tune or pretrain."""
+    return "handcrafted baseline" in weights_id
+
+
 def describe_input(pre: dict[str, Any] | None) -> str:
     """A saved recipe's input in words: ``224 px``, ``128 tokens``, ``16 kHz, 1.6 s windows``."""
     pre = pre or {}

@@ -179,3 +179,38 @@ def _drop_classifier(model: Any, name: str) -> Any:
     head = getattr(parent, leaf)
     setattr(parent, leaf, torch.nn.Identity())
     return head
+
+
+# --- pixels: the handcrafted image baseline (did transfer help?) ----------------------------
+
+PIXELS_SIDE = 16
+_PIXELS_PRE = Preprocessing(resize=PIXELS_SIDE, crop=PIXELS_SIDE, mean=(0.5, 0.5, 0.5),
+                            std=(0.25, 0.25, 0.25))
+
+
+@register("pixels")
+def _pixels(weights: str | None) -> tuple[WeightsInfo, Callable[[], Any]]:
+    """Each image as a 16 x 16 grey thumbnail (256 values): no weights, no learning; its
+    identity is its settings. The image counterpart of ``mfcc``."""
+    if weights not in (None, "DEFAULT", "none"):
+        raise BackboneError(f"backbone pixels has no weights (got {weights!r}); fix: leave "
+                            "backbone.weights out")
+    digest = hashlib.sha256(f"pixels grey {PIXELS_SIDE}x{PIXELS_SIDE} v1".encode()).hexdigest()
+    info = WeightsInfo(f"grey {PIXELS_SIDE}x{PIXELS_SIDE} pixels (handcrafted baseline)",
+                       digest, _PIXELS_PRE)
+
+    def build() -> Any:
+        import torch
+
+        class Pixels(torch.nn.Module):
+            baseline = True
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                grey = x.float().mean(dim=1, keepdim=True)
+                out: torch.Tensor = torch.nn.functional.adaptive_avg_pool2d(
+                    grey, PIXELS_SIDE).flatten(1)
+                return out
+
+        return Pixels()
+
+    return info, build

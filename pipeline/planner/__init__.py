@@ -333,6 +333,10 @@ def make_plan(spec: JobSpec, job_id: str, gpus: int | Callable[[], int] = 0,
     warnings = unseen_classes(source, split, spec.data) if labeled and predict is None else []
     arch, arch_weights, weights = resolve_backbone(spec)
     pre = modality_checks(source, spec, weights.preprocessing)
+    if backbones.is_baseline(weights.id) and (pretraining or spec.strategy == "finetune"):
+        raise SpecError("backbone.name", f"{spec.backbone.name!r} is a handcrafted baseline "
+                        "with nothing to train", "use it with strategy: probe (or auto), and "
+                        "fine-tune or pretrain a network backbone")
     warnings += review_warnings + dropped_rows(source) + text_finetune_lr(spec, pre)
     if pretraining:
         pretrain_checks(source, spec, pre.input_size, len(split["train"]) + len(split["val"]))
@@ -346,6 +350,9 @@ def make_plan(spec: JobSpec, job_id: str, gpus: int | Callable[[], int] = 0,
         strategy, reason = "probe", ("pretraining: the encoder is trained on the images, "
                                      "labels unused") if pretraining else (
             "data quality: the stage runs on the cached features")
+    elif backbones.is_baseline(weights.id):
+        strategy, reason = "probe", ("probe: a handcrafted baseline has nothing to "
+                                     "fine-tune")
     elif pre.modality == "audio":
         strategy, reason = "probe", ("probe: audio encoders are used frozen (fine-tuning "
                                      "one is not supported yet)")

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.backbones import is_baseline
 from pipeline.fsio import atomic_write_text
 from pipeline.reports.html import render_leaderboard
 
@@ -45,7 +46,7 @@ def row(job: dict[str, Any]) -> dict[str, Any]:
         speed = {"extract_images_per_s": t.get("extract_images_per_s")}
         params = rep["backbone"].get("parameters")
     # a handcrafted baseline (mfcc...) answers "did transfer help?": marked, ranked like any row
-    baseline = "baseline" in str(rep["backbone"]["weights_id"])
+    baseline = is_baseline(str(rep["backbone"]["weights_id"]))
     return {**out, "weights": rep["backbone"]["weights_id"], "baseline": baseline,
             "val_top1": val,
             "test_top1": m["top1"], "test_top5": m["top5"],
