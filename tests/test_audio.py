@@ -1,8 +1,9 @@
 """Audio as a modality: decoding bounded by the header, recorded skips, folder and manifest
 sources, the resemblyzer and mfcc backbones, windows pooled per clip, audio signatures, bad
-specs refused at planning, a whole job (quality stage, report, predict) through real
-worker processes, and the handcrafted baselines (``mfcc``, ``pixels``). The clips are synthesized here (tests must pass without ``../shared``);
-FSDD, where present, is used by ``benchmarks/speech.py``."""
+specs refused at planning, a whole job (quality stage, report, predict) through real worker
+processes, and the handcrafted baselines (``mfcc``, ``pixels``). The clips are synthesized
+here (tests must pass without ``../shared``); FSDD, where present, is used by
+``benchmarks/speech.py``."""
 
 from __future__ import annotations
 
