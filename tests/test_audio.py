@@ -307,3 +307,58 @@ def test_handcrafted_baselines_of_images_and_audio(tmp_path: Path) -> None:
     for bad in (spec.replace(strategy="finetune"), spec.replace(kind="pretrain")):
         with pytest.raises(SpecError, match="handcrafted baseline with nothing to train"):
             make_plan(bad, "q" * 12)
+
+
+def _tiny_hf_audio(folder: Path, kind: str) -> Path:
+    """A randomly initialised, tiny wav2vec2 or Whisper saved with ``save_pretrained`` (the
+    real loading code runs on it; pretrained ones download, which this machine cannot)."""
+    import transformers as tf
+
+    if kind == "wav2vec2":
+        cfg = tf.Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 4),
+                                conv_kernel=(10, 8), num_conv_pos_embeddings=16,
+                                num_conv_pos_embedding_groups=2)
+        tf.Wav2Vec2Model(cfg).save_pretrained(folder)
+        tf.Wav2Vec2FeatureExtractor(sampling_rate=16000).save_pretrained(folder)
+    else:
+        cfg = tf.WhisperConfig(d_model=32, encoder_layers=1, decoder_layers=1,
+                               encoder_attention_heads=2, decoder_attention_heads=2,
+                               encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=80,
+                               vocab_size=100, pad_token_id=1, bos_token_id=2, eos_token_id=3,
+                               decoder_start_token_id=2, max_target_positions=64)
+        tf.WhisperModel(cfg).save_pretrained(folder)
+        tf.WhisperFeatureExtractor(feature_size=80).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["wav2vec2", "whisper"])
+def test_hf_audio_encoders_pool_windows_and_key_their_extractor(tmp_path: Path,
+                                                                 kind: str) -> None:
+    import torch
+
+    from pipeline.backbones import load_backbone, resolve_weights
+    from pipeline.preprocess import preprocess
+    from pipeline.sources.audio import Clip
+
+    folder = _tiny_hf_audio(tmp_path / kind, kind)
+    name = f"hf:{folder}"
+    bb = load_backbone(name, "DEFAULT")
+    pre = bb.weights.preprocessing
+    assert pre.modality == "audio" and pre.sample_rate == 16000 and pre.extractor_sha256
+    assert bb.weights.sha256 not in ("random", "")
+    rng = np.random.default_rng(0)
+    clips = [Clip(tone("low", rng, 8000, 0.6), 8000), Clip(tone("high", rng, 16000, 23.0), 16000)]
+    x = preprocess(clips, pre, "cpu")
+    with torch.inference_mode():
+        both, alone = bb.model(x).numpy(), bb.model(x[:1]).numpy()
+    assert both.shape == (2, 32) and np.isfinite(both).all()
+    assert np.allclose(both[0], alone[0], atol=1e-5)  # no padding leaks across a batch
+    if kind == "wav2vec2":
+        assert len(pre.windows(len(x[1]))) == 3  # 23 s: 10 s + 10 s + the last 3 s
+    assert resolve_weights(name, "random").sha256 == "random"
+    before = pre.extractor_sha256
+    settings = json.loads((folder / "preprocessor_config.json").read_text())
+    settings["do_normalize"] = not settings.get("do_normalize", False)
+    (folder / "preprocessor_config.json").write_text(json.dumps(settings))
+    assert resolve_weights(name, "DEFAULT").preprocessing.extractor_sha256 != before

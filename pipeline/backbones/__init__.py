@@ -121,6 +121,7 @@ class AudioPreprocessing:
     min_coverage: float = 0.75
     pooling: str = "mean"
     gain_dbfs: float | None = None
+    extractor_sha256: str | None = None  # a Hugging Face feature extractor's settings
     modality = "audio"
 
     @property
@@ -132,10 +133,13 @@ class AudioPreprocessing:
 
     def windows(self, n: int) -> list[tuple[int, int]]:
         """(start, stop) sample ranges of a clip of ``n`` samples at ``sample_rate`` (stop may
-        pass ``n``: the clip is zero-padded there)."""
+        pass ``n``: the clip is zero-padded there, unless the encoder clips it there)."""
         if self.window_s <= 0:
             return [(0, max(n, 1))]
         win = round(self.window_s * self.sample_rate)
+        if self.pooling == "mean-unpadded":  # windows end at the clip's end
+            return [(a, min(b, n)) for a, b in AudioPreprocessing(
+                self.sample_rate, self.window_s, self.hop_s, self.min_coverage).windows(n)]
         hop = max(1, round(self.hop_s * self.sample_rate))
         starts = list(range(0, max(1, n - win + hop), hop))
         out = [(s, s + win) for s in starts]
@@ -149,12 +153,14 @@ class AudioPreprocessing:
         return cls(sample_rate=int(raw["sample_rate"]), window_s=float(raw["window_s"]),
                    hop_s=float(raw["hop_s"]), min_coverage=float(raw.get("min_coverage", 0.75)),
                    pooling=str(raw.get("pooling", "mean")),
-                   gain_dbfs=None if gain is None else float(gain))
+                   gain_dbfs=None if gain is None else float(gain),
+                   extractor_sha256=raw.get("extractor_sha256"))
 
     def to_dict(self) -> dict[str, Any]:
         return {"modality": "audio", "sample_rate": self.sample_rate, "window_s": self.window_s,
                 "hop_s": self.hop_s, "min_coverage": self.min_coverage,
-                "pooling": self.pooling, "gain_dbfs": self.gain_dbfs}
+                "pooling": self.pooling, "gain_dbfs": self.gain_dbfs,
+                "extractor_sha256": self.extractor_sha256}
 
 
 AnyPreprocessing = Preprocessing | TextPreprocessing | AudioPreprocessing

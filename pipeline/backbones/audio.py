@@ -146,6 +146,9 @@ def _package_file(package: str, name: str) -> Path | None:
 
 @register(SPEAKER)
 def _resemblyzer(weights: str | None) -> tuple[WeightsInfo, Callable[[], Any]]:
+    if weights == "random":  # the architecture untrained: a baseline for the weights
+        return WeightsInfo("random", "random", GE2E_PRE), lambda: _window_encoder(
+            _ge2e_net(), GE2E_PRE)
     found: Path | None
     if weights not in (None, "DEFAULT", "pretrained"):
         found = Path(str(weights))
@@ -219,3 +222,134 @@ def _mfcc(weights: str | None) -> tuple[WeightsInfo, Callable[[], Any]]:
         return Mfcc()
 
     return info, build
+
+
+# --- Hugging Face audio encoders: hf:<folder> of wav2vec2 / HuBERT / WavLM / Whisper ... -----
+
+HF_AUDIO_TYPES = ("wav2vec2", "hubert", "wavlm", "whisper", "data2vec-audio", "unispeech",
+                  "unispeech-sat", "audio-spectrogram-transformer", "sew", "sew-d")
+HF_AUDIO_WINDOW_S = 10.0  # wav2vec2-style encoders: 10 s windows every 10 s, unpadded
+WHISPER_FRAME_S = 0.02  # a Whisper encoder frame is 20 ms
+
+
+def is_audio_folder(folder: Path, config: dict[str, Any]) -> bool:
+    """A Hugging Face folder holding an audio encoder (its feature extractor reads waveforms)."""
+    pre = _read_json(folder / "preprocessor_config.json")
+    kind = str((pre or {}).get("feature_extractor_type", ""))
+    reads_waves = isinstance(pre, dict) and "sampling_rate" in pre and not kind.endswith(
+        "ImageProcessor")
+    return reads_waves or config.get("model_type") in HF_AUDIO_TYPES
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def hf_audio_factory(folder: Path, model_id: str, weights: str | None,
+                     weights_sha256: str) -> tuple[WeightsInfo, Callable[[], Any]]:
+    """An audio encoder saved with ``save_pretrained`` (its feature extractor beside it):
+    clips resampled to the extractor's rate, cut into 10 s windows (30 s for Whisper, the
+    padding it needs ignored), the encoder's last hidden states mean-pooled over time and
+    windows. The extractor's settings are part of the preprocessing (the content key).
+
+    Raises:
+        BackboneError: no feature extractor settings, or weights other than DEFAULT/random.
+    """
+    name = f"hf:{folder}"
+    settings = _read_json(folder / "preprocessor_config.json")
+    if not isinstance(settings, dict) or "sampling_rate" not in settings:
+        raise BackboneError(f"backbone {name!r}: no preprocessor_config.json with a "
+                            "sampling_rate; fix: save the feature extractor beside the model "
+                            "(feature_extractor.save_pretrained(folder))")
+    if weights not in (None, "random", "DEFAULT"):
+        raise BackboneError(f"unknown weights {weights!r} for audio backbone {model_id}; fix: "
+                            "use DEFAULT (the folder's weights) or random")
+    config = _read_json(folder / "config.json") or {}
+    whisper = config.get("model_type") == "whisper"
+    window = 30.0 if whisper else HF_AUDIO_WINDOW_S
+    pre = AudioPreprocessing(
+        sample_rate=int(settings["sampling_rate"]), window_s=window, hop_s=window,
+        min_coverage=0.25, pooling="mean-unpadded",
+        extractor_sha256=hashlib.sha256(json.dumps(settings, sort_keys=True).encode()
+                                        ).hexdigest())
+    random_init = weights in (None, "random")
+    info = WeightsInfo("random", "random", pre) if random_init else WeightsInfo(
+        model_id, weights_sha256, pre)
+
+    def build() -> Any:
+        try:
+            from transformers import AutoConfig, AutoFeatureExtractor, AutoModel
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            extractor = AutoFeatureExtractor.from_pretrained(str(folder))
+            model = (AutoModel.from_config(AutoConfig.from_pretrained(str(folder)))
+                     if random_init else AutoModel.from_pretrained(str(folder)))
+        except ImportError:
+            raise BackboneError("hf: audio encoders need transformers; fix: pip install "
+                                "transformers") from None
+        except Exception as exc:
+            raise BackboneError(f"backbone {name!r}: cannot load the audio encoder in "
+                                f"{str(folder)!r} ({type(exc).__name__}: {str(exc)[:160]}); "
+                                "fix: pass a folder saved with save_pretrained") from None
+        if getattr(model.config, "is_encoder_decoder", False):
+            model = model.get_encoder()
+        return _hf_audio_encoder(model, extractor, pre, whisper)
+
+    return info, build
+
+
+def _hf_audio_encoder(model: Any, extractor: Any, pre: AudioPreprocessing,
+                      whisper: bool) -> Any:
+    import torch
+
+    class HfAudioEncoder(torch.nn.Module):
+        """Windows of equal length in one batch each; last hidden states mean-pooled over the
+        frames that hold audio, then over a clip's windows."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = model
+            self.__dict__["extractor"] = extractor  # not a module: not saved, not moved
+            self.extractor: Any
+
+        def _embed(self, windows: list[np.ndarray]) -> torch.Tensor:
+            device = next(self.encoder.parameters()).device
+            enc = self.extractor(windows, sampling_rate=pre.sample_rate, return_tensors="pt")
+            inputs = {k: v.to(device) for k, v in enc.items()
+                      if k in ("input_values", "input_features")}
+            hidden = self.encoder(**inputs).last_hidden_state
+            if whisper:  # the extractor pads to 30 s: keep the frames that hold the audio
+                keep = max(1, int(np.ceil(len(windows[0]) / pre.sample_rate / WHISPER_FRAME_S)))
+                hidden = hidden[:, :keep]
+            out: torch.Tensor = hidden.float().mean(dim=1)
+            return out
+
+        def forward(self, clips: Sequence[np.ndarray]) -> torch.Tensor:
+            owner: list[int] = []
+            parts: list[np.ndarray] = []
+            for k, clip in enumerate(clips):
+                x = np.asarray(clip, np.float32)
+                for a, b in pre.windows(len(x)):
+                    parts.append(x[a:b])
+                    owner.append(k)
+            rows: list[torch.Tensor | None] = [None] * len(parts)
+            by_length: dict[int, list[int]] = {}
+            for i, p in enumerate(parts):
+                by_length.setdefault(len(p), []).append(i)
+            for ids in by_length.values():  # equal lengths: no padding inside a batch
+                emb = self._embed([parts[i] for i in ids])
+                for i, e in zip(ids, emb, strict=True):
+                    rows[i] = e
+            stacked = torch.stack([r for r in rows if r is not None])
+            index = torch.as_tensor(owner, device=stacked.device)
+            pooled = torch.zeros(len(clips), stacked.shape[1], device=stacked.device)
+            pooled.index_add_(0, index, stacked)
+            counts = torch.bincount(index, minlength=len(clips)).clamp_min(1).unsqueeze(1)
+            out: torch.Tensor = pooled / counts
+            return out
+
+    return HfAudioEncoder()

