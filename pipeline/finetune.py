@@ -243,8 +243,9 @@ def export_for_features(best: str | Path) -> Path:
     pre = backbones.preprocessing_from_dict(meta["preprocessing"])
     if pre.modality != "image":
         raise BackboneError(
-            "a fine-tuned text encoder cannot be split into stored features + a head; fix: "
-            f"predict with featurefleet predict {best.parent.parent} --text-file FILE")
+            f"a fine-tuned {pre.modality} encoder cannot be split into stored features + a "
+            f"head; fix: predict with featurefleet predict {best.parent.parent} "
+            + ("--text-file FILE" if pre.modality == "text" else "CLIP.wav ..."))
     weights_sha = export_encoder(net.backbone, meta["backbone"], encoder_path)
     weight = net.head.weight.detach().float().cpu().numpy()
     LinearHead(mean=np.zeros(weight.shape[1], np.float32),

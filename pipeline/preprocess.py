@@ -110,7 +110,14 @@ def augment(images: list[Any], pre: AnyPreprocessing, device: str,
             grayscale: float = 0.0) -> Any:
     """Random resized crop (+ flip, + colour jitter of strength ``jitter``, + grey with
     probability ``grayscale``) of uint8 HWC images -> normalized NCHW float batch. Texts pass
-    through unchanged (the encoder's dropout is their regulariser)."""
+    through unchanged (the encoder's dropout is their regulariser); audio clips are resampled
+    and their loudness changed by up to 6 dB either way."""
+    if isinstance(pre, AudioPreprocessing):
+        import torch
+
+        gains = 10 ** (torch.empty(len(images)).uniform_(-6.0, 6.0, generator=gen) / 20)
+        return [x * np.float32(g) for x, g in zip(preprocess(images, pre, device),
+                                                   gains.tolist(), strict=True)]
     if not isinstance(pre, Preprocessing):
         return list(images)
     import torch

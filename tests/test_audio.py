@@ -207,7 +207,7 @@ def test_bad_audio_specs_are_refused_at_planning(tmp_path: Path) -> None:
     cases = [(base.replace(backbone={"name": "efficientnet_lite0"}),
               "the data is audio but backbone 'efficientnet_lite0' reads image.*resemblyzer"),
              (base.replace(backbone={"image_size": 64}), "image_size is not for audio"),
-             (base.replace(strategy="finetune"), "fine-tuning an audio encoder"),
+             (base.replace(strategy="finetune"), "'mfcc' is a handcrafted baseline"),
              (base.replace(kind="pretrain"), "pretraining runs on images"),
              (_audio_spec(tmp_path, tmp_path / "digits-like").replace(
                  backbone={"name": "resemblyzer"}), "does not exist")]
@@ -259,6 +259,22 @@ def test_audio_job_quality_report_and_predict(cluster, tmp_path: Path) -> None: 
     bad = subprocess.run([*cmd[:5], "--text", "hello"], capture_output=True, text=True,
                          timeout=180)
     assert bad.returncode != 0 and "reads audio clips; fix: pass audio files" in bad.stderr
+    # the speaker encoder fine-tuned end to end on the engine, then used like any classifier
+    ft = spec.replace(name="test-audio-ft", backbone={"name": "resemblyzer"},
+                      strategy="finetune", quality={"enabled": False}, finetune={
+                          "epochs": 6, "batch_size": 8, "checkpoint_every_steps": 4,
+                          "lr": 3e-2, "backbone_lr_mult": 0.03})
+    job = submit(ft, broker=cluster.broker)
+    st = job.wait(timeout=400)
+    assert st["status"] == "SUCCESS", st.get("error")
+    rep = job.result()
+    assert rep["strategy"] == "finetune" and rep["metrics"]["top1"] >= 0.8, rep["metrics"]
+    assert [h["epoch"] for h in rep["train"]["finetune"]["history"]] == list(range(1, 7))
+    from pipeline import load_classifier
+
+    clf = load_classifier(st["job_dir"], device="cpu")
+    got = clf.predict([str(tmp_path / "new_high.wav"), (tone("low", rng, 8000, 1.0), 8000)])
+    assert [g["label"] for g in got] == ["high", "low"], got
 
 
 def test_the_speech_demo_reads_a_copy_of_fsdd_by_digit_or_speaker(tmp_path: Path) -> None:

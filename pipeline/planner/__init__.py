@@ -178,9 +178,6 @@ def modality_checks(source: Source, spec: JobSpec,
             raise SpecError("kind", "pretraining runs on images; this job's data is audio "
                             "(no audio augmentations yet)", "use a pretrained audio encoder "
                             "(backbone.name: resemblyzer) with kind: classify")
-        if spec.kind == "classify" and spec.strategy == "finetune":
-            raise SpecError("strategy", "fine-tuning an audio encoder is not supported yet",
-                            "use strategy: probe (a head on the frozen features), or auto")
         return pre
     if isinstance(pre, backbones.TextPreprocessing):
         if b.image_size is not None:
@@ -353,9 +350,10 @@ def make_plan(spec: JobSpec, job_id: str, gpus: int | Callable[[], int] = 0,
     elif backbones.is_baseline(weights.id):
         strategy, reason = "probe", ("probe: a handcrafted baseline has nothing to "
                                      "fine-tune")
-    elif pre.modality == "audio":
-        strategy, reason = "probe", ("probe: audio encoders are used frozen (fine-tuning "
-                                     "one is not supported yet)")
+    elif pre.modality == "audio" and spec.strategy == "auto":
+        strategy, reason = "probe", ("probe: an audio encoder is fine-tuned only when asked "
+                                     "(strategy: finetune); a head on its frozen features "
+                                     "is the usual first step")
     else:
         strategy, reason = choose(spec, len(split["train"]), len(source.class_names),
                                   pre.input_size, gpus if isinstance(gpus, int) else 0,
