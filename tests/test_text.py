@@ -309,3 +309,33 @@ def test_text_finetune_killed_resumes_and_predicts_strings(tmp_path: Path) -> No
     clf = load_classifier(st["job_dir"], device="cpu")
     got = clf.predict(["Heavy rain and thunder in the forecast with strong wind", ""])
     assert got[0]["label"] == "weather" and "empty text" in got[1]["error"]
+
+
+def test_tfidf_baseline_is_fitted_on_the_training_split_only(tmp_path: Path) -> None:
+    from pipeline.backbones import is_baseline
+    from pipeline.extract import Target, extract_shard
+    from pipeline.planner import make_plan
+    from pipeline.store.shards import read_shard
+
+    rows = [*topic_texts(12), ("zyzzyva quokka", "sports")]
+    p = write_csv(tmp_path / "t.csv", [(t, lbl, "test" if "quokka" in t else "train")
+                                       for t, lbl in rows], ("text", "label", "split"))
+    spec = text_spec(tmp_path / "out", p, backbone={"name": "tfidf", "max_length": None})
+    plan = make_plan(spec, "t" * 12)
+    vocab = json.loads(Path(plan.backbone.weights).read_text())["vocabulary"]
+    assert "the" in vocab and any(w in vocab for w in TOPICS["cooking"])
+    assert "quokka" not in vocab and "zyzzyva" not in vocab  # only in a test text
+    assert is_baseline(plan.backbone.weights_id) and plan.strategy == "probe"
+    other = make_plan(spec.replace(data={"seed": 7}), "u" * 12)
+    assert other.key != plan.key and other.backbone.weights != plan.backbone.weights
+    again = make_plan(spec, "v" * 12)
+    assert again.key == plan.key  # same split, same texts: the same features are reused
+    src = open_source(plan.spec.data)
+    got = extract_shard(src, list(range(len(src))), plan.backbone, plan.spec.backbone,
+                        Target(str(tmp_path / "s.h5"), plan.key, 0.0))
+    shard = read_shard(str(tmp_path / "s.h5"))
+    assert got.rows == len(rows) and shard.features.shape == (len(rows), len(vocab))
+    norms = np.linalg.norm(shard.features.astype(np.float32), axis=1)
+    assert np.allclose(norms[:-1], 1, atol=1e-2) and norms[-1] == 0  # no known word
+    with pytest.raises(SpecError, match="handcrafted baseline"):
+        make_plan(spec.replace(strategy="finetune"), "w" * 12)

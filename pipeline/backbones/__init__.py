@@ -230,7 +230,7 @@ Factory = Callable[[str | None], tuple[WeightsInfo, Callable[[], Any]]]
 _REGISTRY: dict[str, Factory] = {}
 _FALLBACKS: list[Callable[[str], Factory | None]] = []  # name -> factory (torchvision names)
 # text first: its resolver claims hf: names before torchvision's
-_MODULES = ("audio", "text", "vision")
+_MODULES = ("audio", "text", "tfidf", "vision")
 
 
 def register(name: str) -> Callable[[Factory], Factory]:

@@ -88,6 +88,15 @@ def unseen_classes(source: Source, split: dict[str, np.ndarray], data: DataSpec)
     return found
 
 
+def fit_tfidf(source: Source, train: np.ndarray, spec: JobSpec) -> Path:
+    """The ``tfidf`` baseline's vocabulary, fitted on the training split's texts only (under
+    ``<output>/tfidf``, named by its sha256: the same split and texts give the same file)."""
+    from pipeline.backbones import tfidf
+
+    texts = [t for t in source.load([int(i) for i in train]).images if isinstance(t, str)]
+    return tfidf.fit(texts, Path(spec.output).expanduser().resolve() / "tfidf")
+
+
 def resolve_backbone(spec: JobSpec) -> tuple[str, str | None, backbones.WeightsInfo]:
     """(architecture, weights, identity) of ``backbone``: a registered name, or ``job:<id>``,
     the encoder of a finished pretraining job (under the same ``output``; its input size is
@@ -328,6 +337,8 @@ def make_plan(spec: JobSpec, job_id: str, gpus: int | Callable[[], int] = 0,
             test_fraction=spec.data.test_fraction, val_fraction=spec.probe.val_fraction,
             limit=spec.data.limit, exclude=[e.index for e in excluded])
     warnings = unseen_classes(source, split, spec.data) if labeled and predict is None else []
+    if spec.backbone.name == "tfidf" and source.modality == "text":
+        spec = spec.replace(backbone={"weights": str(fit_tfidf(source, split["train"], spec))})
     arch, arch_weights, weights = resolve_backbone(spec)
     pre = modality_checks(source, spec, weights.preprocessing)
     if backbones.is_baseline(weights.id) and (pretraining or spec.strategy == "finetune"):
