@@ -123,10 +123,35 @@ def test_a_manifest_of_clips_is_audio_and_mixed_manifests_are_refused(tmp_path: 
     (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
     src = open_source(DataSpec(source="manifest", path=str(tmp_path / "m.csv")))
     assert src.modality == "audio" and len(src.load([0, 1, 2]).images) == 3
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"path": ["low/0.flac", "mid/1.wav"], "label": ["a", "b"],
+                             "extra": [1, 2]}), tmp_path / "m.parquet")
+    src = open_source(DataSpec(source="manifest", path=str(tmp_path / "m.parquet")))
+    assert src.modality == "audio" and src.class_names == ["a", "b"]
     (root / "x.png").write_bytes(b"png")
     (tmp_path / "mixed.csv").write_text("path,label\nlow/0.flac,a\nx.png,b\n")
     with pytest.raises(DataError, match="mixes audio"):
         open_source(DataSpec(source="manifest", path=str(tmp_path / "mixed.csv")))
+
+
+def test_webdataset_tars_of_clips_are_audio(tmp_path: Path) -> None:
+    import tarfile
+
+    rng = np.random.default_rng(2)
+    with tarfile.open(tmp_path / "clips-train.tar", "w") as tf:
+        for k, label in enumerate(["low", "high", "low", "high"]):
+            for name, data in ((f"{k:04d}.flac", wav_bytes(tone(label, rng, 16000, 0.5),
+                                                           16000, "FLAC")),
+                               (f"{k:04d}.cls", label.encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    src = open_source(DataSpec(source="webdataset", path=str(tmp_path / "clips-train.tar")))
+    assert src.modality == "audio" and src.class_names == ["high", "low"] and len(src) == 4
+    loaded = src.load([0, 1, 2, 3])
+    assert not loaded.failures and {c.rate for c in loaded.images} == {16000}
 
 
 # --- backbones -------------------------------------------------------------------------------

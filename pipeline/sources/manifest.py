@@ -1,4 +1,5 @@
-"""A CSV or JSONL list of ``path,label[,split]``; relative paths resolve against the file."""
+"""A CSV, JSONL or Parquet list of ``path,label[,split]``; relative paths resolve against the
+file."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pipeline.errors import DataError, short
 from pipeline.sources import SPLIT_NAMES, Loaded, Source, class_index, register
 from pipeline.sources.decode import read_bytes
 from pipeline.sources.folder import decode_files, file_stat
+from pipeline.sources.tables import read_parquet
 from pipeline.spec import DataSpec
 
 MAX_MANIFEST_BYTES = 2 << 30
@@ -39,6 +41,15 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     Raises:
         DataError: not UTF-8, a malformed line, or no header (CSV).
     """
+    if path.suffix.lower() == ".parquet":
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise DataError(f"manifest {str(path)!r} is {path.stat().st_size} bytes; fix: "
+                            f"split it (at most {MAX_MANIFEST_BYTES} bytes)")
+        names, rows, _ = read_parquet(path, ["path", "label", "split"])
+        if not {"path", "label"} <= set(names):
+            raise DataError(f"manifest {str(path)!r} has columns {names}; fix: give it "
+                            "columns path, label[, split]")
+        return rows
     text = read_text(path, "manifest")
     if path.suffix.lower() in (".jsonl", ".ndjson"):
         rows = []

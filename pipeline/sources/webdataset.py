@@ -51,7 +51,9 @@ class TarSource(Source):
         self.modality = modality
         text = modality == "text"
         self.limit = MAX_TEXT_BYTES if text else MAX_SAMPLE_BYTES
-        sample_ext = {".txt"} if text else set(IMAGE_EXTENSIONS)
+        from pipeline.sources.audio import AUDIO_EXTENSIONS, is_audio_path
+
+        sample_ext = {".txt"} if text else set(IMAGE_EXTENSIONS) | set(AUDIO_EXTENSIONS)
         label_ext = tuple(e for e in LABEL_EXTENSIONS if not (text and e == "txt"))
         self.urls = expand_tars(pattern)
         self.members: list[tuple[int, str, int, int]] = []  # (tar, name, offset, size)
@@ -95,8 +97,15 @@ class TarSource(Source):
                     self._digests.append(g["digest"])
                     raw_labels.append(g["label"])
                     splits.append(split)
+        audio = [is_audio_path(name) for _t, name, _o, _s in self.members]
+        if any(audio) and not all(audio):
+            raise DataError(f"{pattern!r} mixes audio ({self.members[audio.index(True)][1]!r})"
+                            f" and image samples ({self.members[audio.index(False)][1]!r}); "
+                            "fix: one modality per data set")
+        if audio and all(audio):
+            self.modality = "audio"
         if not self.members:
-            member = "<key>.txt" if text else "<key>.jpg (or .png)"
+            member = "<key>.txt" if text else "<key>.jpg (or .png, .wav, .flac)"
             raise DataError(f"no {modality}+label samples in {pattern!r}; fix: store each "
                             f"sample as {member} with <key>.cls holding its label")
         self.class_names, self.labels = class_index(raw_labels)
@@ -142,6 +151,8 @@ class TarSource(Source):
 
     def load(self, indices: Sequence[int], min_size: int | None = None,
              encoded: bool = False) -> Loaded:
+        from pipeline.sources.audio import decode_audio
+
         out = Loaded()
         image = encoded_or_decoded if encoded else decode_image
         by_tar: dict[int, list[int]] = {}
@@ -153,6 +164,7 @@ class TarSource(Source):
                     try:
                         raw = self.read_member(fh, i)
                         out.images.append(decode_text(raw) if self.modality == "text"
+                                          else decode_audio(raw) if self.modality == "audio"
                                           else image(raw, min_size))
                         out.indices.append(i)
                         out.digests.append(digest_of(raw))
