@@ -25,7 +25,7 @@ def finetune_spec(out: Path, **kw: object) -> JobSpec:
 @pytest.mark.integration
 @pytest.mark.faults
 def test_killed_finetune_resumes_from_checkpoint(tmp_path: Path) -> None:
-    env = {"CHAOS_CRASH_AFTER_CHECKPOINT": "1", "FEATUREFLEET_FINETUNE_SLICE_S": "6.0"}
+    env = {"CHAOS_CRASH_AFTER_CHECKPOINT": "1", "FEATUREFLEET_FINETUNE_SLICE_S": "2.0"}
     with cluster_env(tmp_path, env=env) as c:
         job = submit(finetune_spec(tmp_path / "out"), broker=c.broker)
         st = job.wait(timeout=300)
