@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import DataError
-from pipeline.sources import Loaded, Source, digest_of, failure, files_under, register
+from pipeline.sources import Loaded, Source, digest_of, failure, register
 from pipeline.sources.decode import read_bytes
-from pipeline.sources.folder import FileSource, FolderSource
+from pipeline.sources.folder import FileSource, FolderSource, ImagesSource
 from pipeline.spec import DataSpec
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".au")
@@ -118,11 +118,12 @@ def decode_clips(paths: Sequence[Path], indices: Sequence[int]) -> Loaded:
     return out
 
 
-class AudioFolderSource(FolderSource):
-    """One subfolder of clips per class, optionally inside train/ val/ test/ folders."""
+class ClipFiles(FileSource):
+    """Audio files under a root folder, decoded to clips."""
 
     suffixes = AUDIO_EXTENSIONS
     what = "audio"
+    plural = "audio files"
     modality = "audio"
 
     def load(self, indices: Sequence[int], min_size: int | None = None) -> Loaded:
@@ -132,30 +133,13 @@ class AudioFolderSource(FolderSource):
         return self.load(indices)
 
 
-class AudioFilesSource(FileSource):
+class AudioFolderSource(ClipFiles, FolderSource):
+    """One subfolder of clips per class, optionally inside train/ val/ test/ folders."""
+
+
+class AudioFilesSource(ClipFiles, ImagesSource):
     """Every clip under ``root`` (recursively), one class: unlabeled clips (batch
     prediction, embeddings)."""
-
-    modality = "audio"
-
-    def __init__(self, root: Path) -> None:
-        if not root.is_dir():
-            raise DataError(f"audio folder {str(root)!r} does not exist; fix: set data.path to "
-                            "a folder of audio files")
-        self.root = root
-        self.files = [str(p.relative_to(root)) for p in files_under(root, root,
-                                                                    AUDIO_EXTENSIONS)]
-        if not self.files:
-            raise DataError(f"audio folder {str(root)!r} holds no audio files; fix: add "
-                            f"{'/'.join(AUDIO_EXTENSIONS[:4])} files (any subfolders)")
-        self.labels = np.zeros(len(self.files), dtype=np.int64)
-        self.class_names = ["unlabeled"]
-
-    def load(self, indices: Sequence[int], min_size: int | None = None) -> Loaded:
-        return decode_clips([self.root / self.files[i] for i in indices], indices)
-
-    def load_encoded(self, indices: Sequence[int], min_size: int | None = None) -> Loaded:
-        return self.load(indices)
 
 
 def is_audio_path(name: str) -> bool:

@@ -61,6 +61,7 @@ class FileSource(Source):
     files: list[str]
     suffixes: tuple[str, ...] = IMAGE_EXTENSIONS  # what the folder's samples end with
     what = "image"  # how errors name a sample
+    plural = "images"
 
     def raw(self, index: int) -> bytes:
         return read_bytes(self.root / self.files[index])
@@ -80,19 +81,18 @@ class FileSource(Source):
 
 
 class ImagesSource(FileSource):
-    """Every image under ``root`` (recursively, hidden files left out), one class: unlabeled
-    data for pretraining."""
+    """Every image (or, in a subclass, other sample file) under ``root`` (recursively, hidden
+    files left out), one class: unlabeled data for pretraining and batch prediction."""
 
     def __init__(self, root: Path) -> None:
         if not root.is_dir():
-            raise DataError(f"image folder {str(root)!r} does not exist; fix: set data.path to a "
-                            "folder of images")
+            raise DataError(f"{self.what} folder {str(root)!r} does not exist; fix: set "
+                            f"data.path to a folder of {self.what} files")
         self.root = root
-        self.files = [str(p.relative_to(root)) for p in files_under(root, root,
-                                                                    IMAGE_EXTENSIONS)]
+        self.files = [str(p.relative_to(root)) for p in files_under(root, root, self.suffixes)]
         if not self.files:
-            raise DataError(f"image folder {str(root)!r} holds no images; fix: add "
-                            f"{'/'.join(IMAGE_EXTENSIONS[:4])} files (any subfolders)")
+            raise DataError(f"{self.what} folder {str(root)!r} holds no {self.plural}; fix: "
+                            f"add {'/'.join(self.suffixes[:4])} files (any subfolders)")
         self.labels = np.zeros(len(self.files), dtype=np.int64)
         self.class_names = ["unlabeled"]
 
@@ -110,7 +110,7 @@ class FolderSource(FileSource):
         classes = sorted({c.name for g in groups for c in subfolders(root / g)})
         if not classes:
             raise DataError(f"{self.what} folder {str(root)!r} has no class subfolders; fix: put "
-                            f"the {self.what}s in one subfolder per class (root/cat/1"
+                            f"the {self.plural} in one subfolder per class (root/cat/1"
                             f"{self.suffixes[0]}, root/dog/2{self.suffixes[0]})")
         self.class_names = classes
         files: list[str] = []
@@ -126,7 +126,7 @@ class FolderSource(FileSource):
                     labels.append(ci)
                     split_of.append(g)
         if not files:
-            raise DataError(f"{self.what} folder {str(root)!r} holds no {self.what}s "
+            raise DataError(f"{self.what} folder {str(root)!r} holds no {self.plural} "
                             f"({', '.join(classes)} are empty); fix: add "
                             f"{'/'.join(self.suffixes[:4])} files")
         self.files = files
