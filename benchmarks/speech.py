@@ -14,7 +14,9 @@ scored with a standardized logistic regression (C=1) for both tasks:
     .venv/bin/python benchmarks/speech.py [--fsdd ../shared/data/fsdd] [--takes 20] [--draws 10]
 
 With ``--finetune-epochs N`` (default 6) resemblyzer is also fine-tuned end to end with every
-training label of each task (one job per task; the job's validation split picks the epoch).
+training label of each task (one job per task; the job's validation split picks the epoch), and
+with 2 and 5 labelled clips per class (``--finetune-few``; one of them validates, 3 draws, 30
+epochs).
 """
 
 from __future__ import annotations
@@ -99,15 +101,26 @@ def few_labels(x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray
 
 
 def finetune_row(broker: str, out: Path, rows: list[dict[str, Any]], task: str,
-                 epochs: int) -> dict[str, Any]:
-    """resemblyzer fine-tuned end to end with every training label of ``task`` (the job's own
-    validation split picks the best epoch; test = takes 0..4)."""
-    manifest = out / f"fsdd-{task}.csv"
+                 epochs: int, per_class: int | None = None, draw: int = 0) -> dict[str, Any]:
+    """resemblyzer fine-tuned end to end for ``task`` with every training label, or with
+    ``per_class`` labelled clips per class (drawn with seed ``draw``; one of them is the
+    validation clip that picks the epoch); test = takes 0..4."""
+    label = "digit" if task == "digits" else "speaker"
+    keep = [r for r in rows if r["split"] == "test"]
+    if per_class is None:
+        keep += [r for r in rows if r["split"] == "train"]
+    else:
+        rng = np.random.default_rng(draw)
+        for c in sorted({r[label] for r in rows}):
+            pool = [r for r in rows if r["split"] == "train" and r[label] == c]
+            picked = [pool[int(i)] for i in rng.choice(len(pool), per_class, replace=False)]
+            keep += [{**r, "split": "val" if k == 0 else "train"}
+                     for k, r in enumerate(picked)]
+    manifest = out / f"fsdd-{task}-{per_class or 'all'}-{draw}.csv"
     with open(manifest, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["path", "label", "split"])
-        w.writerows([(r["path"], r["digit"] if task == "digits" else r["speaker"], r["split"])
-                     for r in rows])
+        w.writerows([(r["path"], r[label], r["split"]) for r in keep])
     spec = JobSpec.from_dict({
         "name": f"speech-finetune-{task}", "data": {"source": "manifest", "path": str(manifest),
                                                     "shard_size": 200},
@@ -135,6 +148,10 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--finetune-epochs", type=int, default=6,
                     help="also fine-tune resemblyzer with every label (0: skip)")
+    ap.add_argument("--finetune-few", default="2,5",
+                    help="and with this many labelled clips per class (one validates)")
+    ap.add_argument("--finetune-draws", type=int, default=3)
+    ap.add_argument("--few-epochs", type=int, default=30)
     args = ap.parse_args()
     fsdd = Path(args.fsdd)
     if not (fsdd / "recordings").is_dir():
@@ -190,6 +207,17 @@ def main() -> None:
                     cluster.broker, out, rows, task, args.finetune_epochs)
                 print(json.dumps({f"finetuned resemblyzer, {task}":
                                   results["finetuned"][task]}), flush=True)
+                for k in [int(v) for v in args.finetune_few.split(",") if v]:
+                    got = [finetune_row(cluster.broker, out, rows, task, args.few_epochs, k, d)
+                           for d in range(args.finetune_draws)]
+                    acc = [g["test_top1"] for g in got]
+                    results["finetuned"][f"{task}@{k}"] = {
+                        "test_top1": [round(float(np.mean(acc)), 4),
+                                      round(float(np.std(acc)), 4)],
+                        "draws": len(acc), "epochs": args.few_epochs,
+                        "seconds": round(sum(g["seconds"] for g in got), 1)}
+                    print(json.dumps({f"finetuned resemblyzer, {task}@{k}":
+                                      results["finetuned"][f"{task}@{k}"]}), flush=True)
     (out / "speech.json").write_text(json.dumps(results, indent=2))
     cols = [f"{t}@{k}" for t in ("digits", "speakers") for k in (1, 2, 5, "all")]
     print("\n| backbone | " + " | ".join(cols) + " | digits LOSO | extract s |")
@@ -201,8 +229,10 @@ def main() -> None:
         print(f"| {name} | " + " | ".join(cells) + f" | {loso[0]:.3f} ± {loso[1]:.3f} | "
               f"{row['extract_s']} |")
     for task, r in results.get("finetuned", {}).items():
-        print(f"resemblyzer fine-tuned, {task}, all labels: test top-1 {r['test_top1']:.3f} "
-              f"({r['epochs']} epochs, {r['seconds']} s)")
+        acc = r["test_top1"]
+        shown = f"{acc[0]:.3f} ± {acc[1]:.3f}" if isinstance(acc, list) else f"{acc:.3f}"
+        print(f"resemblyzer fine-tuned, {task if '@' in task else task + '@all'}: test top-1 "
+              f"{shown} ({r['epochs']} epochs, {r['seconds']} s)")
     print(f"\n{len(rows)} clips ({len(train)} train, {len(test)} test); results in "
           f"{out / 'speech.json'}")
 

@@ -60,6 +60,9 @@ def job_canvas(app: Celery, plan: Plan, ref: PlanRef, round_: int = 0) -> Any:
         steps.append(chord(group(parts), finish) if parts else finish)
     if plan.kind == "quality":
         return chain(*steps).on_error(on_error)
+    if plan.kind == "embed":  # the features exported with a nearest-neighbour index
+        steps.append(sig("embed_export", ref=msg, tid="export"))
+        return chain(*steps).on_error(on_error)
     if plan.kind == "predict":  # the trained head over every sample's features
         steps.append(sig("predict", ref=msg, tid="predict"))
         return chain(*steps).on_error(on_error)

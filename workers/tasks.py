@@ -104,6 +104,13 @@ def predict(self: Task, collected: Any, ref: PlanMessage) -> dict[str, Any]:
     return steps.run_predict(job_store(), ref)
 
 
+@ff_task("embed_export")
+def embed_export(self: Task, collected: Any, ref: PlanMessage) -> dict[str, Any]:
+    """Embeddings: every sample's features into embeddings.parquet and a faiss index, the
+    report."""
+    return steps.run_embed(job_store(), ref)
+
+
 @ff_task("quality_part")
 def quality_part(self: Task, collected: Any, ref: PlanMessage, part: str) -> dict[str, Any]:
     """One part of the data-quality stage (``neighbors.<b>``, ``fold.<f>``, ``curve.<i>``,

@@ -348,9 +348,31 @@ def _retry(args: argparse.Namespace) -> int:
     return 0
 
 
+def _search(args: argparse.Namespace) -> int:
+    from pipeline.embed import Searcher
+
+    if not 1 <= args.k <= 10_000:
+        raise FeaturefleetError(f"-k {args.k} is out of range; fix: ask for 1 to 10000 "
+                                "neighbours")
+    searcher = Searcher(args.job)
+    if args.sample_id is not None:
+        got = searcher.by_id(args.sample_id, args.k)
+    else:
+        query = args.text if args.text is not None else (args.image or args.audio)
+        got = searcher.by_samples([query], args.k)[0]
+    if args.json:
+        print(json.dumps(got, indent=2))
+        return 0
+    for n in got:
+        label = f"  {n['label']}" if n["label"] is not None else ""
+        print(f"{n['rank']:4d}  {n['similarity']:.4f}  {n['sample_id']}{label}")
+    return 0
+
+
 _VERBS = {"cache": _cache, "cancel": _cancel, "compare": _compare, "dashboard": _dashboard,
           "demo": _demo, "exporter": _exporter, "jobs": _jobs, "predict": predict,
           "pretrain": _submit, "quality": _submit, "report": _report, "retry": _retry, "run": _run,
+          "search": _search,
           "status": _status, "submit": _submit, "watch": _watch, "watchdog": _watchdog,
           "worker": _worker}
 

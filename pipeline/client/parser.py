@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a job file on this machine alone: a private Redis and "
                                    "worker processes, progress, summary; nothing left running")
     p.add_argument("spec", help="job spec file (.yaml/.yml/.json), any kind")
-    p.add_argument("--kind", choices=["classify", "pretrain", "quality", "predict"], default=None,
+    p.add_argument("--kind", choices=["classify", "pretrain", "quality", "predict", "embed"],
+                   default=None,
                    help="override the file's kind")
     p.add_argument("--extract-workers", type=positive_int, default=1,
                    help="extraction (GPU-queue) worker processes (at least the run's nodes)")
@@ -122,6 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run on this machine: private Redis + workers (implies --wait)")
     p.add_argument("--extract-workers", type=int, default=2,
                    help="with --local: extraction worker processes")
+
+    p = sub.add_parser("search", help="nearest neighbours in a kind: embed job's index: of a "
+                       "stored sample (--id), or of new images, texts or clips")
+    p.add_argument("job", help="the embed job's folder (<output>/jobs/<id>)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--id", dest="sample_id", default=None, help="a stored sample's id")
+    what.add_argument("--image", default=None, help="an image file")
+    what.add_argument("--text", default=None, help="a text")
+    what.add_argument("--audio", default=None, help="an audio file")
+    p.add_argument("-k", type=int, default=10, help="neighbours to return (default 10)")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("predict", help="classify images (texts, clips) with a trained head: a few "
                        "files here, or a whole data set on the fleet (--data)")

@@ -342,6 +342,33 @@ def run_predict(jobs: JobStore, ref: PlanMessage) -> dict[str, Any]:
     return {"report": str(path), "predicted": summary["predicted"]}
 
 
+def run_embed(jobs: JobStore, ref: PlanMessage) -> dict[str, Any]:
+    """Embeddings: the job's shards into embeddings.parquet + index.faiss (``pipeline.embed``),
+    a few example queries for the page, the report; the job is marked SUCCESS.
+
+    Raises:
+        JobError: not an embed job.
+    """
+    from pipeline import embed
+
+    plan = load_plan(ref)
+    if plan.kind != "embed":
+        raise JobError(f"job {plan.job_id} is not an embed job (kind {plan.kind})")
+    live(jobs, plan, "export")
+    t0 = time.time()
+    labeled = len(plan.class_names) >= 2
+    done = embed.export(shard_paths(jobs, plan), plan.job_dir, plan.spec.embed,
+                        plan.class_names, labeled, seed=plan.spec.data.seed)
+    examples = report.embed_examples(plan, embed.Searcher(plan.job_dir), plan_source(plan))
+    record = jobs.get(plan.job_id)
+    rep = report.embed_report(plan, record, report.shard_rows(plan, shard_results(jobs, plan)),
+                              done, examples, time.time() - t0)
+    path = report.write_report(rep, plan.job_dir)
+    jobs.finish(plan.job_id, "SUCCESS", report=str(path), stage="done", embedded=done.count,
+                index=done.index)
+    return {"report": str(path), "embedded": done.count, "index": done.index}
+
+
 def succeed(jobs: JobStore, plan: Plan, path: Path, metrics: dict[str, Any]) -> dict[str, Any]:
     jobs.finish(plan.job_id, "SUCCESS", report=str(path), top1=metrics["top1"], stage="done")
     settle(jobs, plan.job_id)  # the last job of a comparison writes its leaderboard

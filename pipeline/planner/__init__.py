@@ -317,14 +317,15 @@ def make_plan(spec: JobSpec, job_id: str, gpus: int | Callable[[], int] = 0,
     mode = spec.data.fingerprint
     digest = digests(source, range(len(source)), mode)
     # prediction answers for every sample, copies included
+    every = predict is not None or spec.kind == "embed"  # every sample answered, copies too
     excluded = find_exclusions(source, digest, spec.data) if mode == "content" and \
-        predict is None else []
+        not every else []
     reviewed, review_warnings = reviewed_exclusions(
         source, spec.quality.exclude_file if predict is None else None, excluded)
     excluded = sorted(excluded + reviewed, key=lambda e: e.index)
     pretraining = spec.kind == "pretrain"
     labeled = len(np.unique(source.labels)) >= 2
-    if predict is not None or (spec.kind != "classify" and not labeled):
+    if every or (spec.kind != "classify" and not labeled):
         # unlabeled (or predicted): every sample is "train"
         keep = np.setdiff1d(np.arange(len(source)), [e.index for e in excluded])
         if spec.data.limit is not None and spec.data.limit < len(keep):  # a seeded subset
@@ -336,7 +337,7 @@ def make_plan(spec: JobSpec, job_id: str, gpus: int | Callable[[], int] = 0,
             source.labels, source.predefined_splits(), seed=spec.data.seed,
             test_fraction=spec.data.test_fraction, val_fraction=spec.probe.val_fraction,
             limit=spec.data.limit, exclude=[e.index for e in excluded])
-    warnings = unseen_classes(source, split, spec.data) if labeled and predict is None else []
+    warnings = unseen_classes(source, split, spec.data) if labeled and not every else []
     if spec.backbone.name == "tfidf" and source.modality == "text":
         spec = spec.replace(backbone={"weights": str(fit_tfidf(source, split["train"], spec))})
     arch, arch_weights, weights = resolve_backbone(spec)
@@ -354,6 +355,9 @@ def make_plan(spec: JobSpec, job_id: str, gpus: int | Callable[[], int] = 0,
     if predict is not None:
         strategy, reason = "probe", (f"batch prediction: the {predict.head} head of job "
                                      f"{predict.model_job} on every sample's features")
+    elif spec.kind == "embed":
+        strategy, reason = "probe", ("embeddings: every sample's features, exported with a "
+                                     "nearest-neighbour index")
     elif spec.kind != "classify":
         strategy, reason = "probe", ("pretraining: the encoder is trained on the images, "
                                      "labels unused") if pretraining else (

@@ -84,10 +84,32 @@ def render_predictions(rep: dict[str, Any]) -> str:
         finished=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rep["finished"])))
 
 
+def render_embed(rep: dict[str, Any]) -> str:
+    """The page of a ``kind: embed`` job: the index, its recall, and example queries with
+    their nearest neighbours (thumbnails, text snippets or spectrograms)."""
+    import json
+
+    e = rep["embeddings"]
+    thumbs_path = rep.get("thumbnails")
+    thumbs = json.loads(Path(thumbs_path).read_text()) if thumbs_path and Path(
+        thumbs_path).is_file() else {}
+    summary = [["vectors", e["count"]], ["dimensions", e["dim"]], ["metric", e["metric"]],
+               ["index", e["index"] + (f" (nlist {e['nlist']}, {e['pq_subvectors']} x 8-bit "
+                                       f"PQ, nprobe {e['nprobe']})" if e.get("nlist") else "")],
+               ["recall@10 against exact search",
+                "1 (exact)" if e["recall_at_10"] is None else e["recall_at_10"]],
+               ["export + index seconds", e["seconds"]]]
+    return render("embed.html.j2", rep=rep, e=e, bb=rep["backbone"], summary=summary,
+                  examples=rep.get("examples", []), thumbs=thumbs,
+                  times=[[k, v] for k, v in rep["timings"].items()],
+                  finished=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rep["finished"])))
+
+
 def write_report_html(rep: dict[str, Any], path: Path) -> Path:
     kind = rep.get("kind")
     page = quality.page_html(rep) if kind == "quality" else (
-        render_predictions(rep) if kind == "predict" else render_report(rep))
+        render_predictions(rep) if kind == "predict" else
+        render_embed(rep) if kind == "embed" else render_report(rep))
     return atomic_write_text(path, page, fsync=False)
 
 

@@ -145,6 +145,53 @@ def prediction_report(plan: Plan, record: dict[str, Any], shards: list[dict[str,
     }
 
 
+def embed_examples(plan: Plan, searcher: Any, source: Any, n: int = 4,
+                   k: int = 6) -> list[dict[str, Any]]:
+    """A few random samples' nearest neighbours (themselves first), with their thumbnails
+    written beside the report (``embed_thumbnails.json``)."""
+    from pipeline.reports.quality import thumbnails
+
+    rng = np.random.default_rng(plan.spec.data.seed)
+    picks = rng.permutation(len(searcher.ids))[:n]
+    out = [{"query": searcher.ids[int(p)], "neighbours": searcher.by_id(searcher.ids[int(p)], k)}
+           for p in picks]
+    shown = sorted({int(nb["index"]) for ex in out for nb in ex["neighbours"]})
+    atomic_write_text(plan.job_dir / "embed_thumbnails.json",
+                      json.dumps(thumbnails(source, shown, side=96)), fsync=False)
+    return out
+
+
+def embed_report(plan: Plan, record: dict[str, Any], shards: list[dict[str, Any]],
+                 done: Any, examples: list[dict[str, Any]],
+                 export_seconds: float) -> dict[str, Any]:
+    """The report of a ``kind: embed`` job (see ``docs/report.md``)."""
+    now = time.time()
+    t = timings(record, shards, {}, 0.0, now)
+    t.pop("train_s"), t.pop("evaluate_s")
+    t["export_s"] = round(export_seconds, 3)
+    t["samples_per_s"] = round(done.count / t["total_s"], 2) if t["total_s"] else None
+    skipped = [sk for s in shards for sk in s.get("skipped", [])]
+    return {
+        "schema": REPORT_SCHEMA, "status": "SUCCESS", "kind": "embed",
+        "job_id": plan.job_id, "name": plan.spec.name,
+        "embeddings": {"count": done.count, "dim": done.dim, "index": done.index,
+                       "metric": "cosine", "recall_at_10": done.recall_at_10,
+                       "seconds": round(done.seconds, 3), **done.details},
+        "files": {"job_dir": str(plan.job_dir), "table": str(plan.job_dir / "embeddings.parquet"),
+                  "index": str(plan.job_dir / "index.faiss")},
+        "examples": examples, "thumbnails": str(plan.job_dir / "embed_thumbnails.json"),
+        "data": {"source": plan.spec.data.source, "path": plan.spec.data.path,
+                 "samples": plan.n_samples, "fingerprint": plan.fingerprint,
+                 "skipped": skipped},
+        "backbone": {"name": plan.backbone.name, "weights_id": plan.backbone.weights_id,
+                     "weights_sha256": plan.backbone.weights_sha256,
+                     "preprocessing": plan.backbone.preprocessing},
+        "feature_store": {"key": plan.key, "dir": plan.shard_dir},
+        "shards": shards, "timings": t, "spec": plan.spec.to_dict(),
+        "created": float(record.get("created", now)), "finished": now,
+    }
+
+
 def with_and_without(y: np.ndarray, proba: np.ndarray, idx: np.ndarray,
                      section: dict[str, Any], kept: np.ndarray) -> dict[str, Any]:
     """Test top-1 of the primary head on every test sample, without the leaked ones, and on

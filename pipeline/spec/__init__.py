@@ -14,8 +14,8 @@ from pipeline.spec.model import (
     PretrainSpec,
     ProbeSpec,
 )
-from pipeline.spec.sections import PredictSpec, QualitySpec
+from pipeline.spec.sections import EmbedSpec, PredictSpec, QualitySpec
 
 __all__ = ["AUTO_BATCH", "DATA_SOURCES", "HEADS", "MAX_SPEC_BYTES", "STRATEGIES",
-           "BackboneSpec", "DataSpec", "FinetuneSpec", "JobSpec", "PredictSpec", "PretrainSpec",
-           "ProbeSpec", "QualitySpec"]
+           "BackboneSpec", "DataSpec", "EmbedSpec", "FinetuneSpec", "JobSpec", "PredictSpec",
+           "PretrainSpec", "ProbeSpec", "QualitySpec"]

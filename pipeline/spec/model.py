@@ -29,7 +29,7 @@ from pydantic_core import PydanticCustomError
 
 from pipeline.errors import SpecError, short
 from pipeline.spec.fields import Float, Fraction01, Int, Section, fix
-from pipeline.spec.sections import PredictSpec, QualitySpec
+from pipeline.spec.sections import EmbedSpec, PredictSpec, QualitySpec
 from pipeline.spec.validation import custom, parse_document
 
 DATA_SOURCES = ("audio", "audiofolder", "digits", "imagefolder", "images", "manifest", "npz",
@@ -280,7 +280,7 @@ class JobSpec(Section):
 
     name: str = Field("job", min_length=1, max_length=200,
                       json_schema_extra=fix("give the job a short name"))
-    kind: Literal["classify", "pretrain", "quality", "predict"] = "classify"
+    kind: Literal["classify", "pretrain", "quality", "predict", "embed"] = "classify"
     data: DataSpec = Field(default_factory=DataSpec)
     backbone: BackboneSpec = Field(default_factory=BackboneSpec)
     strategy: Literal["probe", "finetune", "auto"] = "probe"
@@ -289,6 +289,7 @@ class JobSpec(Section):
     pretrain: PretrainSpec = Field(default_factory=PretrainSpec)
     quality: QualitySpec = Field(default_factory=QualitySpec)
     predict: PredictSpec = Field(default_factory=PredictSpec)
+    embed: EmbedSpec = Field(default_factory=EmbedSpec)
     time_budget_s: Float | None = Field(None, gt=0, le=1e9, json_schema_extra=fix(
         "use seconds, e.g. 3600, or leave it out"))
     output: str = Field("featurefleet-out", min_length=1, json_schema_extra=fix(
