@@ -54,9 +54,9 @@ def test_exact_export_is_aligned_and_finds_each_sample_first(tmp_path: Path) -> 
     assert len({n["label"] for n in got}) == 1  # its cluster
     assert [n["rank"] for n in got] == [1, 2, 3, 4, 5]
     assert s.by_vectors(v[7:8] * 5.0, k=1)[0][0]["sample_id"] == "s7"  # scale-free: cosine
-    with pytest.raises(FeaturefleetError, match="'nope' is not in this index.*fix:"):
+    with pytest.raises(FeaturefleetError, match=r"'nope' is not in this index.*fix:"):
         s.by_id("nope")
-    with pytest.raises(FeaturefleetError, match="no embed.json; fix:"):
+    with pytest.raises(FeaturefleetError, match=r"no embed\.json; fix:"):
         Searcher(tmp_path / "missing")
 
 
