@@ -178,7 +178,31 @@ def predict_summary(rep: dict[str, Any]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+def embed_summary(rep: dict[str, Any]) -> str:
+    """An embed job in a few lines: how many vectors, which index, its recall, where."""
+    e, t = rep["embeddings"], rep["timings"]
+    index = e["index"] + (f" (IVF {e['nlist']} lists, PQ {e['pq_subvectors']} x 8 bit, "
+                          f"nprobe {e['nprobe']})" if e.get("nlist") else " (exact)")
+    skipped = len(rep["data"].get("skipped", []))
+    rows = [("job", f"{rep['job_id']} ({rep['name']})"),
+            ("backbone", f"{rep['backbone']['name']} [{rep['backbone']['weights_id']}] "
+                         f"@{input_size(rep['backbone']['preprocessing'])}"),
+            ("embedded", f"{e['count']} samples x {e['dim']} dimensions"
+                         + (f"; {skipped} could not be read" if skipped else "")),
+            ("index", index),
+            ("recall@10", "1 (exact search)" if e["recall_at_10"] is None else
+             f"{e['recall_at_10']:.3f} against exact search"),
+            ("time", f"{t['total_s']:.1f} s (export + index {e['seconds']:.1f} s)"),
+            ("embeddings", rep["files"]["table"]),
+            ("search", f"featurefleet search {rep['files']['job_dir']} --id "
+                       f"{rep['examples'][0]['query'] if rep.get('examples') else 'ID'}")]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
 def summary(rep: dict[str, Any]) -> str:
+    if rep.get("kind") == "embed":
+        return embed_summary(rep)
     if rep.get("kind") == "pretrain":
         return pretrain_summary(rep)
     if rep.get("kind") == "quality":
