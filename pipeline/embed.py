@@ -178,6 +178,13 @@ class Searcher:
         self._row = {sid: r for r, sid in enumerate(self.ids)}
         self.device = device
 
+    @property
+    def modality(self) -> str:
+        """What the index embeds (``image``, ``text`` or ``audio``): what new queries must be."""
+        from pipeline.plan import read_plan
+
+        return str(read_plan(self.job_dir).backbone.preprocessing.get("modality", "image"))
+
     def _results(self, scores: np.ndarray, rows: np.ndarray) -> list[dict[str, Any]]:
         return [{"rank": r + 1, "sample_id": self.ids[int(i)], "index": self.indices[int(i)],
                  "label": self.labels[int(i)], "similarity": round(float(s), 5)}

@@ -116,3 +116,10 @@ def test_embed_job_exports_searches_and_shows_examples(cluster, tmp_path: Path) 
     bad = subprocess.run([*cmd, "--image", str(tmp_path / "nope.png")], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode != 0 and "cannot read image" in bad.stderr and "fix:" in bad.stderr
+    bad = subprocess.run([*cmd, "--text", "a seven"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode != 0 and "embeds image samples, not text; fix: search it with " \
+        "--image" in bad.stderr, bad.stderr
+    bad = subprocess.run([*cmd, "--id", "17", "-k", "0"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode != 0 and "-k 0 is out of range; fix:" in bad.stderr

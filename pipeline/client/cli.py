@@ -358,6 +358,11 @@ def _search(args: argparse.Namespace) -> int:
     if args.sample_id is not None:
         got = searcher.by_id(args.sample_id, args.k)
     else:
+        asked = "text" if args.text is not None else "image" if args.image else "audio"
+        modality = searcher.modality
+        if asked != modality:
+            raise FeaturefleetError(f"this index embeds {modality} samples, not {asked}; fix: "
+                                    f"search it with --{modality} (or --id ID)")
         query = args.text if args.text is not None else (args.image or args.audio)
         got = searcher.by_samples([query], args.k)[0]
     if args.json:
