@@ -3,6 +3,7 @@ a comparison's progress, the report summary, the leaderboard."""
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from typing import Any
@@ -194,8 +195,9 @@ def embed_summary(rep: dict[str, Any]) -> str:
              f"{e['recall_at_10']:.3f} against exact search"),
             ("time", f"{t['total_s']:.1f} s (export + index {e['seconds']:.1f} s)"),
             ("embeddings", rep["files"]["table"]),
-            ("search", f"featurefleet search {rep['files']['job_dir']} --id "
-                       f"{rep['examples'][0]['query'] if rep.get('examples') else 'ID'}")]
+            ("search", f"featurefleet search {shlex.quote(rep['files']['job_dir'])} --id "
+                       + (shlex.quote(rep["examples"][0]["query"]) if rep.get("examples")
+                          else "ID"))]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
