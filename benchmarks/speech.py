@@ -125,7 +125,8 @@ def finetune_row(broker: str, out: Path, rows: list[dict[str, Any]], task: str,
         "name": f"speech-finetune-{task}", "data": {"source": "manifest", "path": str(manifest),
                                                     "shard_size": 200},
         "backbone": {"name": "resemblyzer"}, "strategy": "finetune",
-        "finetune": {"epochs": epochs, "batch_size": 32, "lr": 3e-2, "backbone_lr_mult": 0.03},
+        "finetune": {"epochs": epochs, "lr": 3e-2, "backbone_lr_mult": 0.03,
+                     "batch_size": min(32, sum(r["split"] == "train" for r in keep))},
         "quality": {"enabled": False}, "output": str(out / "jobs"), "store": str(out / "store")})
     t0 = time.perf_counter()
     job = submit(spec, broker=broker)

@@ -114,9 +114,10 @@ def summary_lines(section: dict[str, Any], class_names: list[str]) -> list[str]:
     if li.get("withheld"):
         lines.append(f"label issues: not assessed ({li['note']})")
     elif "count" in li:
-        sure = (f"; expected precision {li['expected_precision']:.2f}, from the out-of-fold "
-                "probabilities of the given labels" if li.get("expected_precision") is not None
-                else "")
+        sure = (f"; the probe is on average {li['expected_precision']:.2f} sure these labels "
+                "are wrong — its own confidence, not a measured precision: where it is "
+                "confidently mistaken (ambiguous samples) a correct label is flagged too"
+                if li.get("expected_precision") is not None else "")
         lines.append(f"label issues: {li['count']} of {li['checked']} labels look wrong "
                      f"(out-of-fold top-1 {li['oof_top1']:.3f}{sure})")
     elif "note" in li:
