@@ -1,11 +1,11 @@
-"""Embeddings: extraction + index throughput of a ``kind: embed`` job, and the IVF-PQ index's
+"""Embeddings: extraction + index throughput of a ``kind: embed`` job, and the IVF indexes'
 recall@10 against exact search at scale.
 
 1. One embed job on sklearn's digits (1,797 images, EfficientNet-Lite0 at ``--size`` px) on a
    private Redis + real worker processes: extraction samples/s, export + index seconds.
 2. ``pipeline.embed.export`` on ``--vectors`` synthetic clustered vectors (``--dim``, written as
-   real HDF5 shards): exact (flat) vs IVF-PQ build seconds, vectors/s added, queries/s, and
-   recall@10 against exact search at several ``nprobe``.
+   real HDF5 shards): exact (flat) vs IVF-SQ8 vs IVF-PQ build seconds, vectors/s added,
+   queries/s, and recall@10 against exact search at several ``nprobe``.
 
     .venv/bin/python benchmarks/embed.py [--vectors 200000] [--dim 256] [--size 64]
 """
@@ -67,7 +67,7 @@ def index_rows(folder: Path, n: int, dim: int) -> dict[str, Any]:
     paths = synthetic_shards(folder, n, dim)
     names = [str(i) for i in range(256)]
     out: dict[str, Any] = {"vectors": n, "dim": dim}
-    for kind in ("flat", "ivfpq"):
+    for kind in ("flat", "ivfsq8", "ivfpq"):
         d = folder / kind
         d.mkdir()
         done = export(paths, d, EmbedSpec(index=kind, recall_queries=500), names, True)
@@ -82,7 +82,7 @@ def index_rows(folder: Path, n: int, dim: int) -> dict[str, Any]:
                                "queries_per_s": round(qps), "recall_at_10": done.recall_at_10,
                                "index_mb": round((d / "index.faiss").stat().st_size / 1e6, 1),
                                **done.details}
-        if kind == "ivfpq":
+        if kind != "flat":
             sample = unit_rows(np.stack([s.vector(str(i)) for i in rng.choice(n, 300)]))
             row["recall_by_nprobe"] = {}
             for nprobe in (1, 4, 16, 64):
@@ -111,12 +111,13 @@ def main() -> None:
           f"{job['extract_samples_per_s']} samples/s, export + index {job['export_index_s']} s")
     print(f"\n| index ({args.vectors} x {args.dim}) | build s | vectors/s | queries/s | "
           "recall@10 | MB |\n|---|---|---|---|---|---|")
-    for kind in ("flat", "ivfpq"):
+    for kind in ("flat", "ivfsq8", "ivfpq"):
         r = idx[kind]
         print(f"| {kind} | {r['build_s']} | {r['vectors_per_s']} | {r['queries_per_s']} | "
               f"{r['recall_at_10'] if r['recall_at_10'] is not None else '1 (exact)'} | "
               f"{r['index_mb']} |")
-    print(f"\nIVF-PQ recall@10 by nprobe: {idx['ivfpq']['recall_by_nprobe']}")
+    for kind in ("ivfsq8", "ivfpq"):
+        print(f"{kind} recall@10 by nprobe: {idx[kind]['recall_by_nprobe']}")
 
 
 if __name__ == "__main__":

@@ -78,9 +78,9 @@ def export(shard_paths: Sequence[str], out_dir: Path, settings: EmbedSpec,
         raise FeaturefleetError("no sample could be embedded (every one was skipped); fix: "
                                 "check the data (featurefleet report shows the reasons)")
     kind = settings.index if settings.index != "auto" else (
-        "flat" if n <= settings.exact_up_to else "ivfpq")
-    if kind == "ivfpq" and n < 4 * 256:
-        kind = "flat"  # too few vectors to train product quantizers on
+        "flat" if n <= settings.exact_up_to else "ivfsq8")
+    if kind != "flat" and n < 4 * 256:
+        kind = "flat"  # too few vectors to train inverted lists (and quantizers) on
     rng = np.random.default_rng(seed)
     sample_p = min(1.0, settings.train_sample / n)
     train: list[np.ndarray] = []
@@ -115,15 +115,21 @@ def export(shard_paths: Sequence[str], out_dir: Path, settings: EmbedSpec,
     else:
         xt = np.concatenate(train)
         nlist = int(min(65536, max(16, 4 * math.sqrt(n)), max(16, len(xt) // 39)))
-        m = _pq_subquantizers(dim)
         quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
+        if kind == "ivfpq":
+            m = _pq_subquantizers(dim)
+            index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
+            details = {"pq_subvectors": m, "pq_bits": 8}
+        else:
+            index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist,
+                                                  faiss.ScalarQuantizer.QT_8bit,
+                                                  faiss.METRIC_INNER_PRODUCT)
+            details = {"scalar_bits": 8}
         index.train(xt)
         for x, _y, _i in ShardReader(list(shard_paths)).chunks(CHUNK):
             index.add(unit_rows(x))
         index.nprobe = min(settings.nprobe, nlist)
-        details = {"nlist": nlist, "pq_subvectors": m, "pq_bits": 8, "nprobe": index.nprobe,
-                   "trained_on": len(xt)}
+        details.update({"nlist": nlist, "nprobe": index.nprobe, "trained_on": len(xt)})
         queries = xt[rng.permutation(len(xt))[:settings.recall_queries]]
         recall = recall_at_k(index, queries, shard_paths, RECALL_K)
     with atomic_path(out_dir / INDEX_FILE) as tmp:

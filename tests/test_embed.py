@@ -60,19 +60,24 @@ def test_exact_export_is_aligned_and_finds_each_sample_first(tmp_path: Path) -> 
         Searcher(tmp_path / "missing")
 
 
-def test_ivfpq_index_reports_its_recall_against_exact_search(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("kind", "floor"), [("ivfsq8", 0.8), ("ivfpq", 0.2)])
+def test_ivf_indexes_report_their_recall_against_exact_search(tmp_path: Path, kind: str,
+                                                              floor: float) -> None:
     from pipeline.embed import Searcher, export
 
     paths = _shards(tmp_path, 6000, 32)
-    done = export(paths, tmp_path, EmbedSpec(index="ivfpq", train_sample=3000,
+    done = export(paths, tmp_path, EmbedSpec(index=kind, train_sample=3000,
                                              recall_queries=200, nprobe=8),
                   [f"c{i}" for i in range(16)], labeled=True)
-    assert done.index == "ivfpq" and done.details["trained_on"] <= 3500
-    assert done.recall_at_10 is not None and 0.2 < done.recall_at_10 <= 1.0
+    assert done.index == kind and done.details["trained_on"] <= 3500
+    assert done.recall_at_10 is not None and floor < done.recall_at_10 <= 1.0
     meta = json.loads((tmp_path / "embed.json").read_text())
     assert meta["recall_at_10"] == done.recall_at_10 and meta["nlist"] >= 16
     hits = Searcher(tmp_path).by_id("s42", k=10)
     assert "s42" in [n["sample_id"] for n in hits]
+    auto = export(paths, tmp_path, EmbedSpec(exact_up_to=5000, train_sample=3000,
+                                             recall_queries=50), [], labeled=False)
+    assert auto.index == "ivfsq8"  # auto: exact up to exact_up_to, then 8-bit IVF
 
 
 @pytest.mark.integration

@@ -182,8 +182,8 @@ def predict_summary(rep: dict[str, Any]) -> str:
 def embed_summary(rep: dict[str, Any]) -> str:
     """An embed job in a few lines: how many vectors, which index, its recall, where."""
     e, t = rep["embeddings"], rep["timings"]
-    index = e["index"] + (f" (IVF {e['nlist']} lists, PQ {e['pq_subvectors']} x 8 bit, "
-                          f"nprobe {e['nprobe']})" if e.get("nlist") else " (exact)")
+    index = e["index"] + (f" ({e['nlist']} inverted lists, nprobe {e['nprobe']})"
+                          if e.get("nlist") else " (exact)")
     skipped = len(rep["data"].get("skipped", []))
     rows = [("job", f"{rep['job_id']} ({rep['name']})"),
             ("backbone", f"{rep['backbone']['name']} [{rep['backbone']['weights_id']}] "

@@ -94,8 +94,8 @@ def render_embed(rep: dict[str, Any]) -> str:
     thumbs = json.loads(Path(thumbs_path).read_text()) if thumbs_path and Path(
         thumbs_path).is_file() else {}
     summary = [["vectors", e["count"]], ["dimensions", e["dim"]], ["metric", e["metric"]],
-               ["index", e["index"] + (f" (nlist {e['nlist']}, {e['pq_subvectors']} x 8-bit "
-                                       f"PQ, nprobe {e['nprobe']})" if e.get("nlist") else "")],
+               ["index", e["index"] + (f" (nlist {e['nlist']}, nprobe {e['nprobe']})"
+                                       if e.get("nlist") else "")],
                ["recall@10 against exact search",
                 "1 (exact)" if e["recall_at_10"] is None else e["recall_at_10"]],
                ["export + index seconds", e["seconds"]]]

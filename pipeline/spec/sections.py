@@ -33,12 +33,14 @@ class PredictSpec(Section):
 class EmbedSpec(Section):
     """Embeddings as a product (``kind: embed``): every sample's features exported to
     ``embeddings.parquet`` (id, label, vector) and a faiss index over the L2-normalised vectors
-    (inner product = cosine). ``index: auto``: exact (flat) up to ``exact_up_to`` vectors, IVF-PQ
-    above (trained on ``train_sample`` vectors, filled shard by shard, its recall@10 against
-    exact search measured on ``recall_queries`` queries and reported)."""
+    (inner product = cosine). ``index: auto``: exact (flat) up to ``exact_up_to`` vectors,
+    ``ivfsq8`` above (inverted lists of 8-bit scalar-quantised vectors: a quarter of the
+    memory); ``ivfpq`` (product quantisation, 1/16 of it) where memory rules. An IVF index is
+    trained on ``train_sample`` vectors, filled shard by shard, and its recall@10 against exact
+    search is measured on ``recall_queries`` queries and reported."""
 
     section: ClassVar[str] = "embed"
-    index: Literal["auto", "flat", "ivfpq"] = "auto"
+    index: Literal["auto", "flat", "ivfsq8", "ivfpq"] = "auto"
     exact_up_to: Int = Field(200_000, ge=1, le=10**10, json_schema_extra=fix(
         "use e.g. 200000 vectors"))
     train_sample: Int = Field(50_000, ge=256, le=10**7, json_schema_extra=fix(
