@@ -225,26 +225,6 @@ def text_finetune_lr(spec: JobSpec, pre: backbones.AnyPreprocessing) -> list[str
             f"finetune.backbone_lr_mult: {2e-5 / ft.lr:.3g}"]
 
 
-SCRATCH_LR = 1e-3  # pretrain.lr left out, random initialisation
-CONTINUED_LR = 1e-4  # pretrain.lr left out, pretrained weights: continued pretraining
-
-
-def continued_pretraining(spec: JobSpec, weights: backbones.WeightsInfo
-                          ) -> tuple[JobSpec, list[str]]:
-    """``pretrain.lr`` when it is left out: 1e-3 from random initialisation, a tenth of it
-    from pretrained weights (domain-adaptive, continued pretraining: large early steps would
-    first destroy what the weights know). BatchNorm layers train as usual, so their
-    statistics move to the user's images. Returns the spec with the rate set, and the plan's
-    note about it."""
-    if spec.pretrain.lr is not None:
-        return spec, []
-    if weights.id == backbones.RANDOM:
-        return spec.replace(pretrain={"lr": SCRATCH_LR}), []
-    return spec.replace(pretrain={"lr": CONTINUED_LR}), [
-        f"continued pretraining from {weights.id}: learning rate {CONTINUED_LR:g} (a tenth of "
-        f"the from-scratch {SCRATCH_LR:g}; set pretrain.lr to choose another)"]
-
-
 def pretrain_checks(source: Source, spec: JobSpec, crop: int, samples: int) -> None:
     """What pretraining needs from the data and the networks, checked before enqueueing
     (``samples``: how many the encoder trains on, after the limit and exclusions).
@@ -369,8 +349,6 @@ def make_plan(spec: JobSpec, job_id: str, gpus: int | Callable[[], int] = 0,
     warnings += review_warnings + dropped_rows(source) + text_finetune_lr(spec, pre)
     if pretraining:
         pretrain_checks(source, spec, pre.input_size, len(split["train"]) + len(split["val"]))
-        spec, continued = continued_pretraining(spec, weights)
-        warnings += continued
     fingerprint = data_fingerprint(source, digest, mode)
     if spec.strategy == "auto" and callable(gpus) and spec.kind == "classify":
         gpus = gpus()

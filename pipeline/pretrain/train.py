@@ -57,9 +57,7 @@ class Program:
         self.net, self.dim = models.build(cfg.method, how.arch, how.weights, how.pre.crop,
                                           cfg.projection_dim, rank.device)
         self.model = rank.wrap(self.net)
-        lr = cfg.lr if cfg.lr is not None else (1e-3 if how.weights in (None, "random")
-                                                 else 1e-4)  # as the planner resolves it
-        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=lr,
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr,
                                            weight_decay=cfg.weight_decay)
         self.extra: dict[str, Any] = {}
 
