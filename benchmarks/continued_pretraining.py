@@ -25,17 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.client.api import submit
-from pipeline.spec import JobSpec
+from benchmarks.jobs import run_job
 from workers.launcher import local_cluster
-
-
-def run(spec: dict[str, Any], broker: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    job = submit(JobSpec.from_dict(spec), broker=broker)
-    st = job.wait(timeout=7200)
-    if st["status"] != "SUCCESS":
-        raise SystemExit(f"{spec['name']}: {st['status']}: {st.get('error')}")
-    return st, job.result()
 
 
 def probe(x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray,
@@ -83,16 +74,17 @@ def main() -> None:
             t0 = time.perf_counter()
             row: dict[str, Any] = {}
             if pre is not None:
-                st, rep = run({**base, "name": f"pretrain-{len(rows)}", "kind": "pretrain",
-                               "backbone": backbone, "pretrain": pre}, c.broker)
+                st, rep = run_job({**base, "name": f"pretrain-{len(rows)}",
+                                   "kind": "pretrain", "backbone": backbone, "pretrain": pre},
+                                  c.broker)
                 plan = json.loads((Path(st["job_dir"]) / "plan.json").read_text())
                 split = {k: np.asarray(plan["splits"][k]) for k in ("train", "val", "test")}
                 row["pretrain_s"] = round(time.perf_counter() - t0, 1)
                 row["lr"] = plan["spec"]["pretrain"]["lr"]
                 row["final_loss"] = rep["train"]["history"][-1]["loss"]
                 backbone = {"name": f"job:{rep['job_id']}"}
-            st, rep = run({**base, "name": f"embed-{len(rows)}", "kind": "embed",
-                           "backbone": backbone}, c.broker)
+            st, rep = run_job({**base, "name": f"embed-{len(rows)}", "kind": "embed",
+                               "backbone": backbone}, c.broker)
             import pyarrow.parquet as pq
 
             table = pq.read_table(Path(st["job_dir"]) / "embeddings.parquet")

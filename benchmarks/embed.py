@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.client.api import submit
+from benchmarks.jobs import run_job
 from pipeline.embed import Searcher, export, recall_at_k, unit_rows
 from pipeline.spec import EmbedSpec, JobSpec
 from pipeline.store.shards import ShardData, write_shard
@@ -35,11 +35,7 @@ def job_row(out: Path, size: int) -> dict[str, Any]:
                               "output": str(out / "jobs"), "store": str(out / "store")})
     with local_cluster(out / "cluster", extract_workers=1) as c:
         t0 = time.perf_counter()
-        job = submit(spec, broker=c.broker)
-        st = job.wait(timeout=3600)
-        if st["status"] != "SUCCESS":
-            raise SystemExit(f"embed job: {st['status']}: {st.get('error')}")
-        rep = job.result()
+        _st, rep = run_job(spec, c.broker)
     t = rep["timings"]
     return {"samples": rep["embeddings"]["count"], "job_s": round(time.perf_counter() - t0, 1),
             "extract_samples_per_s": t.get("extract_images_per_s"),

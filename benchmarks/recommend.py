@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.client.api import submit
+from benchmarks.jobs import run_job
 from pipeline.client.debian import write_debian_csv
 from pipeline.spec import JobSpec
 from workers.launcher import local_cluster
@@ -134,10 +134,7 @@ def main() -> None:
                               "backbone": {"name": "all-minilm-l6-v2", "max_length": 128},
                               "output": str(out / "jobs"), "store": str(out / "store")})
     with local_cluster(out / "cluster", extract_workers=1) as c:
-        job = submit(spec, broker=c.broker)
-        st = job.wait(timeout=3600)
-        if st["status"] != "SUCCESS":
-            raise SystemExit(f"embed job: {st['status']}: {st.get('error')}")
+        st, _rep = run_job(spec, c.broker)
     import pyarrow.parquet as pq
 
     table = pq.read_table(Path(st["job_dir"]) / "embeddings.parquet")

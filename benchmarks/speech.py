@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.client.api import submit
+from benchmarks.jobs import run_job
 from pipeline.spec import JobSpec
 from pipeline.store.shards import read_shard
 from workers.launcher import local_cluster
@@ -129,11 +129,7 @@ def finetune_row(broker: str, out: Path, rows: list[dict[str, Any]], task: str,
                      "batch_size": min(32, sum(r["split"] == "train" for r in keep))},
         "quality": {"enabled": False}, "output": str(out / "jobs"), "store": str(out / "store")})
     t0 = time.perf_counter()
-    job = submit(spec, broker=broker)
-    st = job.wait(timeout=7200)
-    if st["status"] != "SUCCESS":
-        raise SystemExit(f"fine-tune {task}: {st['status']}: {st.get('error')}")
-    rep = job.result()
+    _st, rep = run_job(spec, broker)
     return {"test_top1": rep["metrics"]["top1"], "epochs": epochs,
             "best_epoch": rep["train"]["finetune"].get("best_epoch"),
             "seconds": round(time.perf_counter() - t0, 1)}
@@ -176,11 +172,7 @@ def main() -> None:
                 "backbone": {"name": name}, "quality": {"enabled": False},
                 "output": str(out / "jobs"), "store": str(out / "store")})
             t0 = time.perf_counter()
-            job = submit(spec, broker=cluster.broker)
-            st = job.wait(timeout=3600)
-            if st["status"] != "SUCCESS":
-                raise SystemExit(f"{name}: {st['status']}: {st.get('error')}")
-            rep = job.result()
+            _st, rep = run_job(spec, cluster.broker)
             x = features_of(rep, len(rows))
             ok = np.isfinite(x).all(axis=1)
             tr, te = train[ok[train]], test[ok[test]]

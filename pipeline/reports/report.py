@@ -117,6 +117,17 @@ def build_report(plan: Plan, record: dict[str, Any], shards: list[dict[str, Any]
     return rep
 
 
+def job_fields(plan: Plan, record: dict[str, Any], shards: list[dict[str, Any]],
+               t: dict[str, Any], now: float) -> dict[str, Any]:
+    """The backbone, store, shards, timings, spec and times every job's report carries."""
+    return {"backbone": {"name": plan.backbone.name, "weights_id": plan.backbone.weights_id,
+                         "weights_sha256": plan.backbone.weights_sha256,
+                         "preprocessing": plan.backbone.preprocessing},
+            "feature_store": {"key": plan.key, "dir": plan.shard_dir},
+            "shards": shards, "timings": t, "spec": plan.spec.to_dict(),
+            "created": float(record.get("created", now)), "finished": now}
+
+
 def prediction_report(plan: Plan, record: dict[str, Any], shards: list[dict[str, Any]],
                       summary: dict[str, Any], predict_seconds: float) -> dict[str, Any]:
     """The report of a ``kind: predict`` job (see ``docs/report.md``)."""
@@ -136,12 +147,7 @@ def prediction_report(plan: Plan, record: dict[str, Any], shards: list[dict[str,
         "predictions": summary,
         "data": {"source": plan.spec.data.source, "path": plan.spec.data.path,
                  "samples": plan.n_samples, "fingerprint": plan.fingerprint},
-        "backbone": {"name": plan.backbone.name, "weights_id": plan.backbone.weights_id,
-                     "weights_sha256": plan.backbone.weights_sha256,
-                     "preprocessing": plan.backbone.preprocessing},
-        "feature_store": {"key": plan.key, "dir": plan.shard_dir},
-        "shards": shards, "timings": t, "spec": plan.spec.to_dict(),
-        "created": float(record.get("created", now)), "finished": now,
+        **job_fields(plan, record, shards, t, now),
     }
 
 
@@ -183,12 +189,7 @@ def embed_report(plan: Plan, record: dict[str, Any], shards: list[dict[str, Any]
         "data": {"source": plan.spec.data.source, "path": plan.spec.data.path,
                  "samples": plan.n_samples, "fingerprint": plan.fingerprint,
                  "skipped": skipped},
-        "backbone": {"name": plan.backbone.name, "weights_id": plan.backbone.weights_id,
-                     "weights_sha256": plan.backbone.weights_sha256,
-                     "preprocessing": plan.backbone.preprocessing},
-        "feature_store": {"key": plan.key, "dir": plan.shard_dir},
-        "shards": shards, "timings": t, "spec": plan.spec.to_dict(),
-        "created": float(record.get("created", now)), "finished": now,
+        **job_fields(plan, record, shards, t, now),
     }
 
 
