@@ -278,6 +278,9 @@ def test_audio_job_quality_report_and_predict(cluster, tmp_path: Path) -> None: 
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr
     assert [g["label"] for g in json.loads(out.stdout)] == ["high", "low"]
+    flag = subprocess.run([*cmd[:5], "--audio", str(tmp_path / "new_low.ogg"), "--json"],
+                          capture_output=True, text=True, timeout=180)
+    assert flag.returncode == 0 and json.loads(flag.stdout)[0]["label"] == "low", flag.stderr
     bad = subprocess.run([*cmd[:5], str(root / "low" / "broken.wav")], capture_output=True,
                          text=True, timeout=180)
     assert bad.returncode != 0 and "cannot read audio" in bad.stderr and "fix:" in bad.stderr

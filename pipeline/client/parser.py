@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extract-workers", type=int, default=2,
                    help="with --local: extraction worker processes")
     p.add_argument("--timeout", type=float, default=None, help="seconds to wait")
+    p.add_argument("--audio", action="append", default=[], metavar="FILE",
+                   help="an audio file to classify (repeatable; the same as giving it as a "
+                        "file argument)")
     p.add_argument("--text", action="append", default=[],
                    help="a text to classify (repeat it for several)")
     p.add_argument("--text-file", default=None,

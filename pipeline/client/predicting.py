@@ -64,6 +64,7 @@ def predict(args: argparse.Namespace) -> int:
         names = load_classifier(args.model, device="cpu").class_names
         print(f"{len(names)} classes: " + ", ".join(names))
         return 0
+    args.images = [*args.images, *args.audio]
     if args.data is not None:
         if args.images or args.text or args.text_file:
             raise FeaturefleetError("give --data (a whole data set, on the fleet) or files / "
