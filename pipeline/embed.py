@@ -12,6 +12,7 @@ backbone and preprocessing.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -184,12 +185,17 @@ class Searcher:
         self._row = {sid: r for r, sid in enumerate(self.ids)}
         self.device = device
 
+    @functools.cached_property
+    def plan(self) -> Any:
+        """The embed job's plan (its backbone and preprocessing), read once when needed."""
+        from pipeline.plan import read_plan
+
+        return read_plan(self.job_dir)
+
     @property
     def modality(self) -> str:
         """What the index embeds (``image``, ``text`` or ``audio``): what new queries must be."""
-        from pipeline.plan import read_plan
-
-        return str(read_plan(self.job_dir).backbone.preprocessing.get("modality", "image"))
+        return str(self.plan.backbone.preprocessing.get("modality", "image"))
 
     def _results(self, scores: np.ndarray, rows: np.ndarray) -> list[dict[str, Any]]:
         return [{"rank": r + 1, "sample_id": self.ids[int(i)], "index": self.indices[int(i)],
@@ -234,10 +240,9 @@ class Searcher:
         """Neighbours of new samples (image paths or arrays, texts, audio paths), embedded
         with the job's backbone and preprocessing."""
         from pipeline.backbones import preprocessing_from_dict
-        from pipeline.plan import read_plan
         from pipeline.predict import Classifier
 
-        plan = read_plan(self.job_dir)
+        plan = self.plan
         embedder = Classifier(head=None, backbone=plan.backbone.name,
                               weights=plan.backbone.weights,
                               preprocessing=preprocessing_from_dict(plan.backbone.preprocessing),

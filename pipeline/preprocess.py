@@ -231,6 +231,17 @@ def text_signatures(texts: list[str]) -> np.ndarray:
     return out.astype(np.float16)
 
 
+def power_frames(x: np.ndarray, n_fft: int, starts: np.ndarray) -> np.ndarray:
+    """Power spectra ``(len(starts), n_fft // 2 + 1)`` of Hann-windowed frames of ``x``
+    starting at ``starts`` (a clip shorter than one frame is zero-padded to it)."""
+    x = np.asarray(x, np.float32)
+    if len(x) < n_fft:
+        x = np.pad(x, (0, n_fft - len(x)))
+    frames = x[starts[:, None] + np.arange(n_fft)] * np.hanning(n_fft).astype(np.float32)
+    out: np.ndarray = np.abs(np.fft.rfft(frames, axis=1)) ** 2
+    return out
+
+
 def audio_signatures(clips: list[np.ndarray], rate: int = 16_000) -> np.ndarray:
     """Each clip's log-power in 16 bands (equal steps of a log-frequency axis, 60 Hz to the
     Nyquist) by 16 equal stretches of time (a 16 x 16 "thumbnail" of the spectrogram),
@@ -243,13 +254,9 @@ def audio_signatures(clips: list[np.ndarray], rate: int = 16_000) -> np.ndarray:
     edges = np.geomspace(60, rate / 2, side + 1)
     band = np.clip(np.searchsorted(edges, freqs, side="right") - 1, -1, side)
     for row, clip in enumerate(clips):
-        x = np.asarray(clip, np.float32)
-        if len(x) < n_fft:
-            x = np.pad(x, (0, n_fft - len(x)))
-        hop = max(1, (len(x) - n_fft) // (side * 4) or 1)
-        starts = np.arange(0, len(x) - n_fft + 1, hop)
-        frames = x[starts[:, None] + np.arange(n_fft)] * np.hanning(n_fft).astype(np.float32)
-        power = np.abs(np.fft.rfft(frames, axis=1)) ** 2  # (T, F)
+        n = max(len(clip), n_fft)
+        starts = np.arange(0, n - n_fft + 1, max(1, (n - n_fft) // (side * 4) or 1))
+        power = power_frames(clip, n_fft, starts)  # (T, F)
         grid = np.zeros((side, side), np.float64)
         t_bin = np.minimum((np.arange(len(starts)) * side) // len(starts), side - 1)
         for b in range(side):

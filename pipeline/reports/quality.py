@@ -66,14 +66,11 @@ def spectrogram_picture(x: np.ndarray, rate: int, side: int = 64) -> np.ndarray:
     """A clip's log-power spectrogram as a ``side`` x ``2 * side`` RGB picture (time to the
     right, frequency up on a log axis from 60 Hz, 70 dB of range): what the page shows
     where an image would be a thumbnail."""
-    x = np.asarray(x, np.float32)
+    from pipeline.preprocess import power_frames
+
     n_fft = 512 if rate > 12_000 else 256
-    if len(x) < n_fft:
-        x = np.pad(x, (0, n_fft - len(x)))
-    cols = 2 * side
-    starts = np.linspace(0, len(x) - n_fft, cols).astype(np.int64)
-    frames = x[starts[:, None] + np.arange(n_fft)] * np.hanning(n_fft).astype(np.float32)
-    power = np.abs(np.fft.rfft(frames, axis=1)) ** 2  # (cols, bins)
+    starts = np.linspace(0, max(len(x), n_fft) - n_fft, 2 * side).astype(np.int64)
+    power = power_frames(x, n_fft, starts)  # (columns, bins)
     freqs = np.fft.rfftfreq(n_fft, 1 / rate)
     rows = np.geomspace(60, rate / 2, side)
     grid = np.stack([np.interp(rows, freqs, p) for p in power], axis=1)  # (side, cols)
