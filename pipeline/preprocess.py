@@ -107,9 +107,10 @@ def _affine(mean: tuple[float, ...], std: tuple[float, ...], device: str) -> tup
 
 def augment(images: list[Any], pre: AnyPreprocessing, device: str,
             gen: Any, scale_min: float, hflip: bool, jitter: float = 0.0,
-            grayscale: float = 0.0) -> Any:
+            grayscale: float = 0.0, blur: float = 0.0, solarize: float = 0.0) -> Any:
     """Random resized crop (+ flip, + colour jitter of strength ``jitter``, + grey with
-    probability ``grayscale``) of uint8 HWC images -> normalized NCHW float batch. Texts pass
+    probability ``grayscale``, + Gaussian blur and solarization with probabilities ``blur``
+    and ``solarize``) of uint8 HWC images -> normalized NCHW float batch. Texts pass
     through unchanged (the encoder's dropout is their regulariser); audio clips are resampled
     and their loudness changed by up to 6 dB either way."""
     if isinstance(pre, AudioPreprocessing):
@@ -157,6 +158,11 @@ def augment(images: list[Any], pre: AnyPreprocessing, device: str,
         out[flip.to(device)] = out[flip.to(device)].flip(-1)
     if jitter or grayscale:
         out = _colour(out, gen, jitter, grayscale)
+    if blur:
+        out = _blur(out, gen, blur)
+    if solarize:
+        pick = (torch.rand(len(images), generator=gen) < solarize).to(out.device)
+        out = torch.where(pick.view(-1, 1, 1, 1) & (out >= 128), 255 - out, out)
     return normalize(out.contiguous(memory_format=torch.channels_last), pre)
 
 
@@ -182,6 +188,29 @@ def _colour(x: Any, gen: Any, jitter: float, grayscale: float) -> Any:
         grey = (x * weights).sum(dim=1, keepdim=True).expand_as(x)
         x = torch.where(pick.view(n, 1, 1, 1), grey, x)
     return x.clamp(0, 255)
+
+
+def _blur(x: Any, gen: Any, p: float) -> Any:
+    """Gaussian blur of each image with probability ``p``: sigma drawn from 0.1-2.0 px at
+    224 px (scaled with the side, as SimCLR's kernel of a tenth of the image), batched as
+    one grouped separable convolution."""
+    import torch
+
+    n, c, h, w = x.shape
+    scale = h / 224.0
+    sigma = torch.empty(n).uniform_(0.1, 2.0, generator=gen) * scale
+    sigma = torch.where(torch.rand(n, generator=gen) < p, sigma, torch.zeros(n))
+    radius = max(1, math.ceil(3 * 2.0 * scale))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-(t[None] ** 2) / (2 * sigma.clamp_min(1e-3)[:, None] ** 2))
+    k = k / k.sum(dim=1, keepdim=True)  # sigma ~ 0: the identity kernel
+    k = k.repeat_interleave(c, dim=0).to(x.device, x.dtype)  # (n*c, taps)
+    y = x.reshape(1, n * c, h, w)
+    pad = torch.nn.functional.pad(y, (radius, radius, radius, radius), mode="reflect") \
+        if min(h, w) > radius else torch.nn.functional.pad(y, (radius,) * 4, mode="replicate")
+    y = torch.nn.functional.conv2d(pad, k.view(n * c, 1, 1, -1), groups=n * c)
+    y = torch.nn.functional.conv2d(y, k.view(n * c, 1, -1, 1), groups=n * c)
+    return y.reshape(n, c, h, w).contiguous(memory_format=torch.channels_last)
 
 
 def denormalize(x: Any, pre: Preprocessing) -> np.ndarray:

@@ -29,15 +29,19 @@ def _digits() -> Any:
     return open_source(DataSpec(source="digits", limit=120))
 
 
-def _pretrain(out: Path, how: loop.Slice) -> dict[str, Any]:
+def _pretrain(out: Path, how: loop.Slice, method: str = "simclr") -> dict[str, Any]:
     from pipeline.pretrain.train import Data, Encoder, run
 
     src = _digits()
     ids = list(range(len(src.labels)))
-    cfg = PretrainSpec(method="simclr", epochs=2, batch_size=32, hflip=False,
-                       eval_every_epochs=1, device="cpu")
+    cfg = PretrainSpec(method=method, epochs=2, batch_size=32, hflip=False,
+                       eval_every_epochs=1, device="cpu", blur=0.5, solarize=0.2)
     return run(Rank(), Data(src, ids[:96], eval_train=ids[:96], eval_test=ids[96:]), cfg,
                Encoder("resnet18", "random", PRE, seed=0), how)
+
+
+def _byol(out: Path, how: loop.Slice) -> dict[str, Any]:
+    return _pretrain(out, how, "byol")  # its EMA target is part of the checkpoint
 
 
 def _finetune(out: Path, how: loop.Slice) -> dict[str, Any]:
@@ -84,7 +88,8 @@ class Trace:
         return out
 
 
-@pytest.mark.parametrize("program", [_pretrain, _finetune], ids=["pretrain", "finetune"])
+@pytest.mark.parametrize("program", [_pretrain, _byol, _finetune],
+                         ids=["pretrain", "byol", "finetune"])
 def test_time_slices_resume_to_the_exact_batch(program: Any, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     trace = Trace(monkeypatch)
@@ -121,6 +126,12 @@ def test_time_slices_resume_to_the_exact_batch(program: Any, tmp_path: Path,
         for k in ("val_top1", "knn_top1"):
             if k in a:
                 assert b[k] == pytest.approx(a[k], abs=0.1)  # 2 of the 24 samples
+    # the "did it help?" references are measured once, before training, and kept through
+    # every slice's checkpoint
+    assert got.get("reference") == whole.get("reference")
+    if program is not _finetune:
+        assert [r["role"] for r in got["reference"]] == ["initial", "off the shelf"]
+        assert all(0 < r["probe_top1"] <= 1 for r in got["reference"])
 
 
 @dataclass

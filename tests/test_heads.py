@@ -21,6 +21,22 @@ def _blobs(n: int, d: int = 16, k: int = 3, seed: int = 0) -> tuple[np.ndarray, 
     return (centers[y] + rng.normal(size=(n, d))).astype(np.float32), y
 
 
+def test_tiny_but_informative_features_are_standardized_not_dropped() -> None:
+    """An untrained network's features can all be ~1e-10 (vanishing activations) and still
+    separate the classes: scale is judged relative to the largest feature, so they are
+    standardized (as sklearn's StandardScaler does) rather than treated as constant."""
+    from pipeline.heads import standardize_stats
+
+    x, y = _blobs(300, d=8)
+    x = np.concatenate([x * 1e-10, np.full((300, 1), 3.0, np.float32)], axis=1)
+    mean, scale = standardize_stats(x)
+    ref = StandardScaler().fit(x.astype(np.float64))
+    np.testing.assert_allclose(scale[:8], ref.scale_[:8], rtol=1e-4)
+    assert scale[8] == 1.0  # the truly constant feature
+    head = probe.fit_probe(x[:200], y[:200], 3, l2=1e-3, max_iter=300)
+    assert (head.predict_proba(x[200:]).argmax(1) == y[200:]).mean() > 0.8
+
+
 def test_grid_is_the_protocol_grid() -> None:
     g = probe.l2_grid()
     assert len(g) == 45 and g[0] == 1e5 and abs(g[-1] - 1e-6) < 1e-18

@@ -20,7 +20,7 @@ from pipeline.engine.dist import Rank
 from pipeline.errors import BackboneError, DataError, SpecError
 from pipeline.planner import make_plan
 from pipeline.pretrain.models import decoder_plan
-from pipeline.pretrain.objectives import nt_xent
+from pipeline.pretrain.objectives import byol, nt_xent
 from pipeline.spec import JobSpec
 from pipeline.store.shards import read_shard
 from tests.test_faults import cluster_env
@@ -49,6 +49,60 @@ def test_nt_xent_matches_the_reference_formula() -> None:
         others = [k for k in range(12) if k != i]
         losses.append(-sim[i, j] + np.log(np.exp(sim[i, others]).sum()))
     assert float(got) == pytest.approx(float(np.mean(losses)), rel=1e-5)
+
+
+def test_byol_loss_momentum_and_target_update_match_their_formulas() -> None:
+    from pipeline.pretrain.models import build, target_momentum
+
+    torch.manual_seed(0)
+    p, t = torch.randn(8, 5), torch.randn(8, 5)
+    got = byol(p, t)
+    pn = p / p.norm(dim=1, keepdim=True)
+    tn = t / t.norm(dim=1, keepdim=True)
+    want = np.mean([2 - 2 * float(pn[i] @ tn[(i + 4) % 8]) for i in range(8)])
+    assert float(got) == pytest.approx(want, rel=1e-5)  # each view against the OTHER view
+    assert target_momentum(0.99, 0, 100) == pytest.approx(0.99)
+    assert target_momentum(0.99, 50, 100) == pytest.approx(0.995)
+    assert target_momentum(0.99, 100, 100) == pytest.approx(1.0)
+    net, dim = build("byol", "resnet18", "random", 32, 16, "cpu")
+    assert dim == 512 and not any(q.requires_grad for q in net.target())
+    online0 = [q.detach().clone() for q in net.online()]
+    target0 = [q.detach().clone() for q in net.target()]
+    assert all(torch.equal(a, b) for a, b in zip(online0, target0, strict=True))
+    with torch.no_grad():
+        for q in net.online():
+            q.add_(1.0)
+    net.update_target(0.9)
+    for a, b, q in zip(target0, net.target(), net.online(), strict=True):
+        torch.testing.assert_close(b, 0.9 * a + 0.1 * q)
+
+
+def test_did_it_help_calls_a_difference_only_beyond_its_noise() -> None:
+    from pipeline.reports.pretrain import did_it_help
+
+    refs = [{"encoder": "resnet18, initial weights (random)", "role": "initial",
+             "knn_top1": 0.2, "probe_top1": 0.25},
+            {"encoder": "efficientnet_lite0 (IMAGENET1K_V1), off the shelf",
+             "role": "off the shelf", "knn_top1": 0.6, "probe_top1": 0.64}]
+    hist = [{"epoch": 1, "loss": 5.0}, {"epoch": 2, "loss": 4.0, "knn_top1": 0.8,
+                                        "probe_top1": 0.83}]
+    got = did_it_help({"history": hist, "reference": refs}, 539)
+    assert got is not None and got["answer"] == "ahead"
+    main = [r for r in got["rows"] if r["role"] == "off the shelf" and
+            r["metric"] == "linear probe"][0]
+    p = (0.83 + 0.64) / 2
+    assert main["noise"] == pytest.approx(2 * np.sqrt(p * (1 - p) * 2 / 539), abs=1e-4)
+    assert main["difference"] == pytest.approx(0.19)
+    assert got["summary"].startswith("yes: after 2 epochs") and "+0.190 over" in \
+        got["summary"]
+    close = did_it_help({"history": [{**hist[1], "probe_top1": 0.66}], "reference": refs},
+                        100)  # +0.02 on 100 samples: noise
+    assert close is not None and close["answer"] == "no clear difference"
+    assert close["summary"].startswith("not measurably")
+    behind = did_it_help({"history": [{**hist[1], "probe_top1": 0.3}], "reference": refs}, 539)
+    assert behind is not None and behind["summary"].startswith("no:")
+    assert did_it_help({"history": hist, "reference": []}, 539) is None  # no labels
+    assert did_it_help({"history": hist[:1], "reference": refs}, 539) is None
 
 
 def test_decoder_reaches_the_input_size_or_says_why() -> None:
@@ -108,8 +162,15 @@ def test_two_nodes_survive_a_killed_rank_and_the_encoder_is_a_backbone(tmp_path:
     assert [h["epoch"] for h in train["history"]] == [1, 2, 3]
     assert train["global_step"] == 3 * train["steps_per_epoch"]
     assert all(0 < h["knn_top1"] <= 1 and 0 < h["probe_top1"] <= 1 for h in train["history"])
+    # "did it help?": the initial weights and the off-the-shelf backbone, measured before
+    # training, kept through the regroup's resume, compared in the report
+    assert [r["role"] for r in train["reference"]] == ["initial", "off the shelf"]
+    helped = rep["did_it_help"]
+    assert helped["answer"] in ("ahead", "behind", "no clear difference")
+    assert {r["against"] for r in helped["rows"]} == {r["encoder"] for r in train["reference"]}
     html = Path(st["report"]).with_suffix(".html").read_text()
     assert f"job:{job.id}" in html and "regrouped" in html and 'id="loss"' in html
+    assert 'id="did-it-help"' in html and helped["summary"].split(":")[0] in html
     assert prep["backbone"]["weights_id"] == f"job:{job.id}"
     assert prep["backbone"]["weights_sha256"] == rep["encoder_sha256"]  # in the content key
     assert prep["backbone"]["preprocessing"]["crop"] == 32  # the pretraining's input size
@@ -123,8 +184,9 @@ def test_two_nodes_survive_a_killed_rank_and_the_encoder_is_a_backbone(tmp_path:
 def test_a_killed_torchrun_agent_is_relaunched_and_the_run_resumes(tmp_path: Path) -> None:
     """SIGKILL of the node's torchrun agent and its rank after the first checkpoint, the
     node task's process alive: the task starts torchrun again, the ranks resume from the
-    checkpoint, every step runs once, the relaunch is in the report."""
-    spec = pretrain_spec(tmp_path / "out", epochs=3, checkpoint_every_steps=3)
+    checkpoint, every step runs once, the relaunch is in the report. (BYOL: its momentum
+    target resumes from the checkpoint with the online network.)"""
+    spec = pretrain_spec(tmp_path / "out", epochs=3, checkpoint_every_steps=3, method="byol")
     with cluster_env(tmp_path, env={"CHAOS_KILL_AGENT_AFTER_CHECKPOINT": "1"}) as c:
         job = submit(spec, broker=c.broker)
         st = job.wait(timeout=400)
@@ -138,6 +200,7 @@ def test_a_killed_torchrun_agent_is_relaunched_and_the_run_resumes(tmp_path: Pat
     assert all(h["loss"] > 0 and h["images_per_s"] > 0 for h in train["history"])
     assert train["global_step"] == 3 * train["steps_per_epoch"]
     assert st["relaunches"] == 1
+    assert rep["method"] == "byol" and rep["recipe"].startswith("pretraining (byol)")
 
 
 @pytest.mark.integration
@@ -230,3 +293,18 @@ def test_the_plan_says_whether_pretraining_continues_from_pretrained_weights(
     assert "continued from IMAGENET1K_V1 at learning rate 0.001" in continued.strategy_reason
     scratch = make_plan(base.replace(backbone={"weights": "random"}), "b" * 12)
     assert "from random initialisation" in scratch.strategy_reason
+    # epochs: auto -> about 1,000 optimizer steps, within 10-400 epochs, said in the plan
+    assert continued.spec.pretrain.epochs == 400  # < 256 images: 1 step an epoch, capped
+    whole = make_plan(base.replace(data={"limit": None}), "d" * 12)
+    used = len(whole.splits.train) + len(whole.splits.val)
+    want = round(1000 / (used // 128))
+    assert 10 < want < 400 and whole.spec.pretrain.epochs == want
+    assert (f"{want} epochs (auto: about 1,000 optimizer steps of 128 images over {used:,} "
+            f"images, {used // 128} per epoch") in whole.strategy_reason
+    fixed = make_plan(base.replace(pretrain={"epochs": 7, "method": "byol"}), "c" * 12)
+    assert fixed.spec.pretrain.epochs == 7 and "pretraining (byol)" in fixed.strategy_reason
+    assert "7 epochs (7 optimizer steps)" in fixed.strategy_reason
+    from pipeline.spec import PretrainSpec
+
+    assert PretrainSpec().epochs_for(1_000_000) == 10  # large data: at least 10 epochs
+    assert PretrainSpec().epochs_for(200) == 400  # one step an epoch: at most 400

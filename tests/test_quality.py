@@ -488,3 +488,7 @@ def test_findings_agree_with_what_the_job_measured() -> None:
     summary.qualify(own, "job:0123456789ab")
     assert own["pretraining_domain"]["domain"] == "own"
     assert "pretrain an encoder" not in own["pretraining_domain"]["advice"]
+    told = {"pretraining_domain": {"domain": "far", "advice": "pretrain an encoder"}}
+    summary.qualify(told, "job:0123456789ab", {"summary": "yes: +0.19 over ImageNet"})
+    assert told["pretraining_domain"]["advice"].endswith(
+        "did its pretraining help? yes: +0.19 over ImageNet")

@@ -78,10 +78,13 @@ def pretrain_summary(rep: dict[str, Any]) -> str:
                        f"@{input_size(rep['backbone']['preprocessing'])}"),
             ("data", f"{rep['data']['source']}: {rep['data']['samples_used']} images (labels "
                      "unused)"),
+            *([("recipe", rep["recipe"])] if rep.get("recipe") else []),
             ("final loss", str(last.get("loss", "-"))),
             *([("kNN / probe top-1", f"{last['knn_top1']:.4f} / {last['probe_top1']:.4f} "
                                      "(labeled evaluation samples)")]
               if "knn_top1" in last else []),
+            *([("did it help?", rep["did_it_help"]["summary"])] if rep.get("did_it_help")
+              else []),
             ("ranks", f"{rep['train'].get('world_size', 1)} on {rep['train'].get('device')}"),
             *[("resumed", f"{r['reason']} at epoch {r['epoch'] + 1} step {r['step']}")
               for r in rep["train"].get("resumes", [])],

@@ -82,6 +82,9 @@ class Program(Protocol):
         """On rank 0 after each epoch: numbers for the epoch's record (may be empty)."""
         ...
 
+    # optional: ``after_step(global_step, total_steps)`` after each optimizer step (e.g. a
+    # momentum target's update); called on every rank
+
 
 @dataclass(frozen=True)
 class LoopConfig:
@@ -215,6 +218,7 @@ def run(rank: Rank, program: Program, train: Sequence[int], cfg: LoopConfig, how
     deadline = None if how.slice_s is None else time.time() + how.slice_s
     reported = 0.0
     model = getattr(program, "model", program.net)
+    after_step = getattr(program, "after_step", None)
     while rec["epoch"] < cfg.epochs:
         epoch = rec["epoch"]
         batches = epoch_batches(train, cfg.seed, epoch, per_rank * rank.world_size, steps)
@@ -240,6 +244,8 @@ def run(rank: Rank, program: Program, train: Sequence[int], cfg: LoopConfig, how
                 program.optimizer.zero_grad(set_to_none=True)
                 loss.float().backward()
                 program.optimizer.step()
+                if after_step is not None:
+                    after_step(rec["global_step"], total)
                 run_["loss"] += float(loss.detach()) * len(samples)
                 run_["seen"] += len(samples)
                 rec["images"] += len(samples) * rank.world_size

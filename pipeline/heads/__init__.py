@@ -90,7 +90,8 @@ CHUNK_ROWS = 2048  # rows standardized at a time: no temporary as large as the d
 def standardize_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature mean and scale of ``x`` (any float dtype; accumulated in float64, in row
     chunks); constant features get scale 1, since they carry nothing and must not be divided
-    by zero."""
+    by zero. "Constant" is relative to the largest feature scale: an untrained network's
+    features can all be ~1e-10 (vanishing activations) and still separate the classes."""
     n = max(1, len(x))
     total = np.zeros(x.shape[1], np.float64)
     for s in range(0, len(x), CHUNK_ROWS):
@@ -101,7 +102,7 @@ def standardize_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         d = x[s:s + CHUNK_ROWS].astype(np.float64) - mean
         sq += (d * d).sum(axis=0)
     scale = np.sqrt(sq / n)
-    scale[scale < 1e-6] = 1.0
+    scale[scale <= 1e-6 * scale.max(initial=0.0)] = 1.0
     return mean.astype(np.float32), scale.astype(np.float32)
 
 

@@ -287,7 +287,7 @@ def summarize(plan: Plan, parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
     section["duplicates"]["false_leak"] = summary.false_leak_rate(nb, thresholds, where, y_of,
                                                                   digests, best)
     summary.qualify_leaks(section, len(plan.splits.val) + len(plan.splits.test))
-    summary.qualify(section, plan.backbone.weights_id)
+    summary.qualify(section, plan.backbone.weights_id, _pretraining(plan))
     # every finding, for the export a reviewer works through; the page lists the first ones
     section["flagged"] = summary.flagged(section, found, where)
     summary.shorten(section, spec.max_listed)
@@ -346,3 +346,16 @@ def _curve(q: QualityPlan, parts: dict[str, dict[str, Any]],
         return {"note": next((p["note"] for p in points if "note" in p), "no points")}
     return {"points": curve.merged(good), "l2": q.l2,
             "fit": curve.fit(good, targets, val_samples)}
+
+
+def _pretraining(plan: Plan) -> dict[str, Any] | None:
+    """The "did it help?" of the pretraining job whose encoder this job probes, if any."""
+    wid = plan.backbone.weights_id
+    if not wid.startswith("job:"):
+        return None
+    report = Path(plan.spec.output).expanduser().resolve() / "jobs" / wid[4:] / "report.json"
+    try:
+        found = json.loads(report.read_bytes()).get("did_it_help")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return found if isinstance(found, dict) and "summary" in found else None

@@ -32,7 +32,7 @@ from pipeline.plan import (
 from pipeline.planner.exclusions import find_exclusions, reviewed_exclusions
 from pipeline.planner.models import resolve_model
 from pipeline.sources import Source, digests, open_source
-from pipeline.spec import DataSpec, JobSpec
+from pipeline.spec import AUTO_PRETRAIN_EPOCHS, AUTO_PRETRAIN_STEPS, DataSpec, JobSpec
 from pipeline.store import files, manifest
 from pipeline.store.shards import SCHEMA_VERSION, shard_name
 from pipeline.strategy import choose
@@ -142,6 +142,27 @@ def resolve_backbone(spec: JobSpec) -> tuple[str, str | None, backbones.WeightsI
                             "architecture or preprocessing; fix: run the pretraining job "
                             "again") from None
     return arch, encoder, backbones.WeightsInfo(name, rep["encoder_sha256"], pre)
+
+
+def pretrain_recipe(spec: JobSpec, weights_id: str, samples: int) -> tuple[JobSpec, str]:
+    """The pretraining job's spec with ``epochs: auto`` resolved from the data size
+    (:meth:`PretrainSpec.epochs_for`), and the plan's sentence saying what will train, from
+    what, for how long and why."""
+    cfg = spec.pretrain
+    steps = max(1, samples // cfg.batch_size)
+    if cfg.epochs == "auto":
+        lo, hi = AUTO_PRETRAIN_EPOCHS
+        epochs = cfg.epochs_for(samples)
+        why = (f"{epochs} epochs (auto: about {AUTO_PRETRAIN_STEPS:,} optimizer steps of "
+               f"{cfg.batch_size} images over {samples:,} images, {steps:,} per epoch, kept "
+               f"within {lo}-{hi} epochs; set pretrain.epochs to choose)")
+        spec = spec.replace(pretrain={"epochs": epochs})
+    else:
+        why = f"{cfg.epochs} epochs ({steps * cfg.epochs:,} optimizer steps)"
+    start = (f"continued from {weights_id} at learning rate {cfg.lr:g}"
+             if weights_id != backbones.RANDOM else "from random initialisation")
+    return spec, (f"pretraining ({cfg.method}): the encoder is trained on the images, labels "
+                  f"unused; {start}; {why}")
 
 
 def finetune_checks(spec: JobSpec, n_train: int) -> None:
@@ -358,14 +379,12 @@ def make_plan(spec: JobSpec, job_id: str, gpus: int | Callable[[], int] = 0,
     elif spec.kind == "embed":
         strategy, reason = "probe", ("embeddings: every sample's features, exported with a "
                                      "nearest-neighbour index")
+    elif pretraining:
+        spec, reason = pretrain_recipe(spec, weights.id,
+                                       len(split["train"]) + len(split["val"]))
+        strategy = "probe"
     elif spec.kind != "classify":
-        strategy, reason = "probe", ("pretraining: the encoder is trained on the images, "
-                                     "labels unused" + (
-                                         f"; continued from {weights.id} at learning rate "
-                                         f"{spec.pretrain.lr:g}" if weights.id != backbones.RANDOM
-                                         else "; from random initialisation")
-                                     ) if pretraining else (
-            "data quality: the stage runs on the cached features")
+        strategy, reason = "probe", "data quality: the stage runs on the cached features"
     elif backbones.is_baseline(weights.id):
         strategy, reason = "probe", ("probe: a handcrafted baseline has nothing to "
                                      "fine-tune")

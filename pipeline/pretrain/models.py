@@ -1,6 +1,7 @@
 """The networks of pretraining: the encoder f (any registered backbone: its pooled features),
-the autoencoder's decoder g, SimCLR's projection head; and the encoder exported as a weights
-file any backbone name can load."""
+the autoencoder's decoder g, SimCLR's projection head, BYOL's online projector + predictor
+beside its momentum (EMA) target; and the encoder exported as a weights file any backbone
+name can load."""
 
 from __future__ import annotations
 
@@ -29,10 +30,18 @@ def decoder_plan(crop: int) -> tuple[int, int]:
     return side, k
 
 
+def mlp(d_in: int, hidden: int, d_out: int) -> Any:
+    """Linear, BatchNorm, ReLU, Linear: SimCLR's projection head, BYOL's projector/predictor."""
+    from torch import nn
+
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, d_out))
+
+
 def build(method: str, arch: str, weights: str | None, crop: int, projection_dim: int,
           device: str) -> tuple[Any, int]:
-    """The encoder with its head (``decoder`` or ``projection``) as one module, and the
-    encoder's feature dimension."""
+    """The encoder with its head (``decoder``, ``projection``, or BYOL's online/target pair)
+    as one module, and the encoder's feature dimension."""
     import torch
     from torch import nn
 
@@ -40,6 +49,9 @@ def build(method: str, arch: str, weights: str | None, crop: int, projection_dim
 
     bb = load_backbone(arch, weights, "cpu")
     dim = bb.feature_dim
+    if method == "byol":
+        net: nn.Module = _byol_module()(bb.model, dim, projection_dim)
+        return net.to(device).to(memory_format=torch.channels_last), dim
     if method == "autoencoder":
         side, k = decoder_plan(crop)
         width = 256
@@ -52,8 +64,7 @@ def build(method: str, arch: str, weights: str | None, crop: int, projection_dim
         layers.append(nn.Conv2d(max(32, width >> k), 3, 3, padding=1))
         head: nn.Module = nn.Sequential(*layers)
     else:
-        head = nn.Sequential(nn.Linear(dim, 512), nn.BatchNorm1d(512), nn.ReLU(inplace=True),
-                             nn.Linear(512, projection_dim))
+        head = mlp(dim, 512, projection_dim)
 
     class Pretrain(nn.Module):
         def __init__(self) -> None:
@@ -66,6 +77,57 @@ def build(method: str, arch: str, weights: str | None, crop: int, projection_dim
 
     net = Pretrain().requires_grad_(True)
     return net.to(device).to(memory_format=torch.channels_last), dim
+
+
+def _byol_module() -> Any:
+    """The BYOL module class (defined on first use: torch is imported lazily)."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    class ByolNet(nn.Module):
+        """BYOL (Grill et al. 2020): the online encoder + projector + predictor predicts the
+        target's projection of the other view; the target (encoder + projector) is an
+        exponential moving average of the online weights, never trained by gradients."""
+
+        def __init__(self, encoder: nn.Module, dim: int, projection_dim: int) -> None:
+            super().__init__()
+            hidden = 1024
+            self.encoder = encoder
+            self.projector = mlp(dim, hidden, projection_dim)
+            self.predictor = mlp(projection_dim, hidden, projection_dim)
+            self.target_encoder = copy.deepcopy(encoder).requires_grad_(False)
+            self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """(online prediction, target projection) of every view in ``x``."""
+            p = self.predictor(self.projector(self.encoder(x)))
+            with torch.no_grad():
+                t = self.target_projector(self.target_encoder(x))
+            return p, t
+
+        def online(self) -> list[torch.Tensor]:
+            return [*self.encoder.parameters(), *self.projector.parameters()]
+
+        def target(self) -> list[torch.Tensor]:
+            return [*self.target_encoder.parameters(), *self.target_projector.parameters()]
+
+        @torch.no_grad()
+        def update_target(self, tau: float) -> None:
+            """target ← tau · target + (1 − tau) · online."""
+            online, target = self.online(), self.target()
+            torch._foreach_mul_(target, tau)
+            torch._foreach_add_(target, online, alpha=1.0 - tau)
+
+    return ByolNet
+
+
+def target_momentum(base: float, step: int, total: int) -> float:
+    """BYOL's target momentum at ``step`` of ``total``: from ``base`` up to 1 on a cosine."""
+    import math
+
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * min(step, total) / max(total, 1)) + 1) / 2
 
 
 def export_encoder(encoder: Any, arch: str, path: Path) -> str:

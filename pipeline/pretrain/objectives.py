@@ -1,4 +1,5 @@
-"""The objectives: SimCLR's NT-Xent over every rank's embeddings, and reconstruction error."""
+"""The objectives: SimCLR's NT-Xent over every rank's embeddings, BYOL's prediction error,
+and reconstruction error."""
 
 from __future__ import annotations
 
@@ -29,6 +30,20 @@ def nt_xent(z1: Any, z2: Any, rank: Rank, temperature: float) -> Any:
     mask = torch.zeros_like(logits, dtype=torch.bool)
     mask[torch.arange(2 * n, device=z1.device), self_cols] = True
     return F.cross_entropy(logits.masked_fill(mask, float("-inf")), positive)
+
+
+def byol(p: Any, t: Any) -> Any:
+    """BYOL's symmetric loss for ``2n`` views (first half view 1, second half view 2): each
+    view's online prediction against the target's projection of the *other* view,
+    ``2 - 2 cos``, averaged. No negatives, so nothing is gathered across ranks."""
+    import torch
+    import torch.nn.functional as F
+
+    n = p.shape[0] // 2
+    p = F.normalize(p.float(), dim=1)
+    t = F.normalize(t.float(), dim=1)
+    other = torch.cat([t[n:], t[:n]])
+    return (2 - 2 * (p * other).sum(dim=1)).mean()
 
 
 def reconstruction(recon: Any, target: Any) -> Any:

@@ -288,11 +288,13 @@ LABEL_SIGNAL_MIN = 0.7  # out-of-fold top-1 below which label flags are mostly p
 STRONG_TOP1 = 0.9  # measured accuracy that makes "frozen features will underperform" false
 
 
-def qualify(section: dict[str, Any], weights_id: str) -> None:
+def qualify(section: dict[str, Any], weights_id: str,
+            pretraining: dict[str, Any] | None = None) -> None:
     """Make every finding say how sure it is and agree with what the job measured: label
     flags are withheld when the probe is too weak for them to mean anything; the advice about
     the pretraining domain reads the accuracy measured on this data, and an encoder pretrained
-    on this very data (``job:<id>``) is recognised, never told to pretrain."""
+    on this very data (``job:<id>``) is recognised, never told to pretrain, and its pretraining
+    report's "did it help?" (``pretraining``) is quoted."""
     li = section.get("label_issues", {})
     if li.get("issues"):  # the out-of-fold probability that a flagged label is right, summed
         wrong = [1.0 - float(r["given_probability"]) for r in li["issues"]]
@@ -310,8 +312,10 @@ def qualify(section: dict[str, Any], weights_id: str) -> None:
     dom = section.get("pretraining_domain", {})
     if weights_id.startswith("job:"):
         dom["domain"] = "own"
-        dom["advice"] = (f"the encoder ({weights_id}) was pretrained on this job's own data: "
-                         "the distance from a public pretraining set does not apply")
+        dom["advice"] = (f"the encoder ({weights_id}) was pretrained on your own images: "
+                         "the distance from a public pretraining set does not apply" + (
+                             f"; did its pretraining help? {pretraining['summary']}"
+                             if pretraining else ""))
     elif dom.get("domain") == "far" and measured is not None and measured >= STRONG_TOP1:
         dom["advice"] = (f"the images look unlike the backbone's pretraining data, yet frozen "
                          f"features already reach {measured:.3f} top-1 here: fine-tuning may "

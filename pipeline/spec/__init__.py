@@ -3,6 +3,8 @@ boundary with one-line errors (``validation``)."""
 
 from pipeline.spec.model import (
     AUTO_BATCH,
+    AUTO_PRETRAIN_EPOCHS,
+    AUTO_PRETRAIN_STEPS,
     DATA_SOURCES,
     HEADS,
     MAX_SPEC_BYTES,
@@ -16,6 +18,7 @@ from pipeline.spec.model import (
 )
 from pipeline.spec.sections import EmbedSpec, PredictSpec, QualitySpec
 
-__all__ = ["AUTO_BATCH", "DATA_SOURCES", "HEADS", "MAX_SPEC_BYTES", "STRATEGIES",
+__all__ = ["AUTO_BATCH", "AUTO_PRETRAIN_EPOCHS", "AUTO_PRETRAIN_STEPS", "DATA_SOURCES", "HEADS",
+           "MAX_SPEC_BYTES", "STRATEGIES",
            "BackboneSpec", "DataSpec", "EmbedSpec", "FinetuneSpec", "JobSpec", "PredictSpec",
            "PretrainSpec", "ProbeSpec", "QualitySpec"]

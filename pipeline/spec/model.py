@@ -207,19 +207,27 @@ class FinetuneSpec(Section):
     max_restarts: Int = Field(3, ge=0, le=100, json_schema_extra=fix("use e.g. 3"))
 
 
+AUTO_PRETRAIN_STEPS = 1000  # optimizer steps ``pretrain.epochs: auto`` aims at ...
+AUTO_PRETRAIN_EPOCHS = (10, 400)  # ... within these epochs
+
+
 class PretrainSpec(Section):
     """Pretraining an encoder on the data's images, labels unused (``kind: pretrain``).
 
     ``autoencoder``: the encoder f (``backbone.name``, random or pretrained init) and a decoder
     g trained to minimise ‖x − g(f(x))‖² (denoising with ``noise``, masked with
     ``mask_fraction``). ``simclr``: two random views of each image pulled together and pushed
-    from every other view of the global batch (NT-Xent, gathered across ranks). The result is
-    a backbone: ``backbone: {name: job:<id>}``.
+    from every other view of the global batch (NT-Xent, gathered across ranks). ``byol``: no
+    negatives: an online network predicts a slowly moving (EMA, ``momentum``) target
+    network's projection of the other view. ``epochs: auto`` (default) chooses the epochs
+    from the data size (about 1,000 optimizer steps, 10-400 epochs; the plan says why). The
+    result is a backbone: ``backbone: {name: job:<id>}``.
     """
 
     section: ClassVar[str] = "pretrain"
-    method: Literal["simclr", "autoencoder"] = "simclr"
-    epochs: Int = Field(50, gt=0, le=10_000, json_schema_extra=fix("use e.g. 50"))
+    method: Literal["simclr", "byol", "autoencoder"] = "simclr"
+    epochs: Int | Literal["auto"] = Field("auto", json_schema_extra=fix(
+        "use auto, or a number of epochs from 1 to 10000, e.g. 50"))
     batch_size: Int = Field(128, ge=4, le=65536, json_schema_extra=fix(
         "use e.g. 128 (global: split across the ranks; SimCLR likes it large)"))
     # the same from random and from pretrained weights: continued SimCLR from ImageNet on
@@ -233,6 +241,12 @@ class PretrainSpec(Section):
     hflip: bool = True  # turn off for digits and text-like images
     color_jitter: Float = Field(0.4, ge=0, lt=1, json_schema_extra=fix("use e.g. 0.4"))
     grayscale: Float = Field(0.2, ge=0, le=1, json_schema_extra=fix("use e.g. 0.2"))
+    blur: Float = Field(0.0, ge=0, le=1, json_schema_extra=fix(
+        "use a probability, e.g. 0.5 (Gaussian blur of a view), or 0"))
+    solarize: Float = Field(0.0, ge=0, le=1, json_schema_extra=fix(
+        "use a probability, e.g. 0.2, or 0"))
+    momentum: Float = Field(0.99, ge=0, lt=1, json_schema_extra=fix(
+        "use e.g. 0.99 (BYOL's target: rises to 1 on a cosine)"))
     noise: Float = Field(0.0, ge=0, le=10, json_schema_extra=fix(
         "use e.g. 0.2 (denoising autoencoder), or 0"))
     mask_fraction: Float = Field(0.0, ge=0, lt=1, json_schema_extra=fix(
@@ -247,6 +261,22 @@ class PretrainSpec(Section):
     min_image_side: Int = Field(8, gt=0, le=4096, json_schema_extra=fix(
         "use e.g. 8: smaller images are too small for random crops"))
     device: Device = "auto"
+
+    @field_validator("epochs")
+    @classmethod
+    def _epochs(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 0 < value <= 10_000:
+            raise PydanticCustomError("ff", "{value} must be > 0 and <= 10000",
+                                      {"value": short(value)})
+        return value
+
+    def epochs_for(self, samples: int) -> int:
+        """The epochs to train on ``samples`` images: ``epochs``, or for ``auto`` about
+        :data:`AUTO_PRETRAIN_STEPS` optimizer steps within :data:`AUTO_PRETRAIN_EPOCHS`."""
+        if isinstance(self.epochs, int):
+            return self.epochs
+        lo, hi = AUTO_PRETRAIN_EPOCHS
+        return min(hi, max(lo, round(AUTO_PRETRAIN_STEPS / max(1, samples // self.batch_size))))
 
 
 # fsspec file systems that only the process that made them can see: never a shared store
