@@ -28,3 +28,8 @@ NGPU=$(nvidia-smi -L | wc -l)
     benchmarks/pretrain_throughput.py --arch resnet18 --image-size 224 --batch-size 512 \
     --epochs 2 --images 20480 --out "$OUT/pretrain-run" --json "$OUT/pretrain-resnet18-simclr.json" \
     | tee "$OUT/pretrain-resnet18-simclr.txt"
+# BYOL (issue #25): the same, with its momentum target (one more forward pass per view)
+"$PY" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" \
+    benchmarks/pretrain_throughput.py --method byol --arch resnet18 --image-size 224 \
+    --batch-size 512 --epochs 2 --images 20480 --out "$OUT/pretrain-byol-run" \
+    --json "$OUT/pretrain-resnet18-byol.json" | tee "$OUT/pretrain-resnet18-byol.txt"

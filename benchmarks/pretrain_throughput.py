@@ -29,7 +29,7 @@ from pipeline.spec import PretrainSpec
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="resnet18")
-    ap.add_argument("--method", default="simclr", choices=["simclr", "autoencoder"])
+    ap.add_argument("--method", default="simclr", choices=["simclr", "byol", "autoencoder"])
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--batch-size", type=int, default=512, help="global, split across ranks")
     ap.add_argument("--epochs", type=int, default=2)

@@ -194,4 +194,4 @@ def test_gpu_script_commands_exist_and_parse() -> None:
         else:
             for flag in re.findall(r"(--[a-z-]+)", " ".join(args)):
                 assert f'"{flag}"' in path.read_text(), (words[py], flag)
-    assert bench_runs == 2 and scripts == 3  # ResNet-50; 12 MP photos (a loop); SimCLR
+    assert bench_runs == 2 and scripts == 4  # ResNet-50; 12 MP photos (a loop); SimCLR; BYOL

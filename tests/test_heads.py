@@ -29,7 +29,7 @@ def test_tiny_but_informative_features_are_standardized_not_dropped() -> None:
 
     x, y = _blobs(300, d=8)
     x = np.concatenate([x * 1e-10, np.full((300, 1), 3.0, np.float32)], axis=1)
-    mean, scale = standardize_stats(x)
+    _, scale = standardize_stats(x)
     ref = StandardScaler().fit(x.astype(np.float64))
     np.testing.assert_allclose(scale[:8], ref.scale_[:8], rtol=1e-4)
     assert scale[8] == 1.0  # the truly constant feature

@@ -88,8 +88,8 @@ def test_did_it_help_calls_a_difference_only_beyond_its_noise() -> None:
                                         "probe_top1": 0.83}]
     got = did_it_help({"history": hist, "reference": refs}, 539)
     assert got is not None and got["answer"] == "ahead"
-    main = [r for r in got["rows"] if r["role"] == "off the shelf" and
-            r["metric"] == "linear probe"][0]
+    main = next(r for r in got["rows"]
+                if r["role"] == "off the shelf" and r["metric"] == "linear probe")
     p = (0.83 + 0.64) / 2
     assert main["noise"] == pytest.approx(2 * np.sqrt(p * (1 - p) * 2 / 539), abs=1e-4)
     assert main["difference"] == pytest.approx(0.19)

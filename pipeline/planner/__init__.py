@@ -31,8 +31,9 @@ from pipeline.plan import (
 )
 from pipeline.planner.exclusions import find_exclusions, reviewed_exclusions
 from pipeline.planner.models import resolve_model
+from pipeline.planner.pretraining import pretrain_checks, pretrain_recipe
 from pipeline.sources import Source, digests, open_source
-from pipeline.spec import AUTO_PRETRAIN_EPOCHS, AUTO_PRETRAIN_STEPS, DataSpec, JobSpec
+from pipeline.spec import DataSpec, JobSpec
 from pipeline.store import files, manifest
 from pipeline.store.shards import SCHEMA_VERSION, shard_name
 from pipeline.strategy import choose
@@ -144,27 +145,6 @@ def resolve_backbone(spec: JobSpec) -> tuple[str, str | None, backbones.WeightsI
     return arch, encoder, backbones.WeightsInfo(name, rep["encoder_sha256"], pre)
 
 
-def pretrain_recipe(spec: JobSpec, weights_id: str, samples: int) -> tuple[JobSpec, str]:
-    """The pretraining job's spec with ``epochs: auto`` resolved from the data size
-    (:meth:`PretrainSpec.epochs_for`), and the plan's sentence saying what will train, from
-    what, for how long and why."""
-    cfg = spec.pretrain
-    steps = max(1, samples // cfg.batch_size)
-    if cfg.epochs == "auto":
-        lo, hi = AUTO_PRETRAIN_EPOCHS
-        epochs = cfg.epochs_for(samples)
-        why = (f"{epochs} epochs (auto: about {AUTO_PRETRAIN_STEPS:,} optimizer steps of "
-               f"{cfg.batch_size} images over {samples:,} images, {steps:,} per epoch, kept "
-               f"within {lo}-{hi} epochs; set pretrain.epochs to choose)")
-        spec = spec.replace(pretrain={"epochs": epochs})
-    else:
-        why = f"{cfg.epochs} epochs ({steps * cfg.epochs:,} optimizer steps)"
-    start = (f"continued from {weights_id} at learning rate {cfg.lr:g}"
-             if weights_id != backbones.RANDOM else "from random initialisation")
-    return spec, (f"pretraining ({cfg.method}): the encoder is trained on the images, labels "
-                  f"unused; {start}; {why}")
-
-
 def finetune_checks(spec: JobSpec, n_train: int) -> None:
     """Fine-tuning can train: one global batch fits the training split, with at least two
     samples for every node (BatchNorm in train mode needs two).
@@ -246,35 +226,7 @@ def text_finetune_lr(spec: JobSpec, pre: backbones.AnyPreprocessing) -> list[str
             f"finetune.backbone_lr_mult: {2e-5 / ft.lr:.3g}"]
 
 
-def pretrain_checks(source: Source, spec: JobSpec, crop: int, samples: int) -> None:
-    """What pretraining needs from the data and the networks, checked before enqueueing
-    (``samples``: how many the encoder trains on, after the limit and exclusions).
-
-    Raises:
-        DataError: too few images, or images too small for random crops.
-        SpecError: an autoencoder whose decoder cannot reach the input size.
-    """
-    from pipeline.pretrain.models import decoder_plan
-
-    cfg = spec.pretrain
-    if cfg.method == "autoencoder":
-        decoder_plan(crop)
-    if samples < cfg.batch_size:
-        raise DataError(f"{samples} images to pretrain on are fewer than one batch "
-                        f"(pretrain.batch_size {cfg.batch_size}); fix: add images, raise "
-                        "data.limit, or lower pretrain.batch_size")
-    probe = source.load(list(range(min(16, len(source)))))
-    sides = [min(im.shape[:2]) for im in probe.images]
-    if sides and min(sides) < cfg.min_image_side:
-        raise DataError(f"images are as small as {min(sides)} px (e.g. "
-                        f"{source.sample_id(probe.indices[sides.index(min(sides))])!r}), too "
-                        f"small for random crops (pretrain.min_image_side {cfg.min_image_side})"
-                        "; fix: use larger images, or lower pretrain.min_image_side")
-
-
 QUALITY_L2 = 1e-3  # the probe's penalty in the quality stage when probe.l2 is not fixed
-
-
 QUALITY_SCHEMA = 1  # bump when the stage's result changes: older results are not reused
 
 
