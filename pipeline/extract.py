@@ -57,6 +57,25 @@ class Target:
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
+FP16_TINY = 6.1e-5  # below float16's smallest normal number: values lose their digits
+
+
+def refuse_underflow(f32: np.ndarray, indices: list[int], source: Any) -> None:
+    """Refuse features that float16 shards cannot hold: a row whose largest value is below
+    float16's normal range would be stored as (nearly) zeros and every head would see noise.
+
+    Raises:
+        BackboneError: with the sample, the magnitude and the fix (float32 shards).
+    """
+    top = np.abs(f32).max(axis=1) if f32.size else np.zeros(0)
+    bad = np.flatnonzero((top > 0) & (top < FP16_TINY))
+    if len(bad):
+        i = int(bad[0])
+        raise BackboneError(f"the features of {source.sample_id(indices[i])!r} are at most "
+                            f"{top[i]:.1e} in magnitude: float16 shards would store them as "
+                            "zeros (an untrained network's activations can vanish like this); "
+                            "fix: backbone.feature_dtype: float32")
+
 def decode_min_side(pre: AnyPreprocessing, mode: str) -> int | None:
     """The smallest image side decoding must keep (``decode: scaled``, and ``auto`` on the
     CPU): the resize's shorter
@@ -126,7 +145,10 @@ def extract_shard(source: Source, indices: Sequence[int], backbone: BackboneInfo
                     if text:
                         truncated += getattr(bb.model, "truncated")(batch)  # noqa: B009 (mypy)
                     out = forward_halving(forward, batch, fits_key)
-                    feats.append(out.float().cpu().numpy().astype(out_dtype))
+                    f32 = out.float().cpu().numpy()
+                    if out_dtype is np.float16:
+                        refuse_underflow(f32, loaded.indices, source)
+                    feats.append(f32.astype(out_dtype))
                     sigs.append(signatures(batch))
                     kept.extend(loaded.indices)
                     t_model += time.perf_counter() - tm

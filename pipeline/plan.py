@@ -136,7 +136,8 @@ class Plan(_Frozen):
 
     schema_version: int = PLAN_SCHEMA
     job_id: str
-    kind: Literal["classify", "pretrain", "quality", "predict", "embed"] = "classify"
+    kind: Literal["classify", "pretrain", "quality", "predict", "embed",
+                  "recommend"] = "classify"
     created: float  # when planned: a shard file older than this was not trusted then
     spec: JobSpec
     strategy: Literal["probe", "finetune"] = "probe"

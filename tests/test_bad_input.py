@@ -561,3 +561,40 @@ def test_features_that_are_not_finite_stop_training_with_the_fix(tmp_path: Path)
     with pytest.raises(FeaturefleetError, match=r"1 of 6 train feature rows are not finite "
                                                 r"\(NaN or inf; e.g. sample index 2\).*fix:"):
         read_splits([str(path)], {"train": list(range(6))})
+
+
+def test_features_float16_cannot_hold_are_refused_and_random_init_stores_float32(
+        tmp_path: Path) -> None:
+    """An untrained EfficientNet's features are ~1e-10: float16 shards would hold zeros.
+    ``feature_dtype: auto`` stores a random-init network's features as float32; float16
+    asked for explicitly is refused at extraction with the sample and the fix."""
+    from pipeline.errors import BackboneError
+    from pipeline.extract import refuse_underflow
+
+    src = open_source(DataSpec(source="digits", limit=20))
+    with pytest.raises(BackboneError, match=r"'3' are at most 2\.0e-10 .*feature_dtype: float32"):
+        refuse_underflow(np.array([[1.0, 2.0], [1e-10, -2e-10]], np.float32), [0, 3], src)
+    refuse_underflow(np.array([[0.0, 0.0], [1e-3, 0.0]], np.float32), [0, 1], src)  # fine
+    base = JobSpec.from_dict({"data": {"source": "digits", "limit": 60},
+                              "output": str(tmp_path)})
+    assert make_plan(base, "a" * 12).backbone.feature_dtype == "float16"
+    scratch = make_plan(base.replace(backbone={"weights": "random"}), "b" * 12)
+    assert scratch.backbone.feature_dtype == "float32"
+    forced = make_plan(base.replace(backbone={"weights": "random", "feature_dtype": "float16"}),
+                       "c" * 12)
+    assert forced.backbone.feature_dtype == "float16"
+
+
+def test_random_weights_are_one_seeded_network_everywhere() -> None:
+    """weights: random is the same network in every worker process and run (shards of one
+    job, and cached shards of another, come from one network), and loading it leaves the
+    caller's random stream alone."""
+    from pipeline.backbones import load_backbone
+
+    torch.manual_seed(1)
+    a = load_backbone("resnet18", "random").model.state_dict()
+    torch.manual_seed(2)
+    before = torch.random.get_rng_state()
+    b = load_backbone("resnet18", "random").model.state_dict()
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -78,7 +78,7 @@ def test_auto_strategy_reasons() -> None:
 
 
 @pytest.mark.integration
-def test_compare_leaderboard_ranks_pretrained_above_random(cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_compare_leaderboard_ranks_backbones_by_validation(cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from pipeline.client.compare import compare
 
     spec = small_spec(tmp_path / "out").replace(name="cmp", backbone={"image_size": 64})
@@ -101,9 +101,12 @@ def test_compare_leaderboard_ranks_pretrained_above_random(cluster, tmp_path: Pa
     assert [r["val_top1"] for r in rows] == sorted((r["val_top1"] for r in rows), reverse=True)
     by_name = {(r["backbone"], r["weights"]): r for r in rows}
     pretrained = by_name[("efficientnet_lite0", "IMAGENET1K_V1")]
-    # the same architecture with random weights ranks below the pretrained one
-    assert pretrained["rank"] < by_name[("efficientnet_lite0", "random")]["rank"]
-    assert pretrained["val_top1"] > by_name[("efficientnet_lite0", "random")]["val_top1"] + 0.3
+    # No "ImageNet beats random" here: on 300 digits at 64 px, random-init features probe as
+    # well (measured 0.867 resnet18:random, 0.862 lite0:random, 0.852 ImageNet). This test
+    # once asserted a 0.3 gap, which came from random Lite0's ~1e-10 features underflowing
+    # to zeros in float16 shards; a random-init network's features are float32 now, and
+    # its initialisation is one seeded network in every worker (same shards, same ranks).
+    assert all(r["val_top1"] > 0.5 for r in rows), [(r["weights"], r["val_top1"]) for r in rows]
     assert by_name[("resnet18", "random")]["feature_dim"] == 512
     assert by_name[("efficientnet_lite0", "random")]["feature_dim"] == 1280
     assert 4e6 < pretrained["parameters"] < 5e6 and by_name[("resnet18", "random")][
@@ -111,7 +114,8 @@ def test_compare_leaderboard_ranks_pretrained_above_random(cluster, tmp_path: Pa
     assert all(r["extract_images_per_s"] for r in rows)
     folder = Path(cmp.status()["leaderboard"]).parent
     html = (folder / "leaderboard.html").read_text()
-    assert html.index("IMAGENET1K_V1") < html.index("<td>random</td><td>probe</td><td>0.1")
+    at = [html.index(f"<td>{r['val_top1']:.4f}</td>") for r in rows]
+    assert at == sorted(at)  # the page lists the children by rank
 
 
 @pytest.mark.integration

@@ -111,6 +111,13 @@ def embed_export(self: Task, collected: Any, ref: PlanMessage) -> dict[str, Any]
     return steps.run_embed(job_store(), ref)
 
 
+@ff_task("recommend_train")
+def recommend_train(self: Task, collected: Any, ref: PlanMessage) -> dict[str, Any]:
+    """Recommendation: popularity, collaborative and content models on the interactions and
+    the items' features, evaluated on warm and cold items; the report."""
+    return steps.run_recommend(job_store(), ref)
+
+
 @ff_task("quality_part")
 def quality_part(self: Task, collected: Any, ref: PlanMessage, part: str) -> dict[str, Any]:
     """One part of the data-quality stage (``neighbors.<b>``, ``fold.<f>``, ``curve.<i>``,

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDOM = "random"
+RANDOM_INIT_SEED = 0  # weights: random is this seeded initialisation, the same everywhere
 
 
 @dataclass(frozen=True)
@@ -290,7 +291,12 @@ def load_backbone(name: str, weights: str | None, device: str = "cpu") -> Backbo
     import torch
 
     info, build = _factory(name, weights)
-    model = build()
+    if info.id == RANDOM:  # one fixed initialisation: every worker, shard and run extracts
+        with torch.random.fork_rng(devices=[]):  # with the same untrained network
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = build()
+    else:
+        model = build()
     model.eval().requires_grad_(False)
     pre = info.preprocessing
     with torch.inference_mode():

@@ -84,6 +84,26 @@ def _demo(args: argparse.Namespace) -> int:
     elif args.backbone:
         raise FeaturefleetError("--backbone is for --data speech; fix: use featurefleet run "
                                 "with a job file to pick another backbone")
+    if args.data == "recommend":
+        from pipeline.client import recommending
+
+        minilm = {"name": "all-minilm-l6-v2", "image_size": None, "max_length": 128}
+        if args.movielens:
+            items, section = recommending.movielens(args.movielens, out / "movielens")
+            spec = spec.replace(name="demo-movielens-minilm", kind="recommend", data={
+                "source": "text", "path": str(items), "shard_size": 2000}, backbone=minilm,
+                recommend=section)
+            what = f"MovieLens ({args.movielens}): movies by title and genres, all-MiniLM-L6-v2"
+        else:
+            items, inter = recommending.write_simulated(out / "recommend")
+            spec = spec.replace(name="demo-recommend-SIMULATED", kind="recommend", data={
+                "source": "text", "path": str(items), "shard_size": 600}, backbone=minilm,
+                recommend={"interactions": str(inter), "items_id_column": "package"})
+            what = ("recommendation on SIMULATED users: Debian packages as items (their "
+                    "descriptions, all-MiniLM-L6-v2), popularity / EASE / content models")
+    elif args.movielens:
+        raise FeaturefleetError("--movielens is for --data recommend; fix: featurefleet demo "
+                                "--data recommend --movielens DIR")
     if args.no_quality:
         spec = spec.replace(quality={"enabled": False})
     return run_local(spec, what, "demo", args.extract_workers, args.timeout)

@@ -205,9 +205,31 @@ def embed_summary(rep: dict[str, Any]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+def recommend_summary(rep: dict[str, Any]) -> str:
+    """A recommend job in a few lines: the split, then each part's models by Recall@K."""
+    i, res = rep["interactions"], rep["recommend"]
+    k = res["k"]
+    rows = [("job", f"{rep['job_id']} ({rep['name']})"
+                    + ("  [SIMULATED interactions]" if rep.get("simulated") else "")),
+            ("items", f"{rep['data']['items']} ({rep['backbone']['name']} content features); "
+                      f"{i['cold_items']} cold (every interaction held out)"),
+            ("interactions", f"{i['kept']:,} of {i['rows']:,} rows, {i['users']:,} users, "
+                             f"{i['split']} split: train {i['train']:,}, warm test "
+                             f"{i['warm_test']:,}, cold test {i['cold_test']:,}")]
+    for part in ("warm", "cold"):
+        for r in [r for r in rep["leaderboard"] if r["part"] == part]:
+            rows.append((f"{part} {r['model']}", f"Recall@{k} {r[f'recall@{k}']:.4f}  "
+                         f"NDCG@{k} {r[f'ndcg@{k}']:.4f}  coverage {r[f'coverage@{k}']:.3f}"))
+    rows.append(("report", f"{rep['files']['job_dir']}/report.html"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
 def summary(rep: dict[str, Any]) -> str:
     if rep.get("kind") == "embed":
         return embed_summary(rep)
+    if rep.get("kind") == "recommend":
+        return recommend_summary(rep)
     if rep.get("kind") == "pretrain":
         return pretrain_summary(rep)
     if rep.get("kind") == "quality":

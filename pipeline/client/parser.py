@@ -20,10 +20,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run a whole job on this machine (private Redis + workers)")
     p.add_argument("--output", default="featurefleet-demo", help="folder for outputs and store")
-    p.add_argument("--data", choices=["digits", "text", "speech"], default="digits",
+    p.add_argument("--data", choices=["digits", "text", "speech", "recommend"],
+                   default="digits",
                    help="digits (images, EfficientNet-Lite0), text (the Debian package "
-                        "index's descriptions by section, all-MiniLM-L6-v2) or speech (the "
-                        "Free Spoken Digit Dataset, resemblyzer; needs featurefleet[audio])")
+                        "index's descriptions by section, all-MiniLM-L6-v2), speech (the "
+                        "Free Spoken Digit Dataset, resemblyzer; needs featurefleet[audio]) or "
+                        "recommend (Debian packages as items, SIMULATED users; all-MiniLM-L6-v2 "
+                        "content features for cold items)")
+    p.add_argument("--movielens", default=None, metavar="DIR",
+                   help="with --data recommend: a MovieLens download (ratings.csv + "
+                        "movies.csv) instead of the simulated users")
     p.add_argument("--path", default=None,
                    help="with --data speech: a copy of the Free Spoken Digit Dataset (default: "
                         "a developer checkout's ../shared/data/fsdd, else downloaded)")
@@ -43,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a job file on this machine alone: a private Redis and "
                                    "worker processes, progress, summary; nothing left running")
     p.add_argument("spec", help="job spec file (.yaml/.yml/.json), any kind")
-    p.add_argument("--kind", choices=["classify", "pretrain", "quality", "predict", "embed"],
-                   default=None,
+    p.add_argument("--kind", choices=["classify", "pretrain", "quality", "predict", "embed",
+                                      "recommend"], default=None,
                    help="override the file's kind")
     p.add_argument("--extract-workers", type=positive_int, default=1,
                    help="extraction (GPU-queue) worker processes (at least the run's nodes)")

@@ -369,6 +369,37 @@ def run_embed(jobs: JobStore, ref: PlanMessage) -> dict[str, Any]:
     return {"report": str(path), "embedded": done.count, "index": done.index}
 
 
+def run_recommend(jobs: JobStore, ref: PlanMessage) -> dict[str, Any]:
+    """Recommendation: the items' features from the job's shards, the interactions split at
+    planning, every model fitted and evaluated (``pipeline.recommend``), the report; the job
+    is marked SUCCESS.
+
+    Raises:
+        JobError: not a recommend job.
+    """
+    from pipeline import recommend
+    from pipeline.store.shards import ShardReader
+
+    plan = load_plan(ref)
+    if plan.kind != "recommend":
+        raise JobError(f"job {plan.job_id} is not a recommend job (kind {plan.kind})")
+    live(jobs, plan, "train")
+    t0 = time.time()
+    reader = ShardReader(shard_paths(jobs, plan))
+    features = np.zeros((plan.n_samples, max(1, reader.dim)), np.float32)
+    has = np.zeros(plan.n_samples, bool)
+    for x, _, idx in reader.chunks():
+        features[idx], has[idx] = x, True
+    data = recommend.load(plan.job_dir / "interactions.npz")
+    result = recommend.run(data, features, has, plan.spec.recommend, plan.spec.data.seed)
+    record = jobs.get(plan.job_id)
+    rep = report.recommend_report(plan, record, report.shard_rows(plan, shard_results(jobs, plan)),
+                                  result, time.time() - t0)
+    path = report.write_report(rep, plan.job_dir)
+    jobs.finish(plan.job_id, "SUCCESS", report=str(path), stage="done")
+    return {"report": str(path), "best": result["best"]}
+
+
 def succeed(jobs: JobStore, plan: Plan, path: Path, metrics: dict[str, Any]) -> dict[str, Any]:
     jobs.finish(plan.job_id, "SUCCESS", report=str(path), top1=metrics["top1"], stage="done")
     settle(jobs, plan.job_id)  # the last job of a comparison writes its leaderboard

@@ -285,12 +285,13 @@ def make_plan(spec: JobSpec, job_id: str, gpus: int | Callable[[], int] = 0,
         spec, predict = resolve_model(spec)
     source = source or open_source(spec.data)
     unlabeled_because = getattr(source, "unlabeled_because", None)
-    if unlabeled_because is not None and predict is None:  # a table without its labels
+    if unlabeled_because is not None and predict is None and spec.kind not in (
+            "embed", "recommend"):  # a table without its labels, where labels are needed
         raise unlabeled_because
     mode = spec.data.fingerprint
     digest = digests(source, range(len(source)), mode)
     # prediction answers for every sample, copies included
-    every = predict is not None or spec.kind == "embed"  # every sample answered, copies too
+    every = predict is not None or spec.kind in ("embed", "recommend")  # copies too
     excluded = find_exclusions(source, digest, spec.data) if mode == "content" and \
         not every else []
     reviewed, review_warnings = reviewed_exclusions(
@@ -314,6 +315,10 @@ def make_plan(spec: JobSpec, job_id: str, gpus: int | Callable[[], int] = 0,
     if spec.backbone.name == "tfidf" and source.modality == "text":
         spec = spec.replace(backbone={"weights": str(fit_tfidf(source, split["train"], spec))})
     arch, arch_weights, weights = resolve_backbone(spec)
+    if spec.backbone.feature_dtype == "auto":  # an untrained network's activations can
+        # vanish below float16's range (random EfficientNet-Lite0's are ~1e-10): float32
+        spec = spec.replace(backbone={"feature_dtype": "float32" if weights.id == backbones.RANDOM
+                                      else "float16"})
     pre = modality_checks(source, spec, weights.preprocessing)
     if backbones.is_baseline(weights.id) and (pretraining or spec.strategy == "finetune"):
         raise SpecError("backbone.name", f"{spec.backbone.name!r} is a handcrafted baseline "
@@ -331,6 +336,15 @@ def make_plan(spec: JobSpec, job_id: str, gpus: int | Callable[[], int] = 0,
     elif spec.kind == "embed":
         strategy, reason = "probe", ("embeddings: every sample's features, exported with a "
                                      "nearest-neighbour index")
+    elif spec.kind == "recommend":
+        from pipeline.planner.interactions import prepare
+
+        got = prepare(source, spec, Path(spec.output) / "jobs" / job_id)
+        strategy, reason = "probe", (
+            f"recommendation: every item's content features ({len(source)} items), then "
+            f"popularity, collaborative filtering and content models on {got['train']:,} "
+            f"training interactions of {got['users']:,} users; evaluated on {got['warm_test']:,}"
+            f" warm and {got['cold_test']:,} cold-item interactions ({got['split']} split)")
     elif pretraining:
         spec, reason = pretrain_recipe(spec, weights.id,
                                        len(split["train"]) + len(split["val"]))

@@ -109,8 +109,36 @@ def write_report_html(rep: dict[str, Any], path: Path) -> Path:
     kind = rep.get("kind")
     page = quality.page_html(rep) if kind == "quality" else (
         render_predictions(rep) if kind == "predict" else
-        render_embed(rep) if kind == "embed" else render_report(rep))
+        render_embed(rep) if kind == "embed" else
+        render_recommend(rep) if kind == "recommend" else render_report(rep))
     return atomic_write_text(path, page, fsync=False)
+
+
+def render_recommend(rep: dict[str, Any]) -> str:
+    """The page of a ``kind: recommend`` job: the interactions and their split, then warm and
+    cold leaderboards (Recall@K, NDCG@K, coverage, users evaluated)."""
+    res = rep["recommend"]
+    ks = sorted({int(k.split("@")[1]) for r in rep["leaderboard"] for k in r if "@" in k})
+    cols = [f"{m}@{k}" for k in ks for m in ("recall", "ndcg")] + [f"coverage@{ks[-1]}"]
+    boards = {part: [[r["model"], *[r.get(c) for c in cols], r["users"]]
+                     for r in rep["leaderboard"] if r["part"] == part]
+              for part in ("warm", "cold")}
+    i = rep["interactions"]
+    facts = [["interactions read", i["rows"]], ["kept (positives, no duplicates)", i["kept"]],
+             ["users", i["users"]], ["items (with interactions)",
+                                     f"{rep['data']['items']} ({i['items_with_interactions']})"],
+             ["split", i["split"]], ["training interactions", i["train"]],
+             ["warm test interactions", i["warm_test"]],
+             ["cold items (every interaction held out)", i["cold_items"]],
+             ["cold test interactions", i["cold_test"]],
+             *[[f"left out: {k.replace('_', ' ')}", v] for k, v in i["left_out"].items() if v],
+             ["users with one interaction (trained on, not evaluated)",
+              i["one_interaction_users"]]]
+    cf = res.get("collaborative") or {}
+    return render("recommend.html.j2", rep=rep, res=res, cols=cols, boards=boards, facts=facts,
+                  cf=cf, bb=rep["backbone"],
+                  times=[[k, v] for k, v in rep["timings"].items()],
+                  finished=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rep["finished"])))
 
 
 def render_leaderboard(board: dict[str, Any], columns: list[tuple[str, str]]) -> str:

@@ -193,6 +193,33 @@ def embed_report(plan: Plan, record: dict[str, Any], shards: list[dict[str, Any]
     }
 
 
+def recommend_report(plan: Plan, record: dict[str, Any], shards: list[dict[str, Any]],
+                     result: dict[str, Any], train_seconds: float) -> dict[str, Any]:
+    """The report of a ``kind: recommend`` job (see ``docs/report.md``): the interactions and
+    their split, every model's warm and cold metrics, the leaderboard."""
+    now = time.time()
+    t = timings(record, shards, {}, 0.0, now)
+    t.pop("evaluate_s")
+    t["train_s"] = round(train_seconds, 3)
+    inter = json.loads((plan.job_dir / "interactions.json").read_text())
+    k = result["k"]
+    board = [{"part": part, "model": name, **m}
+             for part in ("warm", "cold") for name, m in sorted(
+                 result["results"][part].items(), key=lambda kv: -(kv[1][f"recall@{k}"] or 0))]
+    skipped = [sk for s in shards for sk in s.get("skipped", [])]
+    return {
+        "schema": REPORT_SCHEMA, "status": "SUCCESS", "kind": "recommend",
+        "job_id": plan.job_id, "name": plan.spec.name, "simulated": inter.get("simulated"),
+        "interactions": inter, "recommend": result, "leaderboard": board,
+        "files": {"job_dir": str(plan.job_dir),
+                  "interactions": str(plan.job_dir / "interactions.npz")},
+        "data": {"source": plan.spec.data.source, "path": plan.spec.data.path,
+                 "items": plan.n_samples, "fingerprint": plan.fingerprint,
+                 "interactions": plan.spec.recommend.interactions, "skipped": skipped},
+        **job_fields(plan, record, shards, t, now),
+    }
+
+
 def with_and_without(y: np.ndarray, proba: np.ndarray, idx: np.ndarray,
                      section: dict[str, Any], kept: np.ndarray) -> dict[str, Any]:
     """Test top-1 of the primary head on every test sample, without the leaked ones, and on

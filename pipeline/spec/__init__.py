@@ -16,9 +16,9 @@ from pipeline.spec.model import (
     PretrainSpec,
     ProbeSpec,
 )
-from pipeline.spec.sections import EmbedSpec, PredictSpec, QualitySpec
+from pipeline.spec.sections import EmbedSpec, PredictSpec, QualitySpec, RecommendSpec
 
 __all__ = ["AUTO_BATCH", "AUTO_PRETRAIN_EPOCHS", "AUTO_PRETRAIN_STEPS", "DATA_SOURCES", "HEADS",
            "MAX_SPEC_BYTES", "STRATEGIES",
            "BackboneSpec", "DataSpec", "EmbedSpec", "FinetuneSpec", "JobSpec", "PredictSpec",
-           "PretrainSpec", "ProbeSpec", "QualitySpec"]
+           "PretrainSpec", "ProbeSpec", "QualitySpec", "RecommendSpec"]

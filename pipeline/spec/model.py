@@ -29,7 +29,7 @@ from pydantic_core import PydanticCustomError
 
 from pipeline.errors import SpecError, short
 from pipeline.spec.fields import Float, Fraction01, Int, Section, fix
-from pipeline.spec.sections import EmbedSpec, PredictSpec, QualitySpec
+from pipeline.spec.sections import EmbedSpec, PredictSpec, QualitySpec, RecommendSpec
 from pipeline.spec.validation import custom, parse_document
 
 DATA_SOURCES = ("audio", "audiofolder", "digits", "imagefolder", "images", "manifest", "npz",
@@ -103,7 +103,9 @@ class BackboneSpec(Section):
         "use e.g. 128 or 256 tokens (text backbones), or omit it for the model's own"))
     batch_size: Int | Literal["auto"] = Field(32, json_schema_extra=fix(
         "use a whole number such as 32 (at most 8192), or auto"))
-    feature_dtype: Literal["float16", "float32"] = "float16"
+    # auto: float16 (half the store), float32 for an untrained network (weights: random), whose
+    # activations can vanish below float16's range
+    feature_dtype: Literal["auto", "float16", "float32"] = "auto"
     device: Device = "auto"
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # CUDA autocast (CPU runs fp32)
     compile: bool = False  # torch.compile the backbone (once per worker process)
@@ -312,7 +314,8 @@ class JobSpec(Section):
 
     name: str = Field("job", min_length=1, max_length=200,
                       json_schema_extra=fix("give the job a short name"))
-    kind: Literal["classify", "pretrain", "quality", "predict", "embed"] = "classify"
+    kind: Literal["classify", "pretrain", "quality", "predict", "embed", "recommend"] = \
+        "classify"
     data: DataSpec = Field(default_factory=DataSpec)
     backbone: BackboneSpec = Field(default_factory=BackboneSpec)
     strategy: Literal["probe", "finetune", "auto"] = "probe"
@@ -322,6 +325,7 @@ class JobSpec(Section):
     quality: QualitySpec = Field(default_factory=QualitySpec)
     predict: PredictSpec = Field(default_factory=PredictSpec)
     embed: EmbedSpec = Field(default_factory=EmbedSpec)
+    recommend: RecommendSpec = Field(default_factory=RecommendSpec)
     time_budget_s: Float | None = Field(None, gt=0, le=1e9, json_schema_extra=fix(
         "use seconds, e.g. 3600, or leave it out"))
     output: str = Field("featurefleet-out", min_length=1, json_schema_extra=fix(
@@ -365,6 +369,8 @@ class JobSpec(Section):
             changes["data"] = {"path": _absolute(self.data.path)}
         if self.quality.exclude_file and "://" not in self.quality.exclude_file:
             changes["quality"] = {"exclude_file": _absolute(self.quality.exclude_file)}
+        if self.recommend.interactions:
+            changes["recommend"] = {"interactions": _absolute(self.recommend.interactions)}
         model = self.predict.model
         if model and ("/" in model or model.startswith((".", "~"))):
             changes["predict"] = {"model": _absolute(model)}

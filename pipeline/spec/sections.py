@@ -1,5 +1,6 @@
 """The sections of a job that look at data rather than train on it: the data-quality stage
-(``quality``), batch prediction (``predict``) and embeddings with their index (``embed``)."""
+(``quality``), batch prediction (``predict``), embeddings with their index (``embed``) and
+recommendation from interactions plus item content (``recommend``)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,53 @@ class EmbedSpec(Section):
     nprobe: Int = Field(16, ge=1, le=65536, json_schema_extra=fix("use e.g. 16"))
     recall_queries: Int = Field(500, ge=10, le=100_000, json_schema_extra=fix(
         "use e.g. 500"))
+
+
+class RecommendSpec(Section):
+    """Recommendation (``kind: recommend``): ``data`` is the items (their text or images: any
+    source; a table's ``items_id_column`` (default: ``item_column``) names each item, a
+    folder's items are named by their path without the extension) and ``interactions`` a
+    table of (user, item[, rating][, timestamp]) rows, CSV, JSONL or Parquet.
+
+    Held out for evaluation: ``cold_fraction`` of the items with *every* interaction (cold
+    start: only their content is known), and of each user's other interactions the last
+    ``test_fraction`` by time (``split: time``; ``auto`` when there is a time column) or a
+    random ``test_fraction`` (``split: random``). Models: random and popularity baselines,
+    collaborative filtering (EASE, its penalty chosen from ``cf_l2`` on a validation part of
+    training) for warm items, and for cold items content kNN (a user is the mean of their
+    items' embeddings) and a ridge map from content embeddings to the collaborative item
+    factors. Recall@K and NDCG@K per user, averaged over users, warm and cold apart."""
+
+    section: ClassVar[str] = "recommend"
+    interactions: str | None = Field(None, min_length=1, max_length=4096,
+                                     json_schema_extra=fix(
+        "name a CSV, JSONL or Parquet table with user and item columns"))
+    user_column: str = Field("user", min_length=1, max_length=200, json_schema_extra=fix(
+        "name the interactions' user column"))
+    item_column: str = Field("item", min_length=1, max_length=200, json_schema_extra=fix(
+        "name the interactions' item column"))
+    items_id_column: str | None = Field(None, min_length=1, max_length=200,
+                                        json_schema_extra=fix(
+        "name the items table's id column, or leave it out (then item_column)"))
+    time_column: str = Field("timestamp", min_length=1, max_length=200, json_schema_extra=fix(
+        "name the interactions' time column (numbers or ISO dates)"))
+    rating_column: str | None = Field(None, min_length=1, max_length=200,
+                                      json_schema_extra=fix("name the rating column, or "
+                                                            "leave it out"))
+    min_rating: Float | None = Field(None, json_schema_extra=fix(
+        "use e.g. 4 (interactions rated lower are not positives), or leave it out"))
+    split: Literal["auto", "time", "random"] = "auto"
+    test_fraction: Float = Field(0.2, gt=0, lt=1, json_schema_extra=fix("use e.g. 0.2"))
+    cold_fraction: Float = Field(0.2, ge=0, lt=1, json_schema_extra=fix(
+        "use e.g. 0.2 (0: no cold-item evaluation)"))
+    ks: tuple[Int, ...] = Field((10, 20), min_length=1, max_length=5, json_schema_extra=fix(
+        "use cut-offs such as [10, 20]"))
+    cf_l2: tuple[Float, ...] = Field((30.0, 100.0, 300.0, 1000.0), min_length=1, max_length=12,
+                                     json_schema_extra=fix("use penalties such as [100, 300]"))
+    max_cf_items: Int = Field(20_000, ge=10, le=100_000, json_schema_extra=fix(
+        "use e.g. 20000 (EASE holds an items x items matrix: 1.6 GB at 20k)"))
+    max_interactions: Int = Field(20_000_000, ge=10, le=10**9, json_schema_extra=fix(
+        "use e.g. 20000000, or sample the table"))
 
 
 class QualitySpec(Section):
