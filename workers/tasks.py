@@ -17,7 +17,7 @@ from celery.signals import worker_ready
 from celery.utils.log import get_task_logger
 
 from pipeline.errors import NodeBusy, RetryableError
-from pipeline.jobs import quality, steps, training
+from pipeline.jobs import products, quality, steps, training
 from pipeline.jobs.broker import connect
 from pipeline.jobs.records import JobStore
 from pipeline.plan import PlanMessage
@@ -101,21 +101,21 @@ def evaluate(self: Task, trained: dict[str, Any], ref: PlanMessage) -> dict[str,
 def predict(self: Task, collected: Any, ref: PlanMessage) -> dict[str, Any]:
     """Batch prediction: the trained head over every sample's features; predictions.parquet,
     predictions.csv and the report."""
-    return steps.run_predict(job_store(), ref)
+    return products.run_predict(job_store(), ref)
 
 
 @ff_task("embed_export")
 def embed_export(self: Task, collected: Any, ref: PlanMessage) -> dict[str, Any]:
     """Embeddings: every sample's features into embeddings.parquet and a faiss index, the
     report."""
-    return steps.run_embed(job_store(), ref)
+    return products.run_embed(job_store(), ref)
 
 
 @ff_task("recommend_train")
 def recommend_train(self: Task, collected: Any, ref: PlanMessage) -> dict[str, Any]:
     """Recommendation: popularity, collaborative and content models on the interactions and
     the items' features, evaluated on warm and cold items; the report."""
-    return steps.run_recommend(job_store(), ref)
+    return products.run_recommend(job_store(), ref)
 
 
 @ff_task("quality_part")

@@ -133,7 +133,9 @@ def render_recommend(rep: dict[str, Any]) -> str:
              ["cold test interactions", i["cold_test"]],
              *[[f"left out: {k.replace('_', ' ')}", v] for k, v in i["left_out"].items() if v],
              ["users with one interaction (trained on, not evaluated)",
-              i["one_interaction_users"]]]
+              i["one_interaction_users"]],
+             ["users with no training interaction (only popularity can rank for them)",
+              i["users_without_training"]]]
     cf = res.get("collaborative") or {}
     return render("recommend.html.j2", rep=rep, res=res, cols=cols, boards=boards, facts=facts,
                   cf=cf, bb=rep["backbone"],

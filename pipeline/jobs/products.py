@@ -1,0 +1,129 @@
+"""The steps that end a job with a product instead of a classifier: batch prediction
+(``predictions.parquet``), embeddings with their index, and recommendation — each reads the
+job's shards, calls its stage and writes the report; the job is marked SUCCESS.
+
+Plain functions like :mod:`pipeline.jobs.steps` (whose helpers they share): the tasks in
+``workers/tasks.py`` are one call into them.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import JobError
+from pipeline.heads import load_head
+from pipeline.jobs.records import JobStore
+from pipeline.jobs.steps import live, plan_source, shard_paths, shard_results
+from pipeline.plan import PlanMessage, load_plan
+from pipeline.reports import report
+from pipeline.store.shards import ShardReader
+
+
+def run_predict(jobs: JobStore, ref: PlanMessage) -> dict[str, Any]:
+    """Batch prediction: the model's head over every extracted sample, shard by shard
+    (bounded memory), into predictions.parquet + .csv; unreadable samples get a row with
+    their error; the report sums it up; the job is marked SUCCESS.
+
+    Raises:
+        JobError: not a prediction job, or the head file changed since planning.
+    """
+    from pipeline.backbones import sha256_of
+    from pipeline.predict import BatchWriter
+
+    plan = load_plan(ref)
+    pp = plan.predict
+    if pp is None:
+        raise JobError(f"job {plan.job_id} is not a prediction job (kind {plan.kind})")
+    live(jobs, plan, "predict")
+    t0 = time.time()
+    if not Path(pp.head_path).is_file() or sha256_of(pp.head_path) != pp.head_sha256:
+        raise JobError(f"job {plan.job_id}: the head {pp.head_path!r} is missing or changed "
+                       f"since planning; fix: submit the prediction job again")
+    head = load_head(pp.head_path)
+    given = plan.class_names if len(plan.class_names) >= 2 else None  # the data's labels
+    writer = BatchWriter(plan.job_dir, pp.class_names, pp.top, pp.low_confidence, given)
+    try:
+        for shard_path in shard_paths(jobs, plan):
+            reader = ShardReader([shard_path])
+            ids, at = reader.sample_ids(), 0
+            for x, y, idx in reader.chunks(8192):
+                writer.add(ids[at: at + len(idx)], idx, head.predict_proba(x),
+                           y if given else None)
+                at += len(idx)
+            jobs.update(plan.job_id, predicted=writer.rows)
+        results = shard_results(jobs, plan)
+        writer.add_errors([sk for s in plan.shards if s.id in results
+                           for sk in results[s.id].skipped])
+        summary = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    record = jobs.get(plan.job_id)
+    rep = report.prediction_report(plan, record, report.shard_rows(plan, results), summary,
+                                   time.time() - t0)
+    path = report.write_report(rep, plan.job_dir)
+    jobs.finish(plan.job_id, "SUCCESS", report=str(path), stage="done",
+                predicted=summary["predicted"], predictions=summary["files"]["parquet"])
+    return {"report": str(path), "predicted": summary["predicted"]}
+
+
+def run_embed(jobs: JobStore, ref: PlanMessage) -> dict[str, Any]:
+    """Embeddings: the job's shards into embeddings.parquet + index.faiss (``pipeline.embed``),
+    a few example queries for the page, the report; the job is marked SUCCESS.
+
+    Raises:
+        JobError: not an embed job.
+    """
+    from pipeline import embed
+
+    plan = load_plan(ref)
+    if plan.kind != "embed":
+        raise JobError(f"job {plan.job_id} is not an embed job (kind {plan.kind})")
+    live(jobs, plan, "export")
+    t0 = time.time()
+    labeled = len(plan.class_names) >= 2
+    done = embed.export(shard_paths(jobs, plan), plan.job_dir, plan.spec.embed,
+                        plan.class_names, labeled, seed=plan.spec.data.seed)
+    examples = report.embed_examples(plan, embed.Searcher(plan.job_dir), plan_source(plan))
+    record = jobs.get(plan.job_id)
+    rep = report.embed_report(plan, record, report.shard_rows(plan, shard_results(jobs, plan)),
+                              done, examples, time.time() - t0)
+    path = report.write_report(rep, plan.job_dir)
+    jobs.finish(plan.job_id, "SUCCESS", report=str(path), stage="done", embedded=done.count,
+                index=done.index)
+    return {"report": str(path), "embedded": done.count, "index": done.index}
+
+
+def run_recommend(jobs: JobStore, ref: PlanMessage) -> dict[str, Any]:
+    """Recommendation: the items' features from the job's shards, the interactions split at
+    planning, every model fitted and evaluated (``pipeline.recommend``), the report; the job
+    is marked SUCCESS.
+
+    Raises:
+        JobError: not a recommend job.
+    """
+    from pipeline import recommend
+    from pipeline.store.shards import ShardReader
+
+    plan = load_plan(ref)
+    if plan.kind != "recommend":
+        raise JobError(f"job {plan.job_id} is not a recommend job (kind {plan.kind})")
+    live(jobs, plan, "train")
+    t0 = time.time()
+    reader = ShardReader(shard_paths(jobs, plan))
+    features = np.zeros((plan.n_samples, max(1, reader.dim)), np.float32)
+    has = np.zeros(plan.n_samples, bool)
+    for x, _, idx in reader.chunks():
+        features[idx], has[idx] = x, True
+    data = recommend.load(plan.job_dir / "interactions.npz")
+    result = recommend.run(data, features, has, plan.spec.recommend, plan.spec.data.seed)
+    record = jobs.get(plan.job_id)
+    rep = report.recommend_report(plan, record, report.shard_rows(plan, shard_results(jobs, plan)),
+                                  result, time.time() - t0)
+    path = report.write_report(rep, plan.job_dir)
+    jobs.finish(plan.job_id, "SUCCESS", report=str(path), stage="done")
+    return {"report": str(path), "best": result["best"]}
