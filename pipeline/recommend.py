@@ -102,6 +102,32 @@ def evaluate(score: Scorer, train: Any, truth: list[set[int]], candidates: np.nd
     return res  # type: ignore[return-value]
 
 
+def top_k(score: Scorer, train: Any, candidates: np.ndarray, k: int
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every user's top ``k`` of ``candidates`` they have not trained on: (user, item, score)
+    rows, best first per user; computed a block of users at a time."""
+    us, its, scs = [], [], []
+    mask = np.full(train.shape[1], -np.inf, np.float32)
+    mask[candidates] = 0.0
+    kk = min(k, len(candidates))
+    for s in range(0, train.shape[0], USER_BLOCK):
+        block = np.arange(s, min(train.shape[0], s + USER_BLOCK))
+        sc = score(block).astype(np.float32) + mask[None, :]
+        sc[train[block].nonzero()] = -np.inf
+        top = np.argpartition(-sc, kk - 1, axis=1)[:, :kk] if kk else np.zeros((len(block), 0),
+                                                                                int)
+        val = np.take_along_axis(sc, top, axis=1)
+        order = np.argsort(-val, axis=1)
+        top, val = np.take_along_axis(top, order, 1), np.take_along_axis(val, order, 1)
+        ok = np.isfinite(val)
+        us.append(np.repeat(block, kk).reshape(len(block), kk)[ok])
+        its.append(top[ok])
+        scs.append(val[ok])
+    return (np.concatenate(us) if us else np.zeros(0, np.int64),
+            np.concatenate(its) if its else np.zeros(0, np.int64),
+            np.concatenate(scs) if scs else np.zeros(0, np.float32))
+
+
 def truths(user: np.ndarray, item: np.ndarray, n_users: int) -> list[set[int]]:
     out: list[set[int]] = [set() for _ in range(n_users)]
     for u, i in zip(user.tolist(), item.tolist(), strict=True):
@@ -110,11 +136,13 @@ def truths(user: np.ndarray, item: np.ndarray, n_users: int) -> list[set[int]]:
 
 
 def run(data: dict[str, np.ndarray], features: np.ndarray, has_features: np.ndarray,
-        cfg: RecommendSpec, seed: int) -> dict[str, Any]:
+        cfg: RecommendSpec, seed: int,
+        sweep: list[dict[str, float]] | None = None) -> dict[str, Any]:
     """Fit every model on the training interactions, evaluate warm and cold; the results.
 
     ``features``: every item's content embedding (rows of items without one are zero and
-    ``has_features`` False: they cannot be ranked by content)."""
+    ``has_features`` False: they cannot be ranked by content). ``sweep``: EASE's penalties
+    already scored (:func:`sweep_point`, one task each); scored here when None."""
     t0 = time.perf_counter()
     user, item, part = data["user"], data["item"], data["part"]
     n_users, n_items = len(data["user_names"]), len(features)
@@ -152,7 +180,9 @@ def run(data: dict[str, np.ndarray], features: np.ndarray, has_features: np.ndar
         "content kNN": (content, ("warm", "cold"))}
     cf: dict[str, Any] = {}
     if 2 <= len(warm_items) <= cfg.max_cf_items:
-        chosen, curve = choose_l2(x, warm_items, cfg.cf_l2, ks, rng)
+        curve = sorted(sweep or [sweep_point(data, v, ks, seed) for v in cfg.cf_l2],
+                       key=lambda c: c["l2"])
+        chosen = choose_l2(curve, max(ks))
         b = ease(x, warm_items, chosen)
         cf = {"model": "EASE", "l2": chosen, "validation": curve}
 
@@ -192,33 +222,41 @@ def run(data: dict[str, np.ndarray], features: np.ndarray, has_features: np.ndar
     k = max(ks)
     best = {p: max(r, key=lambda m: r[m][f"recall@{k}"] or 0.0) if r else None
             for p, r in results.items()}
+    lists = {part: top_k(models[name][0], x, cand, k) for part, name, cand in (
+        ("warm", best["warm"], warm_items), ("cold", best["cold"], cold_ranked))
+        if name is not None}
     return {"results": results, "best": best, "k": k, "collaborative": cf, "notes": notes,
+            "lists": lists,
             "users": n_users, "items": n_items, "warm_items": len(warm_items),
             "cold_items": len(cold_items), "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def choose_l2(x: Any, warm_items: np.ndarray, grid: tuple[float, ...], ks: tuple[int, ...],
-              rng: np.random.Generator) -> tuple[float, list[dict[str, float]]]:
-    """EASE's λ: each candidate fitted on training minus a random tenth of every user's
-    training interactions, scored by Recall@K on that tenth; the best (ties: the stronger)."""
-    coo = x.tocoo()
-    held = rng.random(len(coo.row)) < VALIDATION
-    fit = matrix(coo.row[~held], coo.col[~held], x.shape[0], x.shape[1])
-    truth = truths(coo.row[held], coo.col[held], x.shape[0])
+def sweep_point(data: dict[str, np.ndarray], l2: float, ks: tuple[int, ...],
+                seed: int) -> dict[str, float]:
+    """One EASE penalty scored for the choice (one task of the fanned-out sweep): fitted on
+    training minus a seeded random tenth of it, Recall@K on that tenth, warm items."""
+    user, item, part = data["user"], data["item"], data["part"]
+    n_users, n_items = len(data["user_names"]), len(data["item_names"])
+    tr = part == TRAIN
+    warm_items = np.setdiff1d(np.unique(item), np.unique(item[part == COLD]))
+    held = np.random.default_rng([seed, 7]).random(int(tr.sum())) < VALIDATION
+    fit = matrix(user[tr][~held], item[tr][~held], n_users, n_items)
+    truth = truths(user[tr][held], item[tr][held], n_users)
+    b = ease(fit, warm_items, l2)
+
+    def score(users: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(users), n_items), np.float32)
+        out[:, warm_items] = np.asarray(fit[users][:, warm_items] @ b)
+        return out
+
     k = max(ks)
-    curve = []
-    for l2 in sorted(grid):
-        b = ease(fit, warm_items, l2)
+    m = evaluate(score, fit, truth, warm_items, (k,))
+    return {"l2": float(l2), f"recall@{k}": m[f"recall@{k}"] or 0.0}
 
-        def score(users: np.ndarray, b: np.ndarray = b) -> np.ndarray:
-            out = np.zeros((len(users), x.shape[1]), np.float32)
-            out[:, warm_items] = np.asarray(fit[users][:, warm_items] @ b)
-            return out
 
-        m = evaluate(score, fit, truth, warm_items, (k,))
-        curve.append({"l2": float(l2), f"recall@{k}": m[f"recall@{k}"] or 0.0})
-    best = max(curve, key=lambda c: (c[f"recall@{k}"], c["l2"]))
-    return best["l2"], curve
+def choose_l2(curve: list[dict[str, float]], k: int) -> float:
+    """The penalty with the best validation Recall@K (ties: the stronger)."""
+    return max(curve, key=lambda c: (c[f"recall@{k}"], c["l2"]))["l2"]
 
 
 def load(path: Path) -> dict[str, np.ndarray]:

@@ -216,6 +216,22 @@ def test_a_recommend_job_ranks_cold_items_by_content(cluster: Any, tmp_path: Pat
         top = sorted(cand, key=lambda i: -pop[i])[:20]
         recalls.append(len(held & set(top)) / min(len(held), 20))
     assert res["warm"]["popularity"]["recall@20"] == pytest.approx(np.mean(recalls), abs=1e-4)
+    # EASE's penalty came from the fanned-out sweep: one point per penalty
+    assert [c["l2"] for c in rep["recommend"]["collaborative"]["validation"]] == \
+        [30.0, 100.0, 300.0, 1000.0]
+    import pyarrow.parquet as pq
+
+    recs = pq.read_table(rep["files"]["recommendations"]).to_pylist()
+    trained = {(str(d["user_names"][u]), str(d["item_names"][i]))
+               for u, i in zip(d["user"][tr], d["item"][tr], strict=True)}
+    warm = [r for r in recs if r["part"] == "warm"]
+    assert warm and not any((r["user"], r["item"]) in trained for r in warm)
+    assert {r["model"] for r in warm} == {rep["recommend"]["best"]["warm"]}
+    per_user: dict[tuple[str, str], list[int]] = {}
+    for r in recs:
+        per_user.setdefault((r["user"], r["part"]), []).append(r["rank"])
+    assert all(ranks == list(range(1, len(ranks) + 1)) and len(ranks) <= 20
+               for ranks in per_user.values())
     html = Path(st["report"]).with_suffix(".html").read_text()
     assert 'id="cold"' in html and 'id="warm"' in html and "content kNN" in html
     assert json.loads(Path(st["report"]).read_text())["leaderboard"][0]["part"] == "warm"

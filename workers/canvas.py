@@ -64,7 +64,9 @@ def job_canvas(app: Celery, plan: Plan, ref: PlanRef, round_: int = 0) -> Any:
         steps.append(sig("embed_export", ref=msg, tid="export"))
         return chain(*steps).on_error(on_error)
     if plan.kind == "recommend":  # models on the interactions and the items' features
-        steps.append(sig("recommend_train", ref=msg, tid="train"))
+        sweeps = [sig("recommend_sweep", ref=msg, index=i, tid=f"sweep.{i}")
+                  for i in range(len(plan.spec.recommend.cf_l2))]
+        steps.append(chord(group(sweeps), sig("recommend_train", ref=msg, tid="train")))
         return chain(*steps).on_error(on_error)
     if plan.kind == "predict":  # the trained head over every sample's features
         steps.append(sig("predict", ref=msg, tid="predict"))

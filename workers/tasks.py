@@ -111,11 +111,17 @@ def embed_export(self: Task, collected: Any, ref: PlanMessage) -> dict[str, Any]
     return products.run_embed(job_store(), ref)
 
 
+@ff_task("recommend_sweep")
+def recommend_sweep(self: Task, collected: Any, ref: PlanMessage, index: int) -> dict[str, Any]:
+    """One penalty of the collaborative model, scored on a validation part of training."""
+    return products.run_recommend_sweep(job_store(), ref, index)
+
+
 @ff_task("recommend_train")
-def recommend_train(self: Task, collected: Any, ref: PlanMessage) -> dict[str, Any]:
+def recommend_train(self: Task, sweep: Any, ref: PlanMessage) -> dict[str, Any]:
     """Recommendation: popularity, collaborative and content models on the interactions and
     the items' features, evaluated on warm and cold items; the report."""
-    return products.run_recommend(job_store(), ref)
+    return products.run_recommend(job_store(), ref, sweep if isinstance(sweep, list) else None)
 
 
 @ff_task("quality_part")

@@ -220,7 +220,7 @@ def recommend_summary(rep: dict[str, Any]) -> str:
         for r in [r for r in rep["leaderboard"] if r["part"] == part]:
             rows.append((f"{part} {r['model']}", f"Recall@{k} {r[f'recall@{k}']:.4f}  "
                          f"NDCG@{k} {r[f'ndcg@{k}']:.4f}  coverage {r[f'coverage@{k}']:.3f}"))
-    rows.append(("report", f"{rep['files']['job_dir']}/report.html"))
+    rows.append(("recommendations", str(rep["files"].get("recommendations"))))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

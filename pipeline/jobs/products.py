@@ -98,10 +98,30 @@ def run_embed(jobs: JobStore, ref: PlanMessage) -> dict[str, Any]:
     return {"report": str(path), "embedded": done.count, "index": done.index}
 
 
-def run_recommend(jobs: JobStore, ref: PlanMessage) -> dict[str, Any]:
+def run_recommend_sweep(jobs: JobStore, ref: PlanMessage, index: int) -> dict[str, Any]:
+    """One penalty of EASE's sweep (``recommend.cf_l2[index]``) scored on the validation part
+    of training: the sweep fans out over the training workers, one task per penalty.
+
+    Raises:
+        JobError: not a recommend job, or no such penalty.
+    """
+    from pipeline import recommend
+
+    plan = load_plan(ref)
+    grid = plan.spec.recommend.cf_l2
+    if plan.kind != "recommend" or not 0 <= index < len(grid):
+        raise JobError(f"job {plan.job_id}: no recommendation penalty #{index}")
+    live(jobs, plan, "sweep")
+    data = recommend.load(plan.job_dir / "interactions.npz")
+    return recommend.sweep_point(data, grid[index], tuple(plan.spec.recommend.ks),
+                                 plan.spec.data.seed)
+
+
+def run_recommend(jobs: JobStore, ref: PlanMessage,
+                  sweep: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Recommendation: the items' features from the job's shards, the interactions split at
-    planning, every model fitted and evaluated (``pipeline.recommend``), the report; the job
-    is marked SUCCESS.
+    planning, every model fitted and evaluated (``pipeline.recommend``; EASE's penalty from
+    the ``sweep`` tasks' points), the report; the job is marked SUCCESS.
 
     Raises:
         JobError: not a recommend job.
@@ -120,10 +140,44 @@ def run_recommend(jobs: JobStore, ref: PlanMessage) -> dict[str, Any]:
     for x, _, idx in reader.chunks():
         features[idx], has[idx] = x, True
     data = recommend.load(plan.job_dir / "interactions.npz")
-    result = recommend.run(data, features, has, plan.spec.recommend, plan.spec.data.seed)
+    points = [p for p in (sweep or []) if isinstance(p, dict) and "l2" in p]
+    result = recommend.run(data, features, has, plan.spec.recommend, plan.spec.data.seed,
+                           points if len(points) == len(plan.spec.recommend.cf_l2) else None)
+    result["recommendations"] = write_recommendations(plan.job_dir, data, result.pop("lists"),
+                                                      result["best"])
     record = jobs.get(plan.job_id)
     rep = report.recommend_report(plan, record, report.shard_rows(plan, shard_results(jobs, plan)),
                                   result, time.time() - t0)
     path = report.write_report(rep, plan.job_dir)
     jobs.finish(plan.job_id, "SUCCESS", report=str(path), stage="done")
     return {"report": str(path), "best": result["best"]}
+
+
+def write_recommendations(job_dir: Path, data: dict[str, np.ndarray],
+                          lists: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+                          best: dict[str, str | None]) -> str:
+    """``recommendations.parquet``: every user's top items by the best warm model (among warm
+    items) and by the best cold model (among cold items): user, part, rank, item, score,
+    model."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.fsio import atomic_path
+
+    cols: dict[str, list[Any]] = {k: [] for k in ("user", "part", "rank", "item", "score",
+                                                  "model")}
+    for part, (u, i, sc) in lists.items():
+        rank = np.zeros(len(u), np.int32)
+        if len(u):
+            starts = np.r_[0, np.flatnonzero(np.diff(u)) + 1]
+            rank = np.arange(len(u)) - np.repeat(starts, np.diff(np.r_[starts, len(u)])) + 1
+        cols["user"] += data["user_names"][u].tolist()
+        cols["part"] += [part] * len(u)
+        cols["rank"] += rank.tolist()
+        cols["item"] += data["item_names"][i].tolist()
+        cols["score"] += sc.astype(float).tolist()
+        cols["model"] += [best[part]] * len(u)
+    path = job_dir / "recommendations.parquet"
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.table(cols), tmp)
+    return str(path)
