@@ -16,7 +16,7 @@ ImageNet); ``shapes`` (generated: coloured polygons on noise, unlike either).
 
 Encoders (EfficientNet-Lite0 at ``--size`` px): random init, frozen; ImageNet, frozen;
 SimCLR from random init; SimCLR continued from ImageNet; BYOL continued from ImageNet; BYOL
-from random init.
+from random init; two BYOL variants (blur + solarize views; slower target, higher rate).
 
     .venv/bin/python benchmarks/pretrain_label_efficiency.py [--data digits,photos]
         [--epochs 30] [--size 32] [--draws 5] [--encoders all]
@@ -103,6 +103,10 @@ def encoders(size: int, epochs: int) -> dict[str, tuple[dict[str, Any] | None, d
         "SimCLR continued from ImageNet": ({**common, "method": "simclr"}, lite),
         "BYOL continued from ImageNet": ({**common, "method": "byol"}, lite),
         "BYOL from random init": ({**common, "method": "byol"}, scratch),
+        "BYOL continued from ImageNet, blur + solarize": (
+            {**common, "method": "byol", "blur": 0.5, "solarize": 0.2}, lite),
+        "BYOL continued from ImageNet, momentum 0.996, lr 3e-3": (
+            {**common, "method": "byol", "momentum": 0.996, "lr": 3e-3}, lite),
     }
 
 
@@ -120,8 +124,8 @@ def bench(name: str, data: dict[str, Any], out: Path, broker: str, args: Any) ->
     base = {"data": data, "output": str(out / "jobs"), "store": str(out / "store")}
     chosen = encoders(args.size, args.epochs)
     wanted = list(chosen) if args.encoders == "all" else [
-        e for e in chosen if any(w.strip().lower() in e.lower()
-                                 for w in args.encoders.split(","))]
+        e for e in chosen if any(w.strip().lower() == e.lower()
+                                 for w in args.encoders.split("|"))]
     split: dict[str, np.ndarray] = {}
     labels = np.zeros(0, np.int64)
     rows: dict[str, dict[str, Any]] = {}
@@ -178,7 +182,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--draws", type=int, default=5)
     ap.add_argument("--encoders", default="all",
-                    help="comma-separated parts of encoder labels, e.g. 'frozen,BYOL'")
+                    help="encoder labels separated by |, e.g. 'ImageNet, frozen|BYOL from "
+                         "random init'")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="ff-label-eff-"))

@@ -235,3 +235,29 @@ def test_a_recommend_job_ranks_cold_items_by_content(cluster: Any, tmp_path: Pat
     html = Path(st["report"]).with_suffix(".html").read_text()
     assert 'id="cold"' in html and 'id="warm"' in html and "content kNN" in html
     assert json.loads(Path(st["report"]).read_text())["leaderboard"][0]["part"] == "warm"
+
+
+def test_items_are_named_by_their_table_column_or_their_path(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from pipeline.planner.interactions import item_names
+    from pipeline.sources import open_source
+
+    for name in ("shoes/red-1", "shoes/blue-2", "hats/3"):
+        (tmp_path / "imgs" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (20, 20), (len(name) * 9, 40, 90)).save(tmp_path / "imgs" /
+                                                                f"{name}.png")
+    spec = JobSpec.from_dict({"kind": "recommend", "data": {"source": "images",
+                                                            "path": str(tmp_path / "imgs")},
+                              "recommend": {"interactions": "x.csv"}})
+    assert sorted(item_names(open_source(spec.data), spec)) == \
+        ["hats/3", "shoes/blue-2", "shoes/red-1"]
+    (tmp_path / "items.csv").write_text("sku,text,label\nA1,red shoe,s\nA2,blue hat,h\n"
+                                        "A1,again,s\n")
+    table = spec.replace(data={"source": "text", "path": str(tmp_path / "items.csv")},
+                         recommend={"items_id_column": "sku"})
+    with pytest.raises(DataError, match=r"item 'A1' appears twice.*one row per item"):
+        item_names(open_source(table.data), table)
+    with pytest.raises(DataError, match=r"no column 'item'.*recommend.items_id_column"):
+        t2 = table.replace(recommend={"items_id_column": None})
+        item_names(open_source(t2.data), t2)
