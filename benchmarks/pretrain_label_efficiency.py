@@ -91,11 +91,13 @@ def write_shapes(root: Path, per_class: int = 150, side: int = 48) -> dict[str, 
     return {"source": "imagefolder", "path": str(root), "shard_size": 600}
 
 
-def encoders(size: int, epochs: int) -> dict[str, tuple[dict[str, Any] | None, dict[str, Any]]]:
+def encoders(size: int, epochs: int | str
+             ) -> dict[str, tuple[dict[str, Any] | None, dict[str, Any]]]:
     """label -> (pretrain section or None for a frozen encoder, backbone section)."""
     lite = {"name": "efficientnet_lite0", "image_size": size}
     scratch = {**lite, "weights": "random"}
-    common = {"epochs": epochs, "batch_size": 128, "hflip": False, "eval_every_epochs": epochs}
+    common = {"epochs": epochs, "batch_size": 128, "hflip": False,
+              "eval_every_epochs": epochs if isinstance(epochs, int) else 10_000}
     return {
         "random init, frozen": (None, scratch),
         "ImageNet, frozen": (None, lite),
@@ -178,7 +180,9 @@ def bench(name: str, data: dict[str, Any], out: Path, broker: str, args: Any) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="digits,photos")
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--epochs", type=lambda v: v if v == "auto" else int(v), default=30,
+                    help="pretraining epochs, or auto (the product's default: from the data "
+                         "size)")
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--draws", type=int, default=5)
     ap.add_argument("--encoders", default="all",

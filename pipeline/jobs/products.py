@@ -18,7 +18,7 @@ from pipeline.errors import JobError
 from pipeline.heads import load_head
 from pipeline.jobs.records import JobStore
 from pipeline.jobs.steps import live, plan_source, shard_paths, shard_results
-from pipeline.plan import PlanMessage, load_plan
+from pipeline.plan import Plan, PlanMessage, load_plan
 from pipeline.reports import report
 from pipeline.store.shards import ShardReader
 
@@ -65,10 +65,30 @@ def run_predict(jobs: JobStore, ref: PlanMessage) -> dict[str, Any]:
     record = jobs.get(plan.job_id)
     rep = report.prediction_report(plan, record, report.shard_rows(plan, results), summary,
                                    time.time() - t0)
-    path = report.write_report(rep, plan.job_dir)
-    jobs.finish(plan.job_id, "SUCCESS", report=str(path), stage="done",
-                predicted=summary["predicted"], predictions=summary["files"]["parquet"])
+    path = _published(jobs, plan, rep, predicted=summary["predicted"],
+                      predictions=summary["files"]["parquet"])
     return {"report": str(path), "predicted": summary["predicted"]}
+
+
+def _started(jobs: JobStore, ref: PlanMessage, kind: str, stage: str) -> Plan:
+    """The message's checked plan, which must be of ``kind``; the job marked live at
+    ``stage``.
+
+    Raises:
+        JobError: a plan of another kind.
+    """
+    plan = load_plan(ref)
+    if plan.kind != kind:
+        raise JobError(f"job {plan.job_id} is not a {kind} job (kind {plan.kind})")
+    live(jobs, plan, stage)
+    return plan
+
+
+def _published(jobs: JobStore, plan: Plan, rep: dict[str, Any], **fields: Any) -> Path:
+    """Write the report and mark the job SUCCESS (with ``fields`` in its record)."""
+    path = report.write_report(rep, plan.job_dir)
+    jobs.finish(plan.job_id, "SUCCESS", report=str(path), stage="done", **fields)
+    return path
 
 
 def run_embed(jobs: JobStore, ref: PlanMessage) -> dict[str, Any]:
@@ -80,10 +100,7 @@ def run_embed(jobs: JobStore, ref: PlanMessage) -> dict[str, Any]:
     """
     from pipeline import embed
 
-    plan = load_plan(ref)
-    if plan.kind != "embed":
-        raise JobError(f"job {plan.job_id} is not an embed job (kind {plan.kind})")
-    live(jobs, plan, "export")
+    plan = _started(jobs, ref, "embed", "export")
     t0 = time.time()
     labeled = len(plan.class_names) >= 2
     done = embed.export(shard_paths(jobs, plan), plan.job_dir, plan.spec.embed,
@@ -92,9 +109,7 @@ def run_embed(jobs: JobStore, ref: PlanMessage) -> dict[str, Any]:
     record = jobs.get(plan.job_id)
     rep = report.embed_report(plan, record, report.shard_rows(plan, shard_results(jobs, plan)),
                               done, examples, time.time() - t0)
-    path = report.write_report(rep, plan.job_dir)
-    jobs.finish(plan.job_id, "SUCCESS", report=str(path), stage="done", embedded=done.count,
-                index=done.index)
+    path = _published(jobs, plan, rep, embedded=done.count, index=done.index)
     return {"report": str(path), "embedded": done.count, "index": done.index}
 
 
@@ -107,11 +122,10 @@ def run_recommend_sweep(jobs: JobStore, ref: PlanMessage, index: int) -> dict[st
     """
     from pipeline import recommend
 
-    plan = load_plan(ref)
+    plan = _started(jobs, ref, "recommend", "sweep")
     grid = plan.spec.recommend.cf_l2
-    if plan.kind != "recommend" or not 0 <= index < len(grid):
+    if not 0 <= index < len(grid):
         raise JobError(f"job {plan.job_id}: no recommendation penalty #{index}")
-    live(jobs, plan, "sweep")
     data = recommend.load(plan.job_dir / "interactions.npz")
     return recommend.sweep_point(data, grid[index], tuple(plan.spec.recommend.ks),
                                  plan.spec.data.seed)
@@ -129,10 +143,7 @@ def run_recommend(jobs: JobStore, ref: PlanMessage,
     from pipeline import recommend
     from pipeline.store.shards import ShardReader
 
-    plan = load_plan(ref)
-    if plan.kind != "recommend":
-        raise JobError(f"job {plan.job_id} is not a recommend job (kind {plan.kind})")
-    live(jobs, plan, "train")
+    plan = _started(jobs, ref, "recommend", "train")
     t0 = time.time()
     reader = ShardReader(shard_paths(jobs, plan))
     features = np.zeros((plan.n_samples, max(1, reader.dim)), np.float32)
@@ -148,8 +159,7 @@ def run_recommend(jobs: JobStore, ref: PlanMessage,
     record = jobs.get(plan.job_id)
     rep = report.recommend_report(plan, record, report.shard_rows(plan, shard_results(jobs, plan)),
                                   result, time.time() - t0)
-    path = report.write_report(rep, plan.job_dir)
-    jobs.finish(plan.job_id, "SUCCESS", report=str(path), stage="done")
+    path = _published(jobs, plan, rep)
     return {"report": str(path), "best": result["best"]}
 
 
