@@ -149,6 +149,7 @@ def references(encoder: Any, data: Data, enc: Encoder, device: str) -> list[dict
              **evaluate(encoder, data, enc.pre, device)}]
     if info is not None and (enc.arch, start) == (default.name, info.id):
         rows[0]["role"] = "initial, off the shelf"
+        rows[0]["encoder"] = f"{default.name} ({info.id}): the initial weights, off the shelf"
         return rows
     try:
         if info is None:
