@@ -261,3 +261,30 @@ def test_items_are_named_by_their_table_column_or_their_path(tmp_path: Path) -> 
     with pytest.raises(DataError, match=r"no column 'item'.*recommend.items_id_column"):
         t2 = table.replace(recommend={"items_id_column": None})
         item_names(open_source(t2.data), t2)
+
+
+def test_items_without_content_are_never_ranked_by_content_and_said_so() -> None:
+    """An item whose content could not be read (no features) stays in the held-out truth but
+    no model can rank it among the cold items; the result says how many."""
+    from pipeline.recommend import run
+
+    rng = np.random.default_rng(0)
+    n_users, n_items = 40, 30
+    user = np.repeat(np.arange(n_users), 6).astype(np.int32)
+    item = rng.integers(0, n_items, len(user)).astype(np.int32)
+    pairs = sorted(set(zip(user.tolist(), item.tolist(), strict=True)))
+    user, item = (np.asarray(c, np.int32) for c in zip(*pairs, strict=True))
+    cold = np.isin(item, [0, 1, 2, 3])
+    part = np.where(cold, COLD, np.where(rng.random(len(user)) < 0.2, WARM, TRAIN))
+    data = {"user": user, "item": item, "part": part.astype(np.int8),
+            "user_names": np.asarray([f"u{u}" for u in range(n_users)]),
+            "item_names": np.asarray([f"i{i}" for i in range(n_items)])}
+    feats = rng.standard_normal((n_items, 8)).astype(np.float32)
+    has = np.ones(n_items, bool)
+    has[[0, 1]] = False  # two cold items without content
+    feats[~has] = 0.0
+    out = run(data, feats, has, RecommendSpec(cf_l2=(10.0,)), seed=0)
+    assert any("2 cold items have no content features" in n for n in out["notes"])
+    cold_lists = out["lists"]["cold"]
+    assert set(np.unique(cold_lists[1]).tolist()) <= {2, 3}  # never the featureless ones
+    assert out["results"]["cold"]["content kNN"]["coverage@20"] == 1.0  # of the 2 rankable
