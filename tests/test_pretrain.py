@@ -66,6 +66,7 @@ def test_byol_loss_momentum_and_target_update_match_their_formulas() -> None:
     assert target_momentum(0.99, 100, 100) == pytest.approx(1.0)
     net, dim = build("byol", "resnet18", "random", 32, 16, "cpu")
     assert dim == 512 and not any(q.requires_grad for q in net.target())
+    assert all(q.requires_grad for q in [*net.online(), *net.predictor.parameters()])
     online0 = [q.detach().clone() for q in net.online()]
     target0 = [q.detach().clone() for q in net.target()]
     assert all(torch.equal(a, b) for a, b in zip(online0, target0, strict=True))
@@ -308,3 +309,29 @@ def test_the_plan_says_whether_pretraining_continues_from_pretrained_weights(
 
     assert PretrainSpec().epochs_for(1_000_000) == 10  # large data: at least 10 epochs
     assert PretrainSpec().epochs_for(200) == 400  # one step an epoch: at most 400
+
+
+def test_blur_and_solarize_reach_the_views() -> None:
+    """pretrain.blur / solarize change what the network sees (the same draws otherwise), and
+    the blur keeps an image's mean brightness."""
+    from pipeline.backbones import Preprocessing
+    from pipeline.preprocess import _blur
+    from pipeline.pretrain.views import simclr
+    from pipeline.spec import PretrainSpec
+
+    pre = Preprocessing(resize=32, crop=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in range(4)]
+
+    def first_view(**kw: Any) -> torch.Tensor:
+        return simclr(images, pre, "cpu", torch.Generator().manual_seed(0),
+                      PretrainSpec(hflip=False, color_jitter=0.0, grayscale=0.0, **kw))[0]
+
+    plain = first_view()
+    assert torch.equal(plain, first_view())
+    assert not torch.allclose(plain, first_view(blur=1.0))
+    assert not torch.allclose(plain, first_view(solarize=1.0))
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
+    blurred = _blur(x, torch.Generator().manual_seed(1), 1.0)
+    assert blurred.std() < x.std()  # smoother
+    assert float((blurred.mean() - x.mean()).abs()) < 2.0  # same brightness (0..255)

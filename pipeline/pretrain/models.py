@@ -50,7 +50,7 @@ def build(method: str, arch: str, weights: str | None, crop: int, projection_dim
     bb = load_backbone(arch, weights, "cpu")
     dim = bb.feature_dim
     if method == "byol":
-        net: nn.Module = _byol_module()(bb.model, dim, projection_dim)
+        net: nn.Module = _byol_module()(bb.model.requires_grad_(True), dim, projection_dim)
         return net.to(device).to(memory_format=torch.channels_last), dim
     if method == "autoencoder":
         side, k = decoder_plan(crop)

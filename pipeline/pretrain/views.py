@@ -16,10 +16,12 @@ from pipeline.spec import PretrainSpec
 
 def simclr(images: list[np.ndarray], pre: Preprocessing, device: str, gen: Any,
            cfg: PretrainSpec) -> tuple[Any, Any]:
-    """Two independent random views per image: resized crop, flip, colour jitter, grey."""
+    """Two independent random views per image: resized crop, flip, colour jitter, grey, and
+    (when asked for) Gaussian blur and solarization."""
     def view() -> Any:
         return augment(images, pre, device, gen, cfg.crop_scale_min, cfg.hflip,
-                       jitter=cfg.color_jitter, grayscale=cfg.grayscale)
+                       jitter=cfg.color_jitter, grayscale=cfg.grayscale, blur=cfg.blur,
+                       solarize=cfg.solarize)
 
     return view(), view()
 
