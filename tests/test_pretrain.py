@@ -96,6 +96,11 @@ def test_did_it_help_calls_a_difference_only_beyond_its_noise() -> None:
     assert main["difference"] == pytest.approx(0.19)
     assert got["summary"].startswith("yes: after 2 epochs") and "+0.190 over" in \
         got["summary"]
+    assert got["summary"].endswith("against its own initial weights (0.250): +0.580, ahead")
+    worse = did_it_help({"history": [{**hist[1], "probe_top1": 0.83}], "reference": [
+        {**refs[0], "probe_top1": 0.95}, refs[1]]}, 539)
+    assert worse is not None and worse["answer"] == "ahead"  # of the off-the-shelf backbone
+    assert worse["summary"].endswith("behind: pretraining made the features worse")
     close = did_it_help({"history": [{**hist[1], "probe_top1": 0.66}], "reference": refs},
                         100)  # +0.02 on 100 samples: noise
     assert close is not None and close["answer"] == "no clear difference"

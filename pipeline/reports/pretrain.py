@@ -60,6 +60,13 @@ def did_it_help(train: dict[str, Any], n_test: int) -> dict[str, Any] | None:
                 f"reaches {main['pretrained']:.3f} top-1 against {main['reference']:.3f} for "
                 f"{main['against']} (difference {d:+.3f}, within ±{main['noise']:.3f} on "
                 f"{n_test} test samples)")
+    start = next((r for r in rows if r["role"] == "initial" and r["metric"] == "linear probe"),
+                 None)  # when the initial weights are not the off-the-shelf backbone
+    if start is not None and start is not main:
+        text += (f"; against its own initial weights ({start['reference']:.3f}): "
+                 f"{start['difference']:+.3f}, " + {
+                     "ahead": "ahead", "behind": "behind: pretraining made the features worse",
+                     "no clear difference": "no clear difference"}[start["call"]])
     return {"answer": main["call"], "summary": text, "epoch": final["epoch"],
             "test_samples": n_test, "rows": rows}
 
