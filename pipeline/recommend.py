@@ -262,3 +262,34 @@ def choose_l2(curve: list[dict[str, float]], k: int) -> float:
 def load(path: Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
+
+
+def recommendations_for(job_dir: str | Path, user: str, k: int = 10,
+                        part: str = "both") -> list[dict[str, Any]]:
+    """A user's top ``k`` from a finished job's ``recommendations.parquet`` (``warm``: the best
+    warm model among warm items; ``cold``: the best cold model among cold items).
+
+    Raises:
+        FeaturefleetError: no such job output, or no such user (with the fix).
+    """
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pipeline.errors import FeaturefleetError
+
+    path = Path(job_dir).expanduser() / "recommendations.parquet"
+    if not path.is_file():
+        raise FeaturefleetError(f"{str(path)!r} does not exist; fix: name the folder of a "
+                                "finished kind: recommend job (<output>/jobs/<id>)")
+    table = pq.read_table(path)
+    rows = table.filter(pc.equal(table["user"], user))
+    if part != "both":
+        rows = rows.filter(pc.equal(rows["part"], part))
+    if rows.num_rows == 0:
+        known = table["user"].unique().to_pylist()
+        if user not in known:
+            raise FeaturefleetError(f"user {user!r} is not in this job's interactions (e.g. "
+                                    f"{', '.join(map(repr, known[:3]))}); fix: use a user id "
+                                    "as the interactions table writes it")
+    out = sorted(rows.to_pylist(), key=lambda r: (r["part"] != "warm", r["rank"]))
+    return [r for r in out if r["rank"] <= k]

@@ -232,6 +232,21 @@ def test_a_recommend_job_ranks_cold_items_by_content(cluster: Any, tmp_path: Pat
         per_user.setdefault((r["user"], r["part"]), []).append(r["rank"])
     assert all(ranks == list(range(1, len(ranks) + 1)) and len(ranks) <= 20
                for ranks in per_user.values())
+    # what a user asks afterwards: one user's top items, on the command line
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "pipeline", "recommend", st["job_dir"], "-k", "5"]
+    out = subprocess.run([*cmd, "--user", "u3", "--json"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    mine = json.loads(out.stdout)
+    assert mine and [r["rank"] for r in mine if r["part"] == "warm"] == list(range(1, 6))
+    assert mine == [r for r in sorted(recs, key=lambda r: (r["part"] != "warm", r["rank"]))
+                    if r["user"] == "u3" and r["rank"] <= 5]
+    bad = subprocess.run([*cmd, "--user", "nobody"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "user 'nobody' is not in" in bad.stderr and "fix:" in \
+        bad.stderr
     html = Path(st["report"]).with_suffix(".html").read_text()
     assert 'id="cold"' in html and 'id="warm"' in html and "content kNN" in html
     assert json.loads(Path(st["report"]).read_text())["leaderboard"][0]["part"] == "warm"

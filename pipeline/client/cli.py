@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.client import recommending
 from pipeline.client.console import (
     CompareProgress,
     ProgressLine,
@@ -85,8 +86,6 @@ def _demo(args: argparse.Namespace) -> int:
         raise FeaturefleetError("--backbone is for --data speech; fix: use featurefleet run "
                                 "with a job file to pick another backbone")
     if args.data == "recommend":
-        from pipeline.client import recommending
-
         minilm = {"name": "all-minilm-l6-v2", "image_size": None, "max_length": 128}
         if args.movielens:
             items, section = recommending.movielens(args.movielens, out / "movielens")
@@ -397,7 +396,7 @@ def _search(args: argparse.Namespace) -> int:
 _VERBS = {"cache": _cache, "cancel": _cancel, "compare": _compare, "dashboard": _dashboard,
           "demo": _demo, "exporter": _exporter, "jobs": _jobs, "predict": predict,
           "pretrain": _submit, "quality": _submit, "report": _report, "retry": _retry, "run": _run,
-          "search": _search,
+          "recommend": recommending.recommend_command, "search": _search,
           "status": _status, "submit": _submit, "watch": _watch, "watchdog": _watchdog,
           "worker": _worker}
 

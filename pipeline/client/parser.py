@@ -141,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=10, help="neighbours to return (default 10)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
+    p = sub.add_parser("recommend", help="a user's top items from a finished kind: recommend "
+                       "job (its recommendations.parquet)")
+    p.add_argument("job", help="the recommend job's folder (<output>/jobs/<id>)")
+    p.add_argument("--user", required=True, help="a user id, as the interactions table has it")
+    p.add_argument("-k", type=int, default=10, help="items per part (default 10)")
+    p.add_argument("--part", choices=["both", "warm", "cold"], default="both",
+                   help="warm items (collaborative), cold items (content), or both")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
     p = sub.add_parser("predict", help="classify images (texts, clips) with a trained head: a few "
                        "files here, or a whole data set on the fleet (--data)")
     _add_broker(p)

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.errors import FeaturefleetError
+
+if TYPE_CHECKING:
+    import argparse
 
 SIMULATED_NAME = "interactions-SIMULATED.csv"
 
@@ -88,3 +91,20 @@ def movielens(folder: str | Path, out: Path) -> tuple[Path, dict[str, Any]]:
     return items, {"interactions": str(ratings), "user_column": "userId",
                    "item_column": "movieId", "time_column": "timestamp",
                    "rating_column": "rating", "min_rating": 4.0}
+
+
+def recommend_command(args: argparse.Namespace) -> int:
+    """``featurefleet recommend JOB --user U``: the user's top items from a finished job."""
+    import json
+
+    from pipeline.recommend import recommendations_for
+
+    if not 1 <= args.k <= 10_000:
+        raise FeaturefleetError(f"-k {args.k} is out of range; fix: ask for 1 to 10000 items")
+    got = recommendations_for(args.job, args.user, args.k, args.part)
+    if args.json:
+        print(json.dumps(got, indent=2))
+        return 0
+    for r in got:
+        print(f"{r['part']:4s} {r['rank']:4d}  {r['score']:.4f}  {r['item']}  ({r['model']})")
+    return 0
