@@ -190,9 +190,8 @@ def test_two_nodes_survive_a_killed_rank_and_the_encoder_is_a_backbone(tmp_path:
 def test_a_killed_torchrun_agent_is_relaunched_and_the_run_resumes(tmp_path: Path) -> None:
     """SIGKILL of the node's torchrun agent and its rank after the first checkpoint, the
     node task's process alive: the task starts torchrun again, the ranks resume from the
-    checkpoint, every step runs once, the relaunch is in the report. (BYOL: its momentum
-    target resumes from the checkpoint with the online network.)"""
-    spec = pretrain_spec(tmp_path / "out", epochs=3, checkpoint_every_steps=3, method="byol")
+    checkpoint, every step runs once, the relaunch is in the report."""
+    spec = pretrain_spec(tmp_path / "out", epochs=3, checkpoint_every_steps=3)
     with cluster_env(tmp_path, env={"CHAOS_KILL_AGENT_AFTER_CHECKPOINT": "1"}) as c:
         job = submit(spec, broker=c.broker)
         st = job.wait(timeout=400)
@@ -206,7 +205,7 @@ def test_a_killed_torchrun_agent_is_relaunched_and_the_run_resumes(tmp_path: Pat
     assert all(h["loss"] > 0 and h["images_per_s"] > 0 for h in train["history"])
     assert train["global_step"] == 3 * train["steps_per_epoch"]
     assert st["relaunches"] == 1
-    assert rep["method"] == "byol" and rep["recipe"].startswith("pretraining (byol)")
+    assert rep["method"] == "simclr" and rep["recipe"].startswith("pretraining (simclr)")
 
 
 @pytest.mark.integration
