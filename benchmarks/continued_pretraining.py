@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.jobs import run_job
+from benchmarks.jobs import embeddings, run_job
 from workers.launcher import local_cluster
 
 
@@ -85,12 +85,7 @@ def main() -> None:
                 backbone = {"name": f"job:{rep['job_id']}"}
             st, rep = run_job({**base, "name": f"embed-{len(rows)}", "kind": "embed",
                                "backbone": backbone}, c.broker)
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(Path(st["job_dir"]) / "embeddings.parquet")
-            idx = np.asarray(table.column("index").to_pylist())
-            x = np.zeros((len(idx), len(table.column("embedding")[0].as_py())), np.float32)
-            x[idx] = np.asarray(table.column("embedding").to_pylist(), np.float32)
+            x = embeddings(st["job_dir"])
             rows[label] = {"x": x, **row}
     from sklearn.datasets import load_digits
 

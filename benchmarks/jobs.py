@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from pipeline.client.api import submit
 from pipeline.spec import JobSpec
@@ -21,3 +24,14 @@ def run_job(spec: JobSpec | dict[str, Any], broker: str,
         name = spec.name if isinstance(spec, JobSpec) else spec.get("name")
         raise SystemExit(f"{name}: {st['status']}: {st.get('error')}")
     return st, job.result()
+
+
+def embeddings(job_dir: str | Path) -> np.ndarray:
+    """An embed job's vectors as one array, row i = sample i."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(Path(job_dir) / "embeddings.parquet")
+    idx = np.asarray(table.column("index").to_pylist())
+    x = np.zeros((len(idx), len(table.column("embedding")[0].as_py())), np.float32)
+    x[idx] = np.asarray(table.column("embedding").to_pylist(), np.float32)
+    return x

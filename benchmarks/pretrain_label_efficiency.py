@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.continued_pretraining import probe
-from benchmarks.jobs import run_job
+from benchmarks.jobs import embeddings, run_job
 from workers.launcher import local_cluster
 
 PHOTOS = ["astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "gravel",
@@ -110,16 +110,6 @@ def encoders(size: int, epochs: int | str
         "BYOL continued from ImageNet, momentum 0.996, lr 3e-3": (
             {**common, "method": "byol", "momentum": 0.996, "lr": 3e-3}, lite),
     }
-
-
-def embeddings(job_dir: Path) -> np.ndarray:
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(job_dir / "embeddings.parquet")
-    idx = np.asarray(table.column("index").to_pylist())
-    x = np.zeros((len(idx), len(table.column("embedding")[0].as_py())), np.float32)
-    x[idx] = np.asarray(table.column("embedding").to_pylist(), np.float32)
-    return x
 
 
 def bench(name: str, data: dict[str, Any], out: Path, broker: str, args: Any) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.embed import unit_rows as unit
 from pipeline.spec import RecommendSpec
 
 TRAIN, WARM, COLD = 0, 1, 2
@@ -37,12 +38,6 @@ RIDGE = 1.0
 VALIDATION = 0.1
 
 Scorer = Callable[[np.ndarray], np.ndarray]  # user indices -> scores (users x items)
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    out: np.ndarray = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    return out
 
 
 def matrix(user: np.ndarray, item: np.ndarray, n_users: int, n_items: int) -> Any:

@@ -145,10 +145,10 @@ def run_recommend(jobs: JobStore, ref: PlanMessage,
 
     plan = _started(jobs, ref, "recommend", "train")
     t0 = time.time()
-    reader = ShardReader(shard_paths(jobs, plan))
-    features = np.zeros((plan.n_samples, max(1, reader.dim)), np.float32)
+    x, _, idx = ShardReader(shard_paths(jobs, plan)).read()
+    features = np.zeros((plan.n_samples, max(1, x.shape[1])), np.float32)
     has = np.zeros(plan.n_samples, bool)
-    for x, _, idx in reader.chunks():
+    if len(idx):
         features[idx], has[idx] = x, True
     data = recommend.load(plan.job_dir / "interactions.npz")
     points = [p for p in (sweep or []) if isinstance(p, dict) and "l2" in p]
