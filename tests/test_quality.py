@@ -172,6 +172,43 @@ def test_label_issues_find_flipped_labels_with_the_true_one_suggested() -> None:
     assert fold[3] == -1 and "single labeled sample" in str(note)
 
 
+def _noisy(n: int, k: int, pi: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Calibrated predictions (the true class is drawn from them; a fifth of the samples
+    ambiguous between two classes) and labels flipped at random at rate ``pi``."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, k)) + 6.0 * np.eye(k)[rng.integers(0, k, n)]
+    amb = rng.random(n) < 0.2
+    logits[amb] = 0.0
+    logits[amb, rng.integers(0, k, int(amb.sum()))] = 3.0
+    logits[amb, rng.integers(0, k, int(amb.sum()))] += 3.0
+    q = np.exp(logits - logits.max(axis=1, keepdims=True))
+    q /= q.sum(axis=1, keepdims=True)
+    true = np.array([rng.choice(k, p=row) for row in q])
+    y = true.copy()
+    flip = rng.random(n) < pi
+    y[flip] = (true[flip] + rng.integers(1, k, int(flip.sum()))) % k
+    return q.astype(np.float32), y, flip
+
+
+def test_the_noise_model_recovers_the_rate_and_its_precision_is_what_the_flags_show() -> None:
+    """Against the truth of a simulation where the model holds: the fitted noise rate, and
+    the flagged set's expected precision and recall, match the flips actually planted; on
+    clean labels with ambiguous samples almost nothing is flagged."""
+    q, y, flip = _noisy(4000, 10, 0.05, seed=3)
+    m = labels.noise_model(y, q)
+    assert abs(m["noise_rate"] - flip.mean()) < 0.015 and 0.7 <= m["temperature"] <= 1.4
+    out = labels.label_issues(y, q, np.arange(len(y)), limit=10_000)
+    got = np.asarray(out["all"])
+    precision, recall = flip[got].mean(), flip[got].sum() / flip.sum()
+    assert abs(out["expected_precision"] - precision) < 0.08  # measured: 0.761 vs 0.777
+    assert abs(out["expected_recall"] - recall) < 0.1
+    assert out["candidates"] >= out["count"]  # cleanlab proposes, the model keeps
+    assert all(0.5 <= r["confidence"] <= 1 for r in out["issues"])
+    qc, yc, _ = _noisy(4000, 10, 0.0, seed=4)
+    clean = labels.label_issues(yc, qc, np.arange(len(yc)), limit=10)
+    assert clean["count"] <= 0.01 * len(yc) and clean["noise_model"]["noise_rate"] < 0.01
+
+
 def test_learning_curve_nests_fits_and_says_when_it_cannot() -> None:
     y = np.repeat(np.arange(5), 40)
     small, big = curve.subset(y, 0.1, 3), curve.subset(y, 0.5, 3)
@@ -214,9 +251,9 @@ def test_calibration_keeps_copies_and_refuses_a_signal_that_cannot_tell() -> Non
 
 
 def test_the_probe_reads_what_extraction_stored_and_runs_the_backbone_on_copies_only() -> None:
-    """Given the stored features and signatures of the sampled images, the probe runs the
-    backbone only on the calibrated originals and their copies; its thresholds and domain
-    verdict match the probe that computes everything itself."""
+    """The backbone half (:func:`embed_copies`, sent beside extraction) embeds copies only;
+    calibrated on the stored features and signatures of the sampled images, the thresholds
+    and domain verdict match the probe that computes everything itself."""
     from pipeline.backbones import resolve_weights
     from pipeline.devices import cached_backbone
     from pipeline.preprocess import preprocess, signatures
@@ -243,8 +280,7 @@ def test_the_probe_reads_what_extraction_stored_and_runs_the_backbone_on_copies_
     alone = probe_backbone(*args, n_calibrate=32, n_sample=160)
     read = probe_backbone(*args, n_calibrate=32, n_sample=160, stored=stored)
     assert len(asked) == 1 and len(asked[0]) == 160
-    assert alone["read_from_store"] == 0 and alone["sampled"] == 160
-    assert read["read_from_store"] == 160 - 32 and read["sampled"] == 160
+    assert alone["sampled"] == read["sampled"] == read["read_from_store"] == 160
     assert read["calibrated_on"] == alone["calibrated_on"] == 32
     for signal in ("features", "signatures"):  # the same calibration, to float noise
         a, b = alone[signal], read[signal]

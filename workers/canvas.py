@@ -52,6 +52,9 @@ def job_canvas(app: Celery, plan: Plan, ref: PlanRef, round_: int = 0) -> Any:
     steps: list[Any] = [chord(group(header), sig("collect", ref=msg, tid="collect"))
                         if header else sig("collect", [], ref=msg, tid="collect")]
     if plan.quality is not None:  # before training: quality.exclude may leave samples out
+        # the probe part (the backbone on copies) runs on the GPU queue beside the others;
+        # sent with the extraction instead, it lengthened the job: extraction keeps every
+        # core busy, the parts after it do not (benchmarks/quality_cost.py)
         parts = [sig("quality_part", ref=msg, part=p, tid=f"quality.{p}",
                      queue=EXTRACT_QUEUE if p == "probe" else TRAIN_QUEUE)
                  for p in plan.quality.parts()]

@@ -125,7 +125,8 @@ def recommend_train(self: Task, sweep: Any, ref: PlanMessage) -> dict[str, Any]:
 
 
 @ff_task("quality_part")
-def quality_part(self: Task, collected: Any, ref: PlanMessage, part: str) -> dict[str, Any]:
+def quality_part(self: Task, collected: Any = None, *, ref: PlanMessage,
+                 part: str) -> dict[str, Any]:
     """One part of the data-quality stage (``neighbors.<b>``, ``fold.<f>``, ``curve.<i>``,
     ``shift``, ``probe``: the last on the GPU queue, it runs the backbone)."""
     return quality.run_part(job_store(), ref, part)

@@ -3,9 +3,11 @@
 Parts (one task each, recorded once in ``ff:job:<id>:quality``; bulky results as files under
 ``<job>/quality/``): ``neighbors.<b>`` (a block of query rows against every shard),
 ``fold.<f>`` (out-of-fold probe predictions), ``curve.<i>`` (a learning-curve point),
-``shift`` (train-vs-test domain classifier), ``probe`` (GPU queue: threshold calibration and
-familiarity, with the backbone). ``finish`` combines them into ``<job>/quality.json`` (what
-``quality.exclude`` leaves out included) and, for ``kind: quality``, writes the report.
+``shift`` (train-vs-test domain classifier), ``probe`` (GPU queue: copies for the threshold
+calibration, and familiarity, with the backbone). ``finish``
+combines them into ``<job>/quality.json`` (the thresholds calibrated on the stored features
+of the probe's sample; what ``quality.exclude`` leaves out) and, for ``kind: quality``, writes
+the report.
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ def run_fold(jobs: JobStore, ref: PlanMessage, fold: int) -> dict[str, Any]:
     proba = np.zeros((0, len(plan.class_names)), np.float32)
     if len(np.unique(y)) >= 2 and mine.any():
         proba = labels.out_of_fold(x, y, folds, int(fold), len(plan.class_names), q.l2,
-                                   plan.spec.probe.max_iter)
+                                   min(plan.spec.probe.max_iter, labels.FOLD_ITERS))
     with atomic_path(_dir(plan) / f"fold-{int(fold)}.npz") as tmp, open(tmp, "wb") as fh:
         np.savez(fh, idx=idx[mine], y=y[mine], proba=proba)
     return _record(jobs, plan, f"fold.{int(fold)}", t0, rows=int(mine.sum()))
@@ -121,7 +123,7 @@ def run_curve(jobs: JobStore, ref: PlanMessage, index: int) -> dict[str, Any]:
     tr_x = tr.x if tr_ok.all() else tr.x[tr_ok]  # copy only when some rows are not finite
     pt = curve.point(tr_x, tr.y[tr_ok], va.x[va_ok], va.y[va_ok],
                      len(plan.class_names), fraction, plan.spec.data.seed, q.l2,
-                     plan.spec.probe.max_iter)
+                     min(plan.spec.probe.max_iter, labels.FOLD_ITERS))
     return _record(jobs, plan, f"curve.{int(index)}", t0, **pt)
 
 
@@ -142,8 +144,9 @@ def run_shift(jobs: JobStore, ref: PlanMessage) -> dict[str, Any]:
 
 
 def run_probe(jobs: JobStore, ref: PlanMessage) -> dict[str, Any]:
-    """With the backbone (GPU queue): calibrate the near-duplicate threshold, measure how
-    familiar the images look to its pretrained classifier."""
+    """With the backbone (GPU queue): copies of sampled images for the near-duplicate
+    thresholds, and how familiar the images look to the pretrained network.
+    ``quality_finish`` calibrates them against the stored features."""
     plan = load_plan(ref)
     live(jobs, plan, "quality")
     t0 = time.perf_counter()
@@ -152,22 +155,33 @@ def run_probe(jobs: JobStore, ref: PlanMessage) -> dict[str, Any]:
 
     bb = plan.backbone
     pre = preprocessing_from_dict(bb.preprocessing)
+    record, arrays = probing.embed_copies(
+        plan_source(plan), plan.splits.train or plan.extract_ids, bb.name, bb.weights,
+        pre, pick_device(plan.spec.backbone.device), bb.precision, plan.spec.data.seed,
+        min_size=decode_min_side(pre, plan.spec.backbone.decode))
+    with atomic_path(_dir(plan) / "probe.npz") as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+    return _record(jobs, plan, "probe", t0, **record)
+
+
+def _calibrated(jobs: JobStore, plan: Plan, record: dict[str, Any]) -> dict[str, Any]:
+    """The probe part's record completed with the thresholds calibrated on the stored
+    features of its sampled images."""
     paths = shard_paths(jobs, plan)
 
     def stored(ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """What extraction wrote for ``ids``: indices, features, signatures (same order)."""
+        x, _, idx = ShardReader(paths, np.asarray(ids, np.int64)).read()
         try:
-            x, _, idx = ShardReader(paths, np.asarray(ids, np.int64)).read()
             s, _, sidx = ShardReader(paths, np.asarray(ids, np.int64), "signatures").read()
-        except StoreError:  # shards of an older version, without signatures
-            return None
+        except StoreError:  # shards of an older version, without signatures: features only
+            s, sidx = np.zeros((len(idx), 1), np.float32), idx
         return (idx, x, s) if np.array_equal(idx, sidx) else None
 
-    result = probing.probe_backbone(
-        plan_source(plan), plan.splits.train or plan.extract_ids, bb.name, bb.weights,
-        pre, pick_device(plan.spec.backbone.device), bb.precision, plan.spec.data.seed,
-        min_size=decode_min_side(pre, plan.spec.backbone.decode), stored=stored)
-    return _record(jobs, plan, "probe", t0, **result)
+    with np.load(_dir(plan) / "probe.npz", allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    out = {k: v for k, v in record.items() if k not in ("part", "seconds")}
+    return {**out, **probing.calibrate_copies(arrays, stored)} if arrays else out
 
 
 def run_part(jobs: JobStore, ref: PlanMessage, part: str) -> dict[str, Any]:
@@ -200,7 +214,7 @@ def run_finish(jobs: JobStore, ref: PlanMessage) -> dict[str, Any]:
     if q.cached:
         section = _reused(plan, q)
     else:
-        section = summarize(plan, parts)
+        section = summarize(jobs, plan, parts)
         section["seconds"] = round(time.perf_counter() - t0 + sum(
             float(p.get("seconds", 0)) for p in parts.values()), 3)
         if q.cache_path:  # content-addressed: the next job on these features reuses it
@@ -228,12 +242,12 @@ def run_finish(jobs: JobStore, ref: PlanMessage) -> dict[str, Any]:
     return succeed(jobs, plan, path, {"top1": section.get("label_issues", {}).get("oof_top1")})
 
 
-def summarize(plan: Plan, parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def summarize(jobs: JobStore, plan: Plan, parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Every part into the report's section."""
     q, spec = _q(plan), plan.spec.quality
     d = _dir(plan)
     nb = neighbors.load([str(d / f"neighbors-{b}.npz") for b in range(len(q.blocks))])
-    probe = {k: v for k, v in parts["probe"].items() if k not in ("part", "seconds")}
+    probe = _calibrated(jobs, plan, parts["probe"])
     signals = ("features", "signatures")
     where = summary.split_of({n: plan.splits.of(n) for n in ("train", "val", "test")})
     digests = plan.digests() if plan.fingerprint_mode == "content" else None

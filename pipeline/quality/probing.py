@@ -45,6 +45,7 @@ PERCENTILE = 5.0  # the threshold keeps ~95% of copies above it...
 DISTINCT_PERCENTILE = 95.0  # ...unless 5% of distinct images' nearest other would pass it
 MIN_RECALL = 0.5  # a signal that keeps fewer copies than this is not used
 MAX_THRESHOLD = 0.995
+BN_IMAGES = 24  # originals whose activations give the BatchNorm statistics
 
 
 def _pil(im: np.ndarray) -> Any:
@@ -192,41 +193,35 @@ def calibrate(originals: np.ndarray, copies: np.ndarray,
 Stored = Callable[[list[int]], "tuple[np.ndarray, np.ndarray, np.ndarray] | None"]
 
 
-def probe_backbone(source: Source, ids: Sequence[int], name: str, weights: str | None,
-                   pre: AnyPreprocessing, device: str, precision: str, seed: int,
-                   n_calibrate: int = 64, n_copies: int = 4,
-                   n_sample: int = 512, min_size: int | None = None,
-                   stored: Stored | None = None) -> dict[str, Any]:
-    """Calibrate the near-duplicate thresholds (features, signatures) and measure how far
-    the images are from the pretraining domain, on ``n_sample`` sampled ``ids``.
+def sample(ids: Sequence[int], seed: int, n_sample: int) -> tuple[list[int], list[int]]:
+    """The seeded sample (sorted) and the same ids in a random order: the first readable
+    ``n_calibrate`` of that order get copies."""
+    rng = np.random.default_rng(seed)
+    picked = sorted(rng.permutation(np.asarray(ids, np.int64))[:n_sample].tolist())
+    return picked, [picked[k] for k in rng.permutation(len(picked))]
 
-    ``stored(ids)``: the features and signatures extraction already wrote for ``ids``
-    (``(indices, features, signatures)``, or None). With them the backbone runs only on the
-    ``n_calibrate`` calibrated originals (which also give the BatchNorm statistics) and their
-    copies — 320 images instead of 768 by default; the other sampled images are read back.
+
+def embed_copies(source: Source, ids: Sequence[int], name: str, weights: str | None,
+                 pre: AnyPreprocessing, device: str, precision: str, seed: int,
+                 n_calibrate: int = 48, n_copies: int = 2, n_sample: int = 512,
+                 min_size: int | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """What the stage needs the backbone for, which needs no stored feature: the copies of
+    ``n_calibrate`` sampled originals through the backbone, and ``BN_IMAGES`` originals for
+    the BatchNorm statistics and the pretrained classifier's confidence. It can run beside
+    extraction; :func:`calibrate_copies` completes it from the stored features.
+
+    Returns the record (``familiarity``, counts) and the arrays :func:`calibrate_copies`
+    reads (``picked``, ``originals`` (the calibrated ones, in copy order), ``copy_features``,
+    ``copy_signatures``).
     """
     import torch
 
-    rng = np.random.default_rng(seed)
-    picked = sorted(rng.permutation(np.asarray(ids, np.int64))[:n_sample].tolist())
-    # in a random order: the first n_calibrate readable ones get copies (either way below)
-    candidates = [picked[k] for k in rng.permutation(len(picked))]
-    have = stored(picked) if stored is not None else None
-    kept: tuple[np.ndarray, np.ndarray] | None = None
-    if have is not None and len(have[0]) >= 2:
-        idx, sf, ss = have
-        ok = np.flatnonzero(np.isfinite(sf).all(axis=1) & np.isfinite(ss).all(axis=1))
-        pos = {int(idx[k]): int(k) for k in ok}
-        usable = [i for i in candidates if i in pos]
-        loaded = source.load(usable[:n_calibrate], min_size)
-        images = loaded.images
-        fresh = {pos[int(i)] for i in loaded.indices}
-        rest = [pos[i] for i in usable if pos[i] not in fresh]
-        kept = (sf[rest].astype(np.float32), ss[rest].astype(np.float32))
-    else:
-        images = source.load(candidates, min_size).images  # decoded as the features were
-    if len(images) + (0 if kept is None else len(kept[0])) < 2 or not images:
-        return {"note": f"{len(images)} readable images sampled: too few to calibrate"}
+    picked, candidates = sample(ids, seed, n_sample)
+    rng = np.random.default_rng([seed, 1])
+    loaded = source.load(candidates[:n_calibrate], min_size)  # decoded as the features were
+    images, n = loaded.images, len(loaded.images)
+    if n < 2:
+        return ({"note": f"{n} readable images sampled: too few to calibrate"}, {})
     bb = cached_backbone(name, weights, device)
     use_preprocessing(bb.model, pre)
     amp = autocast_dtype(device, precision)
@@ -234,9 +229,9 @@ def probe_backbone(source: Source, ids: Sequence[int], name: str, weights: str |
 
     def embed(batch: list[Any], stats: bool = False) -> tuple[np.ndarray, np.ndarray]:
         feats, sigs = [], []
-        bn.active = stats
         with torch.inference_mode():
             for s in range(0, len(batch), 64):
+                bn.active = stats and s == 0  # (reading every layer costs half a forward)
                 x = preprocess(batch[s:s + 64], pre, device)
                 sigs.append(signatures(x))
                 with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
@@ -245,24 +240,83 @@ def probe_backbone(source: Source, ids: Sequence[int], name: str, weights: str |
         return np.concatenate(feats), np.concatenate(sigs).astype(np.float32)
 
     try:
-        feats, sigs = embed(images, stats=True)
-        n = min(n_calibrate, len(images))
+        own, _ = embed(images[:BN_IMAGES], stats=True)
         cf, cs = embed([near_copy(images[i], rng) for _ in range(n_copies) for i in range(n)])
     finally:
         bn.close()
-    if kept is not None:  # the calibrated originals first, then the stored rest
-        feats, sigs = np.concatenate([feats, kept[0]]), np.concatenate([sigs, kept[1]])
-    out: dict[str, Any] = {"calibrated_on": n, "copies": n * n_copies, "sampled": len(feats),
-                           "read_from_store": 0 if kept is None else len(kept[0])}
-    (out["features"], f_sims), (out["signatures"], s_sims) = (calibrate(feats, cf, n),
-                                                              calibrate(sigs, cs, n))
+    record = {"calibrated_on": n, "copies": n * n_copies,
+              "familiarity": familiarity(bb.pretrained_head, own, bn.divergence())}
+    return record, {"picked": np.asarray(picked, np.int64),
+                    "originals": np.asarray(loaded.indices, np.int64),
+                    "copy_features": cf.astype(np.float32),
+                    "copy_signatures": cs.astype(np.float32)}
+
+
+def calibrate_copies(arrays: dict[str, np.ndarray], stored: Stored) -> dict[str, Any]:
+    """Each signal's threshold from the copies :func:`embed_copies` made and the features
+    and signatures extraction stored for the sampled originals (``stored(ids)``: indices,
+    features, signatures, or None where the shards have no signatures: features only)."""
+    if not len(arrays.get("originals", ())):
+        return {"note": "no calibration copies"}
+    originals = [int(i) for i in arrays["originals"]]
+    picked = [int(i) for i in arrays["picked"]]
+    have = stored(picked)
+    if have is None or len(have[0]) < 2:
+        return {"note": "the sampled images' stored features are unreadable: not calibrated"}
+    idx, sf, ss = have
+    ok = np.isfinite(sf).all(axis=1) & np.isfinite(ss).all(axis=1)
+    pos = {int(idx[k]): int(k) for k in np.flatnonzero(ok)}
+    keep = [j for j, i in enumerate(originals) if i in pos]  # extraction may have skipped one
+    n, m = len(originals), len(keep)
+    if m < 2:
+        return {"note": f"{m} calibrated originals have stored features: too few to calibrate"}
+    first = [pos[originals[j]] for j in keep]
+    rest = [pos[i] for i in picked if i in pos and pos[i] not in set(first)]
+    rows = first + rest
+    # copy r of original j is row r * n + j; calibrate wants them by round, in ``keep`` order
+    order = [r * n + j for r in range(len(arrays["copy_features"]) // n) for j in keep]
+    out: dict[str, Any] = {"calibrated_on": m, "copies": len(order), "sampled": len(rows),
+                           "read_from_store": len(rows)}
+    (out["features"], f_sims), (out["signatures"], s_sims) = (
+        calibrate(sf[rows].astype(np.float32), arrays["copy_features"][order], m),
+        calibrate(ss[rows].astype(np.float32), arrays["copy_signatures"][order], m))
     caught = np.zeros(len(f_sims), bool)
     for cal, sims in ((out["features"], f_sims), (out["signatures"], s_sims)):
         if cal["threshold"] is not None:
             caught |= sims >= cal["threshold"]
     out["copy_recall"] = round(float(caught.mean()), 4)
-    out["familiarity"] = familiarity(bb.pretrained_head, feats, bn.divergence())
     return out
+
+
+def probe_backbone(source: Source, ids: Sequence[int], name: str, weights: str | None,
+                   pre: AnyPreprocessing, device: str, precision: str, seed: int,
+                   n_calibrate: int = 48, n_copies: int = 2,
+                   n_sample: int = 512, min_size: int | None = None,
+                   stored: Stored | None = None) -> dict[str, Any]:
+    """Both halves in one call (:func:`embed_copies`, then :func:`calibrate_copies`);
+    without ``stored`` the backbone also embeds every sampled image itself."""
+    record, arrays = embed_copies(source, ids, name, weights, pre, device, precision, seed,
+                                  n_calibrate, n_copies, n_sample, min_size)
+    if not arrays:
+        return record
+    if stored is None:
+        bb = cached_backbone(name, weights, device)
+        use_preprocessing(bb.model, pre)
+
+        def stored(some: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            import torch
+
+            loaded = source.load(some, min_size)
+            feats, sigs = [], []
+            with torch.inference_mode():
+                for s in range(0, len(loaded.images), 64):
+                    x = preprocess(loaded.images[s:s + 64], pre, device)
+                    sigs.append(signatures(x))
+                    feats.append(bb.model(x).float().cpu().numpy())
+            return (np.asarray(loaded.indices, np.int64), np.concatenate(feats),
+                    np.concatenate(sigs).astype(np.float32))
+
+    return {**record, **calibrate_copies(arrays, stored)}
 
 
 class BatchNormStats:

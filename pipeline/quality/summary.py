@@ -229,7 +229,7 @@ def outliers(nb: Neighbors, z_max: float, where: dict[int, str], labels: np.ndar
                        "z": round(float(z[i]), 2)} for i in flagged[:limit]]}
 
 
-SCORES = {"label_issue": "out-of-fold probability of the suggested label",
+SCORES = {"label_issue": "probability that the given label is wrong (the fitted noise model)",
           "leak": "cosine similarity to its twin in another split (1.0: same bytes)",
           "duplicate": "cosine similarity to its kept twin in the same split (1.0: same bytes)",
           "outlier": "robust z-score of the distance to its nearest neighbours"}
@@ -244,7 +244,7 @@ def flagged(section: dict[str, Any], found: list[Pair],
     li = section.get("label_issues", {})
     if not li.get("withheld"):
         rows += [{"index": r["index"], "finding": "label_issue",
-                  "score": r["suggested_probability"], "given": r["given"],
+                  "score": r.get("confidence", r["suggested_probability"]), "given": r["given"],
                   "suggested": r["suggested"], "twin": None} for r in li.get("issues", [])]
     dup = section.get("duplicates", {})
     rows += [{"index": r["index"], "finding": "leak", "score": r["similarity"],
@@ -296,9 +296,6 @@ def qualify(section: dict[str, Any], weights_id: str,
     on this very data (``job:<id>``) is recognised, never told to pretrain, and its pretraining
     report's "did it help?" (``pretraining``) is quoted."""
     li = section.get("label_issues", {})
-    if li.get("issues"):  # the out-of-fold probability that a flagged label is right, summed
-        wrong = [1.0 - float(r["given_probability"]) for r in li["issues"]]
-        li["expected_precision"] = round(float(np.mean(wrong)), 3)
     if "oof_top1" in li and li["oof_top1"] < LABEL_SIGNAL_MIN:
         li["withheld"] = True
         li["note"] = (f"out-of-fold top-1 is {li['oof_top1']:.3f}, below "

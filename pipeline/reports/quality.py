@@ -111,9 +111,10 @@ def summary_lines(section: dict[str, Any], class_names: list[str]) -> list[str]:
     if li.get("withheld"):
         lines.append(f"label issues: not assessed ({li['note']})")
     elif "count" in li:
-        sure = (f"; the probe is on average {li['expected_precision']:.2f} sure these labels "
-                "are wrong — its own confidence, not a measured precision: where it is "
-                "confidently mistaken (ambiguous samples) a correct label is flagged too"
+        nm = li.get("noise_model") or {}
+        sure = (f"; expected precision {li['expected_precision']:.2f}, expected recall "
+                f"{li['expected_recall']:.2f} of the {nm.get('expected_wrong_labels', 0):.0f} "
+                "wrong labels a random-flip noise model fitted to this data expects"
                 if li.get("expected_precision") is not None else "")
         lines.append(f"label issues: {li['count']} of {li['checked']} labels look wrong "
                      f"(out-of-fold top-1 {li['oof_top1']:.3f}{sure})")
