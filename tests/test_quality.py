@@ -209,6 +209,27 @@ def test_the_noise_model_recovers_the_rate_and_its_precision_is_what_the_flags_s
     assert clean["count"] <= 0.01 * len(yc) and clean["noise_model"]["noise_rate"] < 0.01
 
 
+def test_neighbour_votes_combine_with_the_probe_as_a_geometric_mean() -> None:
+    """Each sample's neighbour vote (labeled neighbours only, smoothed) and the probe's
+    probabilities combine as their normalized geometric mean, recomputed here by hand."""
+    idx = np.array([10, 11, 12, 13])
+    y = np.array([0, 1, 1, 2])
+    nbr_idx = np.array([10, 11, 12, 13])
+    nbr = np.array([[11, 12, 99], [12, 13, 10], [11, 10, 13], [-1, 99, 98]])  # 99: unlabeled
+    proba = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4], [0.2, 0.2, 0.6]],
+                     np.float32)
+    got = labels.with_neighbours(proba, idx, y, nbr_idx, nbr)
+    votes = np.array([[0, 1, 0], [1 / 3, 1 / 3, 1 / 3], [1 / 3, 1 / 3, 1 / 3], [1 / 3] * 3])
+    votes[0] = [0, 1, 0]  # sample 10: neighbours 11 and 12 are both class 1
+    votes[1] = [1 / 3, 1 / 3, 1 / 3]  # 12 -> 1, 13 -> 2, 10 -> 0
+    votes[2] = [1 / 3, 1 / 3, 1 / 3]  # 11 -> 1, 10 -> 0, 13 -> 2
+    vote = 0.9 * votes + 0.1 / 3
+    want = np.sqrt(proba * vote)
+    want /= want.sum(axis=1, keepdims=True)
+    assert np.allclose(got, want, atol=1e-6)
+    assert got[0].argmax() == 1  # the probe said 0; both neighbours say 1
+
+
 def test_learning_curve_nests_fits_and_says_when_it_cannot() -> None:
     y = np.repeat(np.arange(5), 40)
     small, big = curve.subset(y, 0.1, 3), curve.subset(y, 0.5, 3)

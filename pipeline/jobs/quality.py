@@ -289,7 +289,7 @@ def summarize(jobs: JobStore, plan: Plan, parts: dict[str, dict[str, Any]]) -> d
         "removed_at_planning": [e.model_dump() for e in plan.excluded][:spec.max_listed],
         "removed_at_planning_count": len(plan.excluded),
         "outliers": summary.outliers(nb, spec.outlier_z, where, y_of, plan.n_samples),
-        "label_issues": _label_issues(plan, d, plan.n_samples),
+        "label_issues": _label_issues(plan, d, plan.n_samples, nb),
         "learning_curve": _curve(q, parts, spec.target_top1, len(plan.splits.val)),
         "shift": {k: v for k, v in parts["shift"].items() if k not in ("part", "seconds")},
         "balance": shift.balance({n: y_of[np.asarray(plan.splits.of(n), np.int64)]
@@ -334,7 +334,7 @@ def _reused(plan: Plan, q: QualityPlan) -> dict[str, Any]:
     return section
 
 
-def _label_issues(plan: Plan, d: Path, limit: int) -> dict[str, Any]:
+def _label_issues(plan: Plan, d: Path, limit: int, nb: neighbors.Neighbors) -> dict[str, Any]:
     idx, y, proba = [], [], []
     for f in range(_q(plan).folds):
         with np.load(d / f"fold-{f}.npz", allow_pickle=False) as z:
@@ -348,7 +348,11 @@ def _label_issues(plan: Plan, d: Path, limit: int) -> dict[str, Any]:
     idx_a, y_a, p_a = np.concatenate(idx), np.concatenate(y), np.concatenate(proba)
     if min(np.bincount(y_a)[np.unique(y_a)]) < 2 or len(y_a) < 10:
         return {"note": f"{len(y_a)} labeled samples are too few for out-of-fold predictions"}
-    return labels.label_issues(y_a, p_a, idx_a, limit)
+    out = labels.label_issues(y_a, labels.with_neighbours(p_a, idx_a, y_a, nb.idx, nb.nbr),
+                              idx_a, limit)
+    if "oof_top1" in out:  # the probe's own accuracy, not the combination's
+        out["oof_top1"] = round(float((p_a.argmax(axis=1) == y_a).mean()), 5)
+    return out
 
 
 def _curve(q: QualityPlan, parts: dict[str, dict[str, Any]],

@@ -84,6 +84,34 @@ def noise_model(labels: np.ndarray, proba: np.ndarray) -> dict[str, Any]:
             "posterior": posterior.astype(np.float32)}
 
 
+KNN_SMOOTHING = 0.1  # share of a neighbour vote spread evenly over the classes
+
+
+def with_neighbours(proba: np.ndarray, idx: np.ndarray, labels: np.ndarray,
+                    nbr_idx: np.ndarray, nbr: np.ndarray) -> np.ndarray:
+    """The probe's out-of-fold probabilities combined with what each sample's nearest
+    neighbours are labeled (``nbr``: the neighbours of ``nbr_idx``, by feature cosine): the
+    normalized geometric mean of the two, the neighbour vote smoothed by ``KNN_SMOOTHING``.
+    Two views of the same features: a label both contradict is more likely wrong than one
+    only the linear probe doubts (measured on planted flips in digits: precision 0.65 -> 0.83
+    at the noise model's cut; docs/quality.md)."""
+    k = proba.shape[1]
+    label_of = dict(zip(idx.tolist(), labels.tolist(), strict=True))
+    row_of = {int(i): r for r, i in enumerate(nbr_idx.tolist())}
+    votes = np.zeros(proba.shape, np.float64)
+    for r, i in enumerate(idx.tolist()):
+        row = row_of.get(int(i))
+        if row is None:
+            votes[r] = 1.0 / k
+            continue
+        got = [label_of[int(n)] for n in nbr[row] if int(n) in label_of]
+        votes[r] = (np.bincount(got, minlength=k)[:k] / len(got)) if got else 1.0 / k
+    vote = (1 - KNN_SMOOTHING) * votes + KNN_SMOOTHING / k
+    g = np.sqrt(np.clip(proba.astype(np.float64), 1e-12, 1.0) * vote)
+    out: np.ndarray = (g / g.sum(axis=1, keepdims=True)).astype(np.float32)
+    return out
+
+
 def label_issues(labels: np.ndarray, proba: np.ndarray, idx: np.ndarray,
                  limit: int) -> dict[str, Any]:
     """Samples whose given label the out-of-fold predictions confidently contradict."""
