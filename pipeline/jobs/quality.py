@@ -160,7 +160,7 @@ def run_probe(jobs: JobStore, ref: PlanMessage) -> dict[str, Any]:
         pre, pick_device(plan.spec.backbone.device), bb.precision, plan.spec.data.seed,
         min_size=decode_min_side(pre, plan.spec.backbone.decode))
     with atomic_path(_dir(plan) / "probe.npz") as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
+        np.savez(fh, allow_pickle=False, **arrays)
     return _record(jobs, plan, "probe", t0, **record)
 
 
