@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -98,11 +99,24 @@ def test_concurrent_identical_writers_keep_one_file_and_true_checksums(tmp_path:
     first = shards.write_shard(path, _data(), not_before=planned)
     second = shards.write_shard(path, _data(), not_before=planned)  # a concurrent identical job
     assert second.adopted and second.sha256 == first.sha256 == files.sha256_of(path)
-    # a file older than the plan (judged untrusted at planning) is replaced, not adopted
+    # older than the plan but still the bytes its writer recorded (a job whose collect had
+    # not yet put it in the manifest when this one planned): adopted, never rewritten
+    # under a job that has planned it as cached since
     old = time.time() - 3600
     os.utime(path, (old, old))
-    third = shards.write_shard(path, _data(), not_before=planned)
-    assert not third.adopted and third.sha256 == files.sha256_of(path)
+    third = shards.write_shard(path, _data(seed=5), not_before=planned)
+    assert third.adopted and third.sha256 == first.sha256 == files.sha256_of(path)
+    # older and not what its writer recorded (changed on disk: judged untrusted at
+    # planning), or with no writer's record at all: replaced
+    side = Path(shards.sidecar(path))
+    side.write_text(json.dumps({**json.loads(side.read_text()), "sha256": "0" * 64}))
+    os.utime(path, (old, old))
+    fourth = shards.write_shard(path, _data(seed=6), not_before=planned)
+    assert not fourth.adopted and fourth.sha256 == files.sha256_of(path) != first.sha256
+    side.unlink()
+    os.utime(path, (old, old))
+    fifth = shards.write_shard(path, _data(seed=7), not_before=planned)
+    assert not fifth.adopted and fifth.sha256 == files.sha256_of(path) != fourth.sha256
 
 
 def test_store_path_under_a_file_is_a_clear_error(tmp_path: Path) -> None:

@@ -120,8 +120,11 @@ def open_h5(path: str | Path) -> Iterator[Any]:
 def write_shard(path: str | Path, data: ShardData, *, not_before: float | None = None) -> Written:
     """Write a shard and publish it atomically; return the sha256 the writer computed.
 
-    ``not_before``: a valid shard of the same key already at ``path`` and written after this
-    time (a concurrent identical task) is kept and adopted instead of being replaced, so the
+    ``not_before``: a valid shard of the same key already at ``path`` is kept and adopted
+    instead of being replaced when it was written after this time (a concurrent identical
+    task) or is still the bytes its writer recorded (an identical job that finished earlier,
+    before its collect recorded it in the manifest); only a broken or changed file is
+    replaced. So a file never changes under a job that planned it as cached, and the
     checksum every job reports is the one of the file on disk.
 
     Raises:
@@ -171,9 +174,17 @@ def write_shard(path: str | Path, data: ShardData, *, not_before: float | None =
             write_sidecar(path, record)
             return Written(sha)
         info = inspect(path, key, len(data.indices) + len(data.skipped))
-        if info is not None and not_before is not None and files.mtime(path) >= not_before:
+        if info is not None and not_before is not None:
             theirs = read_sidecar(path)
-            return Written(theirs["sha256"] if theirs else files.sha256_of(path), adopted=True)
+            if files.mtime(path) >= not_before:
+                return Written(theirs["sha256"] if theirs else files.sha256_of(path),
+                               adopted=True)
+            # written before this job was planned, by a job whose collect had not yet put it
+            # in the manifest: still the bytes its writer recorded, so the same content.
+            # Replacing it would change a file that a job planned since may hold as cached
+            if theirs is not None and theirs.get("key") == key \
+                    and files.sha256_of(path) == theirs["sha256"]:
+                return Written(theirs["sha256"], adopted=True)
         files.publish(tmp, path, clobber=True)  # an old or broken file: replace it
         write_sidecar(path, record)
         return Written(sha)
