@@ -11,6 +11,7 @@ outliers, the stage's seconds.
     python benchmarks/quality_planted.py --data digits --image-size 128
     python benchmarks/quality_planted.py --data photos --image-size 224
     python benchmarks/quality_planted.py --clean   # nothing planted: the false alarms
+    python benchmarks/quality_planted.py --data photos --max-overlap 0.5   # crops apart
 """
 
 from __future__ import annotations
@@ -52,9 +53,12 @@ def overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float
     return ih * iw / (a[3] ** 2 + b[3] ** 2 - ih * iw)
 
 
-def photos(side: int, per_class: int = 120) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def photos(side: int, per_class: int = 120,
+           max_overlap: float = 1.0) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Crops of scikit-image's bundled photos; each photo is a class (``PHOTO_BOXES``: where
-    each crop came from)."""
+    each crop came from). ``max_overlap`` < 1: a crop overlapping an earlier crop of its
+    photo by more (IoU) is drawn again (up to 200 tries, then kept), so that distinct
+    samples are not near copies of each other by construction."""
     from PIL import Image
     from skimage import data as skd
 
@@ -68,9 +72,15 @@ def photos(side: int, per_class: int = 120) -> tuple[np.ndarray, np.ndarray, lis
         ph = getattr(skd, name)()
         ph = ph if ph.ndim == 3 else np.repeat(ph[..., None], 3, axis=2)
         h, w = ph.shape[:2]
+        mine: list[tuple[int, int, int, int]] = []
         for _ in range(per_class):
-            s = int(rng.integers(min(h, w) // 4, min(h, w) // 2))
-            top, left = int(rng.integers(0, h - s)), int(rng.integers(0, w - s))
+            for _try in range(200):
+                s = int(rng.integers(min(h, w) // 4, min(h, w) // 2))
+                top, left = int(rng.integers(0, h - s)), int(rng.integers(0, w - s))
+                if max_overlap >= 1 or all(overlap((c, top, left, s), b) <= max_overlap
+                                           for b in mine):
+                    break
+            mine.append((c, top, left, s))
             PHOTO_BOXES.append((c, top, left, s))
             ims.append(np.asarray(Image.fromarray(ph[top:top + s, left:left + s, :3])
                                   .resize((side, side), Image.Resampling.BILINEAR)))
@@ -79,7 +89,7 @@ def photos(side: int, per_class: int = 120) -> tuple[np.ndarray, np.ndarray, lis
 
 
 def run(data: str, side: int, backbone: str, out: Path, seed: int,
-        clean: bool = False) -> dict[str, Any]:
+        clean: bool = False, max_overlap: float = 1.0) -> dict[str, Any]:
     from pipeline.client.api import submit
     from workers.launcher import local_cluster
 
@@ -87,7 +97,7 @@ def run(data: str, side: int, backbone: str, out: Path, seed: int,
         images, labels, names = digits(side)
         ood = planted.photo_crops(10, side, seed)
     else:
-        images, labels, names = photos(side)
+        images, labels, names = photos(side, max_overlap=max_overlap)
         ood = digits(side)[0][:10]
     out.mkdir(parents=True, exist_ok=True)
     if clean:  # nothing planted: every finding is a false alarm, or a real flaw of the data
@@ -164,10 +174,13 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--clean", action="store_true",
                     help="plant nothing: measure the false alarms on clean data")
+    ap.add_argument("--max-overlap", type=float, default=1.0,
+                    help="photo crops: redraw a crop overlapping another of its photo by more "
+                         "than this IoU (e.g. 0.5: no natural near copies among the crops)")
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="ff-planted-"))
-    results = [run(d, args.image_size, args.backbone, out / d, args.seed, args.clean)
-               for d in args.data.split(",")]
+    results = [run(d, args.image_size, args.backbone, out / d, args.seed, args.clean,
+                   args.max_overlap) for d in args.data.split(",")]
     for r in results:
         print(json.dumps(r, indent=1))
     if args.json:
