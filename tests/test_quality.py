@@ -412,6 +412,11 @@ def test_quality_job_finds_planted_problems_and_exclude_drops_leaks(
     assert all(r["twin_id"] and r["twin_split"] != r["split"] for r in by["leak"])
     assert all(r["suggested_label"] in names and r["suggested_label"] != r["given_label"]
                for r in by["label_issue"])
+    if by["label_issue"]:  # the summary's expected precision is the flags' mean confidence
+        scores = [float(r["score"]) for r in by["label_issue"]]
+        assert all(0.5 <= v <= 1 for v in scores)
+        assert abs(float(np.mean(scores)) - li["expected_precision"]) < 2e-3
+        assert f"about {li['expected_precision']:.0%} of the flags" in run.stdout
     assert 'href="flagged.csv"' in html
 
     leaked = section["duplicates"]["leaked"]

@@ -112,12 +112,13 @@ def summary_lines(section: dict[str, Any], class_names: list[str]) -> list[str]:
         lines.append(f"label issues: not assessed ({li['note']})")
     elif "count" in li:
         nm = li.get("noise_model") or {}
-        sure = (f"; expected precision {li['expected_precision']:.2f}, expected recall "
-                f"{li['expected_recall']:.2f} of the {nm.get('expected_wrong_labels', 0):.0f} "
-                "wrong labels a random-flip noise model fitted to this data expects"
-                if li.get("expected_precision") is not None else "")
+        sure = (f". A noise model fitted to this data (labels flipped at random) expects "
+                f"about {nm.get('expected_wrong_labels', 0):.0f} wrong labels in all; by it "
+                f"about {li['expected_precision']:.0%} of the flags are wrong labels and they "
+                f"catch about {li['expected_recall']:.0%} of the wrong ones (estimates, not "
+                "measurements)" if li.get("expected_precision") is not None else "")
         lines.append(f"label issues: {li['count']} of {li['checked']} labels look wrong "
-                     f"(out-of-fold top-1 {li['oof_top1']:.3f}{sure})")
+                     f"(out-of-fold top-1 {li['oof_top1']:.3f}){sure}")
     elif "note" in li:
         lines.append(f"label issues: {li['note']}")
     out = section.get("outliers", {})
