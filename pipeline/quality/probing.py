@@ -201,21 +201,35 @@ def sample(ids: Sequence[int], seed: int, n_sample: int) -> tuple[list[int], lis
     return picked, [picked[k] for k in rng.permutation(len(picked))]
 
 
+def embed(model: Any, batch: list[Any], pre: AnyPreprocessing, device: str,
+          precision: str) -> tuple[np.ndarray, np.ndarray]:
+    """Features (float32) and signatures of a list of decoded samples, 64 at a time."""
+    import torch
+
+    amp = autocast_dtype(device, precision)
+    feats, sigs = [], []
+    with torch.inference_mode():
+        for s in range(0, len(batch), 64):
+            x = preprocess(batch[s:s + 64], pre, device)
+            sigs.append(signatures(x))
+            with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
+                feats.append(model(x).float().cpu().numpy())
+    return np.concatenate(feats), np.concatenate(sigs).astype(np.float32)
+
+
 def embed_copies(source: Source, ids: Sequence[int], name: str, weights: str | None,
                  pre: AnyPreprocessing, device: str, precision: str, seed: int,
                  n_calibrate: int = 48, n_copies: int = 2, n_sample: int = 512,
                  min_size: int | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """What the stage needs the backbone for, which needs no stored feature: the copies of
     ``n_calibrate`` sampled originals through the backbone, and ``BN_IMAGES`` originals for
-    the BatchNorm statistics and the pretrained classifier's confidence. It can run beside
-    extraction; :func:`calibrate_copies` completes it from the stored features.
+    the BatchNorm statistics and the pretrained classifier's confidence;
+    :func:`calibrate_copies` completes it from the stored features.
 
     Returns the record (``familiarity``, counts) and the arrays :func:`calibrate_copies`
     reads (``picked``, ``originals`` (the calibrated ones, in copy order), ``copy_features``,
     ``copy_signatures``).
     """
-    import torch
-
     picked, candidates = sample(ids, seed, n_sample)
     rng = np.random.default_rng([seed, 1])
     loaded = source.load(candidates[:n_calibrate], min_size)  # decoded as the features were
@@ -224,24 +238,13 @@ def embed_copies(source: Source, ids: Sequence[int], name: str, weights: str | N
         return ({"note": f"{n} readable images sampled: too few to calibrate"}, {})
     bb = cached_backbone(name, weights, device)
     use_preprocessing(bb.model, pre)
-    amp = autocast_dtype(device, precision)
     bn = BatchNormStats(bb.model)
-
-    def embed(batch: list[Any], stats: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        feats, sigs = [], []
-        with torch.inference_mode():
-            for s in range(0, len(batch), 64):
-                bn.active = stats and s == 0  # (reading every layer costs half a forward)
-                x = preprocess(batch[s:s + 64], pre, device)
-                sigs.append(signatures(x))
-                with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
-                    feats.append(bb.model(x).float().cpu().numpy())
-        bn.active = False
-        return np.concatenate(feats), np.concatenate(sigs).astype(np.float32)
-
     try:
-        own, _ = embed(images[:BN_IMAGES], stats=True)
-        cf, cs = embed([near_copy(images[i], rng) for _ in range(n_copies) for i in range(n)])
+        bn.active = True  # (reading every layer costs half a forward pass: one batch only)
+        own, _ = embed(bb.model, images[:BN_IMAGES], pre, device, precision)
+        bn.active = False
+        cf, cs = embed(bb.model, [near_copy(images[i], rng) for _ in range(n_copies)
+                                  for i in range(n)], pre, device, precision)
     finally:
         bn.close()
     record = {"calibrated_on": n, "copies": n * n_copies,
@@ -304,17 +307,9 @@ def probe_backbone(source: Source, ids: Sequence[int], name: str, weights: str |
         use_preprocessing(bb.model, pre)
 
         def stored(some: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-            import torch
-
             loaded = source.load(some, min_size)
-            feats, sigs = [], []
-            with torch.inference_mode():
-                for s in range(0, len(loaded.images), 64):
-                    x = preprocess(loaded.images[s:s + 64], pre, device)
-                    sigs.append(signatures(x))
-                    feats.append(bb.model(x).float().cpu().numpy())
-            return (np.asarray(loaded.indices, np.int64), np.concatenate(feats),
-                    np.concatenate(sigs).astype(np.float32))
+            return (np.asarray(loaded.indices, np.int64),
+                    *embed(bb.model, loaded.images, pre, device, precision))
 
     return {**record, **calibrate_copies(arrays, stored)}
 
