@@ -96,16 +96,19 @@ def with_neighbours(proba: np.ndarray, idx: np.ndarray, labels: np.ndarray,
     only the linear probe doubts (measured on planted flips in digits: precision 0.65 -> 0.83
     at the noise model's cut; docs/quality.md)."""
     k = proba.shape[1]
-    label_of = dict(zip(idx.tolist(), labels.tolist(), strict=True))
-    row_of = {int(i): r for r, i in enumerate(nbr_idx.tolist())}
+    top = int(max(idx.max(initial=0), nbr_idx.max(initial=0), nbr.max(initial=0))) + 2
+    label_of = np.full(top, -1, np.int64)  # by sample index; the last slot: no neighbour
+    label_of[idx] = labels
+    row_of = np.full(top, -1, np.int64)
+    row_of[nbr_idx] = np.arange(len(nbr_idx))
+    rows = row_of[idx]
+    found = label_of[np.where(nbr[np.maximum(rows, 0)] >= 0, nbr[np.maximum(rows, 0)], -1)]
+    found[rows < 0] = -1  # a sample without a neighbour list votes for nothing
     votes = np.zeros(proba.shape, np.float64)
-    for r, i in enumerate(idx.tolist()):
-        row = row_of.get(int(i))
-        if row is None:
-            votes[r] = 1.0 / k
-            continue
-        got = [label_of[int(n)] for n in nbr[row] if int(n) in label_of]
-        votes[r] = (np.bincount(got, minlength=k)[:k] / len(got)) if got else 1.0 / k
+    r, c = np.nonzero(found >= 0)
+    np.add.at(votes, (r, found[r, c]), 1.0)
+    counts = votes.sum(axis=1, keepdims=True)
+    votes = np.where(counts > 0, votes / np.maximum(counts, 1), 1.0 / k)
     vote = (1 - KNN_SMOOTHING) * votes + KNN_SMOOTHING / k
     g = np.sqrt(np.clip(proba.astype(np.float64), 1e-12, 1.0) * vote)
     out: np.ndarray = (g / g.sum(axis=1, keepdims=True)).astype(np.float32)
