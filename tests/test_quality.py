@@ -315,6 +315,31 @@ def test_the_probe_reads_what_extraction_stored_and_runs_the_backbone_on_copies_
     assert read["familiarity"]["domain"] == alone["familiarity"]["domain"]
 
 
+def test_calibration_from_stored_features_without_signatures_uses_features_only() -> None:
+    """Shards without signatures (an older version): the features are calibrated, the
+    signature signal is reported unused, never calibrated on empty vectors; an original
+    extraction skipped is dropped with its copies."""
+    from pipeline.quality.probing import calibrate_copies
+
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(100, 16)).astype(np.float32)
+    originals = np.arange(10, 30)  # 20 calibrated originals, 2 copies each (round-major)
+    copies = np.concatenate([feats[originals] + 0.01 * rng.normal(size=(20, 16))
+                             for _ in range(2)]).astype(np.float32)
+    arrays = {"picked": np.arange(100), "originals": originals, "copy_features": copies,
+              "copy_signatures": np.zeros((40, 4), np.float32)}
+    kept = np.setdiff1d(np.arange(100), [12])  # extraction skipped sample 12
+
+    def stored(ids: list[int]) -> tuple[np.ndarray, np.ndarray, None]:
+        return kept, feats[kept], None
+
+    out = calibrate_copies(arrays, stored)
+    assert out["calibrated_on"] == 19 and out["copies"] == 38 and out["sampled"] == 99
+    assert out["features"]["threshold"] is not None and out["copy_recall"] >= 0.9
+    assert out["signatures"]["threshold"] is None
+    assert "no signatures" in out["signatures"]["why_unused"]
+
+
 def test_planted_problems_are_where_plant_says() -> None:
     rng = np.random.default_rng(5)
     images = rng.integers(0, 255, (100, 24, 24, 3), dtype=np.uint8)

@@ -191,13 +191,14 @@ def _calibrated(jobs: JobStore, plan: Plan, record: dict[str, Any]) -> dict[str,
     features of its sampled images."""
     paths = shard_paths(jobs, plan)
 
-    def stored(ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """What extraction wrote for ``ids``: indices, features, signatures (same order)."""
+    def stored(ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+        """What extraction wrote for ``ids``: indices, features, signatures (same order;
+        None for shards of an older version, without signatures: features only)."""
         x, _, idx = ShardReader(paths, np.asarray(ids, np.int64)).read()
         try:
             s, _, sidx = ShardReader(paths, np.asarray(ids, np.int64), "signatures").read()
-        except StoreError:  # shards of an older version, without signatures: features only
-            s, sidx = np.zeros((len(idx), 1), np.float32), idx
+        except StoreError:
+            return idx, x, None
         return (idx, x, s) if np.array_equal(idx, sidx) else None
 
     with np.load(_dir(plan) / "probe.npz", allow_pickle=False) as z:

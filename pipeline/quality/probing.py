@@ -190,7 +190,7 @@ def calibrate(originals: np.ndarray, copies: np.ndarray,
                 "tell copies from distinct images in this data")})}, copy_sims
 
 
-Stored = Callable[[list[int]], "tuple[np.ndarray, np.ndarray, np.ndarray] | None"]
+Stored = Callable[[list[int]], "tuple[np.ndarray, np.ndarray, np.ndarray | None] | None"]
 
 
 def sample(ids: Sequence[int], seed: int, n_sample: int) -> tuple[list[int], list[int]]:
@@ -267,7 +267,7 @@ def calibrate_copies(arrays: dict[str, np.ndarray], stored: Stored) -> dict[str,
     if have is None or len(have[0]) < 2:
         return {"note": "the sampled images' stored features are unreadable: not calibrated"}
     idx, sf, ss = have
-    ok = np.isfinite(sf).all(axis=1) & np.isfinite(ss).all(axis=1)
+    ok = np.isfinite(sf).all(axis=1) & (ss is None or np.isfinite(ss).all(axis=1))
     pos = {int(idx[k]): int(k) for k in np.flatnonzero(ok)}
     keep = [j for j, i in enumerate(originals) if i in pos]  # extraction may have skipped one
     n, m = len(originals), len(keep)
@@ -280,11 +280,18 @@ def calibrate_copies(arrays: dict[str, np.ndarray], stored: Stored) -> dict[str,
     order = [r * n + j for r in range(len(arrays["copy_features"]) // n) for j in keep]
     out: dict[str, Any] = {"calibrated_on": m, "copies": len(order), "sampled": len(rows),
                            "read_from_store": len(rows)}
-    (out["features"], f_sims), (out["signatures"], s_sims) = (
-        calibrate(sf[rows].astype(np.float32), arrays["copy_features"][order], m),
-        calibrate(ss[rows].astype(np.float32), arrays["copy_signatures"][order], m))
+    out["features"], f_sims = calibrate(sf[rows].astype(np.float32),
+                                        arrays["copy_features"][order], m)
+    signals = [(out["features"], f_sims)]
+    if ss is None:
+        out["signatures"] = {"threshold": None, "why_unused": "the shards have no signatures "
+                             "(written by an older version): features only"}
+    else:
+        out["signatures"], s_sims = calibrate(ss[rows].astype(np.float32),
+                                              arrays["copy_signatures"][order], m)
+        signals.append((out["signatures"], s_sims))
     caught = np.zeros(len(f_sims), bool)
-    for cal, sims in ((out["features"], f_sims), (out["signatures"], s_sims)):
+    for cal, sims in signals:
         if cal["threshold"] is not None:
             caught |= sims >= cal["threshold"]
     out["copy_recall"] = round(float(caught.mean()), 4)
