@@ -159,7 +159,7 @@ def run_shift(jobs: JobStore, ref: PlanMessage) -> dict[str, Any]:
     feats = train.read_splits(shard_paths(jobs, plan), pick)
     tr, te = feats["train"], feats["test"]
     tr_ok, te_ok = np.isfinite(tr.x).all(axis=1), np.isfinite(te.x).all(axis=1)
-    with fit_threads(len(tr.x) + len(te.x), tr.x.shape[1] if tr.x.ndim == 2 else 1):
+    with fit_threads(len(tr.x) + len(te.x), tr.x.shape[-1]):
         result = shift.domain_auc(tr.x[tr_ok], tr.y[tr_ok], te.x[te_ok], te.y[te_ok],
                                   plan.spec.data.seed, max_rows=SHIFT_ROWS)
     return _record(jobs, plan, "shift", t0, **result)
@@ -371,11 +371,8 @@ def _label_issues(plan: Plan, d: Path, limit: int, nb: neighbors.Neighbors) -> d
     idx_a, y_a, p_a = np.concatenate(idx), np.concatenate(y), np.concatenate(proba)
     if min(np.bincount(y_a)[np.unique(y_a)]) < 2 or len(y_a) < 10:
         return {"note": f"{len(y_a)} labeled samples are too few for out-of-fold predictions"}
-    out = labels.label_issues(y_a, labels.with_neighbours(p_a, idx_a, y_a, nb.idx, nb.nbr),
-                              idx_a, limit)
-    if "oof_top1" in out:  # the probe's own accuracy, not the combination's
-        out["oof_top1"] = round(float((p_a.argmax(axis=1) == y_a).mean()), 5)
-    return out
+    return labels.label_issues(y_a, p_a, idx_a, limit, evidence=labels.with_neighbours(
+        p_a, idx_a, y_a, nb.idx, nb.nbr))
 
 
 def _curve(q: QualityPlan, parts: dict[str, dict[str, Any]],

@@ -115,11 +115,14 @@ def with_neighbours(proba: np.ndarray, idx: np.ndarray, labels: np.ndarray,
     return out
 
 
-def label_issues(labels: np.ndarray, proba: np.ndarray, idx: np.ndarray,
-                 limit: int) -> dict[str, Any]:
-    """Samples whose given label the out-of-fold predictions confidently contradict."""
+def label_issues(labels: np.ndarray, proba: np.ndarray, idx: np.ndarray, limit: int,
+                 evidence: np.ndarray | None = None) -> dict[str, Any]:
+    """Samples whose given label the out-of-fold predictions (``proba``; judged by
+    ``evidence`` when given, e.g. :func:`with_neighbours`) confidently contradict."""
     from cleanlab.filter import find_label_issues
 
+    top1 = round(float((proba.argmax(axis=1) == labels).mean()), 5)  # the probe's own
+    proba = proba if evidence is None else evidence
     present = np.unique(labels)
     if len(present) < 2:
         return {"note": "a single class: label issues need at least two"}
@@ -147,7 +150,7 @@ def label_issues(labels: np.ndarray, proba: np.ndarray, idx: np.ndarray,
     out: dict[str, Any] = {
         "count": len(flagged), "checked": len(labels), "issues": flagged[:limit],
         "all": [f["index"] for f in flagged], "candidates": len(ranked),
-        "oof_top1": round(float((proba.argmax(axis=1) == labels).mean()), 5),
+        "oof_top1": top1,
         "noise_model": {"temperature": model["temperature"],
                         "noise_rate": model["noise_rate"],
                         "expected_wrong_labels": round(expected, 1)}}

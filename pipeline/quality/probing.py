@@ -193,14 +193,6 @@ def calibrate(originals: np.ndarray, copies: np.ndarray,
 Stored = Callable[[list[int]], "tuple[np.ndarray, np.ndarray, np.ndarray | None] | None"]
 
 
-def sample(ids: Sequence[int], seed: int, n_sample: int) -> tuple[list[int], list[int]]:
-    """The seeded sample (sorted) and the same ids in a random order: the first readable
-    ``n_calibrate`` of that order get copies."""
-    rng = np.random.default_rng(seed)
-    picked = sorted(rng.permutation(np.asarray(ids, np.int64))[:n_sample].tolist())
-    return picked, [picked[k] for k in rng.permutation(len(picked))]
-
-
 def embed(model: Any, batch: list[Any], pre: AnyPreprocessing, device: str,
           precision: str) -> tuple[np.ndarray, np.ndarray]:
     """Features (float32) and signatures of a list of decoded samples, 64 at a time."""
@@ -230,7 +222,9 @@ def embed_copies(source: Source, ids: Sequence[int], name: str, weights: str | N
     reads (``picked``, ``originals`` (the calibrated ones, in copy order), ``copy_features``,
     ``copy_signatures``).
     """
-    picked, candidates = sample(ids, seed, n_sample)
+    rng = np.random.default_rng(seed)
+    picked = sorted(rng.permutation(np.asarray(ids, np.int64))[:n_sample].tolist())
+    candidates = [picked[k] for k in rng.permutation(len(picked))]  # the first get copies
     rng = np.random.default_rng([seed, 1])
     loaded = source.load(candidates[:n_calibrate], min_size)  # decoded as the features were
     images, n = loaded.images, len(loaded.images)

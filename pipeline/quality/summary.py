@@ -244,7 +244,7 @@ def flagged(section: dict[str, Any], found: list[Pair],
     li = section.get("label_issues", {})
     if not li.get("withheld"):
         rows += [{"index": r["index"], "finding": "label_issue",
-                  "score": r.get("confidence", r["suggested_probability"]), "given": r["given"],
+                  "score": r["confidence"], "given": r["given"],
                   "suggested": r["suggested"], "twin": None} for r in li.get("issues", [])]
     dup = section.get("duplicates", {})
     rows += [{"index": r["index"], "finding": "leak", "score": r["similarity"],
