@@ -191,25 +191,29 @@ def test_a_host_cut_off_mid_training_regroups_and_the_run_finishes(tmp_path: Pat
             "output": str(tmp_path / "out")}
     with hosts.hosts(5) as net:
         h2, h3, h4 = net.hosts[1], net.hosts[2], net.hosts[3]
-        # slices shorter than the visibility timeout: no running node task is delivered again;
-        # long enough that the cut (a few seconds after the first checkpoint, more on a busy
-        # machine) lands inside the first slice, not between two (then no node is lost: with
-        # 10 s slices that happened once in a clean-clone CI run)
+        # slices shorter than the visibility timeout: no running node task is delivered again.
+        # The cut must land inside the first slice (a cut between two slices loses no node: the
+        # next slice's tasks simply go elsewhere). So everything slow happens before the first
+        # checkpoint (reading the rendezvous: a process start on a busy machine) or after the
+        # cut (starting the spare host's workers): the cut follows the checkpoint within the
+        # 0.1 s poll. Two CI runs failed when the spare was started and the rendezvous read
+        # between the checkpoint and the cut (10 s, then 20 s slices).
         env = {"FEATUREFLEET_VISIBILITY_TIMEOUT": "45", "FEATUREFLEET_FINETUNE_SLICE_S": "20"}
         broker = _start(net, tmp_path, [h2, h3], env)
         proc = _client(net, spec, broker, tmp_path, timeout=500)
         lines = _lines(proc)
         assert next(lines).startswith("id ")
         assert next(lines) == "started", _logs(tmp_path)
+        rdzv = _rendezvous(tmp_path)
+        victim = h3 if rdzv.startswith(h2.address + ":") else h2
         deadline = time.monotonic() + 200
         while not list((tmp_path / "out" / "pretrain").glob("*/last.pt")):
             assert time.monotonic() < deadline, _logs(tmp_path)
-            time.sleep(0.2)
-        # the spare host joins now (it could otherwise have taken one of the two node tasks)
-        _start_workers(net, tmp_path, [h4], broker, env)
-        rdzv = _rendezvous(tmp_path)
-        victim = h3 if rdzv.startswith(h2.address + ":") else h2
+            time.sleep(0.1)
         net.cut(victim)
+        # the spare host joins after the cut (before it, it could take one of the two node
+        # tasks); the lost node's task comes back to it after the visibility timeout
+        _start_workers(net, tmp_path, [h4], broker, env)
         out = _end(lines, proc)
     st, rep = out["status"], out["report"]
     assert st["status"] == "SUCCESS", (st.get("error"), _logs(tmp_path))
