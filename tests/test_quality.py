@@ -579,3 +579,32 @@ def test_findings_agree_with_what_the_job_measured() -> None:
     summary.qualify(told, "job:0123456789ab", {"summary": "yes: +0.19 over ImageNet"})
     assert told["pretraining_domain"]["advice"].endswith(
         "did its pretraining help? yes: +0.19 over ImageNet")
+
+
+def test_the_leak_call_reads_the_fitted_rate_not_the_copies_inside_train() -> None:
+    """5% real near copies inside train make the counted rate of distinct-looking pairs over
+    the threshold about 5%; the fit to their bulk says what natural likeness alone passes
+    (checked against the normal's tail, computed here), and 30 near-copy leaks among 600
+    held-out samples are then a confident call."""
+    from math import erf, log, sqrt
+
+    rng = np.random.default_rng(4)
+    natural = 1.0 - np.exp(rng.normal(np.log(0.08), 0.35, size=1900))
+    best = {"features": np.concatenate([natural, 1.0 - rng.uniform(1e-4, 2e-3, size=100)])}
+    t = summary.natural_likeness(best)["features"]
+    x = np.log(1.0 - best["features"])
+    mu, sd = np.median(x), 1.4826 * np.median(np.abs(x - np.median(x)))
+    want = 0.5 * (1 + erf((log(1 - t) - mu) / sd / sqrt(2)))
+    got = summary.fitted_rate(best, {"features": t, "signatures": None})
+    assert got == pytest.approx(want, rel=1e-6) and got == pytest.approx(0.001, abs=2e-4)
+    counted = float((best["features"] >= t).mean())
+    assert counted > 0.04
+    section: dict[str, Any] = {"duplicates": {
+        "false_leak": {"rate": counted, "fitted_rate": got}, "leaked": list(range(30)),
+        "leaks": [{"found_by": "aligned"}] * 30}}
+    summary.qualify_leaks(section, held_out=600)
+    call = section["duplicates"]["leak_call"]
+    assert call["confident"] and call["expected_false"] == pytest.approx(600 * got, abs=0.05)
+    assert f"counted, {counted:.1%}" in call["note"]
+    flat = {"features": np.full(40, 0.5)}  # no spread: no fit, the counted rate stands
+    assert summary.fitted_rate(flat, {"features": 0.9}) is None

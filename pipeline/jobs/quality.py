@@ -68,6 +68,8 @@ def run_neighbors(jobs: JobStore, ref: PlanMessage, block: int) -> dict[str, Any
     with contextlib.suppress(StoreError):  # shards written before schema 3 have no signatures
         nb = nb.with_signatures(neighbors.search(paths, ids[start:end], ids, k,
                                                  field="signatures"))
+        if plan.backbone.preprocessing.get("modality", "image") == "image":
+            nb = nb.with_aligned(paths)
     neighbors.save(nb, str(_dir(plan) / f"neighbors-{int(block)}.npz"))
     return _record(jobs, plan, f"neighbors.{int(block)}", t0, rows=len(nb.idx))
 
@@ -271,7 +273,7 @@ def summarize(jobs: JobStore, plan: Plan, parts: dict[str, dict[str, Any]]) -> d
     d = _dir(plan)
     nb = neighbors.load([str(d / f"neighbors-{b}.npz") for b in range(len(q.blocks))])
     probe = _calibrated(jobs, plan, parts["probe"])
-    signals = ("features", "signatures")
+    signals = summary.SIGNALS
     where = summary.split_of({n: plan.splits.of(n) for n in ("train", "val", "test")})
     digests = plan.digests() if plan.fingerprint_mode == "content" else None
     y_of = np.full(plan.n_samples, -1, np.int64)
@@ -283,7 +285,7 @@ def summarize(jobs: JobStore, plan: Plan, parts: dict[str, dict[str, Any]]) -> d
         thresholds = {s: spec.near_duplicate_threshold for s in signals}
         how = "quality.near_duplicate_threshold"
     elif "features" in probe:
-        thresholds = {s: probe[s]["threshold"] for s in signals}
+        thresholds = {s: probe.get(s, {}).get("threshold") for s in signals}
         how = "calibrated on perturbed copies of the job's samples"
         # a leak must be more alike than the data's own distinct same-class pairs are
         best = summary.nearest_distinct(nb, where, y_of, digests)
@@ -297,7 +299,8 @@ def summarize(jobs: JobStore, plan: Plan, parts: dict[str, dict[str, Any]]) -> d
                     "same-class samples of this data reach 0.1% of the time")
             copy_recall = None  # measured at the calibrated thresholds: now at most that
     else:
-        thresholds = {"features": FALLBACK_THRESHOLD, "signatures": FALLBACK_THRESHOLD}
+        thresholds = {"features": FALLBACK_THRESHOLD, "signatures": FALLBACK_THRESHOLD,
+                      "aligned": None}
         how = f"default ({probe.get('note', 'not calibrated')})"
     found = summary.pairs(nb, thresholds, digests)
     section: dict[str, Any] = {

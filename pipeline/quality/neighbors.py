@@ -29,6 +29,19 @@ class Neighbors:
     # the same for the image signatures (aligned with idx; None: shards without signatures)
     sig_nbr: np.ndarray | None = None
     sig_sim: np.ndarray | None = None
+    # the best of those candidates again by their crop-aligned signatures (``aligned``;
+    # None: not images, or no signatures)
+    al_nbr: np.ndarray | None = None
+    al_sim: np.ndarray | None = None
+
+    def tables(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Each near-copy signal's neighbour table (indices, similarities), where it has one."""
+        out = {"features": (self.nbr, self.sim)}
+        for signal, nbr, sim in (("signatures", self.sig_nbr, self.sig_sim),
+                                 ("aligned", self.al_nbr, self.al_sim)):
+            if nbr is not None and sim is not None:
+                out[signal] = (nbr, sim)
+        return out
 
     def with_signatures(self, other: Neighbors) -> Neighbors:
         """These neighbours plus ``other``'s (found on signatures), aligned by sample."""
@@ -40,6 +53,19 @@ class Neighbors:
             if i in pos:
                 nbr[r], sim[r] = other.nbr[pos[i]], other.sim[pos[i]]
         return Neighbors(self.idx, self.y, self.nbr, self.sim, self.nonfinite, nbr, sim)
+
+    def with_aligned(self, paths: list[str]) -> Neighbors:
+        """These neighbours plus the ``aligned`` table: each row's best candidates by the
+        features and by the signatures, scored by :func:`aligned.similarity` on the
+        signatures the shards hold."""
+        from pipeline.quality import aligned
+
+        cand = aligned.candidates(self.nbr, self.sig_nbr)
+        need = np.unique(np.concatenate([self.idx, cand[cand >= 0]]))
+        sigs, _, sidx = ShardReader(paths, need, "signatures").read()
+        nbr, sim = aligned.table(self.idx, cand, dict(zip(sidx.tolist(), sigs, strict=True)))
+        return Neighbors(self.idx, self.y, self.nbr, self.sim, self.nonfinite, self.sig_nbr,
+                         self.sig_sim, nbr, sim)
 
 
 def unit_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -91,6 +117,8 @@ def save(nb: Neighbors, path: str) -> None:
     extra: dict[str, np.ndarray] = {}
     if nb.sig_nbr is not None and nb.sig_sim is not None:
         extra = {"sig_nbr": nb.sig_nbr, "sig_sim": nb.sig_sim}
+    if nb.al_nbr is not None and nb.al_sim is not None:
+        extra |= {"al_nbr": nb.al_nbr, "al_sim": nb.al_sim}
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **{"idx": nb.idx, "y": nb.y, "nbr": nb.nbr, "sim": nb.sim,
                         "nonfinite": nb.nonfinite, **extra})  # type: ignore[arg-type]
@@ -106,8 +134,11 @@ def load(paths: Sequence[str]) -> Neighbors:
         return Neighbors(np.zeros(0, np.int64), np.zeros(0, np.int64),
                          np.zeros((0, 1), np.int64), np.zeros((0, 1), np.float32),
                          np.zeros(0, np.int64))
-    sig = all("sig_nbr" in p for p in parts)
+    def joined(*keys: str) -> list[np.ndarray | None]:
+        if not all(k in p for p in parts for k in keys):
+            return [None] * len(keys)
+        return [np.concatenate([p[k] for p in parts]) for k in keys]
+
     return Neighbors(*(np.concatenate([p[k] for p in parts])
                        for k in ("idx", "y", "nbr", "sim", "nonfinite")),
-                     *((np.concatenate([p[k] for p in parts]) for k in ("sig_nbr", "sig_sim"))
-                       if sig else (None, None)))
+                     *joined("sig_nbr", "sig_sim"), *joined("al_nbr", "al_sim"))

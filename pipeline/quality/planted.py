@@ -5,7 +5,7 @@ see what the stage finds on images like theirs before trusting it).
 From clean images and labels, :func:`plant` makes
 
 - **exact copies** (the same pixels again: the planner's content digests find them),
-- **near copies** made the ways copies arise in practice (:func:`probing.near_copy`, the
+- **near copies** made the ways copies arise in practice (:func:`copies.near_copy`, the
   family the thresholds are calibrated on): JPEG re-encoding, downscaling and back, a slight
   off-centre crop, a brightness change, sensor noise (one or two of these),
 - **flipped labels** on a fraction of the originals (never on a copy or its original, so the
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.quality.probing import near_copy
+from pipeline.quality.copies import near_copy
 
 
 @dataclass

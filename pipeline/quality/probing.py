@@ -3,9 +3,10 @@
 **Near-duplicate thresholds, calibrated.** What counts as "near" depends on the backbone and
 the data: ImageNet features of a small synthetic image move more under sensor noise than
 between two different images of it, while those of photos barely move under re-encoding.
-Two signals are calibrated: the backbone's features and the image signatures (16 x 16 grey
-thumbnails, centred: their cosine is a correlation, blind to brightness and contrast).
-Sampled images are copied the ways copies arise in practice (:func:`near_copy`: JPEG
+Three signals are calibrated: the backbone's features, the image signatures (16 x 16 grey
+thumbnails, centred: their cosine is a correlation, blind to brightness and contrast) and,
+for images, those signatures aligned over small crops (``aligned``). Sampled images are
+copied the ways copies arise in practice (``copies.near_copy``: JPEG
 re-encoding, downscaling and back, a slight off-centre crop, brightness, sensor noise; one or
 two of them). A signal's threshold keeps 95% of such copies above it (the 5th percentile of
 image-to-copy similarity), raised where needed so that at most 5% of the sampled images have
@@ -28,7 +29,6 @@ verdict.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,6 +37,7 @@ import numpy as np
 from pipeline.backbones import AnyPreprocessing, use_preprocessing
 from pipeline.devices import autocast_dtype, cached_backbone
 from pipeline.preprocess import preprocess, signatures
+from pipeline.quality.copies import near_copy
 from pipeline.sources import Source
 
 NEAR_KL, FAR_KL = 0.3, 0.45  # BatchNorm divergence: below NEAR_KL near, from FAR_KL far
@@ -46,110 +47,6 @@ DISTINCT_PERCENTILE = 95.0  # ...unless 5% of distinct images' nearest other wou
 MIN_RECALL = 0.5  # a signal that keeps fewer copies than this is not used
 MAX_THRESHOLD = 0.995
 BN_IMAGES = 24  # originals whose activations give the BatchNorm statistics
-
-
-def _pil(im: np.ndarray) -> Any:
-    from PIL import Image
-
-    return Image.fromarray(im)
-
-
-def near_copy(im: Any, rng: np.random.Generator) -> Any:
-    """One realistic near-duplicate of ``im`` (uint8 HxWx3, or a text): one or two random
-    edits."""
-    if isinstance(im, str):
-        return near_copy_text(im, rng)
-    if not isinstance(im, np.ndarray):
-        return near_copy_audio(im, rng)
-    from PIL import Image
-
-    h, w = im.shape[:2]
-
-    def jpeg(a: np.ndarray) -> np.ndarray:
-        buf = io.BytesIO()
-        _pil(a).save(buf, "JPEG", quality=int(rng.integers(60, 91)))
-        return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
-
-    def rescale(a: np.ndarray) -> np.ndarray:
-        f = float(rng.uniform(0.5, 0.8))
-        small = _pil(a).resize((max(1, int(w * f)), max(1, int(h * f))),
-                               Image.Resampling.BILINEAR)
-        return np.asarray(small.resize((w, h), Image.Resampling.BILINEAR))
-
-    def crop(a: np.ndarray) -> np.ndarray:
-        keep = float(rng.uniform(0.9, 0.96))
-        ch, cw = max(1, int(h * keep)), max(1, int(w * keep))
-        top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-        inner = a[top:top + ch, left:left + cw]
-        return np.asarray(_pil(inner).resize((w, h), Image.Resampling.BILINEAR))
-
-    def brightness(a: np.ndarray) -> np.ndarray:
-        f = float(rng.choice([rng.uniform(0.85, 0.95), rng.uniform(1.05, 1.15)]))
-        out: np.ndarray = np.clip(a.astype(np.float32) * f, 0, 255).astype(np.uint8)
-        return out
-
-    def noise(a: np.ndarray) -> np.ndarray:
-        return np.clip(a + rng.normal(0, 3.0, a.shape), 0, 255).astype(np.uint8)
-
-    edits = [jpeg, rescale, crop, brightness, noise]
-    out = im
-    for k in rng.choice(len(edits), size=int(rng.integers(1, 3)), replace=False):
-        out = edits[int(k)](out)
-    return out
-
-
-def near_copy_text(text: str, rng: np.random.Generator) -> str:
-    """A near-duplicate text: one or two edits of the kind copies pick up (a word dropped,
-    repeated or swapped with its neighbour, a word's case changed, punctuation or spacing)."""
-    words = text.split()
-    for _ in range(int(rng.integers(1, 3))):
-        if len(words) < 2:
-            return text + "."
-        i = int(rng.integers(0, len(words) - 1))
-        kind = int(rng.integers(0, 5))
-        if kind == 0:
-            del words[i]
-        elif kind == 1:
-            words.insert(i, words[i])
-        elif kind == 2:
-            words[i], words[i + 1] = words[i + 1], words[i]
-        elif kind == 3:
-            words[i] = words[i].upper() if words[i].islower() else words[i].lower()
-        else:
-            words[i] = words[i] + ("," if rng.random() < 0.5 else " -")
-    return " ".join(words)
-
-
-def near_copy_audio(clip: Any, rng: np.random.Generator) -> Any:
-    """A near-duplicate clip (``sources.audio.Clip``): one or two edits of the kind copies
-    pick up (re-encoded at a lower rate and back, volume changed by up to 4 dB, a little
-    noise at 35-45 dB below the signal, up to 5% trimmed from the start or the end)."""
-    from pipeline.preprocess import resample
-    from pipeline.sources.audio import Clip
-
-    x, rate = np.asarray(clip.samples, np.float32), int(clip.rate)
-
-    def reencode(a: np.ndarray) -> np.ndarray:
-        low = max(4000, rate // 2)
-        return resample(resample(a, rate, low), low, rate)[:len(a)]
-
-    def gain(a: np.ndarray) -> np.ndarray:
-        out: np.ndarray = a * np.float32(10 ** (float(rng.uniform(-4, 4)) / 20))
-        return out
-
-    def noise(a: np.ndarray) -> np.ndarray:
-        rms = float(np.sqrt(np.mean(np.square(a)))) or 1e-3
-        level = rms * 10 ** (-float(rng.uniform(35, 45)) / 20)
-        return (a + rng.normal(0, level, a.shape)).astype(np.float32)
-
-    def trim(a: np.ndarray) -> np.ndarray:
-        cut = int(len(a) * float(rng.uniform(0.01, 0.05)))
-        return a[cut:] if rng.random() < 0.5 else a[:len(a) - cut]
-
-    edits = [reencode, gain, noise, trim]
-    for k in rng.choice(len(edits), size=int(rng.integers(1, 3)), replace=False):
-        x = edits[int(k)](x)
-    return Clip(np.ascontiguousarray(x, np.float32), rate)
 
 
 def _stats(v: np.ndarray) -> dict[str, float]:
@@ -170,10 +67,32 @@ def calibrate(originals: np.ndarray, copies: np.ndarray,
     *other* sampled original."""
     unit = _unit(originals)
     copy_sims = (_unit(copies).reshape(-1, n, unit.shape[1]) * unit[None, :n]).sum(axis=2)
-    copy_sims = copy_sims.ravel()
     gram = unit @ unit.T
     np.fill_diagonal(gram, -np.inf)
-    nearest_other = gram.max(axis=1)
+    return _threshold(copy_sims.ravel(), gram.max(axis=1)), copy_sims.ravel()
+
+
+def calibrate_aligned(originals: np.ndarray, copies: np.ndarray,
+                      n: int) -> tuple[dict[str, Any], np.ndarray]:
+    """:func:`calibrate` for the crop-aligned signatures (``aligned.similarity``); an
+    original's nearest other is the best of its ``aligned.CANDIDATES`` nearest by the plain
+    signature, as in the neighbour search."""
+    from pipeline.quality import aligned
+
+    m = len(originals)
+    both = np.concatenate([originals, copies]).astype(np.float32)
+    copy_sims = aligned.similarity(both, np.tile(np.arange(n), len(copies) // n),
+                                   m + np.arange(len(copies)))
+    unit = _unit(originals)
+    gram = unit @ unit.T
+    np.fill_diagonal(gram, -np.inf)
+    k = min(aligned.CANDIDATES, m - 1)
+    cand = np.argsort(-gram, axis=1)[:, :k]
+    other = aligned.similarity(both, np.repeat(np.arange(m), k), cand.ravel())
+    return _threshold(copy_sims, other.reshape(m, k).max(axis=1)), copy_sims
+
+
+def _threshold(copy_sims: np.ndarray, nearest_other: np.ndarray) -> dict[str, Any]:
     by_recall = float(np.percentile(copy_sims, PERCENTILE))
     by_distinct = float(np.percentile(nearest_other, DISTINCT_PERCENTILE))
     threshold = min(MAX_THRESHOLD, max(by_recall, by_distinct))
@@ -187,7 +106,7 @@ def calibrate(originals: np.ndarray, copies: np.ndarray,
             **({} if used else {"why_unused": (
                 f"only {recall:.0%} of copies score above {threshold:.4f}, the similarity that "
                 f"{100 - DISTINCT_PERCENTILE:g}% of distinct images reach: this signal cannot "
-                "tell copies from distinct images in this data")})}, copy_sims
+                "tell copies from distinct images in this data")})}
 
 
 Stored = Callable[[list[int]], "tuple[np.ndarray, np.ndarray, np.ndarray | None] | None"]
@@ -246,7 +165,8 @@ def embed_copies(source: Source, ids: Sequence[int], name: str, weights: str | N
     return record, {"picked": np.asarray(picked, np.int64),
                     "originals": np.asarray(loaded.indices, np.int64),
                     "copy_features": cf.astype(np.float32),
-                    "copy_signatures": cs.astype(np.float32)}
+                    "copy_signatures": cs.astype(np.float32),
+                    "aligned": np.asarray(getattr(pre, "modality", "image") == "image")}
 
 
 def calibrate_copies(arrays: dict[str, np.ndarray], stored: Stored) -> dict[str, Any]:
@@ -284,6 +204,10 @@ def calibrate_copies(arrays: dict[str, np.ndarray], stored: Stored) -> dict[str,
         out["signatures"], s_sims = calibrate(ss[rows].astype(np.float32),
                                               arrays["copy_signatures"][order], m)
         signals.append((out["signatures"], s_sims))
+        if bool(arrays.get("aligned", False)):  # images: their crop-aligned signatures too
+            out["aligned"], a_sims = calibrate_aligned(ss[rows].astype(np.float32),
+                                                       arrays["copy_signatures"][order], m)
+            signals.append((out["aligned"], a_sims))
     caught = np.zeros(len(f_sims), bool)
     for cal, sims in signals:
         if cal["threshold"] is not None:

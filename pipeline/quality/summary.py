@@ -23,24 +23,25 @@ import numpy as np
 from pipeline.quality.neighbors import Neighbors
 
 HELD_OUT = {"test": 2, "val": 1, "train": 0}
+SIGNALS = ("features", "signatures", "aligned")  # the near-copy signals (neighbors.tables)
 
 
 def split_of(splits: dict[str, list[int]]) -> dict[int, str]:
     return {int(i): name for name, ids in splits.items() for i in ids}
 
 
-Pair = tuple[int, int, float, str]  # a < b, similarity, how found: exact|features|signatures
+Pair = tuple[int, int, float, str]  # a < b, similarity, how found: exact or a signal
 
 
 def pairs(nb: Neighbors, thresholds: Mapping[str, float | None],
           digests: np.ndarray | None) -> list[Pair]:
     """Every unordered pair (a < b) with the same digest, or a similarity at or above the
-    threshold of a signal (``features``, ``signatures``; None: not used), once each."""
+    threshold of a signal (``features``, ``signatures``, ``aligned``; None: not used), once
+    each."""
     found: dict[tuple[int, int], tuple[float, str]] = {}
-    tables = {"features": (nb.nbr, nb.sim), "signatures": (nb.sig_nbr, nb.sig_sim)}
-    for signal, (nbr, sim) in tables.items():
+    for signal, (nbr, sim) in nb.tables().items():
         t = thresholds.get(signal)
-        if t is None or nbr is None or sim is None:
+        if t is None:
             continue
         rows, cols = np.nonzero(sim >= t)
         for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
@@ -95,8 +96,7 @@ def duplicates(found: list[Pair], where: dict[int, str], limit: int) -> dict[str
         return {"a": p[0], "b": p[1], "split_a": where.get(p[0]), "split_b": where.get(p[1]),
                 "similarity": round(p[2], 5), "found_by": p[3]}
 
-    by = {how: sum(1 for p in found if p[3] == how) for how in ("exact", "features",
-                                                                "signatures")}
+    by = {how: sum(1 for p in found if p[3] == how) for how in ("exact", *SIGNALS)}
     return {"pairs": len(found), "cross_split_pairs": len(cross),
             "within_split_pairs": len(within), "within_split_groups": int(groups),
             "found_by": by,
@@ -125,10 +125,7 @@ def nearest_distinct(nb: Neighbors, where: dict[int, str], labels: np.ndarray,
         key = d.view(f"V{d.shape[-1]}").ravel() if d.ndim == 2 else d
     idx = nb.idx[rows]
     out: dict[str, np.ndarray] = {}
-    for signal, (nbr, sim) in {"features": (nb.nbr, nb.sim),
-                               "signatures": (nb.sig_nbr, nb.sig_sim)}.items():
-        if nbr is None or sim is None:
-            continue
+    for signal, (nbr, sim) in nb.tables().items():
         nr, sr = nbr[rows], sim[rows]
         safe = np.clip(nr, 0, n - 1)
         ok = (nr >= 0) & (nr != idx[:, None]) & (split[safe] == HELD_OUT["train"]) & (
@@ -143,13 +140,12 @@ def nearest_distinct(nb: Neighbors, where: dict[int, str], labels: np.ndarray,
 NATURAL_Z = 3.09  # one-sided 99.9 % of a normal
 
 
-def natural_likeness(best: dict[str, np.ndarray]) -> dict[str, float]:
-    """Per signal, the similarity that distinct same-class samples reach 0.1 % of the time:
-    log(1 - s) of each training sample's nearest distinct neighbour (:func:`nearest_distinct`)
-    fitted as a normal by its median and MAD. The robust fit is the point: real near copies
-    inside train sit in the upper tail, where they would set an empirical percentile (and
-    with it the threshold) at the copies' own similarity; the median and MAD of the bulk
-    barely move."""
+def natural_fit(best: dict[str, np.ndarray]) -> dict[str, tuple[float, float]]:
+    """Per signal, the normal fitted by median and MAD to log(1 - s) of each training
+    sample's nearest distinct same-class neighbour (:func:`nearest_distinct`): (mean, sd).
+    The robust fit is the point: real near copies inside train sit in the upper tail,
+    where they would set an empirical percentile; the median and MAD of the bulk barely
+    move."""
     out = {}
     for signal, v in best.items():
         v = v[np.isfinite(v)]
@@ -157,9 +153,33 @@ def natural_likeness(best: dict[str, np.ndarray]) -> dict[str, float]:
             continue
         x = np.log(np.clip(1.0 - v, 1e-6, None))
         mu = float(np.median(x))
-        sd = 1.4826 * float(np.median(np.abs(x - mu)))
-        out[signal] = round(1.0 - float(np.exp(mu - NATURAL_Z * sd)), 5)
+        out[signal] = (mu, 1.4826 * float(np.median(np.abs(x - mu))))
     return out
+
+
+def natural_likeness(best: dict[str, np.ndarray]) -> dict[str, float]:
+    """Per signal, the similarity that distinct same-class samples reach 0.1 % of the time,
+    by :func:`natural_fit`."""
+    return {signal: round(1.0 - float(np.exp(mu - NATURAL_Z * sd)), 5)
+            for signal, (mu, sd) in natural_fit(best).items()}
+
+
+def fitted_rate(best: dict[str, np.ndarray],
+                thresholds: Mapping[str, float | None]) -> float | None:
+    """How often distinct same-class samples pass for copies by :func:`natural_fit`: the
+    fitted share over each used signal's threshold, summed over the signals (a union
+    bound). None where a signal cannot be fitted (too few pairs, or no spread)."""
+    from math import erf, log, sqrt
+
+    fit, total = natural_fit(best), 0.0
+    for signal, t in thresholds.items():
+        if t is None or signal not in best:
+            continue
+        if signal not in fit or fit[signal][1] <= 0:
+            return None
+        mu, sd = fit[signal]
+        total += 0.5 * (1.0 + erf((log(max(1.0 - t, 1e-6)) - mu) / sd / sqrt(2.0)))
+    return min(1.0, total)
 
 
 def false_leak_rate(nb: Neighbors, thresholds: Mapping[str, float | None],
@@ -168,9 +188,11 @@ def false_leak_rate(nb: Neighbors, thresholds: Mapping[str, float | None],
                     best: dict[str, np.ndarray] | str | None = None) -> dict[str, Any]:
     """How often two *distinct* training samples of one class are as alike as a leak call
     needs: each training sample's nearest distinct same-class training neighbour (not the
-    same bytes), over the near-copy threshold of any signal. Real near copies inside train
-    count too, so this is an upper bound on how often natural likeness passes for a copy.
-    ``best``: :func:`nearest_distinct`'s answer when the caller already has it."""
+    same bytes), over the near-copy threshold of any signal. Counted (``rate``), real near
+    copies inside train count too: an upper bound on how often natural likeness passes for
+    a copy; ``fitted_rate`` (:func:`fitted_rate`) is what the bulk of those pairs says,
+    which real copies barely move. ``best``: :func:`nearest_distinct`'s answer when the
+    caller already has it."""
     if best is None:
         best = nearest_distinct(nb, where, labels, digests)
     if isinstance(best, str):
@@ -185,14 +207,18 @@ def false_leak_rate(nb: Neighbors, thresholds: Mapping[str, float | None],
         over |= np.isfinite(v) & (np.nan_to_num(v, nan=-np.inf) >= t)
     if not seen.any():
         return {"note": "no distinct same-class training pairs among the neighbours"}
-    return {"rate": round(float(over[seen].mean()), 5), "pairs": int(seen.sum())}
+    fitted = fitted_rate(best, thresholds)
+    return {"rate": round(float(over[seen].mean()), 5), "pairs": int(seen.sum()),
+            **({} if fitted is None else {"fitted_rate": round(fitted, 5)})}
 
 
 def qualify_leaks(section: dict[str, Any], held_out: int) -> None:
     """Say how sure the leak call is: copies with the same bytes are certain; near copies are
     confident only when natural likeness (``false_leak``) explains at most a fifth of them."""
     dup = section.get("duplicates", {})
-    rate = (dup.get("false_leak") or {}).get("rate")
+    fl = dup.get("false_leak") or {}
+    counted, fitted = fl.get("rate"), fl.get("fitted_rate")
+    rate = fitted if fitted is not None else counted
     near = sum(1 for r in dup.get("leaks", []) if r["found_by"] != "exact")
     exact = len(dup.get("leaked", [])) - near
     if rate is None or near == 0:
@@ -200,11 +226,14 @@ def qualify_leaks(section: dict[str, Any], held_out: int) -> None:
         return
     expected = rate * held_out
     confident = expected <= 0.2 * near
+    how = ("" if fitted is None else
+           f" (fitted to the bulk of their nearest-neighbour similarities; counted, "
+           f"{counted:.1%}, which includes any real copies inside train)")
     dup["leak_call"] = {
         "confident": confident, "exact": exact, "near": near,
         "expected_false": round(expected, 1),
-        "note": (f"distinct same-class training samples are this alike {rate:.1%} of the time"
-                 f": about {expected:.1f} of the {near} near-copy leak(s) among "
+        "note": (f"distinct same-class training samples are this alike {rate:.1%} of the "
+                 f"time{how}: about {expected:.1f} of the {near} near-copy leak(s) among "
                  f"{held_out} held-out samples could be natural likeness")
         + ("" if confident else "; the leak call is not confident (test top-1 without "
            "them is not shown)")}

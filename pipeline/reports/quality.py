@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.plan import Plan
+from pipeline.quality.summary import SIGNALS
 from pipeline.reports.plots import curve_svg
 from pipeline.reports.templating import fragment, render
 from pipeline.sources import Source
@@ -98,7 +99,7 @@ def summary_lines(section: dict[str, Any], class_names: list[str]) -> list[str]:
     """A few lines for the terminal."""
     dup = section.get("duplicates", {})
     thr = section.get("near_duplicate_threshold", {})
-    used = ", ".join(f"{s} ≥ {thr[s]}" for s in ("features", "signatures")
+    used = ", ".join(f"{s} ≥ {thr[s]}" for s in SIGNALS
                      if thr.get(s) is not None) or "exact copies only"
     lines = [f"duplicates: {dup.get('pairs', 0)} pair(s) (cosine of {used}; "
              f"{thr.get('source')}); {len(dup.get('leaked', []))} held-out sample(s) with a "
