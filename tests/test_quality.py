@@ -209,25 +209,42 @@ def test_the_noise_model_recovers_the_rate_and_its_precision_is_what_the_flags_s
     assert clean["count"] <= 0.01 * len(yc) and clean["noise_model"]["noise_rate"] < 0.01
 
 
-def test_neighbour_votes_combine_with_the_probe_as_a_geometric_mean() -> None:
+def test_neighbour_votes_combine_with_the_probe_as_a_weighted_geometric_mean() -> None:
     """Each sample's neighbour vote (labeled neighbours only, smoothed) and the probe's
-    probabilities combine as their normalized geometric mean, recomputed here by hand."""
+    probabilities combine as their weighted, normalized geometric mean, recomputed here by
+    hand; the weights are those that make the given labels most likely."""
     idx = np.array([10, 11, 12, 13])
     y = np.array([0, 1, 1, 2])
     nbr_idx = np.array([10, 11, 12, 13])
     nbr = np.array([[11, 12, 99], [12, 13, 10], [11, 10, 13], [-1, 99, 98]])  # 99: unlabeled
     proba = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4], [0.2, 0.2, 0.6]],
                      np.float32)
-    got = labels.with_neighbours(proba, idx, y, nbr_idx, nbr)
-    votes = np.array([[0, 1, 0], [1 / 3, 1 / 3, 1 / 3], [1 / 3, 1 / 3, 1 / 3], [1 / 3] * 3])
+    votes = np.full((4, 3), 1 / 3)
     votes[0] = [0, 1, 0]  # sample 10: neighbours 11 and 12 are both class 1
-    votes[1] = [1 / 3, 1 / 3, 1 / 3]  # 12 -> 1, 13 -> 2, 10 -> 0
-    votes[2] = [1 / 3, 1 / 3, 1 / 3]  # 11 -> 1, 10 -> 0, 13 -> 2
+    # 11: 12 -> 1, 13 -> 2, 10 -> 0; 12: 11 -> 1, 10 -> 0, 13 -> 2; 13: none labeled
     vote = 0.9 * votes + 0.1 / 3
-    want = np.sqrt(proba * vote)
+    assert np.allclose(labels.vote(idx, y, nbr_idx, nbr, 3), vote)
+    w = np.array([0.5, 1.5])
+    want = proba ** 0.5 * vote ** 1.5
     want /= want.sum(axis=1, keepdims=True)
-    assert np.allclose(got, want, atol=1e-6)
-    assert got[0].argmax() == 1  # the probe said 0; both neighbours say 1
+    assert np.allclose(labels.combine([proba, vote], w), want, atol=1e-6)
+    # weights: a view that names the labels gets weight, one that does not gets about none
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 4, 2000)
+    good = np.full((2000, 4), 0.1)
+    good[np.arange(2000), truth] = 0.7
+    wrong = rng.random(2000) < 0.2  # the view is wrong about a fifth of them
+    good[wrong] = 0.1
+    good[wrong, (truth[wrong] + 1) % 4] = 0.7
+    noise = rng.dirichlet(np.ones(4), 2000)
+    fitted = labels.fit_weights([good, noise], truth)
+    assert fitted[0] > 0.5 and fitted[1] < 0.1 * fitted[0], fitted
+    nll = [-np.log(labels.combine([good, noise], v)[np.arange(2000), truth]).sum()
+           for v in (fitted, fitted + [0.1, 0], fitted + [-0.1, 0.05], [1.0, 1.0])]
+    assert nll[0] <= min(nll[1:]) + 1e-3  # the fit is the likelihood's optimum
+    combined, views = labels.evidence(proba, idx, y, nbr_idx, {"feature neighbours": nbr})
+    assert set(views) == {"probe", "feature neighbours"} and combined.shape == proba.shape
+    assert views["probe"]["top1"] == 0.75  # 10, 11 and 13 right; 12 said 2
 
 
 def test_learning_curve_nests_fits_and_says_when_it_cannot() -> None:

@@ -282,7 +282,8 @@ def summarize(jobs: JobStore, plan: Plan, parts: dict[str, dict[str, Any]]) -> d
     best: dict[str, np.ndarray] | str | None = None  # nearest distinct neighbours, once
     copy_recall = probe.get("copy_recall")
     if spec.near_duplicate_threshold is not None:
-        thresholds = {s: spec.near_duplicate_threshold for s in signals}
+        thresholds: dict[str, float | None] = {s: spec.near_duplicate_threshold
+                                               for s in signals}
         how = "quality.near_duplicate_threshold"
     elif "features" in probe:
         thresholds = {s: probe.get(s, {}).get("threshold") for s in signals}
@@ -299,6 +300,7 @@ def summarize(jobs: JobStore, plan: Plan, parts: dict[str, dict[str, Any]]) -> d
                     "same-class samples of this data reach 0.1% of the time")
             copy_recall = None  # measured at the calibrated thresholds: now at most that
     else:
+        # (the aligned scores run higher than plain cosines: without calibration, unused)
         thresholds = {"features": FALLBACK_THRESHOLD, "signatures": FALLBACK_THRESHOLD,
                       "aligned": None}
         how = f"default ({probe.get('note', 'not calibrated')})"
@@ -374,8 +376,12 @@ def _label_issues(plan: Plan, d: Path, limit: int, nb: neighbors.Neighbors) -> d
     idx_a, y_a, p_a = np.concatenate(idx), np.concatenate(y), np.concatenate(proba)
     if min(np.bincount(y_a)[np.unique(y_a)]) < 2 or len(y_a) < 10:
         return {"note": f"{len(y_a)} labeled samples are too few for out-of-fold predictions"}
-    return labels.label_issues(y_a, p_a, idx_a, limit, evidence=labels.with_neighbours(
-        p_a, idx_a, y_a, nb.idx, nb.nbr))
+    tables = {"feature neighbours": nb.nbr}
+    if nb.sig_nbr is not None:
+        tables["signature neighbours"] = nb.sig_nbr
+    combined, views = labels.evidence(p_a, idx_a, y_a, nb.idx, tables)
+    return {**labels.label_issues(y_a, p_a, idx_a, limit, evidence=combined),
+            "evidence": views}
 
 
 def _curve(q: QualityPlan, parts: dict[str, dict[str, Any]],
