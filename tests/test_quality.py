@@ -240,7 +240,8 @@ def test_neighbour_votes_combine_with_the_probe_as_a_weighted_geometric_mean() -
     fitted = labels.fit_weights([good, noise], truth)
     assert fitted[0] > 0.5 and fitted[1] < 0.1 * fitted[0], fitted
     nll = [-np.log(labels.combine([good, noise], v)[np.arange(2000), truth]).sum()
-           for v in (fitted, fitted + [0.1, 0], fitted + [-0.1, 0.05], [1.0, 1.0])]
+           for v in (fitted, fitted + np.array([0.1, 0]), fitted + np.array([-0.1, 0.05]),
+                     np.ones(2))]
     assert nll[0] <= min(nll[1:]) + 1e-3  # the fit is the likelihood's optimum
     combined, views = labels.evidence(proba, idx, y, nbr_idx, {"feature neighbours": nbr})
     assert set(views) == {"probe", "feature neighbours"} and combined.shape == proba.shape

@@ -100,7 +100,7 @@ def test_the_aligned_table_scores_each_candidate_once_best_first() -> None:
     by_features = np.array([[3, 5], [0, 2]])
     by_signatures = np.array([[5, 0], [7, -1]])  # 7: no signature read; 0 for row 0: itself
     nbr, sim = aligned.table([0, 1], aligned.candidates(by_features, by_signatures, k=2),
-                             sigs)
+                             np.stack([sigs[i] for i in range(6)]), np.arange(6))
     assert nbr[0].tolist()[:2] == [5, 3] and sim[0, 0] > 0.99
     assert sorted(nbr[1][nbr[1] >= 0].tolist()) == [0, 2]
     assert (nbr[0] == 5).sum() == 1  # found by both tables, scored once

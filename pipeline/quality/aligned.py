@@ -19,19 +19,17 @@ many by the plain signature): a crop that moves a sample out of those is not fou
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
-
-if TYPE_CHECKING:
-    import torch
 
 SIDE = 16  # preprocess.SIGNATURE_SIDE
 SCALES = (0.975, 0.95, 0.925, 0.9, 0.875)
 POSITIONS = 6
 CANDIDATES = 5
-CHUNK = 65536  # signatures re-sampled at a time (x 256 floats)
+CHUNK = 256  # rows whose crops are made at a time (x 181 crops x 256 floats)
 
 
 def _grid() -> list[tuple[float, float, float]]:
@@ -44,47 +42,84 @@ def _grid() -> list[tuple[float, float, float]]:
     return out
 
 
-def _unit(v: torch.Tensor) -> torch.Tensor:
-    v = v - v.mean(dim=1, keepdim=True)
-    out: torch.Tensor = v / v.norm(dim=1, keepdim=True).clamp_min(1e-6)
+@functools.lru_cache(maxsize=1)
+def _operators() -> tuple[Any, Any]:
+    """Every crop of the grid (the identity first) as a linear map of a flattened 16 x 16
+    image, bilinear with edges clamped (torch's grid_sample applied to the basis images):
+    stacked, (crops x 256) x 256, as sparse matrices (4 taps a pixel), and their adjoints."""
+    import torch
+    from scipy import sparse
+
+    d = SIDE * SIDE
+    basis = torch.eye(d).view(d, 1, SIDE, SIDE)
+    mats = []
+    for k, tx, ty in [(1.0, 0.0, 0.0), *_grid()]:
+        theta = torch.tensor([[k, 0.0, tx], [0.0, k, ty]]).expand(d, 2, 3)
+        grid = torch.nn.functional.affine_grid(theta, [d, 1, SIDE, SIDE], align_corners=False)
+        out = torch.nn.functional.grid_sample(basis, grid, mode="bilinear",
+                                              padding_mode="border", align_corners=False)
+        mats.append(out.flatten(1).numpy().T)  # column j: the crop of basis image j
+    m = np.stack(mats)
+    m[np.abs(m) < 1e-7] = 0.0
+    return (sparse.csr_matrix(m.reshape(-1, d)),
+            sparse.csr_matrix(m.transpose(0, 2, 1).reshape(-1, d)))
+
+
+def _apply(op: Any, x: np.ndarray) -> np.ndarray:
+    """(n, 256) images -> (n, crops, 256): each crop of each."""
+    out: np.ndarray = np.asarray(op @ x.T, np.float32).T.reshape(len(x), -1, SIDE * SIDE)
+    return out
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    x = x - x.mean(axis=-1, keepdims=True)
+    out: np.ndarray = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+    return out
+
+
+def scores(sigs: np.ndarray, rows: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """The aligned similarity of each row ``rows[i]`` of ``sigs`` ((n, 256) signatures) to
+    each of its candidates ``cand[i]`` (-1: none, scored -inf): the best correlation of one
+    signature with a crop of the other (either way round), over the grid and the identity.
+
+    A crop's correlation with a centred signature b is (M a) . b / |centred M a| for the
+    crop's linear map M, and a . (M b) = (M^T a) . b the other way round: so per row only
+    its crops and adjoint crops are made, and each candidate's crop norms once."""
+    if sigs.shape[1] != SIDE * SIDE:
+        raise ValueError(f"signatures of {sigs.shape[1]} values: not {SIDE} x {SIDE} images")
+    fwd, adj = _operators()
+    s = _unit(sigs)
+    rows = np.asarray(rows, np.int64)
+    cand = np.asarray(cand, np.int64).reshape(len(rows), -1)
+    safe = np.maximum(cand, 0)
+    used = np.unique(np.concatenate([rows, safe.ravel()]))
+    pos = np.zeros(len(s), np.int64)
+    pos[used] = np.arange(len(used))
+    norms = np.empty((len(used), fwd.shape[0] // (SIDE * SIDE)), np.float32)
+    for c in range(0, len(used), CHUNK):  # each used row's crops, centred: their norms
+        x = _apply(fwd, s[used[c:c + CHUNK]])
+        total = x.sum(axis=2)
+        norms[c:c + CHUNK] = np.sqrt(np.maximum(
+            np.einsum("nvd,nvd->nv", x, x) - total * total / x.shape[2], 0.0))
+    norms = np.maximum(norms, 1e-6)
+    out = np.empty(cand.shape, np.float32)
+    for c in range(0, len(rows), CHUNK):
+        a = s[rows[c:c + CHUNK]]
+        b = s[safe[c:c + CHUNK]]  # (q, c, 256)
+        crop_a = np.matmul(b, _apply(fwd, a).transpose(0, 2, 1))  # (q, c, crops)
+        crop_a /= norms[pos[rows[c:c + CHUNK]]][:, None, :]
+        crop_b = np.matmul(b, _apply(adj, a).transpose(0, 2, 1))
+        crop_b /= norms[pos[safe[c:c + CHUNK]]]
+        out[c:c + CHUNK] = np.maximum(crop_a.max(axis=2), crop_b.max(axis=2))
+    out = np.clip(out, -1.0, 1.0)
+    out[cand < 0] = -np.inf
     return out
 
 
 def similarity(sigs: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """The aligned similarity of each pair (``sigs[a[i]]``, ``sigs[b[i]]``): the best
-    correlation of one signature with the other re-sampled at any crop of the grid (either
-    way round), the plain cosine included. ``sigs``: (n, 256) signatures."""
-    import torch
-
-    s = torch.from_numpy(np.ascontiguousarray(sigs, np.float32))
-    if s.shape[1] != SIDE * SIDE:
-        raise ValueError(f"signatures of {s.shape[1]} values: not {SIDE} x {SIDE} images")
-    plain = _unit(s)
-    ta, tb = torch.from_numpy(np.asarray(a, np.int64)), torch.from_numpy(np.asarray(b, np.int64))
-    plain_a, plain_b = plain[ta], plain[tb]
-    best = (plain_a * plain_b).sum(dim=1)
-    used = torch.unique(torch.cat([ta, tb]))
-    pos = torch.full((len(s),), -1, dtype=torch.int64)
-    pos[used] = torch.arange(len(used))
-    pa, pb = pos[ta], pos[tb]
-    img = s[used].view(-1, 1, SIDE, SIDE)
-    with torch.inference_mode():
-        for k, tx, ty in _grid():
-            crops = torch.empty(len(used), SIDE * SIDE)
-            for c in range(0, len(used), CHUNK):
-                part = img[c:c + CHUNK]
-                theta = torch.tensor([[k, 0.0, tx], [0.0, k, ty]]).expand(len(part), 2, 3)
-                grid = torch.nn.functional.affine_grid(theta, list(part.shape),
-                                                       align_corners=False)
-                crops[c:c + CHUNK] = torch.nn.functional.grid_sample(
-                    part, grid, mode="bilinear", padding_mode="border",
-                    align_corners=False).flatten(1)
-            crops = _unit(crops)
-            got = torch.maximum((crops[pa] * plain_b).sum(dim=1),
-                                (plain_a * crops[pb]).sum(dim=1))
-            best = torch.maximum(best, got)
-    out: np.ndarray = best.clamp(-1.0, 1.0).numpy().astype(np.float32)
-    return out
+    """:func:`scores` of the pairs (``sigs[a[i]]``, ``sigs[b[i]]``)."""
+    return scores(sigs, np.asarray(a, np.int64), np.asarray(b, np.int64)[:, None])[:, 0]
 
 
 def candidates(*tables: np.ndarray | None, k: int = CANDIDATES) -> np.ndarray:
@@ -94,24 +129,21 @@ def candidates(*tables: np.ndarray | None, k: int = CANDIDATES) -> np.ndarray:
 
 
 def table(query: Sequence[int] | np.ndarray, cand: np.ndarray,
-          sigs_of: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """The aligned neighbour table of the query rows: ``cand`` (rows x c sample indices, -1
-    none) scored by :func:`similarity`, duplicates dropped, most similar first (-1 / -inf
-    where fewer). ``sigs_of``: every index's signature."""
-    keys = sorted(sigs_of)
-    row_of = {i: r for r, i in enumerate(keys)}
-    sigs = np.stack([sigs_of[i] for i in keys]) if keys else np.zeros((0, SIDE * SIDE))
+          sigs: np.ndarray, sig_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The aligned neighbour table of the query samples: ``cand`` (rows x c sample indices,
+    -1 none) scored by :func:`scores`, each candidate once, most similar first (-1 / -inf
+    where fewer). ``sigs``: the signatures of the samples ``sig_idx`` (sorted)."""
     q = np.asarray(query, np.int64)
     nbr = np.asarray(cand, np.int64).copy()
     for c in range(1, nbr.shape[1]):  # a candidate found by both tables once
         nbr[:, c][(nbr[:, :c] == nbr[:, c:c + 1]).any(axis=1)] = -1
-    ok = (nbr >= 0) & (nbr != q[:, None]) & np.isin(nbr, keys) & np.isin(q, keys)[:, None]
-    sim = np.full(nbr.shape, -np.inf, np.float32)
-    rows, cols = np.nonzero(ok)
-    if len(rows):
-        a = np.asarray([row_of[int(i)] for i in q[rows]], np.int64)
-        b = np.asarray([row_of[int(i)] for i in nbr[rows, cols]], np.int64)
-        sim[rows, cols] = similarity(sigs, a, b)
+    have = np.isin(q, sig_idx)
+    ok = (nbr >= 0) & (nbr != q[:, None]) & np.isin(nbr, sig_idx) & have[:, None]
     nbr[~ok] = -1
+    sim = np.full(nbr.shape, -np.inf, np.float32)
+    if ok.any():
+        row = np.searchsorted(sig_idx, np.where(ok, nbr, sig_idx[0]))
+        sim[have] = scores(np.asarray(sigs, np.float32), np.searchsorted(sig_idx, q[have]),
+                           np.where(ok[have], row[have], -1))
     order = np.argsort(-sim, axis=1, kind="stable")
     return np.take_along_axis(nbr, order, axis=1), np.take_along_axis(sim, order, axis=1)

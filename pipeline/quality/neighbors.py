@@ -63,7 +63,8 @@ class Neighbors:
         cand = aligned.candidates(self.nbr, self.sig_nbr)
         need = np.unique(np.concatenate([self.idx, cand[cand >= 0]]))
         sigs, _, sidx = ShardReader(paths, need, "signatures").read()
-        nbr, sim = aligned.table(self.idx, cand, dict(zip(sidx.tolist(), sigs, strict=True)))
+        order = np.argsort(sidx)
+        nbr, sim = aligned.table(self.idx, cand, sigs[order], sidx[order])
         return Neighbors(self.idx, self.y, self.nbr, self.sim, self.nonfinite, self.sig_nbr,
                          self.sig_sim, nbr, sim)
 
