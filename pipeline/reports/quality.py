@@ -95,11 +95,15 @@ def brief(section: dict[str, Any]) -> dict[str, Any]:
             "excluded": sum(len(v) for v in section.get("excluded", {}).values())}
 
 
+SIGNAL_NAMES = {"features": "features", "signatures": "thumbnail",
+                "aligned": "thumbnail over small crops"}
+
+
 def summary_lines(section: dict[str, Any], class_names: list[str]) -> list[str]:
     """A few lines for the terminal."""
     dup = section.get("duplicates", {})
     thr = section.get("near_duplicate_threshold", {})
-    used = ", ".join(f"{s} ≥ {thr[s]}" for s in SIGNALS
+    used = ", ".join(f"{SIGNAL_NAMES[s]} ≥ {thr[s]}" for s in SIGNALS
                      if thr.get(s) is not None) or "exact copies only"
     lines = [f"duplicates: {dup.get('pairs', 0)} pair(s) (cosine of {used}; "
              f"{thr.get('source')}); {len(dup.get('leaked', []))} held-out sample(s) with a "
@@ -174,6 +178,7 @@ def section_html(rep: dict[str, Any]) -> str:
                                for x in xs]
     return fragment(
         "quality.html.j2", q=q, thumbs=thumbs, ids=ids, name=lambda c: _name(names, c),
+        signal_names=SIGNAL_NAMES,
         curve=curve_svg(series, "log10 labeled samples per class", "top-1", "learning-curve")
         if pts else "", lines=summary_lines(q, names),
         curve_rows=[[p["fraction"], p["samples"], p["per_class"], p["val_top1"]] for p in pts])
