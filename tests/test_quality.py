@@ -422,6 +422,13 @@ def test_quality_job_finds_planted_problems_and_exclude_drops_leaks(
     lc = section["learning_curve"]
     assert [pt["fraction"] for pt in lc["points"]] == [0.1, 0.3, 1.0]
     assert section["pretraining_domain"]["domain"] in ("near", "moderate")
+    # images: the crop-aligned signal is calibrated too (never below the plain signature: the
+    # identity is one of its crops); the label evidence says what each view weighed
+    cal = section["near_duplicate_threshold"]["calibration"]
+    assert cal["aligned"]["copy_similarity"]["p5"] >= cal["signatures"]["copy_similarity"]["p5"]
+    ev = section["label_issues"]["evidence"]
+    assert set(ev) == {"probe", "feature neighbours", "signature neighbours"}
+    assert sum(v["weight"] for v in ev.values()) > 0
     html = (job_dir / "report.html").read_text()
     assert "data:image/png;base64," in html and 'id="learning-curve"' in html
     # the same job again: the features are cached and the stage's content-addressed result
