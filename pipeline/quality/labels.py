@@ -3,7 +3,9 @@ out-of-fold predictions of the linear probe.
 
 Every labeled sample (train, val and test: a wrong test label distorts the evaluation too) is
 assigned to one of ``folds`` stratified folds; one task per fold fits the probe on the other
-folds and predicts its own. cleanlab's confident joint names the candidates (it aims at
+folds and predicts its own. Those predictions and the labels of each sample's nearest
+neighbours (by the features, by the image signatures) are combined with weights fitted to
+the given labels (:func:`evidence`). cleanlab's confident joint names the candidates (it aims at
 recall); a noise model fitted to the same predictions (:func:`noise_model`) gives each the
 probability that its label was flipped, and a candidate is flagged when that is at least
 ``FLAG_POSTERIOR``. Flags are ranked by the probability of the given label (lowest first),
@@ -125,8 +127,8 @@ MAX_WEIGHT = 4.0
 def fit_weights(views: list[np.ndarray], labels: np.ndarray) -> np.ndarray:
     """The weights (each in [0, ``MAX_WEIGHT``]) under which :func:`combine` makes the given
     labels most likely: a view that does not predict them (e.g. signatures of textures)
-    gets about none; their sum also sets how sharp the combination is. Three numbers fitted
-    on every labeled sample: the noisy few barely move them."""
+    gets about none; their sum also sets how sharp the combination is. A number a view,
+    fitted on every labeled sample: the noisy few barely move them."""
     from scipy.optimize import minimize
 
     logs = [np.log(np.clip(v.astype(np.float64), 1e-12, 1.0)) for v in views]

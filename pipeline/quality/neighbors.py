@@ -56,7 +56,7 @@ class Neighbors:
 
     def with_aligned(self, paths: list[str]) -> Neighbors:
         """These neighbours plus the ``aligned`` table: each row's best candidates by the
-        features and by the signatures, scored by :func:`aligned.similarity` on the
+        features and by the signatures, scored by :func:`aligned.scores` on the
         signatures the shards hold."""
         from pipeline.quality import aligned
 

@@ -106,8 +106,9 @@ class QualitySpec(Section):
     ``exclude`` trains and evaluates without what was found (the report shows test top-1 with
     and without). ``exclude_file``: samples a reviewer chose to leave out (the export of
     ``featurefleet quality JOB --export FILE``, edited, or one sample id per line), left out
-    of every split at planning. ``near_duplicate_threshold``: cosine similarity of features
-    above which two samples are near duplicates; by default calibrated per job on perturbed
+    of every split at planning. ``near_duplicate_threshold``: the cosine similarity (of the
+    features, the image signatures or the signatures aligned over small crops) above which
+    two samples are near duplicates; by default calibrated per job and signal on perturbed
     copies of its own images (re-encoded, rescaled, cropped, brightened, noised).
     """
 
