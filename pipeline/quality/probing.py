@@ -201,12 +201,11 @@ def calibrate_copies(arrays: dict[str, np.ndarray], stored: Stored) -> dict[str,
         out["signatures"] = {"threshold": None, "why_unused": "the shards have no signatures "
                              "(written by an older version): features only"}
     else:
-        out["signatures"], s_sims = calibrate(ss[rows].astype(np.float32),
-                                              arrays["copy_signatures"][order], m)
+        sigs, copies = ss[rows].astype(np.float32), arrays["copy_signatures"][order]
+        out["signatures"], s_sims = calibrate(sigs, copies, m)
         signals.append((out["signatures"], s_sims))
         if bool(arrays.get("aligned", False)):  # images: their crop-aligned signatures too
-            out["aligned"], a_sims = calibrate_aligned(ss[rows].astype(np.float32),
-                                                       arrays["copy_signatures"][order], m)
+            out["aligned"], a_sims = calibrate_aligned(sigs, copies, m)
             signals.append((out["aligned"], a_sims))
     caught = np.zeros(len(f_sims), bool)
     for cal, sims in signals:

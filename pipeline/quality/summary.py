@@ -16,6 +16,7 @@ combined into the report's ``quality`` section (with what ``quality.exclude`` le
 from __future__ import annotations
 
 from collections.abc import Mapping
+from math import erf, log, sqrt
 from typing import Any
 
 import numpy as np
@@ -169,8 +170,6 @@ def fitted_rate(best: dict[str, np.ndarray],
     """How often distinct same-class samples pass for copies by :func:`natural_fit`: the
     fitted share over each used signal's threshold, summed over the signals (a union
     bound). None where a signal cannot be fitted (too few pairs, or no spread)."""
-    from math import erf, log, sqrt
-
     fit, total = natural_fit(best), 0.0
     for signal, t in thresholds.items():
         if t is None or signal not in best:
