@@ -57,8 +57,9 @@ def photos(side: int, per_class: int = 120,
            max_overlap: float = 1.0) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Crops of scikit-image's bundled photos; each photo is a class (``PHOTO_BOXES``: where
     each crop came from). ``max_overlap`` < 1: a crop overlapping an earlier crop of its
-    photo by more (IoU) is drawn again (up to 200 tries, then kept), so that distinct
-    samples are not near copies of each other by construction."""
+    photo by more (IoU) is drawn again (up to 200 tries, then left out: that photo gets
+    fewer crops), so that distinct samples are not near copies of each other by
+    construction."""
     from PIL import Image
     from skimage import data as skd
 
@@ -80,6 +81,8 @@ def photos(side: int, per_class: int = 120,
                 if max_overlap >= 1 or all(overlap((c, top, left, s), b) <= max_overlap
                                            for b in mine):
                     break
+            else:  # the photo holds no more crops this far apart: fewer of this class
+                continue
             mine.append((c, top, left, s))
             PHOTO_BOXES.append((c, top, left, s))
             ims.append(np.asarray(Image.fromarray(ph[top:top + s, left:left + s, :3])

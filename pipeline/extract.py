@@ -35,7 +35,7 @@ from pipeline.devices import (
 )
 from pipeline.errors import BackboneError
 from pipeline.plan import BackboneInfo
-from pipeline.preprocess import SIGNATURE_SIDE, preprocess, signatures
+from pipeline.preprocess import SIGNATURE_SIDE, details, preprocess, signatures
 from pipeline.sources import Source
 from pipeline.spec import BackboneSpec
 from pipeline.store import shards
@@ -122,6 +122,7 @@ def extract_shard(source: Source, indices: Sequence[int], backbone: BackboneInfo
 
     feats: list[np.ndarray] = []
     sigs: list[np.ndarray] = []
+    pics: list[np.ndarray] = []  # images: their 64 x 64 pictures (quality.detail)
     kept: list[int] = []
     skipped: list[tuple[str, str]] = []
     done, t_model, reported, truncated = 0, 0.0, 0.0, 0
@@ -150,6 +151,8 @@ def extract_shard(source: Source, indices: Sequence[int], backbone: BackboneInfo
                         refuse_underflow(f32, loaded.indices, source)
                     feats.append(f32.astype(out_dtype))
                     sigs.append(signatures(batch))
+                    if pre.modality == "image":
+                        pics.append(details(batch))
                     kept.extend(loaded.indices)
                     t_model += time.perf_counter() - tm
                 done += len(loaded.indices) + len(loaded.failures)
@@ -166,6 +169,7 @@ def extract_shard(source: Source, indices: Sequence[int], backbone: BackboneInfo
     order = np.argsort(kept_arr, kind="stable")  # rows in sample order, however batched
     features, kept_arr = features[order], kept_arr[order]
     sigs = [np.concatenate(sigs)[order]] if sigs else sigs
+    pics = [np.concatenate(pics)[order]] if pics else pics
     attrs = {"key": target.key, "backbone": backbone.name, "weights_id": backbone.weights_id,
              "weights_sha256": backbone.weights_sha256, "preprocessing": pre.to_dict(),
              "layer": "penultimate-pooled", "feature_dtype": backbone.feature_dtype,
@@ -176,7 +180,8 @@ def extract_shard(source: Source, indices: Sequence[int], backbone: BackboneInfo
         indices=kept_arr, sample_ids=[source.sample_id(int(i)) for i in kept_arr],
         skipped=skipped, attrs=attrs,
         signatures=np.concatenate(sigs) if sigs else np.zeros((0, SIGNATURE_SIDE ** 2),
-                                                              np.float16)),
+                                                              np.float16),
+        details=pics[0] if pics else None),
         not_before=target.not_before)
     seconds = time.perf_counter() - t0
     return shards.ShardResult(

@@ -224,6 +224,7 @@ def denormalize(x: Any, pre: Preprocessing) -> np.ndarray:
 
 
 SIGNATURE_SIDE = 16
+DETAIL_SIDE = 64  # quality.detail: the pictures fine detail is compared on
 
 
 def signatures(x: Any) -> np.ndarray:
@@ -241,6 +242,20 @@ def signatures(x: Any) -> np.ndarray:
     v = v - v.mean(dim=1, keepdim=True)
     v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-6)
     return np.asarray(v.cpu().numpy(), dtype=np.float16)
+
+
+def details(x: Any) -> np.ndarray:
+    """Each image of a normalized NCHW batch as a 64 x 64 grey picture, stretched to 0-255
+    (uint8, N x 4096): the fine detail ``quality.detail`` compares, where copies and distinct
+    crops of one smooth photo or texture differ and a 16 x 16 thumbnail cannot tell them
+    apart."""
+    import torch
+
+    grey = x.float().mean(dim=1, keepdim=True)
+    v = torch.nn.functional.adaptive_avg_pool2d(grey, DETAIL_SIDE).flatten(1)
+    lo, hi = v.min(dim=1, keepdim=True).values, v.max(dim=1, keepdim=True).values
+    v = (v - lo) * (255.0 / (hi - lo).clamp_min(1e-6))
+    return np.asarray(v.round().clamp(0, 255).to(torch.uint8).cpu().numpy())
 
 
 def text_signatures(texts: list[str]) -> np.ndarray:

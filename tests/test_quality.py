@@ -426,6 +426,18 @@ def test_quality_job_finds_planted_problems_and_exclude_drops_leaks(
     # identity is one of its crops); the label evidence says what each view weighed
     cal = section["near_duplicate_threshold"]["calibration"]
     assert cal["aligned"]["copy_similarity"]["p5"] >= cal["signatures"]["copy_similarity"]["p5"]
+    # and the fine detail: extraction stored each image's 64 x 64 picture beside its features
+    # (one per row), and the calibration tells the copies from distinct crops by it
+    import h5py
+
+    for shard in plan.shards:
+        with h5py.File(shard.path, "r") as f:
+            assert f["details"].shape == (f["features"].shape[0], 64 * 64)
+            assert f["details"].dtype == np.uint8
+    assert cal["detail"]["copy_similarity"]["p5"] > cal["detail"]["nearest_other_similarity"][
+        "median"]
+    nb_tables = np.load(next((tmp_path / "out").rglob("neighbors-0.npz")))
+    assert "dt_sim" in nb_tables.files
     ev = section["label_issues"]["evidence"]
     assert set(ev) == {"probe", "feature neighbours", "signature neighbours"}
     assert sum(v["weight"] for v in ev.values()) > 0

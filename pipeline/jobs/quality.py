@@ -70,6 +70,9 @@ def run_neighbors(jobs: JobStore, ref: PlanMessage, block: int) -> dict[str, Any
                                                  field="signatures"))
         if plan.backbone.preprocessing.get("modality", "image") == "image":
             nb = nb.with_aligned(paths)
+    with contextlib.suppress(StoreError):  # shards written before schema 4 have no pictures
+        if nb.al_nbr is not None:
+            nb = nb.with_detail(paths)
     neighbors.save(nb, str(_dir(plan) / f"neighbors-{int(block)}.npz"))
     return _record(jobs, plan, f"neighbors.{int(block)}", t0, rows=len(nb.idx))
 
@@ -203,10 +206,18 @@ def _calibrated(jobs: JobStore, plan: Plan, record: dict[str, Any]) -> dict[str,
             return idx, x, None
         return (idx, x, s) if np.array_equal(idx, sidx) else None
 
+    def stored_details(ids: list[int]) -> tuple[np.ndarray, np.ndarray] | None:
+        """The pictures extraction wrote for ``ids`` (None: shards without them)."""
+        try:
+            d, _, didx = ShardReader(paths, np.asarray(ids, np.int64), "details").read(np.uint8)
+        except StoreError:
+            return None
+        return didx, d
+
     with np.load(_dir(plan) / "probe.npz", allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
     out = {k: v for k, v in record.items() if k not in ("part", "seconds")}
-    return {**out, **probing.calibrate_copies(arrays, stored)} if arrays else out
+    return {**out, **probing.calibrate_copies(arrays, stored, stored_details)} if arrays else out
 
 
 def run_part(jobs: JobStore, ref: PlanMessage, part: str) -> dict[str, Any]:
@@ -302,7 +313,7 @@ def summarize(jobs: JobStore, plan: Plan, parts: dict[str, dict[str, Any]]) -> d
     else:
         # (the aligned scores run higher than plain cosines: without calibration, unused)
         thresholds = {"features": FALLBACK_THRESHOLD, "signatures": FALLBACK_THRESHOLD,
-                      "aligned": None}
+                      "aligned": None, "detail": None}
         how = f"default ({probe.get('note', 'not calibrated')})"
     found = summary.pairs(nb, thresholds, digests)
     section: dict[str, Any] = {

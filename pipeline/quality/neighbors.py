@@ -33,12 +33,17 @@ class Neighbors:
     # None: not images, or no signatures)
     al_nbr: np.ndarray | None = None
     al_sim: np.ndarray | None = None
+    # the best few candidates again by their aligned fine detail (``detail``; None: not
+    # images, or shards without their pictures)
+    dt_nbr: np.ndarray | None = None
+    dt_sim: np.ndarray | None = None
 
     def tables(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Each near-copy signal's neighbour table (indices, similarities), where it has one."""
         out = {"features": (self.nbr, self.sim)}
         for signal, nbr, sim in (("signatures", self.sig_nbr, self.sig_sim),
-                                 ("aligned", self.al_nbr, self.al_sim)):
+                                 ("aligned", self.al_nbr, self.al_sim),
+                                 ("detail", self.dt_nbr, self.dt_sim)):
             if nbr is not None and sim is not None:
                 out[signal] = (nbr, sim)
         return out
@@ -67,6 +72,21 @@ class Neighbors:
         nbr, sim = aligned.table(self.idx, cand, sigs[order], sidx[order])
         return Neighbors(self.idx, self.y, self.nbr, self.sim, self.nonfinite, self.sig_nbr,
                          self.sig_sim, nbr, sim)
+
+    def with_detail(self, paths: list[str]) -> Neighbors:
+        """These neighbours plus the ``detail`` table: each row's best candidates by the
+        aligned thumbnail and by the features, scored by :func:`detail.similarity` on the
+        pictures the shards hold (StoreError: shards without them)."""
+        from dataclasses import replace
+
+        from pipeline.quality import detail
+
+        cand = detail.candidates(self.al_nbr, self.nbr)
+        need = np.unique(np.concatenate([self.idx, cand[cand >= 0]]))
+        pics, _, pidx = ShardReader(paths, need, "details").read(np.uint8)
+        order = np.argsort(pidx)
+        nbr, sim = detail.table(self.idx, cand, pics[order], pidx[order])
+        return replace(self, dt_nbr=nbr, dt_sim=sim)
 
 
 def unit_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -120,6 +140,8 @@ def save(nb: Neighbors, path: str) -> None:
         extra = {"sig_nbr": nb.sig_nbr, "sig_sim": nb.sig_sim}
     if nb.al_nbr is not None and nb.al_sim is not None:
         extra |= {"al_nbr": nb.al_nbr, "al_sim": nb.al_sim}
+    if nb.dt_nbr is not None and nb.dt_sim is not None:
+        extra |= {"dt_nbr": nb.dt_nbr, "dt_sim": nb.dt_sim}
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **{"idx": nb.idx, "y": nb.y, "nbr": nb.nbr, "sim": nb.sim,
                         "nonfinite": nb.nonfinite, **extra})  # type: ignore[arg-type]
@@ -142,4 +164,5 @@ def load(paths: Sequence[str]) -> Neighbors:
 
     return Neighbors(*(np.concatenate([p[k] for p in parts])
                        for k in ("idx", "y", "nbr", "sim", "nonfinite")),
-                     *joined("sig_nbr", "sig_sim"), *joined("al_nbr", "al_sim"))
+                     *joined("sig_nbr", "sig_sim"), *joined("al_nbr", "al_sim"),
+                     *joined("dt_nbr", "dt_sim"))

@@ -3,9 +3,10 @@
 **Near-duplicate thresholds, calibrated.** What counts as "near" depends on the backbone and
 the data: ImageNet features of a small synthetic image move more under sensor noise than
 between two different images of it, while those of photos barely move under re-encoding.
-Three signals are calibrated: the backbone's features, the image signatures (16 x 16 grey
+Four signals are calibrated: the backbone's features, the image signatures (16 x 16 grey
 thumbnails, centred: their cosine is a correlation, blind to brightness and contrast) and,
-for images, those signatures aligned over small crops (``aligned``). Sampled images are
+for images, those signatures aligned over small crops (``aligned``) and the images' fine
+detail aligned (``detail``, on 64 x 64 pictures). Sampled images are
 copied the ways copies arise in practice (``copies.near_copy``: JPEG
 re-encoding, downscaling and back, a slight off-centre crop, brightness, sensor noise; one or
 two of them). A signal's threshold keeps 95% of such copies above it (the 5th percentile of
@@ -36,7 +37,7 @@ import numpy as np
 
 from pipeline.backbones import AnyPreprocessing, use_preprocessing
 from pipeline.devices import autocast_dtype, cached_backbone
-from pipeline.preprocess import preprocess, signatures
+from pipeline.preprocess import details, preprocess, signatures
 from pipeline.quality.copies import near_copy
 from pipeline.sources import Source
 
@@ -92,6 +93,26 @@ def calibrate_aligned(originals: np.ndarray, copies: np.ndarray,
     return _threshold(copy_sims, other.reshape(m, k).max(axis=1)), copy_sims
 
 
+def calibrate_detail(originals: np.ndarray, copies: np.ndarray, sigs: np.ndarray,
+                     n: int) -> tuple[dict[str, Any], np.ndarray]:
+    """:func:`calibrate` for the aligned fine detail (``detail.similarity`` of the
+    pictures); an original's nearest other is the best of its ``detail.CANDIDATES`` nearest
+    by the plain signature (``sigs``, in the same order), as in the neighbour search."""
+    from pipeline.quality import detail
+
+    m = len(originals)
+    both = np.concatenate([originals, copies])
+    copy_sims = detail.similarity(both, np.tile(np.arange(n), len(copies) // n),
+                                  m + np.arange(len(copies)))
+    unit = _unit(sigs)
+    gram = unit @ unit.T
+    np.fill_diagonal(gram, -np.inf)
+    k = min(detail.CANDIDATES, m - 1)
+    cand = np.argsort(-gram, axis=1)[:, :k]
+    other = detail.similarity(both, np.repeat(np.arange(m), k), cand.ravel())
+    return _threshold(copy_sims, other.reshape(m, k).max(axis=1)), copy_sims
+
+
 def _threshold(copy_sims: np.ndarray, nearest_other: np.ndarray) -> dict[str, Any]:
     by_recall = float(np.percentile(copy_sims, PERCENTILE))
     by_distinct = float(np.percentile(nearest_other, DISTINCT_PERCENTILE))
@@ -110,22 +131,43 @@ def _threshold(copy_sims: np.ndarray, nearest_other: np.ndarray) -> dict[str, An
 
 
 Stored = Callable[[list[int]], "tuple[np.ndarray, np.ndarray, np.ndarray | None] | None"]
+StoredDetails = Callable[[list[int]], "tuple[np.ndarray, np.ndarray] | None"]
+
+
+def _pictures(stored_details: StoredDetails | None, ids: np.ndarray,
+              arrays: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The stored pictures of ``ids`` in that order, or None (no reader, the copies have
+    none, or one is missing)."""
+    if stored_details is None or "copy_details" not in arrays:
+        return None
+    got = stored_details([int(i) for i in ids])
+    if got is None:
+        return None
+    pos = {int(i): k for k, i in enumerate(got[0])}
+    if not all(int(i) in pos for i in ids):
+        return None
+    return got[1][[pos[int(i)] for i in ids]]
 
 
 def embed(model: Any, batch: list[Any], pre: AnyPreprocessing, device: str,
-          precision: str) -> tuple[np.ndarray, np.ndarray]:
-    """Features (float32) and signatures of a list of decoded samples, 64 at a time."""
+          precision: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Features (float32), signatures and, for images, their 64 x 64 pictures
+    (``preprocess.details``) of a list of decoded samples, 64 at a time."""
     import torch
 
     amp = autocast_dtype(device, precision)
-    feats, sigs = [], []
+    image = getattr(pre, "modality", "image") == "image"
+    feats, sigs, pics = [], [], []
     with torch.inference_mode():
         for s in range(0, len(batch), 64):
             x = preprocess(batch[s:s + 64], pre, device)
             sigs.append(signatures(x))
+            if image:
+                pics.append(details(x))
             with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
                 feats.append(model(x).float().cpu().numpy())
-    return np.concatenate(feats), np.concatenate(sigs).astype(np.float32)
+    return (np.concatenate(feats), np.concatenate(sigs).astype(np.float32),
+            np.concatenate(pics) if pics else None)
 
 
 def embed_copies(source: Source, ids: Sequence[int], name: str, weights: str | None,
@@ -154,9 +196,9 @@ def embed_copies(source: Source, ids: Sequence[int], name: str, weights: str | N
     bn = BatchNormStats(bb.model)
     try:
         bn.active = True  # (reading every layer costs half a forward pass: one batch only)
-        own, _ = embed(bb.model, images[:BN_IMAGES], pre, device, precision)
+        own, _, _ = embed(bb.model, images[:BN_IMAGES], pre, device, precision)
         bn.active = False
-        cf, cs = embed(bb.model, [near_copy(images[i], rng) for _ in range(n_copies)
+        cf, cs, cd = embed(bb.model, [near_copy(images[i], rng) for _ in range(n_copies)
                                   for i in range(n)], pre, device, precision)
     finally:
         bn.close()
@@ -166,13 +208,17 @@ def embed_copies(source: Source, ids: Sequence[int], name: str, weights: str | N
                     "originals": np.asarray(loaded.indices, np.int64),
                     "copy_features": cf.astype(np.float32),
                     "copy_signatures": cs.astype(np.float32),
+                    **({} if cd is None else {"copy_details": cd}),
                     "aligned": np.asarray(getattr(pre, "modality", "image") == "image")}
 
 
-def calibrate_copies(arrays: dict[str, np.ndarray], stored: Stored) -> dict[str, Any]:
+def calibrate_copies(arrays: dict[str, np.ndarray], stored: Stored,
+                     stored_details: StoredDetails | None = None) -> dict[str, Any]:
     """Each signal's threshold from the copies :func:`embed_copies` made and the features
     and signatures extraction stored for the sampled originals (``stored(ids)``: indices,
-    features, signatures, or None where the shards have no signatures: features only)."""
+    features, signatures, or None where the shards have no signatures: features only), and
+    their pictures (``stored_details(ids)``: indices, pictures; None where the shards have
+    none: no fine-detail signal)."""
     if not len(arrays.get("originals", ())):
         return {"note": "no calibration copies"}
     originals = [int(i) for i in arrays["originals"]]
@@ -207,6 +253,11 @@ def calibrate_copies(arrays: dict[str, np.ndarray], stored: Stored) -> dict[str,
         if bool(arrays.get("aligned", False)):  # images: their crop-aligned signatures too
             out["aligned"], a_sims = calibrate_aligned(sigs, copies, m)
             signals.append((out["aligned"], a_sims))
+            pics = _pictures(stored_details, idx[rows], arrays)
+            if pics is not None:  # and their fine detail
+                out["detail"], d_sims = calibrate_detail(pics, arrays["copy_details"][order],
+                                                         sigs, m)
+                signals.append((out["detail"], d_sims))
     caught = np.zeros(len(f_sims), bool)
     for cal, sims in signals:
         if cal["threshold"] is not None:
@@ -230,11 +281,20 @@ def probe_backbone(source: Source, ids: Sequence[int], name: str, weights: str |
         bb = cached_backbone(name, weights, device)
         use_preprocessing(bb.model, pre)
 
+        made: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
         def stored(some: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             loaded = source.load(some, min_size)
-            return (np.asarray(loaded.indices, np.int64),
-                    *embed(bb.model, loaded.images, pre, device, precision))
+            idx = np.asarray(loaded.indices, np.int64)
+            feats, sigs, pics = embed(bb.model, loaded.images, pre, device, precision)
+            if pics is not None:
+                made["details"] = (idx, pics)
+            return idx, feats, sigs
 
+        def stored_details(some: list[int]) -> tuple[np.ndarray, np.ndarray] | None:
+            return made.get("details")  # made by ``stored`` (it is called first)
+
+        return {**record, **calibrate_copies(arrays, stored, stored_details)}
     return {**record, **calibrate_copies(arrays, stored)}
 
 

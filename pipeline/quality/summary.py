@@ -24,7 +24,8 @@ import numpy as np
 from pipeline.quality.neighbors import Neighbors
 
 HELD_OUT = {"test": 2, "val": 1, "train": 0}
-SIGNALS = ("features", "signatures", "aligned")  # the near-copy signals (neighbors.tables)
+# the near-copy signals (neighbors.tables)
+SIGNALS = ("features", "signatures", "aligned", "detail")
 
 
 def split_of(splits: dict[str, list[int]]) -> dict[int, str]:
@@ -37,7 +38,7 @@ Pair = tuple[int, int, float, str]  # a < b, similarity, how found: exact or a s
 def pairs(nb: Neighbors, thresholds: Mapping[str, float | None],
           digests: np.ndarray | None) -> list[Pair]:
     """Every unordered pair (a < b) with the same digest, or a similarity at or above the
-    threshold of a signal (``features``, ``signatures``, ``aligned``; None: not used), once
+    threshold of a signal (``SIGNALS``; None: not used), once
     each."""
     found: dict[tuple[int, int], tuple[float, str]] = {}
     for signal, (nbr, sim) in nb.tables().items():

@@ -96,7 +96,7 @@ def brief(section: dict[str, Any]) -> dict[str, Any]:
 
 
 SIGNAL_NAMES = {"features": "features", "signatures": "thumbnail",
-                "aligned": "thumbnail over small crops"}
+                "aligned": "thumbnail over small crops", "detail": "fine detail, aligned"}
 
 
 def summary_lines(section: dict[str, Any], class_names: list[str]) -> list[str]:

@@ -107,7 +107,8 @@ class QualitySpec(Section):
     and without). ``exclude_file``: samples a reviewer chose to leave out (the export of
     ``featurefleet quality JOB --export FILE``, edited, or one sample id per line), left out
     of every split at planning. ``near_duplicate_threshold``: the cosine similarity (of the
-    features, the image signatures or the signatures aligned over small crops) above which
+    features, the image signatures, the signatures aligned over small crops, or the images'
+    fine detail aligned) above which
     two samples are near duplicates; by default calibrated per job and signal on perturbed
     copies of its own images (re-encoded, rescaled, cropped, brightened, noised).
     """

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline.errors import StoreError
 from pipeline.store import files
 
-SCHEMA_VERSION = 3  # 3: + signatures
+SCHEMA_VERSION = 4  # 3: + signatures; 4: + details (images)
 
 
 @dataclass
@@ -48,6 +48,9 @@ class ShardData:
     # per row: a 16x16 grey thumbnail of the model's input, centred and unit-length (float16):
     # near duplicates that a backbone's features miss (noise, re-encoding) are found with it
     signatures: np.ndarray | None = None
+    # images: a 64 x 64 grey picture per row (uint8; ``quality.detail`` compares their fine
+    # detail, where distinct crops of one smooth photo differ and their thumbnails do not)
+    details: np.ndarray | None = None
 
 
 class ShardResult(BaseModel):
@@ -145,6 +148,8 @@ def write_shard(path: str | Path, data: ShardData, *, not_before: float | None =
                                  chunks=(max(1, min(n, 1024)), max(1, d)) if n else None)
                 if data.signatures is not None:
                     f.create_dataset("signatures", data=data.signatures.astype(np.float16))
+                if data.details is not None:
+                    f.create_dataset("details", data=data.details.astype(np.uint8))
                 f.create_dataset("labels", data=data.labels.astype(np.int64))
                 f.create_dataset("indices", data=data.indices.astype(np.int64))
                 f.create_dataset("sample_ids", data=np.asarray(data.sample_ids, dtype=object),
@@ -267,7 +272,8 @@ class ShardReader:
     :meth:`chunks` streams ``(features float32, labels, indices)`` at most ``max_rows`` rows at
     a time, keeping only the rows whose sample index is in ``wanted`` when it is given;
     :meth:`read` fills one preallocated array with them. ``field``: the per-row array read as
-    "features" (``signatures`` for the image signatures).
+    "features" (``signatures`` for the image signatures, ``details`` for the images' 64 x 64
+    pictures).
     """
 
     def __init__(self, paths: list[str], wanted: np.ndarray | None = None,
