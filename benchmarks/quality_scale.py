@@ -1,11 +1,13 @@
 """Seconds and peak memory of each quality-stage task on a large feature set.
 
 Writes ``--rows`` (default 100,000) x ``--dim`` (1,280) float16 features (plus 256-d image
-signatures) in HDF5 shards, Gaussian clusters for ``--classes`` classes, then runs each kind
-of task the stage fans out — one neighbour block (``quality.block_rows`` query rows against
-every row, features then signatures), one out-of-fold fold, the largest learning-curve point
-(100% of train), the train-vs-test domain classifier — each in a fresh process, and prints
-its wall seconds and peak resident memory (``ru_maxrss``). The target: every task under 2 GB.
+signatures and 64 x 64 pictures) in HDF5 shards, Gaussian clusters for ``--classes``
+classes, then runs each kind of task the stage fans out — one neighbour block
+(``quality.block_rows`` query rows against every row, features then signatures, then the
+aligned and fine-detail scores of its candidates), one out-of-fold fold, the largest
+learning-curve point (100% of train), the train-vs-test domain classifier — each in a
+fresh process, and prints its wall seconds and peak resident memory (``ru_maxrss``). The
+target: every task under 2 GB.
 
     python benchmarks/quality_scale.py            # 100k x 1280 (~6 min on 2 cores)
     python benchmarks/quality_scale.py --rows 20000
@@ -36,10 +38,12 @@ def write(out: Path, rows: int, dim: int, classes: int, shard: int = 5000) -> li
         y = rng.integers(0, classes, e - s)
         x = centers[y] + 2.0 * rng.normal(size=(e - s, dim)).astype(np.float32)
         sig = rng.normal(size=(e - s, 256)).astype(np.float16)
+        pics = rng.integers(0, 256, (e - s, 64 * 64), dtype=np.uint8)
         p = out / f"{s}-{e}.h5"
         write_shard(p, ShardData(features=x.astype(np.float16), labels=y.astype(np.int64),
                                  indices=np.arange(s, e), sample_ids=[str(i) for i in range(s, e)],
-                                 skipped=[], attrs={}, signatures=sig))
+                                 skipped=[], attrs={}, signatures=sig,
+                                 details=pics))
         paths.append(str(p))
     return paths
 
@@ -52,9 +56,12 @@ def task(kind: str, paths: list[str], rows: int, classes: int, block: int,
     t0 = time.perf_counter()
     ids = np.arange(rows)
     if kind == "neighbors":
-        nb = neighbors.search(paths, ids[:block], ids, 10)
-        neighbors.search(paths, ids[:block], ids, 10, field="signatures")
-        info = f"{len(nb.idx)} query rows x {rows}"
+        nb = neighbors.search(paths, ids[:block], ids, 10)  # as run_neighbors does
+        nb = nb.with_signatures(neighbors.search(paths, ids[:block], ids, 10,
+                                                 field="signatures"))
+        nb = nb.with_aligned(paths).with_detail(paths)
+        info = (f"{len(nb.idx)} query rows x {rows}: features, signatures, aligned, "
+                f"detail")
     elif kind == "curve":  # as run_curve reads: train and val, each its own array
         from pipeline.train import read_splits
 
