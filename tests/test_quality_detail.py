@@ -149,3 +149,33 @@ def test_the_calibration_keeps_copies_above_distinct_crops():
     assert cal["copy_recall"] >= 0.9
     assert cal["distinct_above_threshold"] <= 0.05
     assert len(sims) == len(copies)
+
+
+def test_pairs_alike_only_as_thumbnails_are_set_aside():
+    """``summary.confirm``: a pair found on a thumbnail signal stays only where its fine
+    detail (from the table, else from the scorer) reaches the calibration copies' 1st
+    percentile; exact and detail-found pairs always stay."""
+    from pipeline.quality import summary
+    from pipeline.quality.neighbors import Neighbors
+
+    idx = np.asarray([10, 11, 12, 13])
+    nb = Neighbors(idx=idx, y=np.zeros(4, np.int64), nbr=np.full((4, 1), -1),
+                   sim=np.full((4, 1), -np.inf, np.float32), nonfinite=np.zeros(0, np.int64),
+                   dt_nbr=np.asarray([[11], [10], [-1], [-1]]),
+                   dt_sim=np.asarray([[0.95], [0.95], [-np.inf], [-np.inf]], np.float32))
+    found = [(10, 11, 0.99, "signatures"), (12, 13, 0.98, "aligned"), (10, 12, 1.0, "exact"),
+             (11, 13, 0.96, "detail"), (10, 13, 0.97, "signatures")]
+    asked = []
+
+    def score(a, b):
+        asked.extend(zip(a.tolist(), b.tolist(), strict=True))
+        return np.asarray([0.2 if (x, y) == (12, 13) else 0.9 for x, y in zip(a, b)])
+
+    cal = {"threshold": 0.93, "copy_similarity": {"p1": 0.85}}
+    kept, said = summary.confirm(found, nb, cal, score)
+    assert sorted(asked) == [(10, 13), (12, 13)]  # only what the table has not scored
+    assert [p[:2] for p in kept] == [(10, 11), (10, 12), (11, 13), (10, 13)]
+    assert said["dropped"] == 1 and said["floor"] == 0.85
+    # no detail signal in use: nothing changes, nothing is scored
+    for off in ({"threshold": None, "copy_similarity": {"p1": 0.85}}, {}):
+        assert summary.confirm(found, nb, off, score) == (found, {})

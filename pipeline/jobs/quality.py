@@ -4,11 +4,9 @@ Parts (one task each, recorded once in ``ff:job:<id>:quality``; bulky results as
 ``<job>/quality/``): ``neighbors.<b>`` (a block of query rows against every shard),
 ``fold.<f>`` (out-of-fold probe predictions), ``curve.<i>`` (a learning-curve point),
 ``shift`` (train-vs-test domain classifier), ``probe`` (GPU queue: copies for the threshold
-calibration, and familiarity, with the backbone). ``finish``
-combines them into ``<job>/quality.json`` (the thresholds calibrated on the stored features
-of the probe's sample; what ``quality.exclude`` leaves out) and, for ``kind: quality``, writes
-the report.
-"""
+calibration, and familiarity, with the backbone). ``finish`` combines them into
+``<job>/quality.json`` (thresholds calibrated on the stored features of the probe's sample;
+what ``quality.exclude`` leaves out) and, for ``kind: quality``, writes the report."""
 
 from __future__ import annotations
 
@@ -310,18 +308,20 @@ def summarize(jobs: JobStore, plan: Plan, parts: dict[str, dict[str, Any]]) -> d
             how += (f", raised for {' and '.join(raised)} to the similarity distinct "
                     "same-class samples of this data reach 0.1% of the time")
             copy_recall = None  # measured at the calibrated thresholds: now at most that
-    else:
-        # (the aligned scores run higher than plain cosines: without calibration, unused)
+    else:  # (the aligned scores run higher than plain cosines: uncalibrated, unused)
         thresholds = {"features": FALLBACK_THRESHOLD, "signatures": FALLBACK_THRESHOLD,
                       "aligned": None, "detail": None}
         how = f"default ({probe.get('note', 'not calibrated')})"
-    found = summary.pairs(nb, thresholds, digests)
+    found, confirmed = summary.pairs(nb, thresholds, digests), dict[str, Any]()
+    if best is not None:  # calibrated: near pairs must agree in fine detail too (images)
+        found, confirmed = summary.confirm(found, nb, probe.get("detail", {}),
+                                           neighbors.detail_scorer(shard_paths(jobs, plan)))
     section: dict[str, Any] = {
         "near_duplicate_threshold": {
             **thresholds, "source": how, "calibration": {s: probe[s] for s in signals
                                                          if s in probe},
             "natural_likeness": natural,
-            "expected_copy_recall": copy_recall,
+            "expected_copy_recall": copy_recall, "confirmed_by_detail": confirmed,
             **({"note": "shards without image signatures: features only"}
                if nb.sig_nbr is None else {})},
         "duplicates": summary.duplicates(found, where, len(found) + 1),

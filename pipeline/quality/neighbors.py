@@ -8,7 +8,7 @@ query rows × k results, whatever the size of the data set.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,6 +87,26 @@ class Neighbors:
         order = np.argsort(pidx)
         nbr, sim = detail.table(self.idx, cand, pics[order], pidx[order])
         return replace(self, dt_nbr=nbr, dt_sim=sim)
+
+
+def detail_scorer(paths: list[str]) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """``score(a, b)``: the aligned fine detail (``detail.similarity``) of the sample pairs
+    (``a[i]``, ``b[i]``), on the pictures the shards hold (+inf where one has none, so that
+    nothing is dropped for want of a picture)."""
+    def score(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        from pipeline.quality import detail
+
+        pics, _, pidx = ShardReader(paths, np.concatenate([a, b]), "details").read(np.uint8)
+        order = np.argsort(pidx)
+        pics, pidx = pics[order], pidx[order]
+        ra = np.clip(np.searchsorted(pidx, a), 0, max(0, len(pidx) - 1))
+        rb = np.clip(np.searchsorted(pidx, b), 0, max(0, len(pidx) - 1))
+        ok = (len(pidx) > 0) & (pidx[ra] == a) & (pidx[rb] == b) if len(pidx) else np.zeros(
+            len(a), bool)
+        out = np.full(len(a), np.inf, np.float32)
+        out[ok] = detail.similarity(pics, ra[ok], rb[ok])
+        return out
+    return score
 
 
 def unit_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -51,7 +51,8 @@ BN_IMAGES = 24  # originals whose activations give the BatchNorm statistics
 
 
 def _stats(v: np.ndarray) -> dict[str, float]:
-    return {q: round(float(np.percentile(v, p)), 5) for q, p in (("p5", 5), ("median", 50),
+    return {q: round(float(np.percentile(v, p)), 5) for q, p in (("p1", 1), ("p5", 5),
+                                                                  ("median", 50),
                                                                   ("p95", 95))}
 
 

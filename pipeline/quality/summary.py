@@ -15,7 +15,7 @@ combined into the report's ``quality`` section (with what ``quality.exclude`` le
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from math import erf, log, sqrt
 from typing import Any
 
@@ -63,6 +63,35 @@ def pairs(nb: Neighbors, thresholds: Mapping[str, float | None],
             found[(min(a, b), max(a, b))] = (1.0, "exact")
     return [(a, b, sim, how) for (a, b), (sim, how) in
             sorted(found.items(), key=lambda kv: (kv[1][1] != "exact", -kv[1][0]))]
+
+
+def confirm(found: list[Pair], nb: Neighbors, cal: Mapping[str, Any],
+            score: Callable[[np.ndarray, np.ndarray], np.ndarray]
+            ) -> tuple[list[Pair], dict[str, Any]]:
+    """Near pairs kept only where their fine detail agrees (images, with the ``detail``
+    signal calibrated and used: ``cal``): a pair found on the features or the thumbnails
+    whose aligned fine detail is below what 99 % of the calibration copies reach is two
+    distinct images that look alike at 16 x 16 (crops of one smooth photo or texture), not a
+    copy. ``score(a, b)`` gives the detail of pairs the neighbour table has not scored.
+    Returns the kept pairs and what the section says of it."""
+    floor = (cal.get("copy_similarity") or {}).get("p1")
+    if nb.dt_nbr is None or nb.dt_sim is None or cal.get("threshold") is None or floor is None:
+        return found, {}
+    known: dict[tuple[int, int], float] = {}
+    for r, c in zip(*np.nonzero(nb.dt_nbr >= 0), strict=True):
+        a, b = int(nb.idx[r]), int(nb.dt_nbr[r, c])
+        known[(min(a, b), max(a, b))] = float(nb.dt_sim[r, c])
+    need = [(a, b) for a, b, _, how in found if how not in ("exact", "detail")
+            and (a, b) not in known]
+    if need:
+        got = score(np.asarray([a for a, _ in need]), np.asarray([b for _, b in need]))
+        known.update(zip(need, (float(v) for v in got), strict=True))
+    kept = [p for p in found if p[3] in ("exact", "detail") or known[(p[0], p[1])] >= floor]
+    return kept, {"floor": round(float(floor), 5), "dropped": len(found) - len(kept),
+                  "note": f"a pair found on the features or the thumbnails counts only where "
+                          f"its fine detail reaches {floor:.3f} (what 99% of the calibration "
+                          f"copies reach); {len(found) - len(kept)} did not: distinct images "
+                          "alike at 16 x 16"}
 
 
 def duplicates(found: list[Pair], where: dict[int, str], limit: int) -> dict[str, Any]:

@@ -105,10 +105,13 @@ def summary_lines(section: dict[str, Any], class_names: list[str]) -> list[str]:
     thr = section.get("near_duplicate_threshold", {})
     used = ", ".join(f"{SIGNAL_NAMES[s]} ≥ {thr[s]}" for s in SIGNALS
                      if thr.get(s) is not None) or "exact copies only"
-    lines = [f"duplicates: {dup.get('pairs', 0)} pair(s) (cosine of {used}; "
+    dropped = (thr.get("confirmed_by_detail") or {}).get("dropped")
+    lines = [f"duplicates: {dup.get('pairs', 0)} pair(s) (similarity of {used}; "
              f"{thr.get('source')}); {len(dup.get('leaked', []))} held-out sample(s) with a "
              f"twin in another split; {section.get('removed_at_planning_count', 0)} exact "
-             "copies removed at planning"]
+             "copies removed at planning"
+             + (f"; {dropped} pair(s) alike only as thumbnails set aside (their fine detail "
+                "differs)" if dropped else "")]
     call = dup.get("leak_call") or {}
     if call.get("note"):
         lines.append(f"leaks: {call['note']}")
