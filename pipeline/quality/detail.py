@@ -33,10 +33,11 @@ SIDE = 64  # preprocess.DETAIL_SIDE
 SCALES = (0.86, 0.88, 0.9, 0.92, 0.94, 0.96, 0.98, 1.0)
 COARSE = (0.86, 0.9, 0.94, 0.98, 1.0)  # the coarse pass's; the fine one tries +- 0.02
 SIGMAS = (0.7, 4.0)  # the band: a difference of these two Gaussian blurs (pixels at 64)
+FINE_SCALE = 0.021  # the fine search: scales this near the coarse best
 FINE = 2  # the fine search: offsets within this many pixels of the coarse best, x 2
-CANDIDATES = 2  # each sample's best by the aligned thumbnail, and 1 by the features
+CANDIDATES = 1  # each sample's best by the aligned thumbnail, and its best by the features
 CHUNK = 256  # pairs scored at a time (the fine search holds 25 windows of each)
-BLOCK = 8192  # pairs whose pictures are band-passed at a time (at most 2 x 16 KB each)
+BLOCK = 2048  # pairs whose pictures are band-passed at a time (at most 2 x 16 KB each)
 
 
 def bandpass(details: np.ndarray) -> Any:
@@ -48,9 +49,9 @@ def bandpass(details: np.ndarray) -> Any:
     if d.ndim != 2 or d.shape[1] != SIDE * SIDE:
         raise ValueError(f"details of shape {d.shape}: not {SIDE} x {SIDE} pictures")
     x = d.astype(np.float32).reshape(-1, SIDE, SIDE)
-    fine, coarse = ((0.0, s, s) for s in SIGMAS)
-    band = gaussian_filter(x, fine, mode="reflect") - gaussian_filter(x, coarse, mode="reflect")
-    return torch.from_numpy(np.ascontiguousarray(band, np.float32))
+    band = gaussian_filter(x, (0.0, SIGMAS[0], SIGMAS[0]), mode="reflect")
+    band -= gaussian_filter(x, (0.0, SIGMAS[1], SIGMAS[1]), mode="reflect", output=x)
+    return torch.from_numpy(band)
 
 
 def _unit(t: Any) -> Any:
@@ -121,7 +122,7 @@ def _fine(a: Any, b: Any, k0: Any, dy: Any, dx: Any) -> Any:
     coarse = torch.tensor(COARSE)[k0]
     c1, c2 = _integral(a)  # once: every scale's window sums come from them
     for scale in SCALES:
-        near = torch.nonzero((coarse - scale).abs() <= 0.021).ravel()
+        near = torch.nonzero((coarse - scale).abs() <= FINE_SCALE).ravel()
         if not len(near):
             continue
         m = round(s * scale)
