@@ -169,7 +169,8 @@ def test_pairs_alike_only_as_thumbnails_are_set_aside():
 
     def score(a, b):
         asked.extend(zip(a.tolist(), b.tolist(), strict=True))
-        return np.asarray([0.2 if (x, y) == (12, 13) else 0.9 for x, y in zip(a, b)])
+        return np.asarray([0.2 if (x, y) == (12, 13) else 0.9
+                           for x, y in zip(a, b, strict=True)])
 
     cal = {"threshold": 0.93, "copy_similarity": {"p1": 0.85}}
     kept, said = summary.confirm(found, nb, cal, score)
