@@ -81,17 +81,8 @@ def calibrate_aligned(originals: np.ndarray, copies: np.ndarray,
     signature, as in the neighbour search."""
     from pipeline.quality import aligned
 
-    m = len(originals)
     both = np.concatenate([originals, copies]).astype(np.float32)
-    copy_sims = aligned.similarity(both, np.tile(np.arange(n), len(copies) // n),
-                                   m + np.arange(len(copies)))
-    unit = _unit(originals)
-    gram = unit @ unit.T
-    np.fill_diagonal(gram, -np.inf)
-    k = min(aligned.CANDIDATES, m - 1)
-    cand = np.argsort(-gram, axis=1)[:, :k]
-    other = aligned.similarity(both, np.repeat(np.arange(m), k), cand.ravel())
-    return _threshold(copy_sims, other.reshape(m, k).max(axis=1)), copy_sims
+    return _calibrate_search(aligned.similarity, both, originals, n, aligned.CANDIDATES)
 
 
 def calibrate_detail(originals: np.ndarray, copies: np.ndarray, sigs: np.ndarray,
@@ -101,16 +92,25 @@ def calibrate_detail(originals: np.ndarray, copies: np.ndarray, sigs: np.ndarray
     by the plain signature (``sigs``, in the same order), as in the neighbour search."""
     from pipeline.quality import detail
 
-    m = len(originals)
     both = np.concatenate([originals, copies])
-    copy_sims = detail.similarity(both, np.tile(np.arange(n), len(copies) // n),
-                                  m + np.arange(len(copies)))
+    return _calibrate_search(detail.similarity, both, sigs, n, detail.CANDIDATES)
+
+
+def _calibrate_search(similarity: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray],
+                      both: np.ndarray, sigs: np.ndarray, n: int,
+                      k: int) -> tuple[dict[str, Any], np.ndarray]:
+    """A searched signal's threshold: ``similarity(rows, a, b)`` of the first ``n`` of the
+    ``len(sigs)`` originals in ``both`` to their copies (the rows after them), and of every
+    original to the best of its ``k`` nearest others by the plain signature ``sigs``."""
+    m = len(sigs)
+    copy_sims = similarity(both, np.tile(np.arange(n), (len(both) - m) // n),
+                           m + np.arange(len(both) - m))
     unit = _unit(sigs)
     gram = unit @ unit.T
     np.fill_diagonal(gram, -np.inf)
-    k = min(detail.CANDIDATES, m - 1)
+    k = min(k, m - 1)
     cand = np.argsort(-gram, axis=1)[:, :k]
-    other = detail.similarity(both, np.repeat(np.arange(m), k), cand.ravel())
+    other = similarity(both, np.repeat(np.arange(m), k), cand.ravel())
     return _threshold(copy_sims, other.reshape(m, k).max(axis=1)), copy_sims
 
 
