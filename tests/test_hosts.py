@@ -10,6 +10,7 @@ on its own; every connection crosses the (virtual) network, none uses loopback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -69,22 +70,24 @@ def _start(net: hosts.Hosts, workdir: Path, workers: list[hosts.Host],
     return broker
 
 
-def _rendezvous(workdir: Path) -> str:
-    """The rendezvous endpoint the nodes published (read from the client host)."""
-    script = ("import json, sys\nfrom pipeline.jobs.broker import connect\n"
-              "r = connect(sys.argv[1])\n"
-              "print(json.dumps([r.hget(k, 'rendezvous') "
-              "for k in r.scan_iter('ff:job:????????????')]))")
-    broker = (workdir / "broker").read_text()
-    for _ in range(100):
-        got = subprocess.run(["ip", "netns", "exec", (workdir / "client-ns").read_text(),
-                              sys.executable, "-c", script, broker], capture_output=True,
-                             text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
-        found = [x for x in json.loads(got.stdout.strip() or "[]") if x]
-        if found:
-            return str(json.loads(found[0]))
-        time.sleep(0.3)
-    raise AssertionError(f"no rendezvous published: {got.stderr[-2000:]}")
+def _victim_mid_slice(out: Path, nodes: tuple[hosts.Host, ...]) -> hosts.Host | None:
+    """Once a checkpoint exists, the node to cut in a slice that is running (its nodes' run
+    files written, its status file not yet): the one not serving that slice's rendezvous.
+    None until then. Read from the files the node tasks write on the shared folder: no
+    process to start, however busy the machine."""
+    pre = out / "pretrain"
+    if not list(pre.glob("*/last.pt")):
+        return None
+    for part in sorted({f.name.split("-")[1] for f in pre.glob("*/run-p*-n*.json")}):
+        if list(pre.glob(f"*/status-{part}-*.json")):
+            continue  # that slice is over: a cut now would lose no node
+        for f in pre.glob(f"*/run-{part}-*-n*.json"):
+            with contextlib.suppress(ValueError, OSError):
+                run = json.loads(f.read_text())
+                if run.get("is_host"):
+                    host = str(run["endpoint"]).rsplit(":", 1)[0]
+                    return next(h for h in nodes if h.address != host)
+    return None
 
 
 def _start_workers(net: hosts.Hosts, workdir: Path, workers: list[hosts.Host], broker: str,
@@ -192,24 +195,22 @@ def test_a_host_cut_off_mid_training_regroups_and_the_run_finishes(tmp_path: Pat
     with hosts.hosts(5) as net:
         h2, h3, h4 = net.hosts[1], net.hosts[2], net.hosts[3]
         # slices shorter than the visibility timeout: no running node task is delivered again.
-        # The cut must land inside the first slice (a cut between two slices loses no node: the
-        # next slice's tasks simply go elsewhere). So everything slow happens before the first
-        # checkpoint (reading the rendezvous: a process start on a busy machine) or after the
-        # cut (starting the spare host's workers): the cut follows the checkpoint within the
-        # 0.1 s poll. Two CI runs failed when the spare was started and the rendezvous read
-        # between the checkpoint and the cut (10 s, then 20 s slices).
+        # The cut must land inside a running slice (a cut between two slices loses no node: the
+        # next slice's tasks simply go elsewhere). So the victim is chosen from the run files
+        # the nodes write on the shared folder (a file read) and only while a slice runs; the
+        # spare host starts after the cut. Three CI runs failed when slow steps (starting the
+        # spare, reading the rendezvous through a process in the client's namespace: once
+        # longer than the whole run) came between the checkpoint and the cut.
         env = {"FEATUREFLEET_VISIBILITY_TIMEOUT": "45", "FEATUREFLEET_FINETUNE_SLICE_S": "20"}
         broker = _start(net, tmp_path, [h2, h3], env)
         proc = _client(net, spec, broker, tmp_path, timeout=500)
         lines = _lines(proc)
         assert next(lines).startswith("id ")
         assert next(lines) == "started", _logs(tmp_path)
-        rdzv = _rendezvous(tmp_path)
-        victim = h3 if rdzv.startswith(h2.address + ":") else h2
         deadline = time.monotonic() + 200
-        while not list((tmp_path / "out" / "pretrain").glob("*/last.pt")):
+        while (victim := _victim_mid_slice(tmp_path / "out", (h2, h3))) is None:
             assert time.monotonic() < deadline, _logs(tmp_path)
-            time.sleep(0.1)
+            time.sleep(0.05)
         net.cut(victim)
         # the spare host joins after the cut (before it, it could take one of the two node
         # tasks); the lost node's task comes back to it after the visibility timeout

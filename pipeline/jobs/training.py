@@ -183,7 +183,9 @@ def _run_node(jobs: JobStore, plan: Plan, ref: PlanMessage, program: str, part: 
         atomic_write_text(runfile, RunFile(
             ref=ref, part=part, attempt=attempts, relaunch=relaunch, regroup=gen,
             slice_s=get_settings().finetune_slice, device=cfg.device, out_dir=str(out_dir),
-            status_file=str(status_file)).model_dump_json())
+            status_file=str(status_file), **({} if meeting is None else {
+                "endpoint": meeting.endpoint, "address": meeting.address,
+                "is_host": meeting.is_host})).model_dump_json())
         before = _checkpoint_mtime(out_dir)
         why["stop"] = ""
         code = supervise(argv(node, "pipeline.jobs.ranks", str(runfile)),
@@ -243,6 +245,11 @@ class RunFile(BaseModel):
     device: str
     out_dir: str
     status_file: str
+    # where this node meets the others (for whoever debugs a fleet: which node served the
+    # rendezvous store, at which address; empty for a single machine)
+    endpoint: str = ""
+    address: str = ""
+    is_host: bool = False
 
 
 def _still_mine(lease: Lease, slot: int, job_id: str) -> bool:
