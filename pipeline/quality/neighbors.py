@@ -96,14 +96,15 @@ def detail_scorer(paths: list[str]) -> Callable[[np.ndarray, np.ndarray], np.nda
     def score(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         from pipeline.quality import detail
 
+        out = np.full(len(a), np.inf, np.float32)
         pics, _, pidx = ShardReader(paths, np.concatenate([a, b]), "details").read(np.uint8)
+        if not len(pidx):
+            return out
         order = np.argsort(pidx)
         pics, pidx = pics[order], pidx[order]
-        ra = np.clip(np.searchsorted(pidx, a), 0, max(0, len(pidx) - 1))
-        rb = np.clip(np.searchsorted(pidx, b), 0, max(0, len(pidx) - 1))
-        ok = (len(pidx) > 0) & (pidx[ra] == a) & (pidx[rb] == b) if len(pidx) else np.zeros(
-            len(a), bool)
-        out = np.full(len(a), np.inf, np.float32)
+        ra = np.clip(np.searchsorted(pidx, a), 0, len(pidx) - 1)
+        rb = np.clip(np.searchsorted(pidx, b), 0, len(pidx) - 1)
+        ok = (pidx[ra] == a) & (pidx[rb] == b)
         out[ok] = detail.similarity(pics, ra[ok], rb[ok])
         return out
     return score
