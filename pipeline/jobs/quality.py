@@ -189,10 +189,9 @@ def run_probe(jobs: JobStore, ref: PlanMessage) -> dict[str, Any]:
     return _record(jobs, plan, "probe", t0, **record)
 
 
-def _calibrated(jobs: JobStore, plan: Plan, record: dict[str, Any]) -> dict[str, Any]:
+def _calibrated(paths: list[str], plan: Plan, record: dict[str, Any]) -> dict[str, Any]:
     """The probe part's record completed with the thresholds calibrated on the stored
-    features of its sampled images."""
-    paths = shard_paths(jobs, plan)
+    features of its sampled images (``paths``: the job's shards)."""
 
     def stored(ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
         """What extraction wrote for ``ids``: indices, features, signatures (same order;
@@ -281,7 +280,8 @@ def summarize(jobs: JobStore, plan: Plan, parts: dict[str, dict[str, Any]]) -> d
     q, spec = _q(plan), plan.spec.quality
     d = _dir(plan)
     nb = neighbors.load([str(d / f"neighbors-{b}.npz") for b in range(len(q.blocks))])
-    probe = _calibrated(jobs, plan, parts["probe"])
+    paths = shard_paths(jobs, plan)  # (checks every shard: once)
+    probe = _calibrated(paths, plan, parts["probe"])
     signals = summary.SIGNALS
     where = summary.split_of({n: plan.splits.of(n) for n in ("train", "val", "test")})
     digests = plan.digests() if plan.fingerprint_mode == "content" else None
@@ -315,7 +315,7 @@ def summarize(jobs: JobStore, plan: Plan, parts: dict[str, dict[str, Any]]) -> d
     found, confirmed = summary.pairs(nb, thresholds, digests), dict[str, Any]()
     if best is not None:  # calibrated: near pairs must agree in fine detail too (images)
         found, confirmed = summary.confirm(found, nb, probe.get("detail", {}),
-                                           neighbors.detail_scorer(shard_paths(jobs, plan)))
+                                           neighbors.detail_scorer(paths))
     section: dict[str, Any] = {
         "near_duplicate_threshold": {
             **thresholds, "source": how, "calibration": {s: probe[s] for s in signals

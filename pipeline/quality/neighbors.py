@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -66,10 +67,9 @@ class Neighbors:
         from pipeline.quality import aligned
 
         cand = aligned.candidates(self.nbr, self.sig_nbr)
-        need = np.unique(np.concatenate([self.idx, cand[cand >= 0]]))
-        sigs, _, sidx = ShardReader(paths, need, "signatures").read()
-        order = np.argsort(sidx)
-        nbr, sim = aligned.table(self.idx, cand, sigs[order], sidx[order])
+        sigs, sidx = sorted_rows(paths, np.concatenate([self.idx, cand[cand >= 0]]),
+                                 "signatures")
+        nbr, sim = aligned.table(self.idx, cand, sigs, sidx)
         return Neighbors(self.idx, self.y, self.nbr, self.sim, self.nonfinite, self.sig_nbr,
                          self.sig_sim, nbr, sim)
 
@@ -82,11 +82,19 @@ class Neighbors:
         from pipeline.quality import detail
 
         cand = detail.candidates(self.al_nbr, self.nbr)
-        need = np.unique(np.concatenate([self.idx, cand[cand >= 0]]))
-        pics, _, pidx = ShardReader(paths, need, "details").read(np.uint8)
-        order = np.argsort(pidx)
-        nbr, sim = detail.table(self.idx, cand, pics[order], pidx[order])
+        pics, pidx = sorted_rows(paths, np.concatenate([self.idx, cand[cand >= 0]]),
+                                 "details", np.uint8)
+        nbr, sim = detail.table(self.idx, cand, pics, pidx)
         return replace(self, dt_nbr=nbr, dt_sim=sim)
+
+
+def sorted_rows(paths: list[str], ids: np.ndarray, field: str,
+                dtype: Any = np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """The ``field`` rows the shards hold for the samples ``ids`` (any order, repeats
+    allowed), sorted by sample index, and those indices (StoreError: no such dataset)."""
+    x, _, idx = ShardReader(paths, ids, field).read(dtype)
+    order = np.argsort(idx)
+    return x[order], idx[order]
 
 
 def detail_scorer(paths: list[str]) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
@@ -97,11 +105,9 @@ def detail_scorer(paths: list[str]) -> Callable[[np.ndarray, np.ndarray], np.nda
         from pipeline.quality import detail
 
         out = np.full(len(a), np.inf, np.float32)
-        pics, _, pidx = ShardReader(paths, np.concatenate([a, b]), "details").read(np.uint8)
+        pics, pidx = sorted_rows(paths, np.concatenate([a, b]), "details", np.uint8)
         if not len(pidx):
             return out
-        order = np.argsort(pidx)
-        pics, pidx = pics[order], pidx[order]
         ra = np.clip(np.searchsorted(pidx, a), 0, len(pidx) - 1)
         rb = np.clip(np.searchsorted(pidx, b), 0, len(pidx) - 1)
         ok = (pidx[ra] == a) & (pidx[rb] == b)
