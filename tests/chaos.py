@@ -59,7 +59,14 @@ def _inject(sender: Any = None, task_id: str = "", args: Any = (), kwargs: Any =
         if marker.exists():
             return
         marker.touch()
-        _watch_then_kill(run_dir(plan, str(plan.program)) / "last.pt", _kill_agent)
+        started = time.time()
+
+        def kill() -> None:
+            if not _kill_agent():  # the slice had ended with that checkpoint: no agent was
+                marker.unlink(missing_ok=True)  # left to kill; the next slice's task tries
+
+        # a checkpoint written during this task (an earlier slice's is there already)
+        _watch_then_kill(run_dir(plan, str(plan.program)) / "last.pt", kill, started)
 
 
 def _kill_after_start_counted(job_id: str, shard: str) -> None:
@@ -81,8 +88,10 @@ def _kill_after_start_counted(job_id: str, shard: str) -> None:
     threading.Thread(target=watch, daemon=True, name="chaos").start()
 
 
-def _kill_agent() -> None:
-    """SIGKILL this process's torchrun children and their ranks (each its own session)."""
+def _kill_agent() -> bool:
+    """SIGKILL this process's torchrun children and their ranks (each its own session);
+    False: there was none (left to kill)."""
+    killed = False
     for child in Path("/proc").glob("[0-9]*"):
         try:
             stat = (child / "stat").read_text().rsplit(")", 1)[1].split()
@@ -90,15 +99,26 @@ def _kill_agent() -> None:
         except OSError:
             continue
         if int(stat[1]) == os.getpid() and b"torch.distributed.run" in cmd:
-            os.killpg(int(child.name), signal.SIGKILL)
+            try:
+                os.killpg(int(child.name), signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            killed = True
+    return killed
 
 
-def _watch_then_kill(checkpoint: Path, kill: Any = _kill_self) -> None:
+def _watch_then_kill(checkpoint: Path, kill: Any = _kill_self, after: float = 0.0) -> None:
     """Kill (this process, by default) as soon as the checkpoint file exists (written
-    atomically)."""
+    atomically), written after ``after`` (a time.time())."""
+
+    def written() -> bool:
+        try:
+            return checkpoint.stat().st_mtime >= after
+        except OSError:
+            return False
 
     def watch() -> None:
-        while not checkpoint.exists():
+        while not written():
             time.sleep(0.005)
         kill()
 
