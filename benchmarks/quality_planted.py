@@ -145,7 +145,9 @@ def run(data: str, side: int, backbone: str, out: Path, seed: int,
             "samples": len(p.labels),
             **scored, "oof_top1": section.get("label_issues", {}).get("oof_top1"),
             "thresholds": {k: section["near_duplicate_threshold"].get(k)
-                           for k in ("features", "signatures")},
+                           for k in ("features", "signatures", "aligned", "detail")},
+            "expected_copy_recall": section["near_duplicate_threshold"].get(
+                "expected_copy_recall"),
             "domain": section.get("pretraining_domain", {}),
             "shift_auc": section.get("shift", {}).get("auc"),
             "stage_seconds": section.get("seconds"), "job_wall_s": round(wall, 1)}

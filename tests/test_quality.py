@@ -172,6 +172,36 @@ def test_label_issues_find_flipped_labels_with_the_true_one_suggested() -> None:
     assert fold[3] == -1 and "single labeled sample" in str(note)
 
 
+def test_out_of_fold_fits_stop_early_and_flag_what_converged_fits_flag() -> None:
+    """The stage's probes stop at ``FOLD_TOLERANCE`` (loss change), not the job's 1e-9:
+    fewer L-BFGS steps, the same flags and nearly the same probabilities as fits run to
+    convergence (500 iterations at 1e-9), on overlapping classes where fits take long."""
+    from pipeline.heads import linear
+
+    rng = np.random.default_rng(5)
+    y_true = np.repeat(np.arange(8), 90)
+    x = (rng.normal(size=(8, 128))[y_true] + 1.2 * rng.normal(size=(720, 128))).astype(
+        np.float32)
+    y = y_true.copy()
+    flipped = rng.permutation(720)[:30]
+    y[flipped] = (y[flipped] + rng.integers(1, 8, 30)) % 8
+    folds, _ = labels.fold_of(y, 5, seed=0)
+    loose = np.zeros((720, 8), np.float32)
+    tight = np.zeros((720, 8), np.float32)
+    for f in range(5):
+        loose[folds == f] = labels.out_of_fold(x, y, folds, f, 8, 1e-3, labels.FOLD_ITERS)
+        train = (folds != f) & (folds >= 0)
+        head = linear.fit_probe(x[train], y[train], 8, l2=1e-3, max_iter=500)
+        tight[folds == f] = head.predict_proba(x[folds == f])
+    assert not np.allclose(loose, tight, atol=1e-4)  # it did stop before convergence
+    assert np.abs(loose - tight).max() < 0.1
+    assert (loose.argmax(axis=1) == tight.argmax(axis=1)).mean() > 0.98
+    a = set(labels.label_issues(y, loose, np.arange(720), limit=100)["all"])
+    b = set(labels.label_issues(y, tight, np.arange(720), limit=100)["all"])
+    assert len(b & set(flipped.tolist())) >= 20  # the converged fits find the flips...
+    assert len(a ^ b) <= 2  # ...and the early-stopped ones flag the same samples
+
+
 def _noisy(n: int, k: int, pi: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Calibrated predictions (the true class is drawn from them; a fifth of the samples
     ambiguous between two classes) and labels flipped at random at rate ``pi``."""
@@ -296,7 +326,7 @@ def test_the_probe_reads_what_extraction_stored_and_runs_the_backbone_on_copies_
     from pipeline.backbones import resolve_weights
     from pipeline.devices import cached_backbone
     from pipeline.preprocess import preprocess, signatures
-    from pipeline.quality.probing import probe_backbone
+    from pipeline.quality.probing import embed, probe_backbone
     from pipeline.sources.arrays import ArraySource
 
     images, y, names = photo_set(48, 20)
@@ -321,6 +351,14 @@ def test_the_probe_reads_what_extraction_stored_and_runs_the_backbone_on_copies_
     assert len(asked) == 1 and len(asked[0]) == 160
     assert alone["sampled"] == read["sampled"] == read["read_from_store"] == 160
     assert read["calibrated_on"] == alone["calibrated_on"] == 32
+    # two copies of each original; only the first round costs a forward pass, the second
+    # gives the pixel signals (signatures, fine detail) their percentiles' extra copies
+    assert read["copies"] == 64 and read["copies_through_backbone"] == 32
+    with_model = embed(bb.model, images[:8], pre, "cpu", "fp32")
+    pixels_only = embed(None, images[:8], pre, "cpu", "fp32")
+    assert pixels_only[0].shape == (8, 0) and with_model[0].shape[0] == 8
+    assert np.array_equal(pixels_only[1], with_model[1])
+    assert np.array_equal(pixels_only[2], with_model[2])
     for signal in ("features", "signatures"):  # the same calibration, to float noise
         a, b = alone[signal], read[signal]
         for stat in ("copy_similarity", "nearest_other_similarity"):

@@ -75,6 +75,18 @@ def test_aligned_similarity_is_the_best_correlation_over_the_crop_grid() -> None
     assert got[0] == pytest.approx(want, abs=1e-4)
 
 
+def test_pairs_sharing_a_member_score_as_each_pair_alone() -> None:
+    """Pairs are grouped by their first member (its crops made once): any order, repeats
+    and uneven group sizes give what scoring each pair by itself gives."""
+    sigs = np.stack([signature(picture(s)) for s in range(7)])
+    a = np.array([3, 0, 3, 5, 0, 3, 6, 0])
+    b = np.array([1, 2, 4, 0, 6, 3, 6, 5])  # (3, 3): a sample with itself
+    alone = np.array([aligned.scores(sigs, np.array([i]), np.array([[j]]))[0, 0]
+                      for i, j in zip(a, b, strict=True)])
+    np.testing.assert_allclose(aligned.similarity(sigs, a, b), alone, atol=1e-6)
+    assert aligned.similarity(sigs, np.zeros(0, np.int64), np.zeros(0, np.int64)).shape == (0,)
+
+
 def test_a_cropped_copy_regains_its_similarity_and_distinct_pictures_do_not() -> None:
     sigs, pairs = [], []
     for seed in range(6):

@@ -58,8 +58,10 @@ def _load(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> LinearHead:
 
 
 def fit_probe(features: np.ndarray, labels: np.ndarray, n_classes: int, l2: float = 1e-3,
-              max_iter: int = 500) -> LinearHead:
-    """Fit the probe. ``labels`` are class indices in ``[0, n_classes)``."""
+              max_iter: int = 500, tolerance: float = 1e-9) -> LinearHead:
+    """Fit the probe. ``labels`` are class indices in ``[0, n_classes)``; L-BFGS stops
+    after ``max_iter`` iterations or once the loss (or a step) changes by less than
+    ``tolerance``."""
     import torch
 
     x = np.asarray(features)
@@ -69,7 +71,7 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, n_classes: int, l2: floa
     yt = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     w = torch.zeros(n_classes, x.shape[1], requires_grad=True)
     b = torch.zeros(n_classes, requires_grad=True)
-    _lbfgs(xt, yt, w, b, l2, max_iter)
+    _lbfgs(xt, yt, w, b, l2, max_iter, tolerance)
     return LinearHead(mean=mean, scale=scale, weight=w.detach().numpy().copy(),
                       bias=b.detach().numpy().copy())
 
@@ -132,11 +134,12 @@ def standard_error(top1: float, n: int) -> float:
     return float(np.sqrt(max(top1 * (1 - top1), 1e-12) / n)) if n else 0.0
 
 
-def _lbfgs(xt: Any, yt: Any, w: Any, b: Any, l2: float, max_iter: int) -> None:
+def _lbfgs(xt: Any, yt: Any, w: Any, b: Any, l2: float, max_iter: int,
+           tolerance: float = 1e-9) -> None:
     import torch
 
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20,
-                            tolerance_grad=1e-6, tolerance_change=1e-9,
+                            tolerance_grad=1e-6, tolerance_change=tolerance,
                             line_search_fn="strong_wolfe")
 
     rows = torch.arange(len(yt))

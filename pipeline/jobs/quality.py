@@ -3,10 +3,10 @@
 Parts (one task each, recorded once in ``ff:job:<id>:quality``; bulky results as files under
 ``<job>/quality/``): ``neighbors.<b>`` (a block of query rows against every shard),
 ``fold.<f>`` (out-of-fold probe predictions), ``curve.<i>`` (a learning-curve point),
-``shift`` (train-vs-test domain classifier), ``probe`` (GPU queue: copies for the threshold
-calibration, and familiarity, with the backbone). ``finish`` combines them into
-``<job>/quality.json`` (thresholds calibrated on the stored features of the probe's sample;
-what ``quality.exclude`` leaves out) and, for ``kind: quality``, writes the report."""
+``shift`` (train-vs-test domain classifier), ``probe`` (GPU queue: copies through the
+backbone, the thresholds calibrated on them against the stored features of the probe's
+sample, and familiarity). ``finish`` combines them into ``<job>/quality.json`` (and what
+``quality.exclude`` leaves out) and, for ``kind: quality``, writes the report."""
 
 from __future__ import annotations
 
@@ -147,7 +147,7 @@ def run_curve(jobs: JobStore, ref: PlanMessage, index: int) -> dict[str, Any]:
     with fit_threads(*tr_x.shape):
         pt = curve.point(tr_x, tr.y[tr_ok], va.x[va_ok], va.y[va_ok],
                          len(plan.class_names), fraction, plan.spec.data.seed, q.l2,
-                         min(plan.spec.probe.max_iter, labels.FOLD_ITERS))
+                         min(plan.spec.probe.max_iter, labels.FOLD_ITERS), labels.FOLD_TOLERANCE)
     return _record(jobs, plan, f"curve.{int(index)}", t0, **pt)
 
 
@@ -169,9 +169,10 @@ def run_shift(jobs: JobStore, ref: PlanMessage) -> dict[str, Any]:
 
 
 def run_probe(jobs: JobStore, ref: PlanMessage) -> dict[str, Any]:
-    """With the backbone (GPU queue): copies of sampled images for the near-duplicate
-    thresholds, and how familiar the images look to the pretrained network.
-    ``quality_finish`` calibrates them against the stored features."""
+    """With the backbone (GPU queue): copies of sampled images, and the near-duplicate
+    thresholds calibrated on them against the stored features (the part runs after
+    extraction: calibrating here keeps it off the stage's last step), and how familiar the
+    images look to the pretrained network."""
     plan = load_plan(ref)
     live(jobs, plan, "quality")
     t0 = time.perf_counter()
@@ -184,14 +185,14 @@ def run_probe(jobs: JobStore, ref: PlanMessage) -> dict[str, Any]:
         plan_source(plan), plan.splits.train or plan.extract_ids, bb.name, bb.weights,
         pre, pick_device(plan.spec.backbone.device), bb.precision, plan.spec.data.seed,
         min_size=decode_min_side(pre, plan.spec.backbone.decode))
-    with atomic_path(_dir(plan) / "probe.npz") as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, allow_pickle=False, **arrays)
+    if arrays:
+        record.update(_calibrated(shard_paths(jobs, plan), arrays))
     return _record(jobs, plan, "probe", t0, **record)
 
 
-def _calibrated(paths: list[str], plan: Plan, record: dict[str, Any]) -> dict[str, Any]:
-    """The probe part's record completed with the thresholds calibrated on the stored
-    features of its sampled images (``paths``: the job's shards)."""
+def _calibrated(paths: list[str], arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The thresholds calibrated on the probe's copies and the stored features of its
+    sampled images (``paths``: the job's shards)."""
 
     def stored(ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
         """What extraction wrote for ``ids``: indices, features, signatures (same order;
@@ -211,10 +212,7 @@ def _calibrated(paths: list[str], plan: Plan, record: dict[str, Any]) -> dict[st
             return None
         return didx, d
 
-    with np.load(_dir(plan) / "probe.npz", allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    out = {k: v for k, v in record.items() if k not in ("part", "seconds")}
-    return {**out, **probing.calibrate_copies(arrays, stored, stored_details)} if arrays else out
+    return probing.calibrate_copies(arrays, stored, stored_details)
 
 
 def run_part(jobs: JobStore, ref: PlanMessage, part: str) -> dict[str, Any]:
@@ -281,7 +279,7 @@ def summarize(jobs: JobStore, plan: Plan, parts: dict[str, dict[str, Any]]) -> d
     d = _dir(plan)
     nb = neighbors.load([str(d / f"neighbors-{b}.npz") for b in range(len(q.blocks))])
     paths = shard_paths(jobs, plan)  # (checks every shard: once)
-    probe = _calibrated(paths, plan, parts["probe"])
+    probe = {k: v for k, v in parts["probe"].items() if k not in ("part", "seconds")}
     signals = summary.SIGNALS
     where = summary.split_of({n: plan.splits.of(n) for n in ("train", "val", "test")})
     digests = plan.digests() if plan.fingerprint_mode == "content" else None

@@ -119,8 +119,21 @@ def scores(sigs: np.ndarray, rows: np.ndarray, cand: np.ndarray) -> np.ndarray:
 
 
 def similarity(sigs: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """:func:`scores` of the pairs (``sigs[a[i]]``, ``sigs[b[i]]``)."""
-    return scores(sigs, np.asarray(a, np.int64), np.asarray(b, np.int64)[:, None])[:, 0]
+    """:func:`scores` of the pairs (``sigs[a[i]]``, ``sigs[b[i]]``). Pairs that share their
+    first member are scored as one row with several candidates: its crops are made once
+    (the calibration asks each sampled image about its five nearest)."""
+    a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
+    if not len(a):
+        return np.zeros(0, np.float32)
+    rows, inv = np.unique(a, return_inverse=True)
+    order = np.argsort(inv, kind="stable")
+    counts = np.bincount(inv)
+    slot = np.arange(len(a)) - np.repeat(np.cumsum(counts) - counts, counts)
+    cand = np.full((len(rows), int(counts.max())), -1, np.int64)
+    cand[inv[order], slot] = b[order]
+    out = np.empty(len(a), np.float32)
+    out[order] = scores(sigs, rows, cand)[inv[order], slot]
+    return out
 
 
 def candidates(*tables: np.ndarray | None, k: int = CANDIDATES) -> np.ndarray:

@@ -31,11 +31,12 @@ def subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
 
 
 def point(x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray, n_classes: int,
-          fraction: float, seed: int, l2: float, max_iter: int) -> dict[str, Any]:
+          fraction: float, seed: int, l2: float, max_iter: int,
+          tolerance: float = 1e-9) -> dict[str, Any]:
     rows = subset(y, fraction, seed)
     whole = len(rows) == len(y)  # the full training set: no copy of it
     head = linear.fit_probe(x if whole else x[rows], y if whole else y[rows], n_classes,
-                            l2=l2, max_iter=max_iter)
+                            l2=l2, max_iter=max_iter, tolerance=tolerance)
     top1 = float((head.predict_proba(xv).argmax(axis=1) == yv).mean())
     return {"fraction": fraction, "samples": len(rows),
             "per_class": round(len(rows) / max(1, len(np.unique(y))), 2),
