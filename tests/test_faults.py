@@ -267,6 +267,47 @@ def test_3_redis_restart_with_aof(tmp_path: Path) -> None:
         redis.stop()
 
 
+def test_3b_a_message_held_when_redis_stops_comes_back_with_the_next_connection(
+        tmp_path: Path) -> None:
+    """The instant test 3 can hit: a consumer holds a message it has not acknowledged when
+    Redis stops, so kombu cannot put it back as the connection closes. The next connection
+    of the process puts it back at once (not after the visibility timeout, an hour here)."""
+    import redis as redis_py
+    from kombu import Connection
+
+    from workers import transport
+
+    redis = start_redis(tmp_path / "redis", appendonly=True)
+    port, password = redis.port, redis.password
+    opts = {"visibility_timeout": 3600}
+    conn = Connection(redis.url, transport="workers.transport:Transport",
+                      transport_options=opts)
+    try:
+        queue = conn.SimpleQueue("ff.test-held")
+        queue.put({"shard": "50-100"})
+        assert queue.get(timeout=5).payload == {"shard": "50-100"}  # held, not acknowledged
+        redis.stop()  # (graceful: the AOF has the message in the unacked index)
+        with contextlib.suppress(Exception):
+            conn.close()  # kombu tries to put it back: Redis is away
+        assert len(transport._LEFT_BEHIND) == 1
+        redis = start_redis(tmp_path / "redis", port=port, password=password,
+                            appendonly=True)
+        again = Connection(redis.url, transport="workers.transport:Transport",
+                           transport_options=opts)
+        try:
+            msg = again.SimpleQueue("ff.test-held").get(timeout=5)
+            assert msg.payload == {"shard": "50-100"}
+            assert not transport._LEFT_BEHIND
+            msg.ack()
+            client = redis_py.Redis(port=port, password=password)
+            assert client.hlen("unacked") == 0 and client.llen("ff.test-held") == 0
+        finally:
+            again.close()
+    finally:
+        transport._LEFT_BEHIND.clear()
+        redis.stop()
+
+
 def test_9_redis_restarted_without_its_data(tmp_path: Path) -> None:
     """The job record and the queues are gone; the plan and the finished shards are not.
     Clients say what happened, workers do not re-create a half record, and the watchdog
