@@ -67,19 +67,16 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         return params if asynchronous else _patient(params)
 
 
-def restore_left_behind(channel: Channel) -> int:
+def restore_left_behind(channel: Channel) -> None:
     """Put back on their queues the messages earlier channels of this process held when Redis
-    went away (a tag already acknowledged or restored is a no-op); returns how many tags were
-    handled. A tag whose restore fails again waits for the next channel."""
-    done = 0
+    went away (a tag already acknowledged or restored is a no-op). A tag whose restore fails
+    again waits for the next channel."""
     for tag in list(_LEFT_BEHIND):
         try:
             channel.qos.restore_by_tag(tag, leftmost=True)
         except Exception:  # Redis went away again
             break
         _LEFT_BEHIND.discard(tag)
-        done += 1
-    return done
 
 
 class Transport(kombu_redis.Transport):  # type: ignore[misc]
