@@ -141,6 +141,19 @@ def test_outliers_are_the_samples_far_from_every_cluster(tmp_path: Path) -> None
     nb = neighbors.search(shards(tmp_path, x, y), range(303), range(303), k=10)
     out = summary.outliers(nb, 3.5, {}, y, limit=10)
     assert set(out["all"]) == {300, 301, 302}
+    # the summary's numbers, computed here by brute force: 10 nearest others by cosine
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    cos = u @ u.T
+    np.fill_diagonal(cos, -np.inf)
+    dist = 1.0 - np.sort(cos, axis=1)[:, -10:].mean(axis=1)
+    assert out["checked"] == 303 and out["neighbours"] == 10
+    assert out["median_distance"] == pytest.approx(float(np.median(dist)), abs=1e-4)
+    from pipeline.reports.quality import summary_lines
+
+    line = next(ln for ln in summary_lines({"outliers": out}, []) if ln.startswith("outliers"))
+    assert line.startswith("outliers: 3 of 303 samples lie far from all their neighbours")
+    assert f"the 10 nearest more than 3.5 robust standard deviations above the median, " \
+        f"{np.median(dist):.3f}" in line
     small = tmp_path / "small"
     small.mkdir()
     few = neighbors.search(shards(small, x[:5], y[:5]), range(5), range(5), k=3)
@@ -232,7 +245,21 @@ def test_the_noise_model_recovers_the_rate_and_its_precision_is_what_the_flags_s
     precision, recall = flip[got].mean(), flip[got].sum() / flip.sum()
     assert abs(out["expected_precision"] - precision) < 0.08  # measured: 0.761 vs 0.777
     assert abs(out["expected_recall"] - recall) < 0.1
-    assert out["candidates"] >= out["count"]  # cleanlab proposes, the model keeps
+    # the flags are exactly the labels more likely flipped than not under the fitted model,
+    # surest first: Bayes' rule recomputed here from the reported T and pi
+    t, pi = out["noise_model"]["temperature"], out["noise_model"]["noise_rate"]
+    sharp = q.astype(np.float64) ** (1 / t)
+    sharp /= sharp.sum(axis=1, keepdims=True)
+    right = sharp[np.arange(len(y)), y]
+    flip_p = pi * (1 - right) / 9 / (pi * (1 - right) / 9 + (1 - pi) * right)
+    assert set(got.tolist()) == set(np.nonzero(flip_p >= 0.5)[0].tolist())
+    conf = [r["confidence"] for r in out["issues"]]
+    assert conf == sorted(conf, reverse=True)
+    # confident learning, shown beside each flag, is cleanlab's own verdict
+    from cleanlab.filter import find_label_issues
+    cl = set(np.nonzero(find_label_issues(y, q, n_jobs=1))[0].tolist())
+    assert all(r["confident_learning"] == (r["index"] in cl) for r in out["issues"])
+    assert out["confident_learning"] == {"found": len(cl), "agrees": len(cl & set(got.tolist()))}
     assert all(0.5 <= r["confidence"] <= 1 for r in out["issues"])
     qc, yc, _ = _noisy(4000, 10, 0.0, seed=4)
     clean = labels.label_issues(yc, qc, np.arange(len(yc)), limit=10)

@@ -4,8 +4,9 @@ Every part runs on a bounded piece and writes a small result; :mod:`summary` com
 
 - ``neighbors.py``: each sample's nearest neighbours (cosine, faiss on blocks: a block of
   query rows against the shards streamed block by block; never an N×N matrix).
-- ``labels.py``: out-of-fold probe predictions (one fold per task) and confident learning
-  (cleanlab) on them: label issues, ranked, with the suggested label.
+- ``labels.py``: out-of-fold probe predictions (one fold per task) and a noise model on
+  them (confident learning, cleanlab, as a second opinion): label issues, ranked, with the
+  suggested label and how sure each is.
 - ``curve.py``: the learning curve (probe top-1 on fractions of the training set) and the
   power law fitted to it.
 - ``shift.py``: train-vs-test domain classifier AUC (overall and per class), class balance.

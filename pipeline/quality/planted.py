@@ -107,7 +107,8 @@ def score(p: Planted, section: dict[str, Any], split_of: dict[int, str],
 
     - cross-split duplicate recall: planted pairs (exact and near) the plan put in different
       splits, found as a pair or as a leak (or removed at planning, for exact copies);
-    - label issues: precision of the flags, and precision of the ranked list at
+    - label issues: precision of the flags (also with the out-of-domain images, whose labels
+      are random, left out), and precision of the ranked list at
       ``label_recall`` of the flipped labels (the top-k, k as small as reaches that recall);
     - outliers: how many of the out-of-domain images were flagged.
     """
@@ -145,5 +146,10 @@ def score(p: Planted, section: dict[str, Any], split_of: dict[int, str],
         "flag_recall": round(float(tp[-1]) / len(flipped), 4) if ranked and flipped else None,
         f"precision_at_recall_{label_recall}": (round(need / (at + 1), 4)
                                                 if at is not None else None),
+        # an out-of-domain image carries a random label (a photo crop called "7"): a flag on
+        # it is no false alarm, nor a planted flip; counted apart
+        "flagged_ood": len(set(ranked) & set(p.ood)),
+        "flag_precision_ood_apart": (round(float(tp[-1]) / len(set(ranked) - set(p.ood)), 4)
+                                     if set(ranked) - set(p.ood) else None),
         "ood": len(p.ood), "ood_flagged": len(outl & set(p.ood)),
         "outliers_flagged": len(outl)}

@@ -279,8 +279,8 @@ def outliers(nb: Neighbors, z_max: float, where: dict[int, str], labels: np.ndar
     z = (dist - med) / max(mad, 1e-6)
     flagged = np.flatnonzero(z > z_max)
     flagged = flagged[np.argsort(-z[flagged])]
-    return {"count": len(flagged), "z_threshold": z_max,
-            "median_distance": round(med, 5),
+    return {"count": len(flagged), "checked": len(nb.idx), "z_threshold": z_max,
+            "neighbours": int(nb.sim.shape[1]), "median_distance": round(med, 5),
             "all": [int(nb.idx[i]) for i in flagged],
             "items": [{"index": int(nb.idx[i]), "split": where.get(int(nb.idx[i])),
                        "label": int(labels[nb.idx[i]]), "distance": round(float(dist[i]), 5),

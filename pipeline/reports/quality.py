@@ -125,13 +125,27 @@ def summary_lines(section: dict[str, Any], class_names: list[str]) -> list[str]:
                 f"about {li['expected_precision']:.0%} of the flags are wrong labels and they "
                 f"catch about {li['expected_recall']:.0%} of the wrong ones (estimates, not "
                 "measurements)" if li.get("expected_precision") is not None else "")
+        cl = li.get("confident_learning")
+        if cl and li["count"]:
+            sure += (f"; confident learning (cleanlab), a second method, also flags "
+                     f"{cl['agrees']} of them")
         lines.append(f"label issues: {li['count']} of {li['checked']} labels look wrong "
                      f"(out-of-fold top-1 {li['oof_top1']:.3f}){sure}")
     elif "note" in li:
         lines.append(f"label issues: {li['note']}")
     out = section.get("outliers", {})
-    lines.append(f"outliers: {out['count']}" if "count" in out else
-                 f"outliers: {out.get('note')}")
+    if out.get("count"):
+        lines.append(
+            f"outliers: {out['count']} of {out.get('checked', '?')} samples lie far from all "
+            f"their neighbours (mean cosine distance to the {out.get('neighbours', 'k')} "
+            f"nearest more than {out['z_threshold']} robust standard deviations above the "
+            f"median, {out['median_distance']:.3f}): rare cases or images from another "
+            "domain; review them on the page")
+    elif "count" in out:
+        lines.append(f"outliers: none of {out.get('checked', '?')} samples lies far from all "
+                     "its neighbours")
+    else:
+        lines.append(f"outliers: {out.get('note')}")
     lc = section.get("learning_curve", {})
     fit = lc.get("fit", {})
     if "advice" in fit:
