@@ -25,7 +25,7 @@ from pipeline.fsio import atomic_path, atomic_write_text
 from pipeline.jobs.records import JobStore
 from pipeline.jobs.steps import live, plan_source, shard_paths, shard_results, succeed
 from pipeline.plan import Plan, PlanMessage, QualityPlan, load_plan
-from pipeline.quality import curve, labels, neighbors, probing, shift, summary
+from pipeline.quality import curve, labels, neighbors, probing, shift, standout, summary
 from pipeline.reports import quality as quality_report
 from pipeline.reports import report
 from pipeline.store import files
@@ -311,22 +311,28 @@ def summarize(jobs: JobStore, plan: Plan, parts: dict[str, dict[str, Any]]) -> d
                       "aligned": None, "detail": None}
         how = f"default ({probe.get('note', 'not calibrated')})"
     found, confirmed = summary.pairs(nb, thresholds, digests), dict[str, Any]()
-    if best is not None:  # calibrated: near pairs must agree in fine detail too (images)
+    trained = np.asarray([where.get(int(i)) == "train" for i in nb.idx], bool)
+    stands: dict[str, Any] = {}
+    if best is not None:  # calibrated: near pairs must agree in fine detail too (images),
         found, confirmed = summary.confirm(found, nb, probe.get("detail", {}),
                                            neighbors.detail_scorer(paths))
+        # and a copy its sample's other candidates are far from counts (the ratio test)
+        found, stands = standout.apply(found, nb, probe.get("detail", {}), trained)
     section: dict[str, Any] = {
         "near_duplicate_threshold": {
             **thresholds, "source": how, "calibration": {s: probe[s] for s in signals
                                                          if s in probe},
             "natural_likeness": natural,
             "expected_copy_recall": copy_recall, "confirmed_by_detail": confirmed,
+            "standout": stands,
             **({"note": "shards without image signatures: features only"}
                if nb.sig_nbr is None else {})},
         "duplicates": summary.duplicates(found, where, len(found) + 1),
         "removed_at_planning": [e.model_dump() for e in plan.excluded][:spec.max_listed],
         "removed_at_planning_count": len(plan.excluded),
         "outliers": summary.outliers(nb, spec.outlier_z, where, y_of, plan.n_samples),
-        "label_issues": _label_issues(plan, d, plan.n_samples, nb),
+        "label_issues": labels.from_folds([d / f"fold-{f}.npz" for f in range(q.folds)],
+                                          nb, plan.n_samples),
         "learning_curve": _curve(q, parts, spec.target_top1, len(plan.splits.val)),
         "shift": {k: v for k, v in parts["shift"].items() if k not in ("part", "seconds")},
         "balance": shift.balance({n: y_of[np.asarray(plan.splits.of(n), np.int64)]
@@ -335,8 +341,10 @@ def summarize(jobs: JobStore, plan: Plan, parts: dict[str, dict[str, Any]]) -> d
         "nonfinite": {"count": len(nb.nonfinite),
                       "indices": sorted(int(i) for i in nb.nonfinite)[:spec.max_listed]},
     }
-    section["duplicates"]["false_leak"] = summary.false_leak_rate(nb, thresholds, where, y_of,
-                                                                  digests, best)
+    section["duplicates"]["false_leak"] = summary.false_leak_rate(
+        nb, thresholds, where, y_of, digests, best,
+        (standout.passes(nb, stands["floor"], stands["gap"])[trained], standout.TAIL)
+        if "gap" in stands else None)
     summary.qualify_leaks(section, len(plan.splits.val) + len(plan.splits.test))
     summary.qualify(section, plan.backbone.weights_id, _pretraining(plan))
     # every finding, for the export a reviewer works through; the page lists the first ones
@@ -369,28 +377,6 @@ def _reused(plan: Plan, q: QualityPlan) -> dict[str, Any]:
     section["reused"] = {"from": q.cache_path, "seconds_then": section.get("seconds")}
     section["seconds"] = 0.0
     return section
-
-
-def _label_issues(plan: Plan, d: Path, limit: int, nb: neighbors.Neighbors) -> dict[str, Any]:
-    idx, y, proba = [], [], []
-    for f in range(_q(plan).folds):
-        with np.load(d / f"fold-{f}.npz", allow_pickle=False) as z:
-            if len(z["proba"]):
-                idx.append(z["idx"])
-                y.append(z["y"])
-                proba.append(z["proba"])
-    if not idx:
-        return {"note": "no out-of-fold predictions: the data has fewer than two classes "
-                        "with two labeled samples each"}
-    idx_a, y_a, p_a = np.concatenate(idx), np.concatenate(y), np.concatenate(proba)
-    if min(np.bincount(y_a)[np.unique(y_a)]) < 2 or len(y_a) < 10:
-        return {"note": f"{len(y_a)} labeled samples are too few for out-of-fold predictions"}
-    tables = {"feature neighbours": nb.nbr}
-    if nb.sig_nbr is not None:
-        tables["signature neighbours"] = nb.sig_nbr
-    combined, views = labels.evidence(p_a, idx_a, y_a, nb.idx, tables)
-    return {**labels.label_issues(y_a, p_a, idx_a, limit, evidence=combined),
-            "evidence": views}
 
 
 def _curve(q: QualityPlan, parts: dict[str, dict[str, Any]],

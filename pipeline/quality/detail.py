@@ -35,7 +35,8 @@ COARSE = (0.86, 0.9, 0.94, 0.98, 1.0)  # the coarse pass's; the fine one tries +
 SIGMAS = (0.7, 4.0)  # the band: a difference of these two Gaussian blurs (pixels at 64)
 FINE_SCALE = 0.021  # the fine search: scales this near the coarse best
 FINE = 2  # the fine search: offsets within this many pixels of the coarse best, x 2
-CANDIDATES = 1  # each sample's best by the aligned thumbnail, and its best by the features
+CANDIDATES = 2  # each sample's best by the aligned thumbnail, and its best by the features
+# (two of each: the ratio test, standout.py, compares a sample's best with its second best)
 CHUNK = 256  # pairs scored at a time (the fine search holds 25 windows of each)
 BLOCK = 2048  # pairs whose pictures are band-passed at a time (at most 2 x 16 KB each)
 
@@ -178,9 +179,9 @@ def similarity(details: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def candidates(al_nbr: np.ndarray | None, nbr: np.ndarray) -> np.ndarray:
-    """Each row's ``CANDIDATES`` best by the aligned thumbnail and its best by the
+    """Each row's ``CANDIDATES`` best by the aligned thumbnail and as many by the
     features, side by side (-1: none)."""
-    cols = [nbr[:, :1]]
+    cols = [nbr[:, :CANDIDATES]]
     if al_nbr is not None:
         cols.insert(0, al_nbr[:, :CANDIDATES])
     return np.concatenate(cols, axis=1)

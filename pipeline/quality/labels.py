@@ -14,11 +14,13 @@ flags the sample too; the flagged set's expected precision is their mean confide
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline.heads import linear
+from pipeline.quality.neighbors import Neighbors
 
 FLAG_POSTERIOR = 0.5  # a candidate is flagged when its label is more likely flipped than not
 FOLD_ITERS = 100  # L-BFGS iterations of an out-of-fold probe (measured: digits converge by 50)
@@ -214,3 +216,27 @@ def label_issues(labels: np.ndarray, proba: np.ndarray, idx: np.ndarray, limit: 
         out["expected_precision"] = round(float(post[kept].mean()), 3)
         out["expected_recall"] = round(float(post[kept].sum()) / max(expected, 1e-12), 3)
     return out
+
+
+def from_folds(paths: list[Path], nb: Neighbors, limit: int) -> dict[str, Any]:
+    """:func:`label_issues` of the out-of-fold predictions the ``fold.<f>`` parts wrote
+    (``paths``: their files, npz of ``idx``, ``y``, ``proba``), judged by :func:`evidence`
+    with the neighbour tables of ``nb``; or why there are none."""
+    idx, y, proba = [], [], []
+    for path in paths:
+        with np.load(path, allow_pickle=False) as z:
+            if len(z["proba"]):
+                idx.append(z["idx"])
+                y.append(z["y"])
+                proba.append(z["proba"])
+    if not idx:
+        return {"note": "no out-of-fold predictions: the data has fewer than two classes "
+                        "with two labeled samples each"}
+    idx_a, y_a, p_a = np.concatenate(idx), np.concatenate(y), np.concatenate(proba)
+    if min(np.bincount(y_a)[np.unique(y_a)]) < 2 or len(y_a) < 10:
+        return {"note": f"{len(y_a)} labeled samples are too few for out-of-fold predictions"}
+    tables = {"feature neighbours": nb.nbr}
+    if nb.sig_nbr is not None:
+        tables["signature neighbours"] = nb.sig_nbr
+    combined, views = evidence(p_a, idx_a, y_a, nb.idx, tables)
+    return {**label_issues(y_a, p_a, idx_a, limit, evidence=combined), "evidence": views}

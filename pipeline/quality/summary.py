@@ -127,7 +127,7 @@ def duplicates(found: list[Pair], where: dict[int, str], limit: int) -> dict[str
         return {"a": p[0], "b": p[1], "split_a": where.get(p[0]), "split_b": where.get(p[1]),
                 "similarity": round(p[2], 5), "found_by": p[3]}
 
-    by = {how: sum(1 for p in found if p[3] == how) for how in ("exact", *SIGNALS)}
+    by = {how: sum(1 for p in found if p[3] == how) for how in ("exact", *SIGNALS, "standout")}
     return {"pairs": len(found), "cross_split_pairs": len(cross),
             "within_split_pairs": len(within), "within_split_groups": int(groups),
             "found_by": by,
@@ -214,14 +214,17 @@ def fitted_rate(best: dict[str, np.ndarray],
 def false_leak_rate(nb: Neighbors, thresholds: Mapping[str, float | None],
                     where: dict[int, str], labels: np.ndarray,
                     digests: np.ndarray | None,
-                    best: dict[str, np.ndarray] | str | None = None) -> dict[str, Any]:
+                    best: dict[str, np.ndarray] | str | None = None,
+                    standout: tuple[np.ndarray, float] | None = None) -> dict[str, Any]:
     """How often two *distinct* training samples of one class are as alike as a leak call
     needs: each training sample's nearest distinct same-class training neighbour (not the
     same bytes), over the near-copy threshold of any signal. Counted (``rate``), real near
     copies inside train count too: an upper bound on how often natural likeness passes for
     a copy; ``fitted_rate`` (:func:`fitted_rate`) is what the bulk of those pairs says,
     which real copies barely move. ``best``: :func:`nearest_distinct`'s answer when the
-    caller already has it."""
+    caller already has it. ``standout``: which training samples' best fine-detail candidate
+    stands out (:mod:`standout`; a mask in the order of ``nb.idx``'s training rows) and the
+    rule's fitted rate, both added (a union bound)."""
     if best is None:
         best = nearest_distinct(nb, where, labels, digests)
     if isinstance(best, str):
@@ -234,9 +237,14 @@ def false_leak_rate(nb: Neighbors, thresholds: Mapping[str, float | None],
             continue
         seen |= np.isfinite(v)
         over |= np.isfinite(v) & (np.nan_to_num(v, nan=-np.inf) >= t)
+    if standout is not None:
+        over |= standout[0]
+        seen |= standout[0]
     if not seen.any():
         return {"note": "no distinct same-class training pairs among the neighbours"}
     fitted = fitted_rate(best, thresholds)
+    if fitted is not None and standout is not None:
+        fitted = min(1.0, fitted + standout[1])
     return {"rate": round(float(over[seen].mean()), 5), "pairs": int(seen.sum()),
             **({} if fitted is None else {"fitted_rate": round(fitted, 5)})}
 

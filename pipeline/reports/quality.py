@@ -96,7 +96,8 @@ def brief(section: dict[str, Any]) -> dict[str, Any]:
 
 
 SIGNAL_NAMES = {"features": "features", "signatures": "thumbnail",
-                "aligned": "thumbnail over small crops", "detail": "fine detail, aligned"}
+                "aligned": "thumbnail over small crops", "detail": "fine detail, aligned",
+                "standout": "fine detail, standing out"}
 
 
 def summary_lines(section: dict[str, Any], class_names: list[str]) -> list[str]:
@@ -112,6 +113,9 @@ def summary_lines(section: dict[str, Any], class_names: list[str]) -> list[str]:
              "copies removed at planning"
              + (f"; {dropped} pair(s) alike only as thumbnails set aside (their fine detail "
                 "differs)" if dropped else "")]
+    stands = thr.get("standout") or {}
+    if stands.get("added"):
+        lines.append(f"duplicates, standing out: {stands['note']}")
     call = dup.get("leak_call") or {}
     if call.get("note"):
         lines.append(f"leaks: {call['note']}")
