@@ -139,7 +139,7 @@ def run(data: str, side: int, backbone: str, out: Path, seed: int,
                   "test_samples": len(tests), "test_called_leaked": len(leaked),
                   "test_leak_share": round(len(leaked) / max(1, len(tests)), 4),
                   "leak_call": dup.get("leak_call"),
-                  **(_overlaps(dup, tests, where) if data == "photos" else {}),
+                  **(_overlaps(section, tests, where) if data == "photos" else {}),
                   "outliers_flagged": scored["outliers_flagged"]}
     return {"data": data, "clean": clean, "image_size": side, "backbone": backbone,
             "samples": len(p.labels),
@@ -164,11 +164,14 @@ def inside(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
     return ih * iw >= 0.95 * min(a[3], b[3]) ** 2 and min(a[3], b[3]) >= 0.84 * max(a[3], b[3])
 
 
-def _overlaps(dup: dict[str, Any], tests: list[int], where: dict[int, str]) -> dict[str, Any]:
+def _overlaps(section: dict[str, Any], tests: list[int],
+              where: dict[int, str]) -> dict[str, Any]:
     """Photo crops of one photo can overlap: a test crop whose twin covers the same region
     (IoU >= 0.8, what ``near_copy``'s crop edit keeps) is a near duplicate in fact, not a
     false alarm; so, counted apart, is one that is a crop of its twin (:func:`inside`)."""
-    twin = {int(r["index"]): int(r["twin"]) for r in dup.get("leaks", [])}
+    # every leak with its twin: the section's ``leaks`` list is cut to quality.max_listed
+    twin = {int(r["index"]): int(r["twin"]) for r in section.get("flagged", [])
+            if r["finding"] == "leak"}
     called = [i for i in tests if i in twin]
     real = [i for i in called if overlap(PHOTO_BOXES[i], PHOTO_BOXES[twin[i]]) >= 0.8]
     crop = [i for i in called if i not in real and inside(PHOTO_BOXES[i], PHOTO_BOXES[twin[i]])]

@@ -39,6 +39,7 @@ CANDIDATES = 2  # each sample's best by the aligned thumbnail, and its best by t
 # (two of each: the ratio test, standout.py, compares a sample's best with its second best)
 CHUNK = 256  # pairs scored at a time (the fine search holds 25 windows of each)
 BLOCK = 2048  # pairs whose pictures are band-passed at a time (at most 2 x 16 KB each)
+AT_ONCE = 4096  # pictures band-passed together when all the pairs hold no more (64 MB)
 
 
 def bandpass(details: np.ndarray) -> Any:
@@ -69,9 +70,17 @@ def _shrunk(b: Any, m: int) -> Any:
                                            antialias=True, align_corners=False)[:, 0]
 
 
-def _coarse(a: Any, b: Any) -> tuple[Any, Any, Any, Any]:
-    """Every scale and offset of ``b`` shrunk inside ``a`` ((P, s, s) each): the best
-    normalized cross-correlation per pair, and its scale index and offset (dy, dx)."""
+def _templates(b: Any) -> list[Any]:
+    """Each picture of ``b`` ((n, s, s)) shrunk to every ``COARSE`` scale, centred, unit
+    norm: what :func:`_coarse` slides (made once a picture, not once a pair)."""
+    s = b.shape[-1]
+    return [_unit(_shrunk(b, round(s * scale))) for scale in COARSE]
+
+
+def _coarse(a: Any, tb: list[Any]) -> tuple[Any, Any, Any, Any]:
+    """Every scale and offset of ``b`` shrunk inside ``a`` ((P, s, s); ``tb``: ``b``'s
+    :func:`_templates`): the best normalized cross-correlation per pair, and its scale
+    index and offset (dy, dx)."""
     import torch
 
     s = a.shape[-1]
@@ -81,7 +90,7 @@ def _coarse(a: Any, b: Any) -> tuple[Any, Any, Any, Any]:
     for k, scale in enumerate(COARSE):
         m = round(s * scale)
         o = s - m + 1
-        t = _unit(_shrunk(b, m))
+        t = tb[k]
         corr = torch.nn.functional.conv2d(a[None], t[:, None], groups=len(a))[0]
         ncc = (corr / _window_var(c1, c2, m, o).sqrt()).flatten(1)
         v, at = ncc.max(dim=1)
@@ -149,13 +158,24 @@ def pair_scores(a: Any, b: Any) -> np.ndarray:
     way round, searched coarse to fine."""
     import torch
 
-    out = np.empty(len(a), np.float32)
+    n = len(a)
+    return _scores(torch.cat([a, b]), np.arange(n), n + np.arange(n))
+
+
+def _scores(band: Any, ia: np.ndarray, ib: np.ndarray) -> np.ndarray:
+    """:func:`pair_scores` of the pairs (``band[ia[i]]``, ``band[ib[i]]``): the coarse
+    templates made once a picture."""
+    import torch
+
+    out = np.empty(len(ia), np.float32)
     with torch.inference_mode():
-        for c in range(0, len(a), CHUNK):
-            x, y = a[c:c + CHUNK], b[c:c + CHUNK]
-            x2 = torch.nn.functional.avg_pool2d(x[:, None], 2)[:, 0]
-            y2 = torch.nn.functional.avg_pool2d(y[:, None], 2)[:, 0]
-            fwd, back = _coarse(x2, y2), _coarse(y2, x2)
+        half = torch.nn.functional.avg_pool2d(band[:, None], 2)[:, 0]
+        tmpl = _templates(half)
+        for c in range(0, len(ia), CHUNK):
+            i, j = torch.from_numpy(ia[c:c + CHUNK]), torch.from_numpy(ib[c:c + CHUNK])
+            x, y = band[i], band[j]
+            fwd = _coarse(half[i], [t[j] for t in tmpl])
+            back = _coarse(half[j], [t[i] for t in tmpl])
             flip = back[0] > fwd[0]  # which picture is the shrunk one
             big = torch.where(flip[:, None, None], y, x)
             small = torch.where(flip[:, None, None], x, y)
@@ -169,12 +189,15 @@ def similarity(details: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """:func:`pair_scores` of the rows (``details[a[i]]``, ``details[b[i]]``)."""
     a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
     out = np.zeros(len(a), np.float32)
+    used, inv = np.unique(np.concatenate([a, b]), return_inverse=True)
+    if len(used) <= AT_ONCE:  # every picture band-passed once
+        return _scores(bandpass(np.asarray(details)[used]), inv[:len(a)], inv[len(a):])
     order = np.argsort(a, kind="stable")  # a block's pairs share their first pictures
     for s in range(0, len(a), BLOCK):
         at = order[s:s + BLOCK]
         used, inv = np.unique(np.concatenate([a[at], b[at]]), return_inverse=True)
         band = bandpass(np.asarray(details)[used])
-        out[at] = pair_scores(band[inv[:len(at)]], band[inv[len(at):]])
+        out[at] = _scores(band, inv[:len(at)], inv[len(at):])
     return out
 
 

@@ -103,8 +103,8 @@ def apply(found: list[Pair], nb: Neighbors, cal: dict[str, Any],
     counted = float(ok[train_rows].mean()) if train_rows.any() else 0.0
     return merged, {**got, "floor": round(float(floor), 5), "added": len(extra),
                     "counted_rate": round(counted, 5), "fitted_rate": TAIL,
-                    "note": f"a fine-detail match of at least {floor:.3f} whose "
-                            f"dissimilarity is under {got['ratio']:.2f} of the sample's "
-                            f"next candidate's (the data's own samples stand out that far "
-                            f"0.1% of the time; typical: {got['median_ratio']:.2f}) counts "
-                            f"as a copy too: {len(extra)} pair(s) added"}
+                    "note": f"a fine-detail match of at least {floor:.3f} that stands out, "
+                            f"under {got['ratio']:.2f} times as dissimilar as the sample's "
+                            f"next candidate (by a fit to this data's samples, that happens "
+                            f"0.1% of the time; typically {got['median_ratio']:.2f} times), "
+                            f"counts as a copy too: {len(extra)} pair(s) added"}
