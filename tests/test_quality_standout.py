@@ -43,7 +43,7 @@ def crowded(seed: int, n: int = 2000, copies: int = 40) -> tuple[Neighbors, np.n
 def test_the_threshold_is_the_fitted_tail_of_the_data_own_gaps() -> None:
     nb, _, (s1, s2) = crowded(0)
     train = np.ones(len(s1), bool)
-    got = standout.fit(nb, train)
+    got = standout.fit(standout.gaps(nb)[2], train)
     assert isinstance(got, dict)
     gap = np.log(np.clip(1 - s1.astype(np.float32), 1e-6, None)) - np.log(
         np.clip(1 - s2.astype(np.float32), 1e-6, None))
@@ -52,7 +52,7 @@ def test_the_threshold_is_the_fitted_tail_of_the_data_own_gaps() -> None:
     assert got["gap"] == pytest.approx(mu - 3.09 * sd, abs=1e-4)
     assert got["ratio"] == pytest.approx(np.exp(mu - 3.09 * sd), rel=1e-3)
     assert got["samples"] == len(s1)
-    assert "too few" in str(standout.fit(nb, np.arange(len(s1)) < 5))
+    assert "too few" in str(standout.fit(standout.gaps(nb)[2], np.arange(len(s1)) < 5))
 
 
 def test_copies_that_stand_out_are_found_where_the_floor_is_above_them() -> None:
@@ -61,22 +61,25 @@ def test_copies_that_stand_out_are_found_where_the_floor_is_above_them() -> None
     floor = summary.natural_likeness({"detail": s1})["detail"]
     assert floor > 0.96  # the crowded data's own floor: every copy is below it
     assert not (s1[rows] >= floor).any()
-    found, info = standout.apply([], nb, {"threshold": 0.9,
-                                          "copy_similarity": {"p1": 0.9}}, train)
+    found, info, ok = standout.apply([], nb, {"threshold": 0.9,
+                                              "copy_similarity": {"p1": 0.9}}, train)
     pairs = {(a, b) for a, b, _, how in found if how == "standout"}
     want = {(min(int(r), (int(r) + 1) % len(s1)), max(int(r), (int(r) + 1) % len(s1)))
             for r in rows}
     assert want <= pairs  # every planted copy
     assert len(pairs - want) <= 0.003 * len(s1) + 2  # about the fitted 0.1 % of the rest
     assert info["added"] == len(pairs) and info["floor"] == 0.9
-    ok = standout.passes(nb, 0.9, info["gap"])
+    # the rows passed: best at least the floor, gap at most the fitted one (computed here)
+    s1_, s2_ = nb.dt_sim[:, 0].astype(np.float64), nb.dt_sim[:, 1].astype(np.float64)
+    gap = np.log(np.clip(1 - s1_, 1e-6, None)) - np.log(np.clip(1 - s2_, 1e-6, None))
+    assert (ok == ((s1_ >= 0.9) & (gap <= info["gap"]))).all()
     assert info["counted_rate"] == pytest.approx(ok.mean(), abs=1e-5)
     assert "counts as a copy too" in info["note"]
     # a pair the other signals found already keeps how it was found; order as summary.pairs
     r = int(rows[0])
     a, b = min(r, (r + 1) % len(s1)), max(r, (r + 1) % len(s1))
-    again, _ = standout.apply([(a, b, 0.99, "aligned")], nb,
-                              {"threshold": 0.9, "copy_similarity": {"p1": 0.9}}, train)
+    again, _, _ = standout.apply([(a, b, 0.99, "aligned")], nb,
+                                 {"threshold": 0.9, "copy_similarity": {"p1": 0.9}}, train)
     assert (a, b, 0.99, "aligned") in again and again[0][2] >= again[-1][2]
     assert sum(1 for p in again if (p[0], p[1]) == (a, b)) == 1
 
@@ -84,17 +87,18 @@ def test_copies_that_stand_out_are_found_where_the_floor_is_above_them() -> None
 def test_below_the_copies_floor_or_without_detail_nothing_is_added() -> None:
     nb, rows, (s1, _) = crowded(2)
     train = np.ones(len(s1), bool)
-    found, info = standout.apply([], nb, {"threshold": 0.99,
-                                          "copy_similarity": {"p1": 0.97}}, train)
+    found, info, _ = standout.apply([], nb, {"threshold": 0.99,
+                                             "copy_similarity": {"p1": 0.97}}, train)
     n = len(s1)
     planted = {(min(int(r), (int(r) + 1) % n), max(int(r), (int(r) + 1) % n)) for r in rows}
     assert info["floor"] == 0.97 and not {(a, b) for a, b, *_ in found} & planted
     bare = Neighbors(idx=nb.idx, y=nb.y, nbr=nb.nbr, sim=nb.sim, nonfinite=nb.nonfinite)
-    assert standout.apply([], bare, {"threshold": 0.9, "copy_similarity": {"p1": 0.9}},
-                          train) == ([], {"note": "no fine-detail signal in use"})
+    found, info, ok = standout.apply([], bare, {"threshold": 0.9,
+                                                "copy_similarity": {"p1": 0.9}}, train)
+    assert (found, info, ok.any()) == ([], {"note": "no fine-detail signal in use"}, False)
     unused = standout.apply([], nb, {"threshold": None, "copy_similarity": {"p1": 0.9}},
                             train)
-    assert unused[0] == [] and "no fine-detail" in unused[1]["note"]
+    assert unused[0] == [] and "no fine-detail" in unused[1]["note"] and not unused[2].any()
 
 
 def test_the_false_leak_rates_add_the_rule() -> None:

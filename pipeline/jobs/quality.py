@@ -313,11 +313,12 @@ def summarize(jobs: JobStore, plan: Plan, parts: dict[str, dict[str, Any]]) -> d
     found, confirmed = summary.pairs(nb, thresholds, digests), dict[str, Any]()
     trained = np.asarray([where.get(int(i)) == "train" for i in nb.idx], bool)
     stands: dict[str, Any] = {}
+    passing = np.zeros(len(nb.idx), bool)
     if best is not None:  # calibrated: near pairs must agree in fine detail too (images),
         found, confirmed = summary.confirm(found, nb, probe.get("detail", {}),
                                            neighbors.detail_scorer(paths))
         # and a copy its sample's other candidates are far from counts (the ratio test)
-        found, stands = standout.apply(found, nb, probe.get("detail", {}), trained)
+        found, stands, passing = standout.apply(found, nb, probe.get("detail", {}), trained)
     section: dict[str, Any] = {
         "near_duplicate_threshold": {
             **thresholds, "source": how, "calibration": {s: probe[s] for s in signals
@@ -343,8 +344,7 @@ def summarize(jobs: JobStore, plan: Plan, parts: dict[str, dict[str, Any]]) -> d
     }
     section["duplicates"]["false_leak"] = summary.false_leak_rate(
         nb, thresholds, where, y_of, digests, best,
-        (standout.passes(nb, stands["floor"], stands["gap"])[trained], standout.TAIL)
-        if "gap" in stands else None)
+        (passing[trained], standout.TAIL) if "gap" in stands else None)
     summary.qualify_leaks(section, len(plan.splits.val) + len(plan.splits.test))
     summary.qualify(section, plan.backbone.weights_id, _pretraining(plan))
     # every finding, for the export a reviewer works through; the page lists the first ones

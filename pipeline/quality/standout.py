@@ -28,10 +28,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.quality.neighbors import Neighbors
+from pipeline.quality.summary import NATURAL_Z, Pair
 
-Pair = tuple[int, int, float, str]  # summary.Pair
-
-NATURAL_Z = 3.09  # summary.NATURAL_Z: one-sided 99.9 % of a normal
 MIN_ROWS = 20  # training samples with two candidates needed for a fit
 
 
@@ -48,11 +46,10 @@ def gaps(nb: Neighbors) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.where(ok, nb.dt_nbr[:, 0], -1), np.where(ok, s[:, 0], np.nan), gap
 
 
-def fit(nb: Neighbors, train_rows: np.ndarray) -> dict[str, Any] | str:
-    """The gap a sample's best candidate stands out by, fitted over the training rows
-    (``train_rows``: a mask over ``nb.idx``): the threshold (the fitted 0.1 % tail) and the
-    fit, or why there is none."""
-    _, _, gap = gaps(nb)
+def fit(gap: np.ndarray, train_rows: np.ndarray) -> dict[str, Any] | str:
+    """The gap (:func:`gaps`) a sample's best candidate stands out by, fitted over the
+    training rows (``train_rows``: a mask over the rows): the threshold (the fitted 0.1 %
+    tail) and the fit, or why there is none."""
     g = gap[train_rows & np.isfinite(gap)]
     if len(g) < MIN_ROWS:
         return f"{len(g)} training samples with two fine-detail candidates: too few to fit"
@@ -68,29 +65,23 @@ def fit(nb: Neighbors, train_rows: np.ndarray) -> dict[str, Any] | str:
 TAIL = 0.001  # the fitted false-positive rate of the rule: NATURAL_Z's one-sided tail
 
 
-def passes(nb: Neighbors, floor: float, gap: float) -> np.ndarray:
-    """Per row: does its best candidate stand out (similarity at least ``floor``, a gap to
-    the second best at most ``gap``)?"""
-    best, s1, g = gaps(nb)
-    out: np.ndarray = (best >= 0) & (np.nan_to_num(s1, nan=-1.0) >= floor) & (
-        np.nan_to_num(g, nan=np.inf) <= gap)
-    return out
-
-
 def apply(found: list[Pair], nb: Neighbors, cal: dict[str, Any],
-          train_rows: np.ndarray) -> tuple[list[Pair], dict[str, Any]]:
+          train_rows: np.ndarray) -> tuple[list[Pair], dict[str, Any], np.ndarray]:
     """``found`` plus every row's best candidate that stands out (found by "standout"),
-    sorted as :func:`summary.pairs` sorts; and what the section says of the rule (its
+    sorted as :func:`summary.pairs` sorts; what the section says of the rule (its
     threshold, the counted and fitted rates the leak call adds; or why it is not used:
-    no fine-detail signal calibrated and in use, too few training samples)."""
+    no fine-detail signal calibrated and in use, too few training samples); and which rows
+    passed (similarity at least the copies' ``p1``, a gap at most the fitted one)."""
+    none = np.zeros(len(nb.idx), bool)
     floor = (cal.get("copy_similarity") or {}).get("p1")
     if nb.dt_nbr is None or cal.get("threshold") is None or floor is None:
-        return found, {"note": "no fine-detail signal in use"}
-    got = fit(nb, train_rows)
+        return found, {"note": "no fine-detail signal in use"}, none
+    best, s1, gap = gaps(nb)
+    got = fit(gap, train_rows)
     if isinstance(got, str):
-        return found, {"note": got}
-    ok = passes(nb, float(floor), got["gap"])
-    best, s1, _ = gaps(nb)
+        return found, {"note": got}, none
+    ok = (best >= 0) & (np.nan_to_num(s1, nan=-1.0) >= float(floor)) & (
+        np.nan_to_num(gap, nan=np.inf) <= got["gap"])
     have = {(a, b) for a, b, _, _ in found}
     extra: dict[tuple[int, int], float] = {}
     for r in np.flatnonzero(ok).tolist():
@@ -107,4 +98,4 @@ def apply(found: list[Pair], nb: Neighbors, cal: dict[str, Any],
                             f"under {got['ratio']:.2f} times as dissimilar as the sample's "
                             f"next candidate (by a fit to this data's samples, that happens "
                             f"0.1% of the time; typically {got['median_ratio']:.2f} times), "
-                            f"counts as a copy too: {len(extra)} pair(s) added"}
+                            f"counts as a copy too: {len(extra)} pair(s) added"}, ok
