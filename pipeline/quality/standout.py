@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.quality.neighbors import Neighbors
-from pipeline.quality.summary import NATURAL_Z, Pair
+from pipeline.quality.summary import NATURAL_Z, Pair, robust_normal
 
 MIN_ROWS = 20  # training samples with two candidates needed for a fit
 
@@ -53,8 +53,7 @@ def fit(gap: np.ndarray, train_rows: np.ndarray) -> dict[str, Any] | str:
     g = gap[train_rows & np.isfinite(gap)]
     if len(g) < MIN_ROWS:
         return f"{len(g)} training samples with two fine-detail candidates: too few to fit"
-    mu = float(np.median(g))
-    sd = 1.4826 * float(np.median(np.abs(g - mu)))
+    mu, sd = robust_normal(g)
     if sd <= 0:
         return "no spread in how far the best candidates stand out"
     thr = mu - NATURAL_Z * sd

@@ -171,6 +171,13 @@ def nearest_distinct(nb: Neighbors, where: dict[int, str], labels: np.ndarray,
 NATURAL_Z = 3.09  # one-sided 99.9 % of a normal
 
 
+def robust_normal(x: np.ndarray) -> tuple[float, float]:
+    """The normal fitted by median and MAD: (mean, sd); what sits in one tail (real copies)
+    barely moves it."""
+    mu = float(np.median(x))
+    return mu, 1.4826 * float(np.median(np.abs(x - mu)))
+
+
 def natural_fit(best: dict[str, np.ndarray]) -> dict[str, tuple[float, float]]:
     """Per signal, the normal fitted by median and MAD to log(1 - s) of each training
     sample's nearest distinct same-class neighbour (:func:`nearest_distinct`): (mean, sd).
@@ -182,9 +189,7 @@ def natural_fit(best: dict[str, np.ndarray]) -> dict[str, tuple[float, float]]:
         v = v[np.isfinite(v)]
         if len(v) < 20:
             continue
-        x = np.log(np.clip(1.0 - v, 1e-6, None))
-        mu = float(np.median(x))
-        out[signal] = (mu, 1.4826 * float(np.median(np.abs(x - mu))))
+        out[signal] = robust_normal(np.log(np.clip(1.0 - v, 1e-6, None)))
     return out
 
 
