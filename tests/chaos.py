@@ -7,15 +7,17 @@ fault switches; fault tests start workers with ``--include tests.chaos`` and the
 * ``CHAOS_CRASH_AFTER_CHECKPOINT=1``: the first training task's pool child (a node of a
   fine-tuning run) kills itself right after the run's first checkpoint appears, as a
   preemption would (its torchrun and ranks die with it); later deliveries run on.
-* ``CHAOS_KILL_AGENT_AFTER_CHECKPOINT=1``: the first training node task SIGKILLs its torchrun
-  agent and the agent's ranks (their process group) right after the run's first checkpoint
-  appears, leaving the task's own process alive (an operator's ``kill -9``, an agent OOM).
+* ``CHAOS_KILL_AGENT_AFTER_CHECKPOINT=1``: once per job, the training node task that runs
+  torchrun SIGKILLs its agent and the agent's ranks (their process group) as soon as a
+  checkpoint of this task exists and the agent is alive, leaving the task's own process
+  alive (an operator's ``kill -9``, an agent OOM).
 * ``CHAOS_SLOW_SHARD_S=<seconds>``: every extraction task sleeps this long first (keeps a task
   running while the test does something to it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -23,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from celery.signals import task_prerun
+from celery.signals import task_postrun, task_prerun
 
 from pipeline.plan import load_plan
 
@@ -56,17 +58,20 @@ def _inject(sender: Any = None, task_id: str = "", args: Any = (), kwargs: Any =
 
         plan = load_plan(args[0])
         marker = plan.job_dir / ".chaos-agent-killed"
-        if marker.exists():
-            return
-        marker.touch()
-        started = time.time()
+        if not marker.exists():
+            # a checkpoint written during this task (an earlier slice's is there already)
+            _kill_agent_once(run_dir(plan, str(plan.program)) / "last.pt", marker, task_id,
+                             time.time())
 
-        def kill() -> None:
-            if not _kill_agent():  # the slice had ended with that checkpoint: no agent was
-                marker.unlink(missing_ok=True)  # left to kill; the next slice's task tries
 
-        # a checkpoint written during this task (an earlier slice's is there already)
-        _watch_then_kill(run_dir(plan, str(plan.program)) / "last.pt", kill, started)
+@task_postrun.connect
+def _task_over(task_id: str = "", **_: Any) -> None:
+    done = _running.pop(task_id, None)
+    if done is not None:
+        done.set()
+
+
+_running: dict[str, threading.Event] = {}
 
 
 def _kill_after_start_counted(job_id: str, shard: str) -> None:
@@ -88,28 +93,29 @@ def _kill_after_start_counted(job_id: str, shard: str) -> None:
     threading.Thread(target=watch, daemon=True, name="chaos").start()
 
 
-def _kill_agent() -> bool:
-    """SIGKILL this process's torchrun children and their ranks (each its own session);
-    False: there was none (left to kill)."""
-    killed = False
+def _agents() -> list[int]:
+    """This process's torchrun children (each its own session, its ranks in it)."""
+    found = []
     for child in Path("/proc").glob("[0-9]*"):
         try:
             stat = (child / "stat").read_text().rsplit(")", 1)[1].split()
             cmd = (child / "cmdline").read_bytes()
         except OSError:
             continue
-        if int(stat[1]) == os.getpid() and b"torch.distributed.run" in cmd:
-            try:
-                os.killpg(int(child.name), signal.SIGKILL)
-            except ProcessLookupError:
-                continue
-            killed = True
-    return killed
+        if int(stat[1]) == os.getpid() and stat[0] != "Z" and b"torch.distributed.run" in cmd:
+            found.append(int(child.name))
+    return found
 
 
-def _watch_then_kill(checkpoint: Path, kill: Any = _kill_self, after: float = 0.0) -> None:
-    """Kill (this process, by default) as soon as the checkpoint file exists (written
-    atomically), written after ``after`` (a time.time())."""
+def _kill_agent_once(checkpoint: Path, marker: Path, task_id: str, after: float) -> None:
+    """While this task runs: as soon as a checkpoint written after ``after`` exists *and*
+    this process has a live torchrun agent, claim ``marker`` (one kill per job, whichever
+    delivery gets there) and SIGKILL the agent's process group (the agent and its ranks).
+
+    Deterministic on a loaded machine: the kill is not one attempt at the instant the
+    checkpoint appears (the agent may be gone by then, or this delivery may not be the one
+    running torchrun) but holds until a live agent is found, for as long as the task runs."""
+    done = _running[task_id] = threading.Event()
 
     def written() -> bool:
         try:
@@ -118,8 +124,29 @@ def _watch_then_kill(checkpoint: Path, kill: Any = _kill_self, after: float = 0.
             return False
 
     def watch() -> None:
-        while not written():
+        while not done.is_set():
+            agents = _agents() if written() else []
+            if agents:
+                try:
+                    fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                except FileExistsError:
+                    return  # another delivery made the job's one kill
+                os.close(fd)
+                for pid in agents:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(pid, signal.SIGKILL)
+                return
+            done.wait(0.005)
+
+    threading.Thread(target=watch, daemon=True, name="chaos").start()
+
+
+def _watch_then_kill(checkpoint: Path) -> None:
+    """Kill this process as soon as the checkpoint file exists (written atomically)."""
+
+    def watch() -> None:
+        while not checkpoint.exists():
             time.sleep(0.005)
-        kill()
+        _kill_self()
 
     threading.Thread(target=watch, daemon=True, name="chaos").start()
