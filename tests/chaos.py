@@ -4,9 +4,10 @@ fault switches; fault tests start workers with ``--include tests.chaos`` and the
 * ``CHAOS_CRASH_SHARD=<start>-<end>``: the pool child that runs that extraction task kills
   itself (SIGKILL) as soon as the task counted its start, as an out-of-memory kill would,
   every time it is delivered (within the attempt limit: a start beyond it does no work).
-* ``CHAOS_CRASH_AFTER_CHECKPOINT=1``: the first training task's pool child (a node of a
-  fine-tuning run) kills itself right after the run's first checkpoint appears, as a
-  preemption would (its torchrun and ranks die with it); later deliveries run on.
+* ``CHAOS_CRASH_AFTER_CHECKPOINT=1``: once per job, the pool child of the training node
+  task that runs torchrun (a node of a fine-tuning run) kills itself as soon as a checkpoint
+  of this task exists and the agent is alive, as a preemption would (its torchrun and ranks
+  die with it); later deliveries run on.
 * ``CHAOS_KILL_AGENT_AFTER_CHECKPOINT=1``: once per job, the training node task that runs
   torchrun SIGKILLs its agent and the agent's ranks (their process group) as soon as a
   checkpoint of this task exists and the agent is alive, leaving the task's own process
@@ -22,6 +23,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,20 +50,18 @@ def _inject(sender: Any = None, task_id: str = "", args: Any = (), kwargs: Any =
     elif name == "featurefleet.train_node" and os.environ.get("CHAOS_CRASH_AFTER_CHECKPOINT"):
         plan = load_plan(args[0])
         marker = plan.job_dir / ".chaos-crashed"
-        if marker.exists():
-            return
-        marker.touch()
-        _watch_then_kill(plan.job_dir / "finetune" / "last.pt")
+        if not marker.exists():  # the pool child dies, and its torchrun and ranks with it
+            _once_after_checkpoint(plan.job_dir / "finetune" / "last.pt", marker, task_id,
+                                   time.time(), lambda _agents: _kill_self())
     elif name == "featurefleet.train_node" and os.environ.get(
             "CHAOS_KILL_AGENT_AFTER_CHECKPOINT"):
         from pipeline.jobs.training import run_dir
 
         plan = load_plan(args[0])
         marker = plan.job_dir / ".chaos-agent-killed"
-        if not marker.exists():
-            # a checkpoint written during this task (an earlier slice's is there already)
-            _kill_agent_once(run_dir(plan, str(plan.program)) / "last.pt", marker, task_id,
-                             time.time())
+        if not marker.exists():  # the agents' process groups die, the task lives on
+            _once_after_checkpoint(run_dir(plan, str(plan.program)) / "last.pt", marker,
+                                   task_id, time.time(), _kill_groups)
 
 
 @task_postrun.connect
@@ -107,10 +107,17 @@ def _agents() -> list[int]:
     return found
 
 
-def _kill_agent_once(checkpoint: Path, marker: Path, task_id: str, after: float) -> None:
-    """While this task runs: as soon as a checkpoint written after ``after`` exists *and*
-    this process has a live torchrun agent, claim ``marker`` (one kill per job, whichever
-    delivery gets there) and SIGKILL the agent's process group (the agent and its ranks).
+def _kill_groups(agents: list[int]) -> None:
+    for pid in agents:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def _once_after_checkpoint(checkpoint: Path, marker: Path, task_id: str, after: float,
+                           kill: Callable[[list[int]], None]) -> None:
+    """While this task runs: as soon as a checkpoint written after ``after`` (so not an
+    earlier slice's) exists *and* this process has a live torchrun agent, claim ``marker``
+    (one kill per job, whichever delivery gets there) and ``kill(agents)``.
 
     Deterministic on a loaded machine: the kill is not one attempt at the instant the
     checkpoint appears (the agent may be gone by then, or this delivery may not be the one
@@ -132,21 +139,8 @@ def _kill_agent_once(checkpoint: Path, marker: Path, task_id: str, after: float)
                 except FileExistsError:
                     return  # another delivery made the job's one kill
                 os.close(fd)
-                for pid in agents:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(pid, signal.SIGKILL)
+                kill(agents)
                 return
             done.wait(0.005)
-
-    threading.Thread(target=watch, daemon=True, name="chaos").start()
-
-
-def _watch_then_kill(checkpoint: Path) -> None:
-    """Kill this process as soon as the checkpoint file exists (written atomically)."""
-
-    def watch() -> None:
-        while not checkpoint.exists():
-            time.sleep(0.005)
-        _kill_self()
 
     threading.Thread(target=watch, daemon=True, name="chaos").start()
