@@ -353,7 +353,7 @@ def test_the_probe_reads_what_extraction_stored_and_runs_the_backbone_on_copies_
     from pipeline.backbones import resolve_weights
     from pipeline.devices import cached_backbone
     from pipeline.preprocess import preprocess, signatures
-    from pipeline.quality.probing import embed, probe_backbone
+    from pipeline.quality.probing import PIXEL_COPIES, embed, probe_backbone
     from pipeline.sources.arrays import ArraySource
 
     images, y, names = photo_set(48, 20)
@@ -378,9 +378,9 @@ def test_the_probe_reads_what_extraction_stored_and_runs_the_backbone_on_copies_
     assert len(asked) == 1 and len(asked[0]) == 160
     assert alone["sampled"] == read["sampled"] == read["read_from_store"] == 160
     assert read["calibrated_on"] == alone["calibrated_on"] == 32
-    # two copies of each original; only the first round costs a forward pass, the second
-    # gives the pixel signals (signatures, fine detail) their percentiles' extra copies
-    assert read["copies"] == 64 and read["copies_through_backbone"] == 32
+    # PIXEL_COPIES copies of each original; only the first round costs a forward pass, the
+    # others give the pixel signals (signatures, fine detail) their percentiles' extra copies
+    assert read["copies"] == 32 * PIXEL_COPIES and read["copies_through_backbone"] == 32
     with_model = embed(bb.model, images[:8], pre, "cpu", "fp32")
     pixels_only = embed(None, images[:8], pre, "cpu", "fp32")
     assert pixels_only[0].shape == (8, 0) and with_model[0].shape[0] == 8
