@@ -227,7 +227,7 @@ def text_finetune_lr(spec: JobSpec, pre: backbones.AnyPreprocessing) -> list[str
 
 
 QUALITY_L2 = 1e-3  # the probe's penalty in the quality stage when probe.l2 is not fixed
-QUALITY_SCHEMA = 6  # bump when the stage's result changes: older results are not reused
+QUALITY_SCHEMA = 7  # bump when the stage's result changes: older results are not reused
 
 
 def quality_plan(spec: JobSpec, rows: int, features_key: str = "",

@@ -177,7 +177,9 @@ def embed(model: Any, batch: list[Any], pre: AnyPreprocessing, device: str,
 
 # copies made of each calibrated original: the first through the backbone, every one for the
 # pixel signals. Their 1st percentile is the fine-detail confirmation floor and the ratio
-# test's: with 2 copies of 64 originals it ranged 0.82-0.93 over three seeds of one data set
+# test's: with 2 copies of 64 originals it ranged 0.82-0.93 over three seeds of one data set,
+# where 1,024 copies put it at 0.87-0.89 (docs/quality.md, round 24-10). The extra copies
+# cost no forward pass, and the probe part runs beside the stage's longer CPU chain
 PIXEL_COPIES = 4
 
 
@@ -193,7 +195,7 @@ def embed_copies(source: Source, ids: Sequence[int], name: str, weights: str | N
     pretrained classifier's confidence; :func:`calibrate_copies` completes it from the
     stored features. (Round 24-8: 64 originals, 2 copies each, 1 through the backbone; was
     48 x 2, both through it: 88 forward passes instead of 120, and the pixel signals'
-    percentiles on 128 copies instead of 96. Round 24-9: 4 copies each, on 256.)
+    percentiles on 128 copies instead of 96. Round 24-10: 4 copies each, on 256.)
 
     Returns the record (``familiarity``, counts) and the arrays :func:`calibrate_copies`
     reads (``picked``, ``originals`` (the calibrated ones, in copy order), ``copy_features``
