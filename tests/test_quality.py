@@ -330,6 +330,31 @@ def test_domain_classifier_sees_a_shift_and_balance_counts() -> None:
     assert "too few" in shift.domain_auc(a[:3], y[:3], b, y, seed=0)["note"]
     bal = shift.balance({"train": np.array([0] * 50 + [1] * 2), "test": np.array([0, 1])}, 3)
     assert bal["imbalance_ratio"] == 25 and bal["classes_without_training_samples"] == [2]
+    # in words on the terminal and the page: no bare "AUC 0.98 (strong)"
+    from pipeline.reports.quality import section_html, summary_lines
+
+    names = ["cats", "dogs", "owls"]
+    moved["most_shifted"] = [2]
+    line = next(ln for ln in summary_lines({"shift": moved}, names)
+                if ln.startswith("train vs test"))
+    assert line.startswith(f"train vs test: a linear classifier tells test samples from "
+                           f"training ones with AUC {moved['auc']:.3f} (0.5: no better than "
+                           "chance, 1: always): a strong shift; the test set comes")
+    assert line.endswith("; most shifted classes: owls")
+    html = section_html({"quality": {"shift": moved}, "data": {"class_names": names}})
+    assert line.removeprefix("train vs test: ") in html
+
+
+def test_the_signature_is_named_for_the_kind_of_sample() -> None:
+    """A text's signature is its wording, not a "thumbnail" (images, the default)."""
+    from pipeline.reports.quality import summary_lines
+
+    thr = {"near_duplicate_threshold": {"features": 0.9, "signatures": 0.85, "source": "x"}}
+    text = summary_lines({**thr, "modality": "text"}, [])[0]
+    assert "features ≥ 0.9, wording (character 3-grams) ≥ 0.85;" in text
+    assert "thumbnail" not in text
+    assert "spectrogram thumbnail ≥ 0.85" in summary_lines({**thr, "modality": "audio"}, [])[0]
+    assert "features ≥ 0.9, thumbnail ≥ 0.85;" in summary_lines(thr, [])[0]
 
 
 def test_calibration_keeps_copies_and_refuses_a_signal_that_cannot_tell() -> None:

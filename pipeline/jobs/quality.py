@@ -320,6 +320,7 @@ def summarize(jobs: JobStore, plan: Plan, parts: dict[str, dict[str, Any]]) -> d
         # and a copy its sample's other candidates are far from counts (the ratio test)
         found, stands, passing = standout.apply(found, nb, probe.get("detail", {}), trained)
     section: dict[str, Any] = {
+        "modality": plan.backbone.preprocessing.get("modality", "image"),  # (signals' names)
         "near_duplicate_threshold": {
             **thresholds, "source": how, "calibration": {s: probe[s] for s in signals
                                                          if s in probe},

@@ -98,13 +98,33 @@ def brief(section: dict[str, Any]) -> dict[str, Any]:
 SIGNAL_NAMES = {"features": "features", "signatures": "thumbnail",
                 "aligned": "thumbnail over small crops", "detail": "fine detail, aligned",
                 "standout": "fine detail, standing out"}
+# what the signature is of each kind of sample (``preprocess.signatures``)
+SIGNATURE_NAMES = {"image": "thumbnail", "text": "wording (character 3-grams)",
+                   "audio": "spectrogram thumbnail"}
+
+
+def signal_names(section: dict[str, Any]) -> dict[str, str]:
+    """The near-duplicate signals in words, for this section's kind of sample."""
+    kind = SIGNATURE_NAMES.get(section.get("modality", "image"), "signature")
+    return {**SIGNAL_NAMES, "signatures": kind}
+
+
+def shift_line(sh: dict[str, Any], class_names: list[str]) -> str:
+    """The train-vs-test finding in words (the terminal's line; the page says the same)."""
+    worst = ", ".join(_name(class_names, c) for c in sh.get("most_shifted", []))
+    verdict = {"none": "no shift", "mild": "a mild shift", "strong": "a strong shift"}
+    return (f"a linear classifier tells test samples from training ones with AUC "
+            f"{sh['auc']:.3f} (0.5: no better than chance, 1: always): "
+            f"{verdict.get(sh['shift'], sh['shift'])}; {sh['advice']}"
+            + (f"; most shifted classes: {worst}" if worst else ""))
 
 
 def summary_lines(section: dict[str, Any], class_names: list[str]) -> list[str]:
     """A few lines for the terminal."""
     dup = section.get("duplicates", {})
     thr = section.get("near_duplicate_threshold", {})
-    used = ", ".join(f"{SIGNAL_NAMES[s]} ≥ {thr[s]}" for s in SIGNALS
+    names = signal_names(section)
+    used = ", ".join(f"{names[s]} ≥ {thr[s]}" for s in SIGNALS
                      if thr.get(s) is not None) or "exact copies only"
     dropped = (thr.get("confirmed_by_detail") or {}).get("dropped")
     lines = [f"duplicates: {dup.get('pairs', 0)} pair(s) (similarity of {used}; "
@@ -158,7 +178,7 @@ def summary_lines(section: dict[str, Any], class_names: list[str]) -> list[str]:
         lines.append(f"learning curve: {lc.get('note') or fit.get('note')}")
     sh = section.get("shift", {})
     if "auc" in sh:
-        lines.append(f"train vs test: domain classifier AUC {sh['auc']:.3f} ({sh['shift']})")
+        lines.append(f"train vs test: {shift_line(sh, class_names)}")
     dom = section.get("pretraining_domain", {})
     if "domain" in dom:
         lines.append(f"pretraining domain: {dom['domain']} ({dom['measured_by']}): "
@@ -199,7 +219,8 @@ def section_html(rep: dict[str, Any]) -> str:
                                for x in xs]
     return fragment(
         "quality.html.j2", q=q, thumbs=thumbs, ids=ids, name=lambda c: _name(names, c),
-        signal_names=SIGNAL_NAMES,
+        signal_names=signal_names(q),
+        shift=shift_line(q["shift"], names) if "auc" in q.get("shift", {}) else "",
         curve=curve_svg(series, "log10 labeled samples per class", "top-1", "learning-curve")
         if pts else "", lines=summary_lines(q, names),
         curve_rows=[[p["fraction"], p["samples"], p["per_class"], p["val_top1"]] for p in pts])
