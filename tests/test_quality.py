@@ -69,6 +69,14 @@ def test_leaks_name_the_held_out_member_and_groups_keep_one(tmp_path: Path) -> N
     dup = summary.duplicates(found, where, limit=10)
     assert dup["leaked"] == [50] and dup["leaks"][0]["twin"] == 3
     assert dup["within_split_groups"] == 1 and dup["redundant"] == [20, 21]
+    # the page lists each pair once: the leak under leaks, the rest under duplicates
+    from pipeline.reports.quality import section_html
+
+    html = section_html({"quality": {"duplicates": dup}, "data": {"class_names": ["a"]}})
+    assert html.count('id="leaks"') == 1 and html.count('id="duplicates"') == 1
+    assert "Duplicates within a split (3 pair(s) in 1 group(s)" in html
+    assert {(r["a"], r["b"]) for r in dup["within_pairs"]} == {(10, 20), (10, 21), (20, 21)}
+    assert html.count("features cos") == 1 + 3  # one leak, three pairs within train
     assert summary.excluded({"duplicates": dup}, ("leaks", "duplicates")) == {
         "leaks": [50], "duplicates": [20, 21]}
     digests = np.zeros((60, 4), np.uint8)

@@ -134,7 +134,9 @@ def duplicates(found: list[Pair], where: dict[int, str], limit: int) -> dict[str
             "leaked": sorted(leaked), "leaks": sorted(leaked.values(),
                                                       key=lambda r: -r["similarity"])[:limit],
             "redundant": sorted(redundant),
-            "top_pairs": [row(p) for p in (cross + within)[:limit]]}
+            "top_pairs": [row(p) for p in (cross + within)[:limit]],
+            # the page's duplicates: the cross-split pairs are its leaks, listed once there
+            "within_pairs": [row(p) for p in within[:limit]]}
 
 
 def nearest_distinct(nb: Neighbors, where: dict[int, str], labels: np.ndarray,
@@ -340,7 +342,8 @@ def shorten(section: dict[str, Any], limit: int) -> None:
     """The lists the page shows, cut to ``limit`` (``flagged`` and the ``all`` lists keep
     everything)."""
     for key, field in (("label_issues", "issues"), ("duplicates", "leaks"),
-                       ("duplicates", "top_pairs"), ("outliers", "items")):
+                       ("duplicates", "top_pairs"), ("duplicates", "within_pairs"),
+                       ("outliers", "items")):
         part = section.get(key, {})
         if isinstance(part.get(field), list):
             part[field] = part[field][:limit]

@@ -31,7 +31,7 @@ def shown(section: dict[str, Any]) -> list[int]:
         ids += [leak["index"], leak["twin"]]
     for e in section.get("removed_at_planning", [])[:SHOWN]:
         ids += [e["index"]] + ([e["twin"]] if e.get("twin") is not None else [])
-    for pair in section.get("duplicates", {}).get("top_pairs", [])[:SHOWN]:
+    for pair in section.get("duplicates", {}).get("within_pairs", [])[:SHOWN]:
         ids += [pair["a"], pair["b"]]
     ids += [i["index"] for i in section.get("label_issues", {}).get("issues", [])[:SHOWN]]
     ids += [i["index"] for i in section.get("outliers", {}).get("items", [])[:SHOWN]]
