@@ -743,3 +743,14 @@ def test_the_leak_call_reads_the_fitted_rate_not_the_copies_inside_train() -> No
     assert f"counted, {counted:.1%}" in call["note"]
     flat = {"features": np.full(40, 0.5)}  # no spread: no fit, the counted rate stands
     assert summary.fitted_rate(flat, {"features": 0.9}) is None
+
+
+def test_the_curve_table_rounds_as_the_summary_does() -> None:
+    from pipeline.reports.quality import section_html
+
+    pts = [{"fraction": 0.1, "samples": 132, "per_class": 11.0, "val_top1": 0.654761},
+           {"fraction": 0.5, "samples": 670, "per_class": 55.8, "val_top1": 0.7023809}]
+    html = section_html({"quality": {"learning_curve": {"points": pts, "fit": {}}},
+                         "data": {"class_names": ["a"]}})
+    assert "<td>132</td><td>11</td><td>0.655</td>" in html
+    assert "<td>670</td><td>55.8</td><td>0.702</td>" in html and "0.65476" not in html

@@ -223,7 +223,8 @@ def section_html(rep: dict[str, Any]) -> str:
         shift=shift_line(q["shift"], names) if "auc" in q.get("shift", {}) else "",
         curve=curve_svg(series, "log10 labeled samples per class", "top-1", "learning-curve")
         if pts else "", lines=summary_lines(q, names),
-        curve_rows=[[p["fraction"], p["samples"], p["per_class"], p["val_top1"]] for p in pts])
+        curve_rows=[[p["fraction"], p["samples"], f"{p['per_class']:g}",
+                     f"{p['val_top1']:.3f}"] for p in pts])  # the summary's 3 decimals
 
 
 def build(plan: Plan, record: dict[str, Any], shards: list[dict[str, Any]],
