@@ -9,9 +9,9 @@ fault switches; fault tests start workers with ``--include tests.chaos`` and the
   of this task exists and the agent is alive, as a preemption would (its torchrun and ranks
   die with it); later deliveries run on.
 * ``CHAOS_KILL_AGENT_AFTER_CHECKPOINT=1``: once per job, the training node task that runs
-  torchrun SIGKILLs its agent and the agent's ranks (their process group) as soon as a
-  checkpoint of this task exists and the agent is alive, leaving the task's own process
-  alive (an operator's ``kill -9``, an agent OOM).
+  torchrun SIGKILLs its agent alone as soon as a checkpoint of this task exists and the
+  agent is alive, leaving the task's own process alive (an operator's ``kill -9``, an agent
+  OOM); the job's ``.chaos-agent-killed`` then says whether the agent's ranks died with it.
 * ``CHAOS_SLOW_SHARD_S=<seconds>``: every extraction task sleeps this long first (keeps a task
   running while the test does something to it).
 """
@@ -19,6 +19,7 @@ fault switches; fault tests start workers with ``--include tests.chaos`` and the
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import threading
@@ -59,9 +60,9 @@ def _inject(sender: Any = None, task_id: str = "", args: Any = (), kwargs: Any =
 
         plan = load_plan(args[0])
         marker = plan.job_dir / ".chaos-agent-killed"
-        if not marker.exists():  # the agents' process groups die, the task lives on
+        if not marker.exists():  # the agent dies (its ranks with it), the task lives on
             _once_after_checkpoint(run_dir(plan, str(plan.program)) / "last.pt", marker,
-                                   task_id, time.time(), _kill_groups)
+                                   task_id, time.time(), lambda a: _kill_agents(a, marker))
 
 
 @task_postrun.connect
@@ -107,10 +108,42 @@ def _agents() -> list[int]:
     return found
 
 
-def _kill_groups(agents: list[int]) -> None:
+def _children(pid: int) -> list[int]:
+    found = []
+    for child in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int((child / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(child.name))
+    return found
+
+
+def _kill_agents(agents: list[int], marker: Path) -> None:
+    """SIGKILL the agents alone (each its own session; their ranks are in sessions of their
+    own, so nothing here kills them), then record in ``marker`` which of their ranks were
+    still running when the node task started torchrun again (``alive``; the test reads it):
+    none, as ``launch.die_with_agent`` makes them die with their agent (without it an
+    orphaned rank ran on for about 10 s, beside the relaunched one)."""
+    ranks = [r for a in agents for r in _children(a)]
     for pid in agents:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    alive, relaunched = ranks, False
+    while alive and not relaunched and time.monotonic() < t0 + 60:
+        time.sleep(0.02)
+        relaunched = any(a not in agents for a in _agents())  # (checked before the ranks)
+        alive = [r for r in ranks if _running_rank(r)]
+    marker.write_text(json.dumps({"agents": agents, "ranks": ranks, "alive": alive,
+                                  "relaunched_first": relaunched,
+                                  "seconds": round(time.monotonic() - t0, 3)}))
+
+
+def _running_rank(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z" and b"pipeline.jobs.ranks" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def _once_after_checkpoint(checkpoint: Path, marker: Path, task_id: str, after: float,

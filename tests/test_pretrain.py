@@ -188,15 +188,19 @@ def test_two_nodes_survive_a_killed_rank_and_the_encoder_is_a_backbone(tmp_path:
 @pytest.mark.integration
 @pytest.mark.faults
 def test_a_killed_torchrun_agent_is_relaunched_and_the_run_resumes(tmp_path: Path) -> None:
-    """SIGKILL of the node's torchrun agent and its rank after the first checkpoint, the
-    node task's process alive: the task starts torchrun again, the ranks resume from the
-    checkpoint, every step runs once, the relaunch is in the report."""
+    """SIGKILL of the node's torchrun agent alone after the first checkpoint, the node
+    task's process alive: its rank dies with it (no orphan races the relaunch), the task
+    starts torchrun again, the ranks resume from the checkpoint, every step runs once, the
+    relaunch is in the report."""
     spec = pretrain_spec(tmp_path / "out", epochs=3, checkpoint_every_steps=3)
     with cluster_env(tmp_path, env={"CHAOS_KILL_AGENT_AFTER_CHECKPOINT": "1"}) as c:
         job = submit(spec, broker=c.broker)
         st = job.wait(timeout=400)
         assert st["status"] == "SUCCESS", st.get("error")
         rep = job.result()
+    killed = json.loads((Path(st["job_dir"]) / ".chaos-agent-killed").read_text())
+    assert len(killed["agents"]) == 1 and len(killed["ranks"]) == 1, killed
+    assert killed["alive"] == [], killed  # no orphaned rank beside the relaunched ones
     train = rep["train"]
     lost = [r for r in train["resumes"] if r["reason"].startswith("torchrun was lost")]
     assert len(lost) == 1 and lost[0]["relaunch"] == 1, train["resumes"]

@@ -46,11 +46,27 @@ def argv(node: Node, module: str, *args: str) -> list[str]:
             "--monitor-interval=0.5", "-m", module, *args]
 
 
+PR_SET_PDEATHSIG = 1
+
+
 def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the parent (the task's process) dies, so a
-    killed worker takes its ranks with it and the redelivered task starts clean."""
+    """In the child before exec: SIGTERM when the parent (the task's process) dies; torchrun
+    then stops its ranks, and the redelivered task starts clean."""
     with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def die_with_agent() -> None:
+    """In a rank, first thing: SIGKILL when its torchrun agent dies (Linux). torchrun starts
+    every rank in a session of its own, so an agent killed outright (``kill -9``, the OOM
+    killer) used to leave its ranks running: the node task's relaunched ranks then raced
+    the orphans for the same checkpoint and outcome files (and, on a GPU, its memory).
+    A rank whose agent is already gone exits at once."""
+    parent = os.getppid()
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if parent == 1 or os.getppid() != parent:
+        os._exit(1)
 
 
 def supervise(cmd: list[str], env: dict[str, str], log: Path,

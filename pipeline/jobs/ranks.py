@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.engine import dist
+from pipeline.engine.launch import die_with_agent
 from pipeline.engine.loop import Slice
 from pipeline.errors import FeaturefleetError
 from pipeline.fsio import atomic_write_text
@@ -28,6 +29,7 @@ from pipeline.plan import Plan, load_plan
 
 
 def main(argv: list[str]) -> int:
+    die_with_agent()  # no orphan rank outlives a killed torchrun to race its relaunch
     run = RunFile.model_validate_json(Path(argv[0]).read_text())
     plan = load_plan(run.ref)
     program = plan.program
