@@ -94,8 +94,8 @@ def _kill_after_start_counted(job_id: str, shard: str) -> None:
     threading.Thread(target=watch, daemon=True, name="chaos").start()
 
 
-def _agents() -> list[int]:
-    """This process's torchrun children (each its own session, its ranks in it)."""
+def _live_children(parent: int, program: bytes) -> list[int]:
+    """Running (not zombie) children of ``parent`` whose command line names ``program``."""
     found = []
     for child in Path("/proc").glob("[0-9]*"):
         try:
@@ -103,18 +103,17 @@ def _agents() -> list[int]:
             cmd = (child / "cmdline").read_bytes()
         except OSError:
             continue
-        if int(stat[1]) == os.getpid() and stat[0] != "Z" and b"torch.distributed.run" in cmd:
+        if int(stat[1]) == parent and stat[0] != "Z" and program in cmd:
             found.append(int(child.name))
     return found
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for child in Path("/proc").glob("[0-9]*"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            if int((child / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(child.name))
-    return found
+def _agents() -> list[int]:
+    """This process's torchrun children (each its own session; its ranks in their own)."""
+    return _live_children(os.getpid(), b"torch.distributed.run")
+
+
+RANKS = b"pipeline.jobs.ranks"
 
 
 def _kill_agents(agents: list[int], marker: Path) -> None:
@@ -123,7 +122,7 @@ def _kill_agents(agents: list[int], marker: Path) -> None:
     still running when the node task started torchrun again (``alive``; the test reads it):
     none, as ``launch.die_with_agent`` makes them die with their agent (without it an
     orphaned rank ran on for about 10 s, beside the relaunched one)."""
-    ranks = [r for a in agents for r in _children(a)]
+    ranks = [r for a in agents for r in _live_children(a, RANKS)]
     for pid in agents:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
@@ -132,16 +131,17 @@ def _kill_agents(agents: list[int], marker: Path) -> None:
     while alive and not relaunched and time.monotonic() < t0 + 60:
         time.sleep(0.02)
         relaunched = any(a not in agents for a in _agents())  # (checked before the ranks)
-        alive = [r for r in ranks if _running_rank(r)]
+        alive = [r for r in ranks if _rank_runs(r)]
     marker.write_text(json.dumps({"agents": agents, "ranks": ranks, "alive": alive,
                                   "relaunched_first": relaunched,
                                   "seconds": round(time.monotonic() - t0, 3)}))
 
 
-def _running_rank(pid: int) -> bool:
+def _rank_runs(rank: int) -> bool:
+    """The rank still runs (an orphan's parent is no longer its agent: asked by pid)."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state != "Z" and b"pipeline.jobs.ranks" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        state = Path(f"/proc/{rank}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z" and RANKS in Path(f"/proc/{rank}/cmdline").read_bytes()
     except OSError:
         return False
 

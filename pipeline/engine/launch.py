@@ -49,11 +49,17 @@ def argv(node: Node, module: str, *args: str) -> list[str]:
 PR_SET_PDEATHSIG = 1
 
 
+def _on_parent_death(sig: int) -> None:
+    """Have the kernel send ``sig`` to this process when its parent dies (Linux; elsewhere
+    nothing)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
+
+
 def _die_with_parent() -> None:
     """In the child before exec: SIGTERM when the parent (the task's process) dies; torchrun
     then stops its ranks, and the redelivered task starts clean."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    _on_parent_death(signal.SIGTERM)
 
 
 def die_with_agent() -> None:
@@ -63,8 +69,7 @@ def die_with_agent() -> None:
     the orphans for the same checkpoint and outcome files (and, on a GPU, its memory).
     A rank whose agent is already gone exits at once."""
     parent = os.getppid()
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    _on_parent_death(signal.SIGKILL)
     if parent == 1 or os.getppid() != parent:
         os._exit(1)
 
