@@ -406,14 +406,15 @@ def test_the_probe_reads_what_extraction_stored_and_runs_the_backbone_on_copies_
 
     ids = list(range(len(y)))
     args = (src, ids, "efficientnet_lite0", None, pre, "cpu", "fp32", 0)
-    alone = probe_backbone(*args, n_calibrate=32, n_sample=160)
-    read = probe_backbone(*args, n_calibrate=32, n_sample=160, stored=stored)
+    alone = probe_backbone(*args, n_calibrate=32, n_sample=160, n_pixel=64)
+    read = probe_backbone(*args, n_calibrate=32, n_sample=160, stored=stored, n_pixel=64)
     assert len(asked) == 1 and len(asked[0]) == 160
     assert alone["sampled"] == read["sampled"] == read["read_from_store"] == 160
-    assert read["calibrated_on"] == alone["calibrated_on"] == 32
-    # PIXEL_COPIES copies of each original; only the first round costs a forward pass, the
-    # others give the pixel signals (signatures, fine detail) their percentiles' extra copies
-    assert read["copies"] == 32 * PIXEL_COPIES and read["copies_through_backbone"] == 32
+    assert read["calibrated_on"] == alone["calibrated_on"] == 64
+    # PIXEL_COPIES copies of each original; only one copy of each of the first 32 costs a
+    # forward pass, the others give the pixel signals (signatures, fine detail) their
+    # percentiles' extra copies
+    assert read["copies"] == 64 * PIXEL_COPIES and read["copies_through_backbone"] == 32
     with_model = embed(bb.model, images[:8], pre, "cpu", "fp32")
     pixels_only = embed(None, images[:8], pre, "cpu", "fp32")
     assert pixels_only[0].shape == (8, 0) and with_model[0].shape[0] == 8

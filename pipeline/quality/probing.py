@@ -93,15 +93,18 @@ def calibrate_detail(originals: np.ndarray, copies: np.ndarray, sigs: np.ndarray
     from pipeline.quality import detail
 
     both = np.concatenate([originals, copies])
-    return _calibrate_search(detail.similarity, both, sigs, n, detail.CANDIDATES)
+    return _calibrate_search(detail.similarity, both, sigs, n, detail.CANDIDATES,
+                             detail.best_of)
 
 
 def _calibrate_search(similarity: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray],
-                      both: np.ndarray, sigs: np.ndarray, n: int,
-                      k: int) -> tuple[dict[str, Any], np.ndarray]:
+                      both: np.ndarray, sigs: np.ndarray, n: int, k: int,
+                      best_of: Callable[..., np.ndarray] | None = None,
+                      ) -> tuple[dict[str, Any], np.ndarray]:
     """A searched signal's threshold: ``similarity(rows, a, b)`` of the first ``n`` of the
     ``len(sigs)`` originals in ``both`` to their copies (the rows after them), and of every
-    original to the best of its ``k`` nearest others by the plain signature ``sigs``."""
+    original to the best of its ``k`` nearest others by the plain signature ``sigs``
+    (``best_of(rows, a, b, k)``, where given: that best alone)."""
     m = len(sigs)
     copy_sims = similarity(both, np.tile(np.arange(n), (len(both) - m) // n),
                            m + np.arange(len(both) - m))
@@ -110,8 +113,9 @@ def _calibrate_search(similarity: Callable[[np.ndarray, np.ndarray, np.ndarray],
     np.fill_diagonal(gram, -np.inf)
     k = min(k, m - 1)
     cand = np.argsort(-gram, axis=1)[:, :k]
-    other = similarity(both, np.repeat(np.arange(m), k), cand.ravel())
-    return _threshold(copy_sims, other.reshape(m, k).max(axis=1)), copy_sims
+    a, b = np.repeat(np.arange(m), k), cand.ravel()
+    other = best_of(both, a, b, k) if best_of else similarity(both, a, b).reshape(m, k).max(1)
+    return _threshold(copy_sims, other), copy_sims
 
 
 def _threshold(copy_sims: np.ndarray, nearest_other: np.ndarray) -> dict[str, Any]:
@@ -175,37 +179,32 @@ def embed(model: Any, batch: list[Any], pre: AnyPreprocessing, device: str,
             np.concatenate(pics) if pics else None)
 
 
-# copies made of each calibrated original: the first through the backbone, every one for the
-# pixel signals. Their 1st percentile is the fine-detail confirmation floor and the ratio
-# test's: with 2 copies of 64 originals it ranged 0.82-0.93 over three seeds of one data set,
-# where 1,024 copies put it at 0.87-0.89 (docs/quality.md, round 24-10). The extra copies
-# cost no forward pass, and the probe part runs beside the stage's longer CPU chain
-PIXEL_COPIES = 4
+PIXEL_COPIES, PIXEL_ORIGINALS = 1, 256  # pixel copies: their 1st percentile, the fine-detail
+# floor, is a tail estimate whose spread comes from the originals drawn (docs/quality.md)
 
 
 def embed_copies(source: Source, ids: Sequence[int], name: str, weights: str | None,
                  pre: AnyPreprocessing, device: str, precision: str, seed: int,
                  n_calibrate: int = 64, n_copies: int = PIXEL_COPIES, n_sample: int = 512,
-                 min_size: int | None = None,
-                 backbone_copies: int = 1) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+                 min_size: int | None = None, n_pixel: int = PIXEL_ORIGINALS,
+                 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """What the stage needs the backbone for, which needs no stored feature: ``n_copies``
-    copies of each of ``n_calibrate`` sampled originals, the first ``backbone_copies`` of
-    them through the backbone (the rest give signatures and pictures only: they cost no
-    forward pass), and ``BN_IMAGES`` originals for the BatchNorm statistics and the
-    pretrained classifier's confidence; :func:`calibrate_copies` completes it from the
-    stored features. (Round 24-8: 64 originals, 2 copies each, 1 through the backbone; was
-    48 x 2, both through it: 88 forward passes instead of 120, and the pixel signals'
-    percentiles on 128 copies instead of 96. Round 24-10: 4 copies each, on 256.)
+    copies of each of ``n_pixel`` sampled originals (at least ``n_calibrate``), the first
+    copy of the first ``n_calibrate`` of them through the backbone (the rest give
+    signatures and pictures only: they cost no forward pass), and ``BN_IMAGES`` originals
+    for the BatchNorm statistics and the pretrained classifier's confidence;
+    :func:`calibrate_copies` completes it from the stored features (round 24-10: 4 copies
+    of 64 originals).
 
     Returns the record (``familiarity``, counts) and the arrays :func:`calibrate_copies`
-    reads (``picked``, ``originals`` (the calibrated ones, in copy order), ``copy_features``
-    (the backbone's copies: the first rounds), ``copy_signatures`` (every copy)).
+    reads (``picked``, ``originals`` (in copy order), ``copy_features`` (of the first
+    ``backbone_originals``), ``copy_signatures`` and ``copy_details`` (every copy)).
     """
     rng = np.random.default_rng(seed)
     picked = sorted(rng.permutation(np.asarray(ids, np.int64))[:n_sample].tolist())
     candidates = [picked[k] for k in rng.permutation(len(picked))]  # the first get copies
     rng = np.random.default_rng([seed, 1])
-    loaded = source.load(candidates[:n_calibrate], min_size)  # decoded as the features were
+    loaded = source.load(candidates[:max(n_pixel, n_calibrate)], min_size)  # as extracted
     images, n = loaded.images, len(loaded.images)
     if n < 2:
         return ({"note": f"{n} readable images sampled: too few to calibrate"}, {})
@@ -217,9 +216,9 @@ def embed_copies(source: Source, ids: Sequence[int], name: str, weights: str | N
         own, _, _ = embed(bb.model, images[:BN_IMAGES], pre, device, precision)
         bn.active = False
         copies = [near_copy(images[i], rng) for _ in range(n_copies) for i in range(n)]
-        f = min(n_copies, max(1, backbone_copies)) * n
+        f = min(n_calibrate, n)
         cf, cs, cd = embed(bb.model, copies[:f], pre, device, precision)
-        if f < len(copies):  # the other rounds: pixels only
+        if f < len(copies):  # the others: pixels only
             _, cs2, cd2 = embed(None, copies[f:], pre, device, precision)
             cs = np.concatenate([cs, cs2])
             cd = None if cd is None or cd2 is None else np.concatenate([cd, cd2])
@@ -229,6 +228,7 @@ def embed_copies(source: Source, ids: Sequence[int], name: str, weights: str | N
               "familiarity": familiarity(bb.pretrained_head, own, bn.divergence())}
     return record, {"picked": np.asarray(picked, np.int64),
                     "originals": np.asarray(loaded.indices, np.int64),
+                    "backbone_originals": np.asarray(f),
                     "copy_features": cf.astype(np.float32),
                     "copy_signatures": cs.astype(np.float32),
                     **({} if cd is None else {"copy_details": cd}),
@@ -259,17 +259,21 @@ def calibrate_copies(arrays: dict[str, np.ndarray], stored: Stored,
     first = [pos[originals[j]] for j in keep]
     rest = [pos[i] for i in picked if i in pos and pos[i] not in set(first)]
     rows = first + rest
-    # copy r of original j is row r * n + j; calibrate wants them by round, in ``keep`` order
-    # (the backbone saw the first rounds only; every round has signatures)
-    def by_round(copies: np.ndarray) -> list[int]:
-        return [r * n + j for r in range(len(copies) // n) for j in keep]
+    # copy r of original j: row r * n + j of the pixel copies, r * nb + j of the backbone's
+    # (of the first nb originals); calibrate wants them by round, in ``keep`` order
+    nb = int(arrays.get("backbone_originals", n))
+    kept_b = [j for j in keep if j < nb]
 
-    order, order_s = by_round(arrays["copy_features"]), by_round(arrays["copy_signatures"])
+    def by_round(copies: np.ndarray, width: int, some: list[int]) -> list[int]:
+        return [r * width + j for r in range(len(copies) // width) for j in some]
+
+    order = by_round(arrays["copy_features"], nb, kept_b)
+    order_s = by_round(arrays["copy_signatures"], n, keep)
     out: dict[str, Any] = {"calibrated_on": m, "copies": len(order_s),
                            "copies_through_backbone": len(order), "sampled": len(rows),
                            "read_from_store": len(rows)}
     out["features"], f_sims = calibrate(sf[rows].astype(np.float32),
-                                        arrays["copy_features"][order], m)
+                                        arrays["copy_features"][order], len(kept_b))
     signals = [(out["features"], f_sims)]
     if ss is None:
         out["signatures"] = {"threshold": None, "why_unused": "the shards have no signatures "
@@ -299,11 +303,12 @@ def probe_backbone(source: Source, ids: Sequence[int], name: str, weights: str |
                    pre: AnyPreprocessing, device: str, precision: str, seed: int,
                    n_calibrate: int = 64, n_copies: int = PIXEL_COPIES,
                    n_sample: int = 512, min_size: int | None = None,
-                   stored: Stored | None = None) -> dict[str, Any]:
+                   stored: Stored | None = None,
+                   n_pixel: int = PIXEL_ORIGINALS) -> dict[str, Any]:
     """Both halves in one call (:func:`embed_copies`, then :func:`calibrate_copies`);
     without ``stored`` the backbone also embeds every sampled image itself."""
     record, arrays = embed_copies(source, ids, name, weights, pre, device, precision, seed,
-                                  n_calibrate, n_copies, n_sample, min_size)
+                                  n_calibrate, n_copies, n_sample, min_size, n_pixel)
     if not arrays:
         return record
     if stored is None:
