@@ -234,3 +234,16 @@ def test_pairs_alike_only_as_thumbnails_are_set_aside():
     # no detail signal in use: nothing changes, nothing is scored
     for off in ({"threshold": None, "copy_similarity": {"p1": 0.85}}, {}):
         assert summary.confirm(found, nb, off, score) == (found, {})
+
+
+def test_the_best_of_each_run_is_the_best_similarity(crops):
+    """``detail.best_of`` (the calibration's nearest other: the whole-pixel search of every
+    pair, the refinement of each run's best only) gives what :func:`detail.similarity` gives
+    for the best of each run."""
+    d = pictures(np.concatenate([crops["orig"], crops["copy"], crops["other"]]))
+    n = len(crops["orig"])
+    a = np.repeat(np.arange(n), 2)
+    b = np.stack([2 * n + np.arange(n), n + np.arange(n)], axis=1).ravel()  # other, copy
+    full = detail.similarity(d, a, b).reshape(n, 2).max(axis=1)
+    assert np.allclose(detail.best_of(d, a, b, 2), full, atol=1e-6)
+    assert (full > 0.85).all()  # each run's best: the copy
