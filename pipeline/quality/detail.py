@@ -267,8 +267,14 @@ def similarity(details: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     ``details[b[i]]``): the best correlation of one picture, band-passed (:func:`bandpass`),
     shrunk inside the other, either way round, searched coarse to fine (:func:`search`),
     then between the pixels where that reaches ``REFINE_FROM`` (:func:`refine`)."""
-    got, where = search(details, a, b)
-    return refine(details, a, b, got, where, got >= REFINE_FROM)
+    a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
+    out = np.zeros(len(a), np.float32)
+    for at, band, ia, ib in _blocks(details, a, b):  # (each block band-passed once)
+        got, where = _scores(band, ia, ib)
+        close = got >= REFINE_FROM
+        got[close] = _refined(band, ia[close], ib[close], got[close], where[close])
+        out[at] = got
+    return out
 
 
 def best_of(details: np.ndarray, a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
